@@ -1,0 +1,23 @@
+"""graphllm.models: llama-family causal LMs whose parameters carry HF state-dict names.
+
+A leaf layer: imports torch, safetensors and graphllm.errors only (never transformers).
+"""
+
+from .config import ModelConfig
+from .llama import LlamaForCausalLM
+from .presets import PRESETS
+from .registry import build_model, load_model
+from .rope import rope_inv_freq
+from .weights import load_state_dict_into, read_hf_state_dict, save_hf
+
+__all__ = [
+    "PRESETS",
+    "LlamaForCausalLM",
+    "ModelConfig",
+    "build_model",
+    "load_model",
+    "load_state_dict_into",
+    "read_hf_state_dict",
+    "rope_inv_freq",
+    "save_hf",
+]

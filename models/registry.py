@@ -1,0 +1,72 @@
+"""build_model / load_model: a ModelConfig, preset name or HF checkpoint directory -> LlamaForCausalLM."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from graphllm.errors import GraphllmError
+
+from .config import ModelConfig
+from .llama import LlamaForCausalLM
+from .presets import PRESETS
+from .weights import CONFIG_FILE, load_state_dict_into, read_hf_state_dict
+
+
+def build_model(cfg: ModelConfig, *, seed: int = 0, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
+    """A randomly initialised model (init_weights(seed), drawn in float32) cast to `dtype`."""
+    model = LlamaForCausalLM(cfg)
+    model.init_weights(seed)
+    return model.to(dtype)
+
+
+def load_model(
+    name_or_path: str | os.PathLike[str],
+    *,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    attn_implementation: Literal["sdpa", "eager"] | None = None,
+) -> LlamaForCausalLM:
+    """A preset name -> random init with `seed`; a directory -> its config.json and safetensors weights.
+
+    `attn_implementation` overrides the config's ("sdpa" by default). The model has `.config` and
+    `.source` (the preset name or the resolved checkpoint path).
+    """
+    name = os.fspath(name_or_path)
+    path = Path(name).expanduser()
+    if name in PRESETS:
+        cfg = PRESETS[name]()
+        if attn_implementation is not None:
+            cfg = dataclasses.replace(cfg, attn_implementation=attn_implementation)
+        model = build_model(cfg, seed=seed, dtype=dtype)
+        model.source = name
+        return model
+    if not (path.is_dir() and (path / CONFIG_FILE).is_file()):
+        why = "a directory without config.json" if path.is_dir() else "neither"
+        raise GraphllmError(
+            f"{name!r} is neither a preset ({', '.join(PRESETS)}) nor a directory with config.json ({why})"
+        )
+    path = path.resolve()
+    source = str(path)
+    try:
+        hf = json.loads((path / CONFIG_FILE).read_text())
+    except json.JSONDecodeError as e:
+        raise GraphllmError(f"{path / CONFIG_FILE} is not valid JSON: {e}") from None
+    cfg = ModelConfig.from_hf(hf, source=str(path / CONFIG_FILE))
+    if attn_implementation is not None:
+        cfg = dataclasses.replace(cfg, attn_implementation=attn_implementation)
+    sd = read_hf_state_dict(path)
+    # Built on meta (no wasted random init), then given real uninitialised storage.
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg)
+    model = model.to_empty(device="cpu")
+    model.post_materialize()
+    model = model.to(dtype)
+    load_state_dict_into(model, sd, source)
+    model.source = source
+    return model

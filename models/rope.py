@@ -1,0 +1,49 @@
+"""RoPE inverse frequencies, computed exactly as transformers does (default, linear, llama3).
+
+The same float32 ops in the same order as `transformers.modeling_rope_utils`, so the buffer is
+bitwise equal to HF's `rotary_emb.inv_freq` and logits match to fp32 reduction order.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .config import ModelConfig
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies, float32 [head_dim // 2], with cfg.rope_scaling applied."""
+    dim = cfg.head_dim
+    base = cfg.rope_theta
+    # [D/2]: base^(-2i/D)
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).to(dtype=torch.float) / dim))
+    scaling = cfg.rope_scaling
+    if scaling is None:
+        return inv_freq
+    rope_type = scaling["rope_type"]
+    if rope_type == "linear":
+        # Scaling positions by 1/factor is the same as scaling the frequencies.
+        return inv_freq / scaling["factor"]
+    if rope_type == "llama3":
+        return _llama3(inv_freq, scaling)
+    raise AssertionError(f"rope_type {rope_type!r} passed ModelConfig validation but has no implementation")
+
+
+def _llama3(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
+    """Llama 3.1 frequency-dependent scaling: long wavelengths / factor, short kept, smooth in between."""
+    factor = scaling["factor"]
+    low_freq_factor = scaling["low_freq_factor"]
+    high_freq_factor = scaling["high_freq_factor"]
+    old_context_len = scaling["original_max_position_embeddings"]
+
+    low_freq_wavelen = old_context_len / low_freq_factor
+    high_freq_wavelen = old_context_len / high_freq_factor
+
+    wavelen = 2 * math.pi / inv_freq
+    inv_freq_llama = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth_factor = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smoothed_inv_freq = (1 - smooth_factor) * inv_freq_llama / factor + smooth_factor * inv_freq_llama
+    is_medium_freq = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+    return torch.where(is_medium_freq, smoothed_inv_freq, inv_freq_llama)

@@ -1,0 +1,122 @@
+"""Read and write Hugging Face safetensors checkpoints for LlamaForCausalLM.
+
+Loading is strict: every parameter must come from the checkpoint with the right shape, and every
+checkpoint tensor must land somewhere, so a checkpoint for another model fails loudly instead of
+half-loading. Saving writes config.json + model.safetensors that transformers' from_pretrained reads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from graphllm.errors import GraphllmError
+
+from .config import ModelConfig
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+CONFIG_FILE = "config.json"
+_IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)  # old HF checkpoints saved the RoPE buffer
+
+
+def read_hf_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """All tensors of an HF checkpoint directory: model.safetensors, or the shards its index names."""
+    root = Path(path)
+    single, index = root / SINGLE_FILE, root / INDEX_FILE
+    if single.is_file():
+        return load_file(str(single))
+    if index.is_file():
+        try:
+            weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise GraphllmError(f"{index} is not a safetensors index (no valid 'weight_map'): {e}") from None
+        sd: dict[str, torch.Tensor] = {}
+        for shard in sorted(set(weight_map.values())):
+            shard_path = root / shard
+            if not shard_path.is_file():
+                raise GraphllmError(
+                    f"shard {shard} named in {index} is missing; re-download or re-save the checkpoint"
+                )
+            sd.update(load_file(str(shard_path)))
+        return sd
+    others = sorted(p.name for p in root.glob("*.bin")) if root.is_dir() else []
+    hint = f" (found {', '.join(others)}: convert it to safetensors)" if others else ""
+    raise GraphllmError(f"{root} has neither {SINGLE_FILE} nor {INDEX_FILE}{hint}")
+
+
+def load_state_dict_into(model: nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:
+    """Copy `sd` into `model`'s parameters (cast to their dtype), strictly; `source` is named in errors."""
+    own = model.state_dict(keep_vars=True)  # name -> Parameter; a tied lm_head appears under both names
+    tied = "lm_head.weight" in own and own["lm_head.weight"] is own.get("model.embed_tokens.weight")
+    sd = {k: v for k, v in sd.items() if not k.endswith(_IGNORED_SUFFIXES)}
+    if tied and "lm_head.weight" in sd and "model.embed_tokens.weight" in sd:
+        if not torch.equal(sd["lm_head.weight"], sd["model.embed_tokens.weight"]):
+            raise GraphllmError(
+                f"{source} has an lm_head.weight different from model.embed_tokens.weight, but the config sets "
+                f"tie_word_embeddings=true; set it to false in config.json if the checkpoint is untied"
+            )
+    if tied:
+        sd = {k: v for k, v in sd.items() if k != "lm_head.weight"}
+        own = {k: v for k, v in own.items() if k != "lm_head.weight"}
+
+    unexpected = sorted(set(sd) - set(own))
+    if unexpected:
+        raise GraphllmError(
+            f"{source} has tensor {unexpected[0]} (shape {tuple(sd[unexpected[0]].shape)}) that the model does not "
+            f"have ({len(unexpected)} unexpected in all); a checkpoint for another model, or a config.json that "
+            f"does not match it?"
+        )
+    missing = sorted(set(own) - set(sd))
+    if missing:
+        raise GraphllmError(
+            f"{source} lacks tensor {missing[0]} (model shape {tuple(own[missing[0]].shape)}; {len(missing)} missing "
+            f"in all); a checkpoint for another model, or a truncated checkpoint?"
+        )
+    for name, param in own.items():
+        value = sd[name]
+        if tuple(value.shape) != tuple(param.shape):
+            raise GraphllmError(
+                f"tensor {name} in {source} has shape {tuple(value.shape)}, the model expects {tuple(param.shape)}; "
+                f"a checkpoint for another model, or a config.json of another size?"
+            )
+    with torch.no_grad():
+        for name, param in own.items():
+            param.copy_(sd[name])
+
+
+def save_hf(model: nn.Module, cfg: ModelConfig, out_dir: str | os.PathLike[str]) -> Path:
+    """Write config.json + model.safetensors into out_dir atomically (replacing it if present); returns it.
+
+    Files are written into a temp dir beside out_dir and renamed into place, so a crash never leaves a
+    half-written checkpoint under out_dir.
+    """
+    out = Path(out_dir).resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if cfg.tie_word_embeddings:
+        sd.pop("lm_head.weight", None)  # HF ties it back on load
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        save_file(sd, str(tmp / SINGLE_FILE), metadata={"format": "pt"})
+        hf = cfg.to_hf()
+        hf["dtype"] = str(next(iter(sd.values())).dtype).removeprefix("torch.")
+        (tmp / CONFIG_FILE).write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / out.name)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

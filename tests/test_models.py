@@ -1,0 +1,300 @@
+"""graphllm.models against transformers: logits and one SGD step match HF for llama, qwen2, mistral;
+bad checkpoints and configs raise GraphllmError naming the problem."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers
+from safetensors.torch import load_file, save_file
+
+from graphllm.errors import GraphllmError
+from graphllm.models import (
+    PRESETS,
+    LlamaForCausalLM,
+    ModelConfig,
+    build_model,
+    load_model,
+    rope_inv_freq,
+    save_hf,
+)
+
+# fp32 parity: both sides compute the same math in fp32, but matmul/softmax/reduction order differs
+# between HF's code path and ours (e.g. SDPA with enable_gqa vs repeat_kv), so allow 1e-5 relative.
+FP32_PARITY_RTOL = 1e-5
+VOCAB, BATCH, SEQ = 128, 2, 16
+SGD_LR = 0.1
+
+_COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-5,
+)
+
+# name -> (HF config class, HF model class, kwargs, save_pretrained max_shard_size or None)
+FAMILIES = {
+    "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM,
+              dict(_COMMON, num_key_value_heads=2), None),
+    "llama-bias-rope-llama3": (transformers.LlamaConfig, transformers.LlamaForCausalLM,
+                               dict(_COMMON, num_key_value_heads=4, attention_bias=True, mlp_bias=True,
+                                    rope_theta=50000.0,
+                                    rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                  "high_freq_factor": 4.0,
+                                                  "original_max_position_embeddings": 64}),
+                               "40KB"),  # sharded index path
+    "qwen2-tied": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM,
+                   dict(_COMMON, num_key_value_heads=2, tie_word_embeddings=True), None),
+    "mistral-gqa-headdim": (transformers.MistralConfig, transformers.MistralForCausalLM,
+                            dict(_COMMON, num_key_value_heads=1, head_dim=24, sliding_window=None), None),
+}
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def _hf_model(family: str, attn: str, seed: int = 0) -> torch.nn.Module:
+    cfg_cls, model_cls, kwargs, _ = FAMILIES[family]
+    torch.manual_seed(seed)
+    cfg = cfg_cls(**kwargs)
+    cfg._attn_implementation = attn
+    model = model_cls(cfg).float()
+    with torch.no_grad():  # HF init leaves biases 0 and norms 1: perturb everything so those paths count
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return model
+
+
+def _save_hf(model: torch.nn.Module, family: str, out: Path) -> Path:
+    shard = FAMILIES[family][3]
+    if shard is None:
+        model.save_pretrained(out)
+    else:
+        model.save_pretrained(out, max_shard_size=shard)
+    return out
+
+
+def _batch(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (BATCH, SEQ + 1), generator=g)
+    return ids[:, :-1], ids[:, 1:]
+
+
+def _sgd_step(model: torch.nn.Module, logits_fn, ids: torch.Tensor, targets: torch.Tensor) -> None:
+    opt = torch.optim.SGD(model.parameters(), lr=SGD_LR)
+    logits = logits_fn(ids)
+    loss = F.cross_entropy(logits.float().reshape(-1, VOCAB), targets.reshape(-1))
+    loss.backward()
+    opt.step()
+    opt.zero_grad()
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_parity_with_transformers(family: str, attn: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    repro = f"reproduce: python -m pytest tests/test_models.py -k '{request.node.name}'"
+    hf = _hf_model(family, attn)
+    ckpt = _save_hf(hf, family, tmp_path / "ckpt")
+    if FAMILIES[family][3] is not None:
+        assert (ckpt / "model.safetensors.index.json").is_file(), "expected a sharded checkpoint"
+
+    ours = load_model(ckpt, attn_implementation=attn)
+    assert isinstance(ours, LlamaForCausalLM)
+    assert ours.source == str(ckpt.resolve())
+    assert ours.config.attn_implementation == attn
+    # every HF parameter name exists in ours with the same value
+    hf_sd, our_sd = hf.state_dict(), ours.state_dict()
+    assert set(our_sd) == {k for k in hf_sd if not k.endswith("rotary_emb.inv_freq")}
+    torch.testing.assert_close(ours.model.inv_freq, hf.model.rotary_emb.inv_freq, rtol=0, atol=0)
+    if ours.config.tie_word_embeddings:
+        assert ours.lm_head.weight is ours.model.embed_tokens.weight
+
+    ids, targets = _batch()
+    hf_logits_fn = lambda x: hf(input_ids=x).logits  # noqa: E731
+    with torch.no_grad():
+        err = _rel_err(ours(ids), hf_logits_fn(ids))
+    assert err <= FP32_PARITY_RTOL, f"{family}/{attn} logits rel err {err:.2e}; {repro}"
+
+    _sgd_step(hf, hf_logits_fn, ids, targets)
+    _sgd_step(ours, ours, ids, targets)
+    with torch.no_grad():
+        err_step = _rel_err(ours(ids), hf_logits_fn(ids))
+    assert err_step <= FP32_PARITY_RTOL, f"{family}/{attn} logits after SGD step rel err {err_step:.2e}; {repro}"
+    print(f"parity {family}/{attn}: logits {err:.2e}, after step {err_step:.2e}")
+
+
+def test_rope_inv_freq_matches_transformers_linear() -> None:
+    kwargs = dict(_COMMON, num_key_value_heads=2, rope_scaling={"rope_type": "linear", "factor": 4.0})
+    hf_cfg = transformers.LlamaConfig(**kwargs)
+    hf = transformers.models.llama.modeling_llama.LlamaRotaryEmbedding(hf_cfg)
+    cfg = ModelConfig.from_hf(hf_cfg.to_dict(), source="test")
+    assert cfg.rope_scaling == {"rope_type": "linear", "factor": 4.0}
+    torch.testing.assert_close(rope_inv_freq(cfg), hf.inv_freq, rtol=0, atol=0)
+
+
+def test_from_hf_old_style_rope_keys() -> None:
+    d = {"model_type": "llama", "vocab_size": 10, "hidden_size": 32, "intermediate_size": 64,
+         "num_hidden_layers": 1, "num_attention_heads": 4, "rope_theta": 500000.0,
+         "rope_scaling": {"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                          "original_max_position_embeddings": 8192}}
+    cfg = ModelConfig.from_hf(d, source="old.json")
+    assert cfg.rope_theta == 500000.0 and cfg.rope_scaling["rope_type"] == "llama3"
+    assert cfg.head_dim == 8 and cfg.num_key_value_heads == 4
+    # the written config round-trips, and identical configs share a fingerprint
+    again = ModelConfig.from_hf(cfg.to_hf(), source="new.json")
+    assert again == cfg and again.fingerprint() == cfg.fingerprint()
+    assert ModelConfig.from_hf({**d, "hidden_size": 64}, "x").fingerprint() != cfg.fingerprint()
+
+
+def test_presets_sizes() -> None:
+    assert set(PRESETS) == {"tiny-llama", "small-llama"}
+    small = LlamaForCausalLM(PRESETS["small-llama"]())
+    assert 133e6 < small.num_params() < 135e6
+    tiny = load_model("tiny-llama", seed=3)
+    assert tiny.source == "tiny-llama"
+    assert tiny.config.num_key_value_heads == 4 and tiny.config.head_dim == 32
+    again = load_model("tiny-llama", seed=3)
+    for (k, a), b in zip(tiny.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(a, b), f"init_weights(3) is not deterministic for {k}"
+    assert not torch.equal(tiny.lm_head.weight, load_model("tiny-llama", seed=4).lm_head.weight)
+
+
+def test_bf16_keeps_rope_buffer_fp32() -> None:
+    cfg = dataclasses.replace(PRESETS["tiny-llama"](), num_hidden_layers=1)
+    model = build_model(cfg, dtype=torch.bfloat16)
+    assert model.model.inv_freq.dtype == torch.float32
+    assert model.lm_head.weight.dtype == torch.bfloat16
+    assert model(torch.zeros(1, 8, dtype=torch.long)).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_torch_export_capture(attn: str) -> None:
+    cfg = dataclasses.replace(PRESETS["tiny-llama"](), num_hidden_layers=1, attn_implementation=attn)
+    model = build_model(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (2, 16))
+    ep = torch.export.export(model, (ids,))
+    assert torch.equal(ep.module()(ids), model(ids))
+    targets = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
+    assert ("aten.scaled_dot_product_attention.default" in targets) == (attn == "sdpa"), targets
+
+
+def test_models_does_not_import_transformers() -> None:
+    code = "import sys, graphllm.models; assert 'transformers' not in sys.modules, 'transformers imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_save_hf_round_trip(tmp_path: Path) -> None:
+    cfg = ModelConfig(model_type="qwen2", vocab_size=VOCAB, hidden_size=64, intermediate_size=96,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                      attention_bias=True, tie_word_embeddings=True,
+                      rope_scaling={"rope_type": "linear", "factor": 2.0})
+    ours = build_model(cfg, seed=5)
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    out = save_hf(ours, cfg, tmp_path / "out")
+    save_hf(ours, cfg, tmp_path / "out")  # overwriting an existing checkpoint works
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"], "temp dirs left behind"
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    assert type(hf).__name__ == "Qwen2ForCausalLM"
+    ids, _ = _batch()
+    with torch.no_grad():
+        err = _rel_err(ours(ids), hf(input_ids=ids).logits)
+    assert err <= FP32_PARITY_RTOL, f"save_hf round trip rel err {err:.2e}"
+    back = load_model(out)
+    assert back.config == cfg
+    for k, v in ours.state_dict().items():
+        assert torch.equal(v, back.state_dict()[k]), k
+
+
+# ---- bad inputs ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def llama_ckpt(tmp_path: Path) -> Path:
+    return _save_hf(_hf_model("llama", "sdpa"), "llama", tmp_path / "ckpt")
+
+
+def test_unknown_model_type(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "vocab_size": 10}))
+    with pytest.raises(GraphllmError, match=r"model_type 'gpt2' in .*config.json is not supported; "
+                                            r"supported: llama, mistral, qwen2"):
+        load_model(tmp_path)
+
+
+def test_unsupported_rope_type() -> None:
+    d = {"model_type": "llama", "vocab_size": 10, "hidden_size": 32, "intermediate_size": 64,
+         "num_hidden_layers": 1, "num_attention_heads": 4,
+         "rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}}
+    with pytest.raises(GraphllmError, match=r"cfg.json.*rope_type 'yarn' is not supported"):
+        ModelConfig.from_hf(d, source="cfg.json")
+
+
+def test_bad_head_counts() -> None:
+    with pytest.raises(GraphllmError, match=r"num_key_value_heads=3 must divide num_attention_heads=4"):
+        ModelConfig(model_type="llama", vocab_size=10, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                    num_attention_heads=4, num_key_value_heads=3, head_dim=8)
+
+
+def test_missing_tensor(llama_ckpt: Path) -> None:
+    sd = load_file(llama_ckpt / "model.safetensors")
+    del sd["model.layers.1.mlp.up_proj.weight"]
+    save_file(sd, llama_ckpt / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(GraphllmError, match=r"lacks tensor model\.layers\.1\.mlp\.up_proj\.weight.*another model"):
+        load_model(llama_ckpt)
+
+
+def test_unexpected_tensor(llama_ckpt: Path) -> None:
+    sd = load_file(llama_ckpt / "model.safetensors")
+    sd["model.layers.0.self_attn.q_norm.weight"] = torch.ones(16)
+    save_file(sd, llama_ckpt / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(GraphllmError, match=r"q_norm\.weight .*does not have"):
+        load_model(llama_ckpt)
+
+
+def test_shape_mismatch(llama_ckpt: Path) -> None:
+    cfg = json.loads((llama_ckpt / "config.json").read_text())
+    cfg["intermediate_size"] = 128  # config of another size than the weights (96)
+    (llama_ckpt / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(GraphllmError, match=r"tensor model\.layers\.0\.mlp\.gate_proj\.weight in .* has shape "
+                                            r"\(96, 64\), the model expects \(128, 64\)"):
+        load_model(llama_ckpt)
+
+
+def test_missing_shard(tmp_path: Path) -> None:
+    ckpt = _save_hf(_hf_model("llama-bias-rope-llama3", "sdpa"), "llama-bias-rope-llama3", tmp_path / "ckpt")
+    index = json.loads((ckpt / "model.safetensors.index.json").read_text())
+    shard = sorted(set(index["weight_map"].values()))[-1]
+    (ckpt / shard).unlink()
+    with pytest.raises(GraphllmError, match=rf"shard {shard} named in .* is missing"):
+        load_model(ckpt)
+
+
+def test_directory_without_config(tmp_path: Path) -> None:
+    with pytest.raises(GraphllmError, match=r"is neither a preset \(tiny-llama, small-llama\) nor a directory "
+                                            r"with config\.json \(a directory without config\.json\)"):
+        load_model(tmp_path)
+    with pytest.raises(GraphllmError, match=r"'foo' is neither a preset"):
+        load_model("foo")
+
+
+def test_sliding_window_refuses_long_sequences() -> None:
+    cfg = ModelConfig(model_type="mistral", vocab_size=10, hidden_size=32, intermediate_size=64,
+                      num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                      sliding_window=4)
+    model = build_model(cfg)
+    model(torch.zeros(1, 4, dtype=torch.long))  # up to the window: plain causal attention is exact
+    with pytest.raises(GraphllmError, match=r"sequence length 5 exceeds the model's sliding_window=4"):
+        model(torch.zeros(1, 5, dtype=torch.long))

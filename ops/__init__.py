@@ -1,0 +1,11 @@
+"""graphllm's own ops (torch.library): schema, fake function, autograd rule, reference kernel.
+
+Importing this package registers them under the `torch.ops.graphllm` namespace.
+"""
+
+from graphllm.ops.attention import attention
+from graphllm.ops.rms_norm import rms_norm
+from graphllm.ops.rope import rope
+from graphllm.ops.swiglu import swiglu
+
+__all__ = ["attention", "rms_norm", "rope", "swiglu"]

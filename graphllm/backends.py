@@ -1,0 +1,156 @@
+"""Backends: how a post-pass model graph becomes a callable training step.
+
+Each backend is a Dynamo backend built around aot_autograd, so the model graph is split into forward
+and backward ATen graphs; graphllm's `train`-stage passes run on those graphs (`TrainStage.run`),
+then the backend compiles them. Register a new one with `register_backend`.
+
+- eager: aot_autograd with the default partitioner and no compiler: the graphs run op by op. graphllm
+  ops are kept, so their reference kernels and autograd rules run. For debugging and fast tests.
+- inductor: `compile_fx` with graphllm's hook in its inner compiler (after partitioning, before
+  inductor's own lowering); graphllm ops are lowered to their fusable decompositions first.
+- npu: torchair (`torch_npu.dynamo.torchair.get_npu_backend`); needs torch_npu and Ascend CANN.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.fx as fx
+
+from graphllm.dump import write_graph
+from graphllm.errors import GraphllmError
+from graphllm.passes.manager import GraphPass, PassContext, PassRecord, run_passes
+
+
+@dataclass(kw_only=True)
+class TrainStage:
+    """Runs the `train` passes on each aot_autograd graph, dumps it, and keeps statistics."""
+
+    passes: Sequence[GraphPass]
+    ctx_template: PassContext
+    dump_dir: Path | None = None
+    records: list[PassRecord] = field(default_factory=list)
+    graphs: dict[str, fx.GraphModule] = field(default_factory=dict)
+    compiles: dict[str, int] = field(default_factory=dict)
+    dumps: list[dict[str, Any]] = field(default_factory=list)
+
+    def run(self, gm: fx.GraphModule, kind: str) -> fx.GraphModule:
+        n = self.compiles.get(kind, 0)
+        self.compiles[kind] = n + 1
+        t = self.ctx_template
+        ctx = PassContext(plan=t.plan, rank=t.rank, world_size=t.world_size, config=t.config, logger=t.logger,
+                          stage="train", graph_kind=kind, counters=t.counters)
+        name = kind if n == 0 else f"{kind}_{n}"
+        dump = None
+        if self.dump_dir is not None:
+            def dump(g: fx.GraphModule, pass_name: str) -> None:
+                self.dumps.append(write_graph(g, self.dump_dir / f"{name}.after.{pass_name}", title=f"{name} after {pass_name}"))
+        gm, records = run_passes(gm, self.passes, ctx, dump=dump)
+        self.records.extend(records)
+        self.graphs[name] = gm
+        if self.dump_dir is not None:
+            self.dumps.append(write_graph(gm, self.dump_dir / name, title=f"{name} graph after partitioning"))
+        return gm
+
+
+BackendFactory = Callable[[TrainStage], Callable[[fx.GraphModule, list], Callable]]
+
+
+@dataclass(frozen=True, slots=True)
+class Backend:
+    name: str
+    lowering: str
+    """Key of this backend's table in graphllm.ops.lowering.LOWERINGS."""
+    make: BackendFactory
+    """TrainStage -> a Dynamo backend (gm, example_inputs) -> callable."""
+    description: str
+
+
+_BACKENDS: dict[str, Backend] = {}
+
+
+def register_backend(backend: Backend) -> None:
+    _BACKENDS[backend.name] = backend
+
+
+def backend_names() -> list[str]:
+    return sorted(_BACKENDS)
+
+
+def get_backend(name: str) -> Backend:
+    if name not in _BACKENDS:
+        raise GraphllmError(f"unknown backend {name!r}; choose one of: {', '.join(backend_names())}")
+    if name == "npu":
+        _check_npu_available()
+    return _BACKENDS[name]
+
+
+def _eager(stage: TrainStage):
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.partitioners import default_partition
+
+    def compiler(kind: str):
+        def compile_graph(gm: fx.GraphModule, example_inputs: list) -> Callable:
+            return make_boxed_func(stage.run(gm, kind).forward)
+        return compile_graph
+
+    return aot_autograd(fw_compiler=compiler("forward"), bw_compiler=compiler("backward"),
+                        inference_compiler=compiler("inference"), partition_fn=default_partition)
+
+
+def _inductor(stage: TrainStage):
+    from torch._inductor.compile_fx import compile_fx, compile_fx_inner
+
+    def inner(gm: fx.GraphModule, example_inputs: list, **kwargs: Any):
+        kind = "backward" if kwargs.get("is_backward") else "inference" if kwargs.get("is_inference") else "forward"
+        return compile_fx_inner(stage.run(gm, kind), example_inputs, **kwargs)
+
+    def backend(gm: fx.GraphModule, example_inputs: list):
+        return compile_fx(gm, example_inputs, inner_compile=inner)
+
+    return backend
+
+
+def _check_npu_available() -> None:
+    # find_spec only: importing torch_npu without CANN breaks `import torch` in this process
+    if importlib.util.find_spec("torch_npu") is None:
+        raise GraphllmError("backend 'npu' needs torch_npu and Ascend CANN: install them (pip install "
+                            "'graphllm[npu]' on an Ascend machine) or choose --backend inductor or eager")
+
+
+def _npu(stage: TrainStage):
+    import torch_npu  # noqa: F401  (registers the NPU device; only reached on Ascend machines)
+    from torch_npu.dynamo import torchair
+
+    config = torchair.CompilerConfig()
+    config.post_grad_custom_pre_pass = lambda gm: stage.run(gm, "npu")
+    return torchair.get_npu_backend(compiler_config=config)
+
+
+register_backend(Backend(name="eager", lowering="eager", make=_eager,
+                         description="aot_autograd graphs run op by op (debugging, fast tests)"))
+register_backend(Backend(name="inductor", lowering="inductor", make=_inductor,
+                         description="torch inductor (CPU C++/OpenMP, CUDA Triton)"))
+register_backend(Backend(name="npu", lowering="eager", make=_npu,
+                         description="torchair to Ascend graph execution (needs torch_npu + CANN)"))
+
+
+def saved_activation_bytes(backward: fx.GraphModule) -> int:
+    """Bytes the forward saves for the backward, parameters and inputs excluded.
+
+    The partitioned backward graph's placeholders are the saved values plus `tangents_*` (incoming
+    gradients); saved values named `primals_*` are the step's inputs and parameters themselves.
+    """
+    total = 0
+    for node in backward.graph.nodes:
+        if node.op != "placeholder" or node.name.startswith(("tangents", "primals")):
+            continue
+        v = node.meta.get("val")
+        if isinstance(v, torch.Tensor):
+            total += v.numel() * v.element_size()
+    return total

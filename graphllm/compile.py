@@ -1,0 +1,132 @@
+"""`graphllm.compile`: capture → model passes → lower → backend (aot_autograd + train passes)."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from graphllm.backends import TrainStage, get_backend
+from graphllm.capture import capture
+from graphllm.dump import write_graph
+from graphllm.errors import GraphllmError
+from graphllm.ops.lowering import LOWERINGS
+from graphllm.passes import GraphPass, PassContext, PassRecord, default_passes, order_passes, run_passes
+from graphllm.passes.lower_ops import lower_ops
+
+logger = logging.getLogger("graphllm")
+AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16}
+
+
+def graph_hash(gm: fx.GraphModule) -> str:
+    """Identity of a graph's computation (its generated code), used to tell stale artifacts apart."""
+    return hashlib.sha256(gm.code.encode()).hexdigest()[:16]
+
+
+@dataclass(kw_only=True)
+class CompileResult:
+    """Everything the compile step learned, for the artifact and the report."""
+
+    model_graph: fx.GraphModule
+    """The graph after the model-stage passes, before lowering (what TP/user passes see)."""
+    lowered_graph: fx.GraphModule
+    records: list[PassRecord]
+    dumps: list[dict[str, Any]]
+    passes: list[GraphPass]
+    train_stage: TrainStage
+    backend: str
+    example_shapes: list[tuple[int, ...]]
+    model_graph_hash: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class CompiledModel(nn.Module):
+    """The compiled model: call it like the model; its parameters are the model's own."""
+
+    def __init__(self, model: nn.Module, fn, result: CompileResult, amp: str):
+        super().__init__()
+        self.model = model
+        self._fn = fn
+        self.result = result
+        self.amp = amp
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        shapes = [tuple(t.shape) for t in inputs]
+        if shapes != self.result.example_shapes:
+            want = " ".join(str(list(s)) for s in self.result.example_shapes)
+            got = " ".join(str(list(s)) for s in shapes)
+            raise GraphllmError(f"inputs have shapes {got} but this graph was compiled for {want}; "
+                                "graphllm graphs are static: recompile for the new shape")
+        dtype = AMP_DTYPES[self.amp]
+        if dtype is None:
+            return self._fn(*inputs)
+        with torch.autocast(device_type=inputs[0].device.type, dtype=dtype):
+            return self._fn(*inputs)
+
+    @property
+    def compile_counts(self) -> dict[str, int]:
+        """How many times each aot graph kind was compiled (a static graph compiles once)."""
+        return dict(self.result.train_stage.compiles)
+
+
+def compile(
+    model: nn.Module,
+    example_inputs: torch.Tensor | Sequence[torch.Tensor],
+    labels: torch.Tensor | None = None,
+    *,
+    passes: Sequence[GraphPass] | None = None,
+    backend: str = "eager",
+    disable: Iterable[str] = (),
+    amp: str = "fp32",
+    dump_dir: str | Path | None = None,
+    plan: Mapping[str, Any] | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+) -> CompiledModel:
+    """Compile `model` for inputs shaped like `example_inputs`.
+
+    With `labels`, the captured graph is the training step's forward including the loss
+    (`model(input_ids, labels) -> loss`), so the backend can fuse the loss with the LM head; without,
+    it is `model(input_ids) -> logits`. `passes` defaults to `default_passes()`; `train`-stage passes in
+    the list run on the forward/backward graphs. `dump_dir` receives one readable dump per pass.
+    """
+    be = get_backend(backend)
+    if amp not in AMP_DTYPES:
+        raise GraphllmError(f"amp must be one of {', '.join(AMP_DTYPES)}, got {amp!r}")
+    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    if labels is not None:
+        inputs = inputs + (labels,)
+    ordered = order_passes(list(default_passes() if passes is None else passes), disable=disable)
+    model_passes = [p for p in ordered if p.stage == "model"]
+    train_passes = [p for p in ordered if p.stage == "train"]
+    dump_root = Path(dump_dir) if dump_dir is not None else None
+    model_dumps = dump_root / "model" if dump_root else None
+    dumps: list[dict[str, Any]] = []
+    counter = iter(range(1000))
+
+    def dump(gm: fx.GraphModule, name: str) -> None:
+        if model_dumps is not None:
+            dumps.append(write_graph(gm, model_dumps / f"{next(counter):02d}_{name}", title=f"model graph after {name}"))
+
+    gm = capture(model, inputs)
+    dump(gm, "capture")
+    ctx = PassContext(plan=dict(plan or {}), rank=rank, world_size=world_size,
+                      config=getattr(model, "config", None))
+    gm, records = run_passes(gm, model_passes, ctx, dump=dump)
+    model_hash = graph_hash(gm)
+    model_graph = fx.GraphModule(gm, gm.graph.__deepcopy__())  # keep the pre-lowering view
+    gm, lower_records = run_passes(gm, [lower_ops.with_options(table=LOWERINGS[be.lowering])], ctx, dump=dump)
+    stage = TrainStage(passes=train_passes, ctx_template=ctx, dump_dir=dump_root / "train" if dump_root else None)
+    fn = torch.compile(gm, backend=be.make(stage), fullgraph=True, dynamic=False)
+    result = CompileResult(
+        model_graph=model_graph, lowered_graph=gm, records=records + lower_records, dumps=dumps,
+        passes=ordered, train_stage=stage, backend=backend, example_shapes=[tuple(t.shape) for t in inputs],
+        model_graph_hash=model_hash,
+    )
+    return CompiledModel(model, fn, result, amp)

@@ -1,0 +1,83 @@
+"""Readable graph dumps: python code with provenance comments, and a one-line-per-node table."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from graphllm.passes.manager import PASS_META_KEY
+
+TABLE_COLUMNS = ("idx", "name", "op", "target", "shape", "dtype", "pass", "module", "source")
+
+
+def _shape(v: Any) -> tuple[str, str]:
+    if isinstance(v, torch.Tensor):
+        return "[" + ",".join(str(s) for s in v.shape) + "]", str(v.dtype).removeprefix("torch.")
+    if isinstance(v, (tuple, list)):
+        parts = [_shape(x) for x in v]
+        return "(" + ";".join(p[0] for p in parts) + ")", "(" + ";".join(p[1] for p in parts) + ")"
+    return "", type(v).__name__ if v is not None else ""
+
+
+def _target(node: fx.Node) -> str:
+    t = node.target
+    if node.op != "call_function":
+        return str(t)
+    if isinstance(t, torch._ops.OpOverload):
+        return str(t)
+    return f"{getattr(t, '__module__', '')}.{getattr(t, '__name__', repr(t))}".lstrip(".")
+
+
+def _source(node: fx.Node) -> str:
+    trace = node.meta.get("stack_trace") or ""
+    frames = re.findall(r'File "([^"]+)", line (\d+)', trace)
+    if not frames:
+        return ""
+    path, line = frames[-1]
+    parts = Path(path).parts
+    short = "/".join(parts[-2:]) if len(parts) > 1 else path
+    return f"{short}:{line}"
+
+
+def _module(node: fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    return str(path).removeprefix("L['self'].").removeprefix("L__self__.")
+
+
+def node_rows(gm: fx.GraphModule) -> list[dict[str, str]]:
+    rows = []
+    for i, node in enumerate(gm.graph.nodes):
+        shape, dtype = _shape(node.meta.get("val"))
+        rows.append({
+            "idx": str(i), "name": node.name, "op": node.op, "target": _target(node), "shape": shape,
+            "dtype": dtype, "pass": node.meta.get(PASS_META_KEY, "capture" if node.op != "output" else ""),
+            "module": _module(node), "source": _source(node),
+        })
+    return rows
+
+
+def graph_code(gm: fx.GraphModule) -> str:
+    """Python code of the graph, with `# File: ...` provenance comments and tensor shapes."""
+    try:
+        return gm.print_readable(print_output=False, include_stride=False, include_device=False)
+    except Exception:  # graphs whose nodes carry no tensor metadata (e.g. after a user pass)
+        return gm.code
+
+
+def write_graph(gm: fx.GraphModule, stem: Path, *, title: str) -> dict[str, Any]:
+    """Write `stem.py` (code) and `stem.tsv` (table); return a summary for the artifact index."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    rows = node_rows(gm)
+    ops = [r for r in rows if r["op"] == "call_function"]
+    header = f"# graphllm graph dump: {title}\n# nodes: {len(rows)} ({len(ops)} calls)\n"
+    stem.with_suffix(".py").write_text(header + graph_code(gm))
+    lines = ["\t".join(TABLE_COLUMNS)] + ["\t".join(r[c] for c in TABLE_COLUMNS) for r in rows]
+    stem.with_suffix(".tsv").write_text("\n".join(lines) + "\n")
+    return {"title": title, "file": stem.name, "nodes": len(rows), "calls": len(ops)}

@@ -1,0 +1,70 @@
+"""graphllm::attention — softmax(q kᵀ · scale + causal mask) v, layout BNSD, grouped-query aware.
+
+q is [B, H, S, D]; k and v are [B, Hkv, S, D] with H a multiple of Hkv (each kv head serves
+H / Hkv consecutive query heads, as HF's repeat_kv). Raised by `fuse_attention` from SDPA or from
+the eager matmul-softmax-matmul form; lowered to SDPA for inductor and to `npu_fusion_attention`
+(input_layout="BNSD", sparse_mode for causal) for torchair. The backward rule recomputes the
+probabilities (flash-attention style: nothing of size S×S is saved).
+"""
+
+import torch
+from torch import Tensor
+import torch.nn.functional as F
+
+
+def attention_decomposed(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool) -> Tensor:
+    return F.scaled_dot_product_attention(
+        q, k, v, is_causal=causal, scale=scale, enable_gqa=k.shape[1] != q.shape[1]
+    )
+
+
+@torch.library.custom_op("graphllm::attention", mutates_args=())
+def attention(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool) -> Tensor:
+    # contiguous: the fake function promises a contiguous result, and traced graphs rely on it
+    return attention_decomposed(q, k, v, scale, causal).contiguous()
+
+
+@attention.register_fake
+def _(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool) -> Tensor:
+    torch._check(q.shape[1] % k.shape[1] == 0, lambda: "query heads must be a multiple of kv heads")
+    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+def _setup(ctx, inputs, output):
+    q, k, v, scale, causal = inputs
+    ctx.save_for_backward(q, k, v)
+    ctx.scale, ctx.causal = scale, causal
+
+
+def _backward(ctx, grad_out_BHSD):
+    q, k, v = ctx.saved_tensors
+    groups = q.shape[1] // k.shape[1]
+    k_BHSD = k.repeat_interleave(groups, dim=1)
+    v_BHSD = v.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(q, k_BHSD.transpose(-2, -1)).to(torch.float32) * ctx.scale  # [B,H,S,S]
+    if ctx.causal:
+        s_q, s_k = scores.shape[-2:]
+        mask = torch.ones(s_q, s_k, dtype=torch.bool, device=q.device).triu(s_k - s_q + 1)
+        scores = scores.masked_fill(mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    g32 = grad_out_BHSD.to(torch.float32)
+    grad_v = torch.matmul(probs.transpose(-2, -1), g32)  # [B,H,S,D]
+    grad_p = torch.matmul(g32, v_BHSD.to(torch.float32).transpose(-2, -1))
+    grad_s = probs * (grad_p - (grad_p * probs).sum(-1, keepdim=True)) * ctx.scale
+    grad_q = torch.matmul(grad_s, k_BHSD.to(torch.float32))
+    grad_k = torch.matmul(grad_s.transpose(-2, -1), q.to(torch.float32))
+
+    def fold_groups(g: Tensor) -> Tensor:  # [B,H,S,D] -> [B,Hkv,S,D], summing each group
+        b, h, s, d = g.shape
+        return g.view(b, h // groups, groups, s, d).sum(2)
+
+    return (
+        grad_q.to(q.dtype),
+        fold_groups(grad_k).to(k.dtype),
+        fold_groups(grad_v).to(v.dtype),
+        None,
+        None,
+    )
+
+
+attention.register_autograd(_backward, setup_context=_setup)

@@ -1,0 +1,52 @@
+"""Per-backend lowering tables: what each graphllm op becomes on each backend.
+
+A lowering is a plain-PyTorch function with the op's signature. The backend's `lower_ops` step
+replaces each op call in the model graph by a call of that function, which the backend then traces
+(Dynamo inlines it, so inductor sees ATen ops it can fuse and autograd derives the backward). An op
+absent from a backend's table stays an opaque op with its own kernel and autograd rule.
+
+The `npu` table names the torch_npu kernel each op maps to; the torchair backend owns the calls.
+"""
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from graphllm.ops.attention import attention_decomposed
+from graphllm.ops.rms_norm import rms_norm_decomposed
+from graphllm.ops.rope import rope_decomposed
+from graphllm.ops.swiglu import swiglu_decomposed
+
+ops = torch.ops.graphllm
+
+
+@dataclass(frozen=True, slots=True)
+class NpuKernel:
+    """A torch_npu kernel an op lowers to, with the argument mapping the torchair backend applies."""
+
+    kernel: str
+    note: str
+
+
+LOWERINGS: dict[str, dict[torch._ops.OpOverload, Callable]] = {
+    # eager: keep every op, run its reference kernel and autograd rule (the debugging backend)
+    "eager": {},
+    "inductor": {
+        ops.rms_norm.default: rms_norm_decomposed,
+        ops.swiglu.default: swiglu_decomposed,
+        ops.rope.default: rope_decomposed,
+        ops.attention.default: attention_decomposed,
+    },
+}
+
+NPU_KERNELS: dict[torch._ops.OpOverload, NpuKernel] = {
+    ops.rms_norm.default: NpuKernel("npu_rms_norm", "npu_rms_norm(x, weight, epsilon=eps)[0]; output 1 is rstd"),
+    ops.swiglu.default: NpuKernel("npu_swiglu", "npu_swiglu(torch.cat([gate, up], -1), dim=-1)"),
+    ops.rope.default: NpuKernel("npu_rotary_mul", "npu_rotary_mul(x, cos, sin, rotary_mode='half')"),
+    ops.attention.default: NpuKernel(
+        "npu_fusion_attention",
+        "npu_fusion_attention(q, k, v, head_num=H, input_layout='BNSD', scale=scale, "
+        "atten_mask=upper-triangular bool, sparse_mode=2 when causal)[0]",
+    ),
+}

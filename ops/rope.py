@@ -1,0 +1,68 @@
+"""graphllm::rope — rotary position embedding, rotate-half form: x * cos + rotate_half(x) * sin.
+
+x is [..., D] (graphllm's models use [B, H, S, D]); cos and sin broadcast against x and are
+constants of the step (functions of positions only), so they get no gradient unless asked.
+Raised by `fuse_rope`; lowered to its decomposition for inductor and to `npu_rotary_mul(x, cos, sin,
+rotary_mode='half')` for torchair.
+"""
+
+import torch
+from torch import Tensor
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def rotate_half_transposed(g: Tensor) -> Tensor:
+    """The adjoint of rotate_half: <rotate_half(x), g> == <x, rotate_half_transposed(g)>."""
+    half = g.shape[-1] // 2
+    return torch.cat((g[..., half:], -g[..., :half]), dim=-1)
+
+
+def rope_decomposed(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    return x * cos + rotate_half(x) * sin
+
+
+@torch.library.custom_op("graphllm::rope", mutates_args=())
+def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    # contiguous: the fake function promises a contiguous result, and traced graphs rely on it
+    return rope_decomposed(x, cos, sin).contiguous()
+
+
+@rope.register_fake
+def _(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    shape = torch.broadcast_shapes(x.shape, cos.shape, sin.shape)
+    dtype = torch.promote_types(torch.promote_types(x.dtype, cos.dtype), sin.dtype)
+    return x.new_empty(shape, dtype=dtype)
+
+
+def _setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _reduce_to(grad: Tensor, like: Tensor) -> Tensor:
+    """Sum a broadcast gradient back to the shape of the input it came from."""
+    extra = grad.dim() - like.dim()
+    if extra:
+        grad = grad.sum(dim=tuple(range(extra)))
+    dims = tuple(i for i, n in enumerate(like.shape) if n == 1 and grad.shape[i] != 1)
+    if dims:
+        grad = grad.sum(dim=dims, keepdim=True)
+    return grad.to(like.dtype)
+
+
+def _backward(ctx, grad):
+    x, cos, sin = ctx.saved_tensors
+    grad_x = grad_cos = grad_sin = None
+    if ctx.needs_input_grad[0]:
+        grad_x = _reduce_to(grad * cos + rotate_half_transposed(grad * sin), x)
+    if ctx.needs_input_grad[1]:
+        grad_cos = _reduce_to(grad * x, cos)
+    if ctx.needs_input_grad[2]:
+        grad_sin = _reduce_to(grad * rotate_half(x), sin)
+    return grad_x, grad_cos, grad_sin
+
+
+rope.register_autograd(_backward, setup_context=_setup)

@@ -1,0 +1,131 @@
+"""fuse_attention: raise scaled-dot-product attention to graphllm::attention (causal, GQA).
+
+Two captured forms are recognised:
+- SDPA: `scaled_dot_product_attention(q, k, v, attn_mask=None, dropout_p=0, is_causal, scale, enable_gqa)`;
+- eager: `matmul(softmax(matmul(q, kᵀ) * scale + mask, -1), v)` where `mask` is a compile-time
+  constant equal to the causal mask (0 on and below the diagonal, a value that underflows softmax to
+  exactly 0 above it), and k, v may come from HF's repeat_kv (expand + reshape), which is folded back
+  into grouped-query form.
+Legal because the op computes softmax(q kᵀ · scale + causal) v with each kv head serving H/Hkv
+consecutive query heads, which is what both forms compute. Refused: dropout (changes RNG use), masks
+that are inputs or not causal (the op has no arbitrary mask), and inputs that are not 4-D BNSD.
+"""
+
+import torch
+import torch.fx as fx
+
+from graphllm.ops import attention
+from graphllm.passes.manager import PassContext, graph_pass
+from graphllm.passes.matching import aten, arg, constant_value, finish, is_call, norm_dim, replace_with_call, val
+
+MASKED_MAX = -1e30  # a mask entry ≤ this added to any finite fp32/bf16 score makes exp() exactly 0
+
+
+def _bnsd(q, k, v) -> bool:
+    qv, kv, vv = val(q), val(k), val(v)
+    if not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in (qv, kv, vv)):
+        return False
+    return qv.shape[1] % kv.shape[1] == 0 and kv.shape == vv.shape[:3] + kv.shape[3:] and qv.shape[-1] == kv.shape[-1]
+
+
+def _sdpa(node: fx.Node):
+    q, k, v = node.args[:3]
+    mask = arg(node, 3, "attn_mask")
+    dropout = arg(node, 4, "dropout_p", 0.0)
+    causal = arg(node, 5, "is_causal", False)
+    scale = node.kwargs.get("scale", node.args[6] if len(node.args) > 6 else None)
+    if mask is not None or dropout != 0.0 or not _bnsd(q, k, v):
+        return None
+    if causal and val(q).shape[2] != val(k).shape[2]:
+        return None  # SDPA's causal mask is top-left aligned; the op is defined for square attention
+    if scale is None:
+        scale = val(q).shape[-1] ** -0.5
+    return (q, k, v, float(scale), bool(causal))
+
+
+def _unrepeat_kv(x: fx.Node) -> fx.Node:
+    """HF repeat_kv: x[:, :, None].expand(B, Hkv, n, S, D).reshape(B, Hkv*n, S, D) → x."""
+    if not is_call(x, aten.reshape.default, aten.view.default, aten._unsafe_view.default):
+        return x
+    exp = x.args[0]
+    if not is_call(exp, aten.expand.default) or len(exp.users) != 1:
+        return x
+    src = exp.args[0]
+    while is_call(src, aten.slice.Tensor) and val(src).shape == val(src.args[0]).shape:
+        src = src.args[0]  # x[:, :] no-op slices around the new axis
+    if not is_call(src, aten.unsqueeze.default) or norm_dim(src.args[1], 5) != 2:
+        return x
+    base = src.args[0]
+    while is_call(base, aten.slice.Tensor) and val(base).shape == val(base.args[0]).shape:
+        base = base.args[0]
+    bv, ev = val(base), val(exp)
+    if bv is None or bv.dim() != 4 or ev.dim() != 5 or tuple(ev.shape[:2]) != tuple(bv.shape[:2]):
+        return x
+    return base
+
+
+def _is_causal_mask(mask: torch.Tensor, s: int) -> bool:
+    if mask.dim() < 2 or tuple(mask.shape[-2:]) != (s, s) or mask.numel() != s * s:
+        return False
+    m = mask.reshape(s, s).to(torch.float32)
+    upper = torch.ones(s, s, dtype=torch.bool).triu(1)
+    return bool((m[~upper] == 0).all()) and bool((m[upper] <= MASKED_MAX).all())
+
+
+def _eager(gm: fx.GraphModule, out: fx.Node):
+    """out = matmul(probs, v); return the op arguments and the pattern's interior, or None."""
+    probs, v = out.args[:2]
+    if is_call(probs, aten.to.dtype, aten._to_copy.default):
+        probs = probs.args[0]
+    if not is_call(probs, aten.softmax.int, aten._softmax.default) or len(probs.users) != 1:
+        return None
+    if norm_dim(probs.args[1], 4) != 3:
+        return None
+    scores = probs.args[0]
+    mask_node = None
+    if is_call(scores, aten.add.Tensor):
+        a, b = scores.args[:2]
+        scores, mask_node = (a, b) if is_call(a, aten.mul.Tensor, aten.div.Tensor, aten.matmul.default) else (b, a)
+    scale = 1.0
+    if is_call(scores, aten.mul.Tensor) and isinstance(scores.args[1], (int, float)):
+        scores, scale = scores.args[0], float(scores.args[1])
+    elif is_call(scores, aten.div.Tensor) and isinstance(scores.args[1], (int, float)):
+        scores, scale = scores.args[0], 1.0 / float(scores.args[1])
+    if not is_call(scores, aten.matmul.default):
+        return None
+    q, kt = scores.args[:2]
+    if not is_call(kt, aten.transpose.int) or {norm_dim(d, 4) for d in kt.args[1:3]} != {2, 3}:
+        return None
+    k = kt.args[0]
+    if not _bnsd(q, k, v):
+        return None
+    causal = False
+    if mask_node is not None:
+        mask = constant_value(gm, mask_node)
+        if mask is None or not _is_causal_mask(mask, val(q).shape[2]):
+            return None  # only the constant causal mask is representable by the op
+        causal = True
+    k, v = _unrepeat_kv(k), _unrepeat_kv(v)
+    if not _bnsd(q, k, v):
+        return None
+    return (q, k, v, scale, causal)
+
+
+@graph_pass("fuse_attention", stage="model")
+def fuse_attention(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+    replaced = 0
+    for node in list(gm.graph.nodes):
+        if is_call(node, aten.scaled_dot_product_attention.default):
+            m = _sdpa(node)
+        elif is_call(node, aten.matmul.default):
+            m = _eager(gm, node)
+        else:
+            continue
+        if m is None:
+            continue
+        replace_with_call(gm, node, attention._opoverload, m)
+        replaced += 1
+    if replaced:
+        ctx.count("replaced", replaced)
+        ctx.logger.info("fuse_attention: replaced %d patterns", replaced)
+    return finish(gm, replaced)

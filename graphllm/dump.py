@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -35,9 +36,11 @@ def _target(node: fx.Node) -> str:
 def _source(node: fx.Node) -> str:
     trace = node.meta.get("stack_trace") or ""
     frames = re.findall(r'File "([^"]+)", line (\d+)', trace)
-    if not frames:
+    # the innermost frame outside torch itself is the model line that produced the node
+    own = [f for f in frames if f"{os.sep}torch{os.sep}" not in f[0]] or frames
+    if not own:
         return ""
-    path, line = frames[-1]
+    path, line = own[-1]
     parts = Path(path).parts
     short = "/".join(parts[-2:]) if len(parts) > 1 else path
     return f"{short}:{line}"

@@ -20,6 +20,9 @@ from .config import ModelConfig
 from .rope import rope_inv_freq
 
 
+IGNORE_INDEX = -100  # label value that contributes no loss (prompt tokens, padding)
+
+
 class LlamaRMSNorm(nn.Module):
     """RMSNorm computed in float32, result cast back to the input dtype before the weight multiply."""
 
@@ -198,8 +201,14 @@ class LlamaForCausalLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.model(input_ids))  # [B, S, V]
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, S, V]; with `labels` [B, S] (already aligned: labels[:, t] is the token after
+        input_ids[:, t]; -100 ignored) the mean cross-entropy instead, computed in fp32, so a captured
+        training graph holds the loss next to the LM head."""
+        logits = self.lm_head(self.model(input_ids))  # [B, S, V]
+        if labels is None:
+            return logits
+        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
 
     def post_materialize(self) -> None:
         """After `to_empty` from meta: re-tie lm_head to the embedding and recompute the RoPE buffer."""

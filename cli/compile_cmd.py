@@ -1,0 +1,48 @@
+"""`graphllm compile`: plan flags → artifact directory."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from rich.console import Console
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("compile", help="capture a model, run the pass pipeline, compile, write an artifact")
+    p.add_argument("--model", default="tiny-llama", help="preset (tiny-llama, small-llama) or HF checkpoint dir")
+    p.add_argument("--out", required=True, type=Path, help="artifact directory to write")
+    p.add_argument("--batch-size", type=int, default=4, help="micro-batch size (static)")
+    p.add_argument("--seq-len", type=int, default=128, help="sequence length (static)")
+    p.add_argument("--backend", default="inductor", help="eager | inductor | npu")
+    p.add_argument("--amp", default="fp32", choices=["fp32", "bf16"], help="fp32, or bf16 autocast")
+    p.add_argument("--seed", type=int, default=0, help="init seed for preset models")
+    p.add_argument("--attn-implementation", choices=["sdpa", "eager"], default=None,
+                   help="attention form to capture (default: the model's)")
+    p.add_argument("--disable", default="", help="comma-separated pass names to leave out")
+    p.add_argument("--pass", dest="extra_passes", action="append", default=[], metavar="MODULE:NAME",
+                   help="append a @graph_pass from an importable module (repeatable)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from graphllm.backends import get_backend
+    from graphllm.job import compile_artifact
+    from graphllm.plan import CompilePlan, load_pass_spec
+
+    get_backend(args.backend)  # fail fast on a bad backend, before any work
+    plan = CompilePlan(model=args.model, batch_size=args.batch_size, seq_len=args.seq_len, backend=args.backend,
+                       amp=args.amp, seed=args.seed, attn_implementation=args.attn_implementation,
+                       disable=[d for d in args.disable.split(",") if d])
+    extra = [load_pass_spec(s) for s in args.extra_passes]
+    console = Console(stderr=True)
+    with console.status(f"compiling {args.model} ({args.backend}) …"):
+        built, report = compile_artifact(plan, args.out, extra_passes=extra)
+    console.print(f"[green]compiled[/] {args.model} → {args.out} in {built.compile_seconds:.1f} s: "
+                  f"{report['parameters']:,} parameters, {report['flops_per_step'] / 1e9:.2f} GFLOP/step")
+    for p in report["passes"]:
+        if p["added"] or p["removed"]:
+            counters = ", ".join(f"{k} {v}" for k, v in p["counters"].items())
+            console.print(f"  {p['name']:<16} {p['graph']:<9} {p['nodes_before']:>5} → {p['nodes_after']:<5} {counters}")
+    console.print(f"  see {args.out}/report.md; `graphllm inspect {args.out}` lists the graphs")
+    return 0

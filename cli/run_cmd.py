@@ -1,0 +1,72 @@
+"""`graphllm run ARTIFACT`: train the compiled graph on the built-in corpus."""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("run", help="train an artifact's compiled graph (built-in corpus and tokenizer)")
+    p.add_argument("artifact", type=Path)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--warmup-steps", type=int, default=5)
+    p.add_argument("--min-lr-ratio", type=float, default=0.1)
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--metrics", type=Path, default=None, help="JSON-lines file (default ARTIFACT/runs/metrics.jsonl)")
+    p.add_argument("--no-progress", action="store_true", help="plain log lines instead of a progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from graphllm.data import BatchSpec, TokenBatches, builtin_token_ids, builtin_tokenizer
+    from graphllm.errors import GraphllmError
+    from graphllm.job import load_artifact
+    from graphllm.train import MetricsWriter, TrainConfig, config_dict, train_steps
+
+    cfg = TrainConfig(steps=args.steps, lr=args.lr, warmup_steps=args.warmup_steps, min_lr_ratio=args.min_lr_ratio,
+                      weight_decay=args.weight_decay, grad_clip=args.grad_clip, seed=args.seed)
+    console = Console(stderr=True)
+    with console.status("loading artifact and compiling …"):
+        data, built = load_artifact(args.artifact)
+    plan = built.plan
+    with console.status("preparing the built-in corpus and tokenizer (cached after the first run) …"):
+        tok = builtin_tokenizer()
+        if tok.vocab_size > built.model.config.vocab_size:
+            raise GraphllmError(f"the built-in tokenizer has {tok.vocab_size} tokens but {plan.model} has a "
+                                f"vocabulary of {built.model.config.vocab_size}; use a model with a larger vocab_size")
+        batches = TokenBatches(builtin_token_ids(tok), BatchSpec(batch_size=plan.batch_size, seq_len=plan.seq_len,
+                                                                 seed=cfg.seed))
+    console.print(f"[green]ready[/] {plan.model} ({plan.backend}, {plan.amp}) compiled in {built.compile_seconds:.1f} s; "
+                  f"training {cfg.steps} steps of {plan.batch_size}×{plan.seq_len} tokens")
+    metrics_path = args.metrics or args.artifact / "runs" / "metrics.jsonl"
+    writer = MetricsWriter(metrics_path, {"plan": plan.to_json(), "train": config_dict(cfg)})
+    records = []
+    progress = Progress(TextColumn("[bold]step {task.completed}/{task.total}"), BarColumn(),
+                        TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[tps]:,.0f} tok/s"),
+                        TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console,
+                        disable=args.no_progress)
+    try:
+        with progress:
+            task = progress.add_task("train", total=cfg.steps, loss=float("nan"), tps=0.0)
+            for rec in train_steps(built.compiled, built.model, batches.train_batch, cfg):
+                records.append(rec)
+                if rec["step"] % max(1, cfg.log_interval) == 0 or rec["step"] == cfg.steps:
+                    writer.write(rec)
+                progress.update(task, completed=rec["step"], loss=rec["loss"], tps=rec["tokens_per_s"])
+                if args.no_progress:
+                    console.print(f"step {rec['step']:>5} loss {rec['loss']:.4f} lr {rec['lr']:.2e} "
+                                  f"{rec['tokens_per_s']:,.0f} tok/s")
+    finally:
+        writer.close()
+    tps = statistics.median(r["tokens_per_s"] for r in records)
+    console.print(f"[green]done[/]: loss {records[0]['loss']:.4f} → {records[-1]['loss']:.4f} over {len(records)} steps, "
+                  f"median {tps:,.0f} tok/s; metrics in {metrics_path}")
+    return 0

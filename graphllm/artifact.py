@@ -1,0 +1,87 @@
+"""The artifact directory `graphllm compile` writes and `graphllm run` / `inspect` read.
+
+Layout:
+  plan.json                        the plan, versions, model fingerprint, graph hash per rank
+  graphs/rank0/model/NN_<pass>.py  model graph after each model-stage pass (code with provenance)
+  graphs/rank0/model/NN_<pass>.tsv the same graph as a table (one node a line)
+  graphs/rank0/train/forward.py    forward graph after partitioning and the train passes (and .tsv)
+  graphs/rank0/train/backward.py   backward graph likewise
+  report.json, report.md           nodes changed per pass, parameters, FLOPs, activation memory
+  runs/metrics.jsonl               what `graphllm run` measured, one JSON object per step
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import graphllm
+from graphllm.errors import GraphllmError
+from graphllm.plan import CompilePlan
+
+FORMAT_VERSION = 1
+
+
+def versions() -> dict[str, str]:
+    import transformers
+
+    return {"graphllm": graphllm.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version()}
+
+
+def graphs_dir(root: Path, rank: int = 0) -> Path:
+    return root / "graphs" / f"rank{rank}"
+
+
+def prepare_out_dir(out: Path) -> Path:
+    """A fresh temporary directory next to `out`; `commit_out_dir` moves it into place when complete.
+
+    Refuses to replace a directory that is not a graphllm artifact, so user data is never lost.
+    """
+    if out.exists() and not (out / "plan.json").exists() and any(out.iterdir()):
+        raise GraphllmError(f"--out {out} exists and is not a graphllm artifact; choose an empty or new directory")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+
+
+def commit_out_dir(tmp: Path, out: Path) -> None:
+    """Atomically replace `out` by `tmp` (the old artifact is removed only after the new one is whole)."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old.{os.getpid()}")
+        out.rename(old)
+    tmp.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def read_plan(root: Path) -> dict[str, Any]:
+    """Read and validate plan.json: the artifact must exist and come from this graphllm version."""
+    path = root / "plan.json"
+    if not root.is_dir():
+        raise GraphllmError(f"artifact {root} does not exist; create it with `graphllm compile --out {root}`")
+    if not path.is_file():
+        raise GraphllmError(f"{root} is not a graphllm artifact (no plan.json); create it with `graphllm compile`")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise GraphllmError(f"{path} is corrupt ({e.__class__.__name__}: {e}); recompile the artifact") from e
+    if not isinstance(data, dict) or data.get("format") != FORMAT_VERSION or "plan" not in data:
+        raise GraphllmError(f"{path} is not a graphllm plan of format {FORMAT_VERSION}; recompile the artifact")
+    made_by = data.get("versions", {}).get("graphllm")
+    if made_by != graphllm.__version__:
+        raise GraphllmError(f"artifact {root} was compiled by graphllm {made_by}, this is graphllm "
+                            f"{graphllm.__version__}; recompile it with `graphllm compile`")
+    CompilePlan.from_json(data["plan"], str(path))  # field check
+    return data

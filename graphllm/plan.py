@@ -1,0 +1,102 @@
+"""The compile plan: every decision `graphllm compile` makes, as plain data (plan.json)."""
+
+from __future__ import annotations
+
+import importlib
+import json
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Literal
+
+from graphllm.errors import GraphllmError
+from graphllm.passes import GraphPass, default_passes, order_passes
+
+
+@dataclass(kw_only=True, slots=True)
+class CompilePlan:
+    """What to compile and how; `graphllm compile` flags map one-to-one onto these fields."""
+
+    model: str = "tiny-llama"
+    """A preset name (tiny-llama, small-llama) or an HF checkpoint directory."""
+    batch_size: int = 4
+    """Micro-batch size the graph is compiled for (static)."""
+    seq_len: int = 128
+    """Sequence length the graph is compiled for (static)."""
+    backend: Literal["eager", "inductor", "npu"] = "inductor"
+    """Which backend compiles the forward/backward graphs."""
+    amp: Literal["fp32", "bf16"] = "fp32"
+    """fp32, or bf16 autocast with fp32 master weights."""
+    seed: int = 0
+    """Seed for the random initialisation of preset models."""
+    attn_implementation: Literal["sdpa", "eager"] | None = None
+    """Override the model's attention form before capture (None: the config's own)."""
+    passes: list[dict[str, Any]] = field(default_factory=list)
+    """The pass pipeline as data: name, stage, options, origin module. Empty: the default pipeline."""
+    disable: list[str] = field(default_factory=list)
+    """Pass names to leave out."""
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise GraphllmError(f"--batch-size must be ≥ 1, got {self.batch_size}")
+        if self.seq_len < 2:
+            raise GraphllmError(f"--seq-len must be ≥ 2, got {self.seq_len}")
+        if self.amp not in ("fp32", "bf16"):
+            raise GraphllmError(f"--amp must be fp32 or bf16, got {self.amp!r}")
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any], source: str) -> "CompilePlan":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise GraphllmError(f"{source}: unknown plan field(s) {', '.join(sorted(unknown))}; "
+                                "it was written by another graphllm version — recompile")
+        return cls(**d)
+
+
+def describe_passes(passes: list[GraphPass]) -> list[dict[str, Any]]:
+    out = []
+    for p in passes:
+        d = p.describe()
+        d["origin"] = p.fn.__module__
+        json.dumps(d)  # options must be plain data to live in plan.json
+        out.append(d)
+    return out
+
+
+def resolve_passes(described: list[dict[str, Any]]) -> list[GraphPass]:
+    """Turn plan.json's pass list back into GraphPass objects (importing user pass modules)."""
+    if not described:
+        return default_passes()
+    resolved = []
+    for d in described:
+        try:
+            module = importlib.import_module(d["origin"])
+        except ImportError as e:
+            raise GraphllmError(f"pass {d['name']!r} comes from module {d['origin']!r}, which cannot be "
+                                f"imported ({e}); put it on PYTHONPATH or recompile without it") from e
+        found = [v for v in vars(module).values() if isinstance(v, GraphPass) and v.name == d["name"]]
+        if not found:
+            raise GraphllmError(f"module {d['origin']!r} no longer defines pass {d['name']!r}; recompile")
+        resolved.append(found[0].with_options(**d.get("options", {})))
+    return resolved
+
+
+def load_pass_spec(spec: str) -> GraphPass:
+    """`module:attr` → the GraphPass object there (the CLI's --pass flag)."""
+    mod_name, _, attr = spec.partition(":")
+    if not attr:
+        raise GraphllmError(f"--pass {spec!r}: expected MODULE:NAME, e.g. mypasses:count_matmuls")
+    try:
+        obj = getattr(importlib.import_module(mod_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise GraphllmError(f"--pass {spec!r}: cannot load it ({e})") from e
+    if not isinstance(obj, GraphPass):
+        raise GraphllmError(f"--pass {spec!r} is a {type(obj).__name__}, not a function decorated with @graph_pass")
+    return obj
+
+
+def pipeline_for(plan: CompilePlan, extra: list[GraphPass] = ()) -> list[GraphPass]:
+    passes = resolve_passes(plan.passes) + list(extra)
+    return order_passes(passes, disable=plan.disable)

@@ -1,0 +1,118 @@
+"""Training v1: AdamW, warmup + cosine LR, gradient clipping, fp32 or bf16 autocast, fixed seeds."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+from graphllm.errors import GraphllmError
+
+
+@dataclass(kw_only=True, slots=True)
+class TrainConfig:
+    """Optimizer and schedule; `graphllm run` flags map one-to-one onto these fields."""
+
+    steps: int = 50
+    """Optimizer steps to run."""
+    lr: float = 3e-3
+    """Peak learning rate (after warmup)."""
+    min_lr_ratio: float = 0.1
+    """Cosine decay ends at lr * min_lr_ratio."""
+    warmup_steps: int = 5
+    """Linear warmup from lr/warmup_steps to lr."""
+    weight_decay: float = 0.1
+    """AdamW decoupled weight decay (not applied to norms and biases)."""
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0 disables)."""
+    seed: int = 0
+    """Seed for torch's RNG and the data order."""
+    log_interval: int = 1
+    """Write a metrics line every N steps."""
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise GraphllmError(f"--steps must be ≥ 1, got {self.steps}")
+        if not self.lr > 0:
+            raise GraphllmError(f"--lr must be > 0, got {self.lr}")
+        if self.warmup_steps < 0:
+            raise GraphllmError(f"--warmup-steps must be ≥ 0, got {self.warmup_steps}")
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate for 0-based `step`: linear warmup, then cosine to lr * min_lr_ratio."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(1, cfg.steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with decay on matrices only; fused where the device supports it (CPU and CUDA do)."""
+    params = {id(p): (n, p) for n, p in model.named_parameters() if p.requires_grad}
+    decay = [p for n, p in params.values() if p.dim() >= 2]
+    no_decay = [p for n, p in params.values() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=True)
+
+
+StepFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+BatchFn = Callable[[int], tuple[torch.Tensor, torch.Tensor]]
+
+
+def train_steps(step_fn: StepFn, model: nn.Module, batch_at: BatchFn, cfg: TrainConfig) -> Iterator[dict]:
+    """Run the loop; yield one metrics dict per step (loss, lr, grad norm, tokens/s, step time)."""
+    torch.manual_seed(cfg.seed)
+    opt = make_optimizer(model, cfg)
+    params = [p for p in model.parameters() if p.requires_grad]
+    t_start = time.perf_counter()
+    tokens_done = 0
+    for step in range(cfg.steps):
+        t0 = time.perf_counter()
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        input_ids, labels = batch_at(step)
+        loss = step_fn(input_ids, labels)
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            raise GraphllmError(f"loss became {loss_value} at step {step + 1}; lower --lr or check the data")
+        dt = time.perf_counter() - t0
+        tokens_done += input_ids.numel()
+        yield {"step": step + 1, "loss": loss_value, "lr": opt.param_groups[0]["lr"], "grad_norm": float(norm),
+               "step_time_s": dt, "tokens_per_s": input_ids.numel() / dt,
+               "elapsed_s": time.perf_counter() - t_start, "tokens": tokens_done}
+
+
+class MetricsWriter:
+    """Appends metrics as JSON lines (one object per line), flushing each so a crash loses nothing."""
+
+    def __init__(self, path: Path, header: dict):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._f = path.open("a")
+        self.write({"event": "start", **header})
+
+    def write(self, record: dict) -> None:
+        self._f.write(json.dumps(record) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def config_dict(cfg: TrainConfig) -> dict:
+    return asdict(cfg)

@@ -9,6 +9,7 @@ are removed, so passes and dumps see only the computation.
 
 from __future__ import annotations
 
+import re
 import traceback
 from pathlib import Path
 
@@ -52,8 +53,27 @@ def capture(model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> fx.Gr
     return gm
 
 
+_FRAME = re.compile(r'^\s*File "(?P<file>[^"]+)", line \d+, in .*$')
+
+
+def _trim_stack(trace: str) -> str:
+    """Drop trailing frames inside torch, so provenance names the model line (`self.q_proj(x)`), not
+    `torch/nn/modules/linear.py`."""
+    lines = trace.rstrip("\n").split("\n")
+    starts = [i for i, line in enumerate(lines) if _FRAME.match(line)]
+    keep = len(starts)
+    while keep > 1 and _FRAME.match(lines[starts[keep - 1]]).group("file").startswith(_TORCH_DIR):
+        keep -= 1
+    if keep == len(starts):
+        return trace
+    return "\n".join(lines[: starts[keep]]) + "\n"
+
+
 def _canonicalize(gm: fx.GraphModule) -> None:
     g = gm.graph
+    for node in g.nodes:
+        if node.meta.get("stack_trace"):
+            node.meta["stack_trace"] = _trim_stack(node.meta["stack_trace"])
     for node in list(g.nodes):
         if node.op == "call_module" and node.target == "_guards_fn":
             g.erase_node(node)

@@ -10,7 +10,7 @@ import torch.fx as fx
 
 from graphllm.ops import rope
 from graphllm.passes.manager import PassContext, graph_pass
-from graphllm.passes.matching import aten, commuted, finish, is_call, norm_dim, replace_with_call, users_within, val
+from graphllm.passes.matching import aten, commuted, finish, is_call, norm_dim, replace_with_call, val
 
 _END = 2**62  # slicing "to the end" is captured as a huge end index
 

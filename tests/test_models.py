@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 import transformers
 from safetensors.torch import load_file, save_file
 
@@ -26,78 +25,8 @@ from graphllm.models import (
     save_hf,
 )
 
-# fp32 parity: both sides compute the same math in fp32, but matmul/softmax/reduction order differs
-# between HF's code path and ours (e.g. SDPA with enable_gqa vs repeat_kv), so allow 1e-5 relative.
-FP32_PARITY_RTOL = 1e-5
-VOCAB, BATCH, SEQ = 128, 2, 16
-SGD_LR = 0.1
-
-_COMMON = dict(
-    vocab_size=VOCAB,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    max_position_embeddings=256,
-    rms_norm_eps=1e-5,
-)
-
-# name -> (HF config class, HF model class, kwargs, save_pretrained max_shard_size or None)
-FAMILIES = {
-    "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM,
-              dict(_COMMON, num_key_value_heads=2), None),
-    "llama-bias-rope-llama3": (transformers.LlamaConfig, transformers.LlamaForCausalLM,
-                               dict(_COMMON, num_key_value_heads=4, attention_bias=True, mlp_bias=True,
-                                    rope_theta=50000.0,
-                                    rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                                  "high_freq_factor": 4.0,
-                                                  "original_max_position_embeddings": 64}),
-                               "40KB"),  # sharded index path
-    "qwen2-tied": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM,
-                   dict(_COMMON, num_key_value_heads=2, tie_word_embeddings=True), None),
-    "mistral-gqa-headdim": (transformers.MistralConfig, transformers.MistralForCausalLM,
-                            dict(_COMMON, num_key_value_heads=1, head_dim=24, sliding_window=None), None),
-}
-
-
-def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max()).item()
-
-
-def _hf_model(family: str, attn: str, seed: int = 0) -> torch.nn.Module:
-    cfg_cls, model_cls, kwargs, _ = FAMILIES[family]
-    torch.manual_seed(seed)
-    cfg = cfg_cls(**kwargs)
-    cfg._attn_implementation = attn
-    model = model_cls(cfg).float()
-    with torch.no_grad():  # HF init leaves biases 0 and norms 1: perturb everything so those paths count
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-    return model
-
-
-def _save_hf(model: torch.nn.Module, family: str, out: Path) -> Path:
-    shard = FAMILIES[family][3]
-    if shard is None:
-        model.save_pretrained(out)
-    else:
-        model.save_pretrained(out, max_shard_size=shard)
-    return out
-
-
-def _batch(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, VOCAB, (BATCH, SEQ + 1), generator=g)
-    return ids[:, :-1], ids[:, 1:]
-
-
-def _sgd_step(model: torch.nn.Module, logits_fn, ids: torch.Tensor, targets: torch.Tensor) -> None:
-    opt = torch.optim.SGD(model.parameters(), lr=SGD_LR)
-    logits = logits_fn(ids)
-    loss = F.cross_entropy(logits.float().reshape(-1, VOCAB), targets.reshape(-1))
-    loss.backward()
-    opt.step()
-    opt.zero_grad()
+from hf_parity import (COMMON as _COMMON, FAMILIES, FP32_PARITY_RTOL, VOCAB, batch as _batch, hf_model as _hf_model,
+                       rel_err as _rel_err, save_hf_checkpoint as _save_hf, sgd_step as _sgd_step)
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])

@@ -9,6 +9,8 @@ probabilities (flash-attention style: nothing of size S×S is saved).
 
 import torch
 from torch import Tensor
+
+from graphllm.ops.autocast import register_autocast_policy
 import torch.nn.functional as F
 
 
@@ -68,3 +70,4 @@ def _backward(ctx, grad_out_BHSD):
 
 
 attention.register_autograd(_backward, setup_context=_setup)
+register_autocast_policy("graphllm::attention", torch.bfloat16)

@@ -8,6 +8,8 @@ for torchair. The backward rule is written out so backends without autograd for 
 import torch
 from torch import Tensor
 
+from graphllm.ops.autocast import register_autocast_policy
+
 
 def rms_norm_decomposed(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """The reference math in plain torch ops (the inductor lowering and the reference kernel)."""
@@ -50,3 +52,4 @@ def _backward(ctx, grad_y):
 
 
 rms_norm.register_autograd(_backward, setup_context=_setup)
+register_autocast_policy("graphllm::rms_norm", torch.float32)

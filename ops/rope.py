@@ -9,6 +9,8 @@ rotary_mode='half')` for torchair.
 import torch
 from torch import Tensor
 
+from graphllm.ops.autocast import register_autocast_policy
+
 
 def rotate_half(x: Tensor) -> Tensor:
     half = x.shape[-1] // 2
@@ -66,3 +68,4 @@ def _backward(ctx, grad):
 
 
 rope.register_autograd(_backward, setup_context=_setup)
+register_autocast_policy("graphllm::rope", torch.bfloat16)

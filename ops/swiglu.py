@@ -6,6 +6,8 @@ the concatenation [gate, up] on the last dimension) for torchair.
 
 import torch
 from torch import Tensor
+
+from graphllm.ops.autocast import register_autocast_policy
 import torch.nn.functional as F
 
 
@@ -43,3 +45,4 @@ def _backward(ctx, grad):
 
 
 swiglu.register_autograd(_backward, setup_context=_setup)
+register_autocast_policy("graphllm::swiglu", torch.bfloat16)

@@ -1,0 +1,15 @@
+"""Autocast policy for graphllm ops (graphllm's amp mode is bf16 autocast).
+
+Without a policy Dynamo cannot treat an op as opaque under autocast and fails tracing its kernel.
+Norms compute in fp32 (as autocast's own fp32 list does for layer_norm); the rest run in bf16 like
+the matmuls around them.
+"""
+
+import torch
+
+AUTOCAST_DEVICES = ("cpu", "cuda")
+
+
+def register_autocast_policy(qualname: str, cast_to: torch.dtype) -> None:
+    for device in AUTOCAST_DEVICES:
+        torch.library.register_autocast(qualname, device, cast_to)

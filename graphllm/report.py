@@ -52,7 +52,7 @@ def report_markdown(report: dict[str, Any], plan: dict[str, Any]) -> str:
         f"- FLOPs per step (fwd+bwd, matmul-class): {report['flops_per_step'] / 1e9:.2f} GFLOP "
         f"({report['flops_per_step'] / report['tokens_per_step'] / 1e6:.1f} MFLOP/token)",
         f"- saved activations (forward → backward): {_fmt_bytes(report['saved_activation_bytes'])}",
-        f"- aot graphs: " + ", ".join(f"{k} {v} nodes" for k, v in report["train_graphs"].items()),
+        "- aot graphs: " + ", ".join(f"{k} {v} nodes" for k, v in report["train_graphs"].items()),
         "",
         "| pass | graph | nodes before | after | added | removed | counters |",
         "|---|---|---|---|---|---|---|",

@@ -111,7 +111,11 @@ def _inductor(stage: TrainStage):
         return compile_fx_inner(stage.run(gm, kind), example_inputs, **kwargs)
 
     def backend(gm: fx.GraphModule, example_inputs: list):
-        return compile_fx(gm, example_inputs, inner_compile=inner)
+        # AOTAutograd's cache would serve compiled graphs without calling `inner`, skipping graphllm's
+        # train passes and dumps (and its key does not cover them). Inductor's own FX graph cache stays
+        # on: it keys on the graph after graphllm's passes.
+        with torch._functorch.config.patch(enable_autograd_cache=False):
+            return compile_fx(gm, example_inputs, inner_compile=inner)
 
     return backend
 
@@ -134,9 +138,9 @@ def _npu(stage: TrainStage):
 
 register_backend(Backend(name="eager", lowering="eager", make=_eager,
                          description="aot_autograd graphs run op by op (debugging, fast tests)"))
-register_backend(Backend(name="inductor", lowering="inductor", make=_inductor,
+register_backend(Backend(name="inductor", lowering="decompose", make=_inductor,
                          description="torch inductor (CPU C++/OpenMP, CUDA Triton)"))
-register_backend(Backend(name="npu", lowering="eager", make=_npu,
+register_backend(Backend(name="npu", lowering="decompose", make=_npu,
                          description="torchair to Ascend graph execution (needs torch_npu + CANN)"))
 
 

@@ -32,7 +32,9 @@ class NpuKernel:
 LOWERINGS: dict[str, dict[torch._ops.OpOverload, Callable]] = {
     # eager: keep every op, run its reference kernel and autograd rule (the debugging backend)
     "eager": {},
-    "inductor": {
+    # decompose: the op's reference math in plain PyTorch; inductor fuses it, and torchair converts its
+    # ATen ops until the npu table below is wired to the fused kernels (the torchair issue)
+    "decompose": {
         ops.rms_norm.default: rms_norm_decomposed,
         ops.swiglu.default: swiglu_decomposed,
         ops.rope.default: rope_decomposed,

@@ -102,8 +102,8 @@ def _eager(gm: fx.GraphModule, out: fx.Node):
     causal = False
     if mask_node is not None:
         mask = constant_value(gm, mask_node)
-        if mask is None or not _is_causal_mask(mask, val(q).shape[2]):
-            return None  # only the constant causal mask is representable by the op
+        if mask is None or val(k).shape[2] != val(q).shape[2] or not _is_causal_mask(mask, val(q).shape[2]):
+            return None  # only a constant causal mask over square scores (Sq=1 < Sk: [[0]] masks nothing)
         causal = True
     k, v = _unrepeat_kv(k), _unrepeat_kv(v)
     if not _bnsd(q, k, v):

@@ -43,7 +43,7 @@ class TrainStage:
         self.compiles[kind] = n + 1
         t = self.ctx_template
         ctx = PassContext(plan=t.plan, rank=t.rank, world_size=t.world_size, config=t.config, logger=t.logger,
-                          stage="train", graph_kind=kind, counters=t.counters)
+                          stage="train", graph_kind=kind)  # counters: this graph's own
         name = kind if n == 0 else f"{kind}_{n}"
         dump = None
         if self.dump_dir is not None:

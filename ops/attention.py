@@ -46,7 +46,8 @@ def _backward(ctx, grad_out_BHSD):
     scores = torch.matmul(q, k_BHSD.transpose(-2, -1)).to(torch.float32) * ctx.scale  # [B,H,S,S]
     if ctx.causal:
         s_q, s_k = scores.shape[-2:]
-        mask = torch.ones(s_q, s_k, dtype=torch.bool, device=q.device).triu(s_k - s_q + 1)
+        # top-left aligned like SDPA's is_causal: query i sees keys 0..i
+        mask = torch.ones(s_q, s_k, dtype=torch.bool, device=q.device).triu(1)
         scores = scores.masked_fill(mask, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     g32 = grad_out_BHSD.to(torch.float32)

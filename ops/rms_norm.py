@@ -42,7 +42,7 @@ def _backward(ctx, grad_y):
     xhat = (x32 * rstd).to(x.dtype)
     grad_x = grad_w = None
     if ctx.needs_input_grad[1]:
-        grad_w = (grad_y * xhat).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
+        grad_w = (grad_y * xhat).sum_to_size(weight.shape).to(weight.dtype)
     if ctx.needs_input_grad[0]:
         g = (grad_y * weight).to(torch.float32)  # gradient w.r.t. xhat
         # d/dx [x * rstd] = rstd * (g - xhat * mean(g * xhat))

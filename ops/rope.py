@@ -46,13 +46,7 @@ def _setup(ctx, inputs, output):
 
 def _reduce_to(grad: Tensor, like: Tensor) -> Tensor:
     """Sum a broadcast gradient back to the shape of the input it came from."""
-    extra = grad.dim() - like.dim()
-    if extra:
-        grad = grad.sum(dim=tuple(range(extra)))
-    dims = tuple(i for i, n in enumerate(like.shape) if n == 1 and grad.shape[i] != 1)
-    if dims:
-        grad = grad.sum(dim=dims, keepdim=True)
-    return grad.to(like.dtype)
+    return grad.sum_to_size(like.shape).to(like.dtype)
 
 
 def _backward(ctx, grad):

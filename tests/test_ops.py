@@ -91,11 +91,6 @@ def test_rms_norm_gradcheck_fp64() -> None:
     assert torch.autograd.gradcheck(lambda x, w: ops.rms_norm(x, w, EPS), (x, w), eps=1e-3, atol=1e-3, rtol=1e-3)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "ops/rms_norm.py _backward: grad_w is summed to shape [D] (`reshape(-1, x.shape[-1]).sum(0)`) "
-    "whatever weight's shape, so a weight that broadcasts over more than the last dim (accepted by the "
-    "fake function) fails in backward with 'invalid gradient at index 1'. fuse_rms_norm only emits 1-D "
-    "weights, so compiled models are not affected."))
 def test_rms_norm_backward_with_2d_weight() -> None:
     x, w = _leaves(_randn(2, 3, 4), _randn(3, 4, seed=1))
     ops.rms_norm(x, w, EPS).sum().backward()
@@ -210,11 +205,6 @@ def test_attention_noncausal_cross_lengths_gradcheck_fp64() -> None:
     assert torch.autograd.gradcheck(lambda q, k, v: ops.attention(q, k, v, 0.5, False), tuple(_leaves(q, k, v)))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "ops/attention.py _backward builds the causal mask bottom-right aligned "
-    "(`triu(s_k - s_q + 1)`) while the forward (SDPA is_causal) is top-left aligned, so for "
-    "causal attention with Sq != Sk the gradients are not those of the forward. The fake function "
-    "accepts Sq != Sk; fuse_attention refuses it, so compiled models are not affected."))
 def test_attention_causal_cross_lengths_gradcheck_fp64() -> None:
     q = _randn(1, 2, 3, 4, dtype=torch.float64)
     k, v = _randn(1, 2, 5, 4, dtype=torch.float64, seed=1), _randn(1, 2, 5, 4, dtype=torch.float64, seed=2)

@@ -283,11 +283,6 @@ def test_train_pass_sees_forward_and_backward_graphs() -> None:
     assert all(p.grad is not None for p in model.parameters())
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "TrainStage.run (graphllm/backends.py:46) gives every aot graph's PassContext the same `counters` dict "
-    "and run_passes (passes/manager.py:199) copies the pass's running total into the PassRecord, so a train "
-    "pass's backward record also counts what it did on the forward graph (PassRecord: 'what one pass did to "
-    "one graph')."))
 def test_train_pass_records_count_one_graph_each() -> None:
     @graph_pass("count_nodes", stage="train")
     def count_nodes(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:

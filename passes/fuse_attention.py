@@ -125,7 +125,4 @@ def fuse_attention(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
             continue
         replace_with_call(gm, node, attention._opoverload, m)
         replaced += 1
-    if replaced:
-        ctx.count("replaced", replaced)
-        ctx.logger.info("fuse_attention: replaced %d patterns", replaced)
-    return finish(gm, replaced)
+    return finish(gm, ctx, replaced)

@@ -72,7 +72,4 @@ def fuse_rms_norm(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         x, weight, eps, anchor = m
         replace_with_call(gm, anchor, rms_norm._opoverload, (x, weight, eps))
         replaced += 1
-    if replaced:
-        ctx.count("replaced", replaced)
-        ctx.logger.info("fuse_rms_norm: replaced %d patterns", replaced)
-    return finish(gm, replaced)
+    return finish(gm, ctx, replaced)

@@ -85,7 +85,4 @@ def fuse_rope(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
             replace_with_call(gm, node, rope._opoverload, (x, cos, sin))
             replaced += 1
             break
-    if replaced:
-        ctx.count("replaced", replaced)
-        ctx.logger.info("fuse_rope: replaced %d patterns", replaced)
-    return finish(gm, replaced)
+    return finish(gm, ctx, replaced)

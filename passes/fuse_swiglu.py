@@ -28,7 +28,4 @@ def fuse_swiglu(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
             replace_with_call(gm, node, swiglu._opoverload, (gate, up))
             replaced += 1
             break
-    if replaced:
-        ctx.count("replaced", replaced)
-        ctx.logger.info("fuse_swiglu: replaced %d patterns", replaced)
-    return finish(gm, replaced)
+    return finish(gm, ctx, replaced)

@@ -65,9 +65,12 @@ def replace_with_call(
     return new
 
 
-def finish(gm: fx.GraphModule, replaced: int) -> fx.GraphModule:
-    """Drop the dead pattern nodes and recompile when anything changed."""
+def finish(gm: fx.GraphModule, ctx, replaced: int) -> fx.GraphModule:
+    """Count and log the replacements, drop the dead pattern nodes and recompile when anything changed;
+    return the same object either way (a pass that did nothing says nothing)."""
     if replaced:
+        ctx.count("replaced", replaced)
+        ctx.logger.info("%s: replaced %d patterns", ctx.current_pass, replaced)
         gm.graph.eliminate_dead_code()
         gm.recompile()
     return gm

@@ -1,0 +1,142 @@
+"""Shared benchmark helpers: inductor cache, medians, interleaved rounds, matmul peak probes, RSS.
+
+The benchmarks run on small shared CPU machines, so every number is a median over repeated samples,
+contenders are interleaved round-robin in one process (noise from other processes hits all of them
+alike), and the matmul peak is probed inside the same rounds so "fraction of peak" compares figures
+taken under the same load.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+DEFAULT_INDUCTOR_CACHE = "~/.cache/graphllm/inductor"
+
+
+def ensure_inductor_cache() -> tuple[Path, bool]:
+    """Point TORCHINDUCTOR_CACHE_DIR at a persistent directory (unless the user set one).
+
+    Must run before inductor reads its config (i.e. before the first compile). Returns the directory
+    and whether it already held entries (a warm cache makes compile times much shorter).
+    """
+    path = Path(os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.expanduser(DEFAULT_INDUCTOR_CACHE)))
+    warm = path.is_dir() and any(path.iterdir())
+    path.mkdir(parents=True, exist_ok=True)
+    return path, warm
+
+
+def median(xs: Sequence[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def interleave(names: Sequence[str], rounds: int) -> list[list[str]]:
+    """Round-robin order for each round, rotated by one each round so no contender always runs first
+    (e.g. right after a matmul probe or right after another contender warmed the caches)."""
+    n = len(names)
+    return [[names[(r + i) % n] for i in range(n)] for r in range(rounds)]
+
+
+@dataclass
+class MatmulProbe:
+    """Times `x @ w.T` for one shape and dtype; `flops` per call = 2·m·k·n."""
+
+    label: str
+    m: int
+    k: int
+    n: int
+    dtype: "object"
+    times: list[float] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        import torch
+
+        g = torch.Generator().manual_seed(0)
+        self._x = torch.randn(self.m, self.k, generator=g).to(self.dtype)  # [m, k]
+        self._w = torch.randn(self.n, self.k, generator=g).to(self.dtype)  # [n, k] (nn.Linear layout)
+        self._f = torch.nn.functional.linear
+        self._f(self._x, self._w)  # first call: allocator and library setup, not timed
+
+    @property
+    def flops(self) -> int:
+        return 2 * self.m * self.k * self.n
+
+    def run(self, reps: int) -> None:
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            self._f(self._x, self._w)
+            self.times.append(time.perf_counter() - t0)
+
+    @property
+    def median_flops_per_s(self) -> float:
+        return self.flops / median(self.times)
+
+
+def current_rss_bytes() -> int:
+    """Resident set size now (Linux /proc/self/statm, second field, in pages)."""
+    with open("/proc/self/statm") as f:
+        pages = int(f.read().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process so far.
+
+    Linux VmHWM (/proc/self/status) where available, else getrusage ru_maxrss. They are the same
+    high-water mark for a process started fresh, but ru_maxrss of a subprocess starts at the *parent's*
+    peak (the kernel carries the forked address space's high-water mark across exec), which made every
+    per-contender subprocess report the benchmark process's own peak. VmHWM belongs to the new address
+    space only.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    return ru_maxrss_bytes()
+
+
+def ru_maxrss_bytes() -> int:
+    """getrusage(RUSAGE_SELF).ru_maxrss (KiB on Linux), for reference next to `peak_rss_bytes`."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+@dataclass
+class Stopwatch:
+    """Laps of one step: call `lap(name)` after each part; `total` is the sum."""
+
+    laps: dict[str, float] = field(default_factory=dict)
+    _t: float = field(default_factory=time.perf_counter)
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = now - self._t
+        self._t = now
+
+    @property
+    def total(self) -> float:
+        return sum(self.laps.values())
+
+
+def timed(fn: Callable[[], object]) -> tuple[object, float]:
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
+
+
+def fmt_rate(x: float, unit: str = "FLOP/s") -> str:
+    for scale, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= scale:
+            return f"{x / scale:.3g} {prefix}{unit}"
+    return f"{x:.3g} {unit}"
+
+
+def fmt_mib(b: float) -> str:
+    return f"{b / 2**20:,.0f} MiB"

@@ -14,7 +14,7 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 DEFAULT_INDUCTOR_CACHE = "~/.cache/graphllm/inductor"
 
@@ -50,7 +50,7 @@ class MatmulProbe:
     m: int
     k: int
     n: int
-    dtype: "object"
+    dtype: object
     times: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:

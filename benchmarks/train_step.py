@@ -22,9 +22,9 @@ import gc
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # `common` when run as a script
 from common import (  # noqa: E402
@@ -278,7 +278,7 @@ def rss_in_subprocess(name: str, model_name: str, amp: str, args: argparse.Names
     cmd = [sys.executable, str(Path(__file__).resolve()), "--rss-child", name, "--models", model_name,
            "--amp", amp, "--batch", str(batch), "--seq", str(seq), "--seed", str(args.seed),
            "--rss-steps", str(args.rss_steps)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=False)
     if proc.returncode != 0:
         return {"error": (proc.stderr.strip().splitlines() or ["?"])[-1]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -324,7 +324,7 @@ def print_config(res: dict, console: Console) -> None:
                 "× torch.compile(HF) (range)", "achieved", "% of peak"):
         t.add_column(col, justify="left" if col == "contender" else "right")
     for n, r in res["contenders"].items():
-        def ratio(key: str) -> str:
+        def ratio(key: str, r: dict = r) -> str:
             rs = r[key + "_rounds"]
             return f"{r[key]:.2f}× ({min(rs):.2f}–{max(rs):.2f})"
         t.add_row(LABELS[n], f"{r['median_step_s']:.3f} s", f"{r['tokens_per_s']:,.0f}", ratio("vs_hf_eager"),

@@ -1,5 +1,6 @@
 """The default pass pipeline: one ordered, readable list."""
 
+from graphllm.passes.fold_constants import fold_constants
 from graphllm.passes.fuse_attention import fuse_attention
 from graphllm.passes.fuse_rms_norm import fuse_rms_norm
 from graphllm.passes.fuse_rope import fuse_rope
@@ -14,4 +15,5 @@ def default_passes() -> list[GraphPass]:
         fuse_swiglu,     # independent of the others; before parallel passes so TP shards one op
         fuse_rope,       # before attention: rope feeds q and k, attention must see the rope op outputs
         fuse_attention,  # last fusion: SDPA / eager softmax attention with GQA folded back
+        fold_constants,  # after the fusions (they read the causal mask's construction): RoPE tables, masks
     ]

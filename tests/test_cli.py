@@ -32,9 +32,10 @@ def _error_line(capsys) -> str:
 def test_compile_writes_artifact(artifact: Path) -> None:
     plan = json.loads((artifact / "plan.json").read_text())
     assert plan["plan"]["model"] == "tiny-llama" and plan["plan"]["backend"] == "eager"
-    assert [p["name"] for p in plan["plan"]["passes"]] == ["fuse_rms_norm", "fuse_swiglu", "fuse_rope", "fuse_attention"]
+    assert [p["name"] for p in plan["plan"]["passes"]] == ["fuse_rms_norm", "fuse_swiglu", "fuse_rope", "fuse_attention",
+                                                        "fold_constants"]
     model_dumps = sorted(p.name for p in (artifact / "graphs/rank0/model").glob("*.py"))
-    assert model_dumps[0] == "00_capture.py" and model_dumps[-1] == "05_lower_ops.py"
+    assert model_dumps[0] == "00_capture.py" and model_dumps[-1] == "06_lower_ops.py"
     for kind in ("forward", "backward"):
         code = (artifact / f"graphs/rank0/train/{kind}.py").read_text()
         assert "def forward" in code

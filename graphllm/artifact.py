@@ -45,6 +45,8 @@ def prepare_out_dir(out: Path) -> Path:
 
     Refuses to replace a directory that is not a graphllm artifact, so user data is never lost.
     """
+    if out.exists() and not out.is_dir():
+        raise GraphllmError(f"--out {out} is a file, not a directory; choose a new directory")
     if out.exists() and not (out / "plan.json").exists() and any(out.iterdir()):
         raise GraphllmError(f"--out {out} exists and is not a graphllm artifact; choose an empty or new directory")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -27,12 +27,20 @@ CONFIG_FILE = "config.json"
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)  # old HF checkpoints saved the RoPE buffer
 
 
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises its own error type for truncated or foreign files
+        raise GraphllmError(f"{path} is not a readable safetensors file ({e}); re-download or re-save "
+                            "the checkpoint") from e
+
+
 def read_hf_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """All tensors of an HF checkpoint directory: model.safetensors, or the shards its index names."""
     root = Path(path)
     single, index = root / SINGLE_FILE, root / INDEX_FILE
     if single.is_file():
-        return load_file(str(single))
+        return _load_safetensors(single)
     if index.is_file():
         try:
             weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
@@ -45,7 +53,7 @@ def read_hf_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
                 raise GraphllmError(
                     f"shard {shard} named in {index} is missing; re-download or re-save the checkpoint"
                 )
-            sd.update(load_file(str(shard_path)))
+            sd.update(_load_safetensors(shard_path))
         return sd
     others = sorted(p.name for p in root.glob("*.bin")) if root.is_dir() else []
     hint = f" (found {', '.join(others)}: convert it to safetensors)" if others else ""

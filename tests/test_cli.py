@@ -161,3 +161,33 @@ def test_console_script_exit_code(tmp_path: Path) -> None:
                           text=True, env=env)
     assert proc.returncode == EXIT_USER_ERROR
     assert proc.stderr.strip().count("\n") == 0 and "does not exist" in proc.stderr
+
+
+def test_corrupt_checkpoint_and_file_out_are_one_line_errors(tmp_path: Path, capsys) -> None:
+    from graphllm.models import build_model, save_hf
+    from graphllm.models.presets import PRESETS
+
+    ckpt = save_hf(build_model(PRESETS["tiny-llama"]()), PRESETS["tiny-llama"](), tmp_path / "ckpt")
+    weights = ckpt / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # truncated download
+    assert main(["compile", "--model", str(ckpt), "--out", str(tmp_path / "a"), *FAST]) == EXIT_USER_ERROR
+    assert "not a readable safetensors file" in _error_line(capsys)
+    afile = tmp_path / "afile"
+    afile.write_text("data")
+    assert main(["compile", "--out", str(afile), *FAST]) == EXIT_USER_ERROR
+    assert "is a file" in _error_line(capsys) and afile.read_text() == "data"
+
+
+def test_tokenizer_larger_than_model_vocab_is_refused(tmp_path: Path, capsys) -> None:
+    import dataclasses
+
+    from graphllm.models import build_model, save_hf
+    from graphllm.models.presets import PRESETS
+
+    cfg = dataclasses.replace(PRESETS["tiny-llama"](), vocab_size=128)
+    ckpt = save_hf(build_model(cfg), cfg, tmp_path / "ckpt")
+    out = tmp_path / "art"
+    assert main(["compile", "--model", str(ckpt), "--out", str(out), *FAST]) == 0
+    capsys.readouterr()
+    assert main(["run", str(out), "--steps", "1", "--no-progress"]) == EXIT_USER_ERROR
+    assert "vocabulary of 128" in _error_line(capsys)

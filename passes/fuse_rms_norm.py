@@ -10,7 +10,7 @@ import torch.fx as fx
 
 from graphllm.ops import rms_norm
 from graphllm.passes.manager import PassContext, graph_pass
-from graphllm.passes.matching import aten, commuted, finish, is_call, ndim, norm_dim, replace_with_call, users_within, val
+from graphllm.passes.matching import aten, calls_to, commuted, finish, is_call, ndim, norm_dim, replace_with_call, users_within, val
 
 
 def _match(rsqrt: fx.Node):
@@ -63,9 +63,7 @@ def _match(rsqrt: fx.Node):
 @graph_pass("fuse_rms_norm", stage="model")
 def fuse_rms_norm(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     replaced = 0
-    for node in list(gm.graph.nodes):
-        if not is_call(node, aten.rsqrt.default):
-            continue
+    for node in calls_to(gm, aten.rsqrt.default):
         m = _match(node)
         if m is None:
             continue

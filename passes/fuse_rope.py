@@ -10,7 +10,7 @@ import torch.fx as fx
 
 from graphllm.ops import rope
 from graphllm.passes.manager import PassContext, graph_pass
-from graphllm.passes.matching import aten, commuted, finish, is_call, norm_dim, replace_with_call, val
+from graphllm.passes.matching import aten, calls_to, commuted, finish, is_call, norm_dim, replace_with_call, val
 
 _END = 2**62  # slicing "to the end" is captured as a huge end index
 
@@ -55,9 +55,7 @@ def _rotate_half_source(cat: fx.Node) -> fx.Node | None:
 @graph_pass("fuse_rope", stage="model")
 def fuse_rope(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     replaced = 0
-    for node in list(gm.graph.nodes):
-        if not is_call(node, aten.add.Tensor):
-            continue
+    for node in calls_to(gm, aten.add.Tensor):
         for m_cos, m_sin in commuted(node):
             if not (is_call(m_cos, aten.mul.Tensor) and is_call(m_sin, aten.mul.Tensor)):
                 continue

@@ -9,15 +9,13 @@ import torch.fx as fx
 
 from graphllm.ops import swiglu
 from graphllm.passes.manager import PassContext, graph_pass
-from graphllm.passes.matching import aten, commuted, finish, is_call, replace_with_call, val
+from graphllm.passes.matching import aten, calls_to, commuted, finish, is_call, replace_with_call, val
 
 
 @graph_pass("fuse_swiglu", stage="model")
 def fuse_swiglu(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     replaced = 0
-    for node in list(gm.graph.nodes):
-        if not is_call(node, aten.mul.Tensor):
-            continue
+    for node in calls_to(gm, aten.mul.Tensor):
         for silu, up in commuted(node):
             if not is_call(silu, aten.silu.default) or len(silu.users) != 1:
                 continue

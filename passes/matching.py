@@ -14,6 +14,11 @@ def is_call(node: Any, *targets: Any) -> bool:
     return isinstance(node, fx.Node) and node.op == "call_function" and node.target in targets
 
 
+def calls_to(gm: fx.GraphModule, *targets: Any) -> list[fx.Node]:
+    """The graph's calls of `targets`, as a list (safe to rewrite the graph while walking it)."""
+    return [n for n in gm.graph.nodes if is_call(n, *targets)]
+
+
 def arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
     """Argument `name` of a call, whether passed positionally (at `index`) or by keyword."""
     if len(node.args) > index:

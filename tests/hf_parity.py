@@ -81,3 +81,17 @@ def sgd_step(model: torch.nn.Module, logits_fn, ids: torch.Tensor, targets: torc
     loss.backward()
     opt.step()
     opt.zero_grad()
+
+
+def parity_through_step(hf: torch.nn.Module, ours: torch.nn.Module, ours_logits, ids: torch.Tensor,
+                        targets: torch.Tensor) -> tuple[float, float]:
+    """Relative logits error of `ours_logits` against HF, then again after one identical SGD step on
+    both (taken through `ours_logits`, so its backward must reach `ours`' parameters)."""
+    hf_logits = lambda x: hf(input_ids=x).logits  # noqa: E731
+    with torch.no_grad():
+        err = rel_err(ours_logits(ids), hf_logits(ids))
+    sgd_step(hf, hf_logits, ids, targets)
+    sgd_step(ours, ours_logits, ids, targets)
+    with torch.no_grad():
+        err_step = rel_err(ours_logits(ids), hf_logits(ids))
+    return err, err_step

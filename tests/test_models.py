@@ -26,7 +26,7 @@ from graphllm.models import (
 )
 
 from hf_parity import (COMMON as _COMMON, FAMILIES, FP32_PARITY_RTOL, VOCAB, batch as _batch, hf_model as _hf_model,
-                       rel_err as _rel_err, save_hf_checkpoint as _save_hf, sgd_step as _sgd_step)
+                       rel_err as _rel_err, save_hf_checkpoint as _save_hf, parity_through_step)
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
@@ -50,15 +50,8 @@ def test_parity_with_transformers(family: str, attn: str, tmp_path: Path, reques
         assert ours.lm_head.weight is ours.model.embed_tokens.weight
 
     ids, targets = _batch()
-    hf_logits_fn = lambda x: hf(input_ids=x).logits  # noqa: E731
-    with torch.no_grad():
-        err = _rel_err(ours(ids), hf_logits_fn(ids))
+    err, err_step = parity_through_step(hf, ours, ours, ids, targets)
     assert err <= FP32_PARITY_RTOL, f"{family}/{attn} logits rel err {err:.2e}; {repro}"
-
-    _sgd_step(hf, hf_logits_fn, ids, targets)
-    _sgd_step(ours, ours, ids, targets)
-    with torch.no_grad():
-        err_step = _rel_err(ours(ids), hf_logits_fn(ids))
     assert err_step <= FP32_PARITY_RTOL, f"{family}/{attn} logits after SGD step rel err {err_step:.2e}; {repro}"
     print(f"parity {family}/{attn}: logits {err:.2e}, after step {err_step:.2e}")
 

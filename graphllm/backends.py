@@ -8,7 +8,8 @@ then the backend compiles them. Register a new one with `register_backend`.
   ops are kept, so their reference kernels and autograd rules run. For debugging and fast tests.
 - inductor: `compile_fx` with graphllm's hook in its inner compiler (after partitioning, before
   inductor's own lowering); graphllm ops are lowered to their fusable decompositions first.
-- npu: torchair (`torch_npu.dynamo.torchair.get_npu_backend`); needs torch_npu and Ascend CANN.
+- npu: torchair's FX compiler under graphllm's aot_autograd wrapper (graphllm/npu_backend.py); needs
+  torch_npu and Ascend CANN.
 """
 
 from __future__ import annotations
@@ -127,30 +128,18 @@ def _check_npu_available() -> None:
                             "'graphllm[npu]' on an Ascend machine) or choose --backend inductor or eager")
 
 
-def _npu(stage: TrainStage):
-    """graphllm's aot_autograd wrapper around torchair's FX compiler, so the train passes run here as on
-    the other backends (torchair's own backend would partition without them). Written against the
-    torch_npu 2.13 API; exercised on Ascend hardware only (the torchair issue checks it by contract)."""
-    import torch_npu  # noqa: F401  (registers the NPU device; only reached on Ascend machines)
-    from torch._dynamo.backends.common import aot_autograd
-    from torch._functorch.partitioners import default_partition
-    from torch_npu.dynamo import torchair
-
-    npu_compile = torchair.get_compiler(torchair.CompilerConfig())
-
-    def compiler(kind: str):
-        def compile_graph(gm: fx.GraphModule, example_inputs: list) -> Callable:
-            return npu_compile(stage.run(gm, kind), example_inputs)
-        return compile_graph
-
-    return aot_autograd(fw_compiler=compiler("forward"), bw_compiler=compiler("backward"),
-                        inference_compiler=compiler("inference"), partition_fn=default_partition)
-
-
 register_backend(Backend(name="eager", lowering="eager", make=_eager,
                          description="aot_autograd graphs run op by op (debugging, fast tests)"))
 register_backend(Backend(name="inductor", lowering="decompose", make=_inductor,
                          description="torch inductor (CPU C++/OpenMP, CUDA Triton)"))
+
+
+def _npu(stage: TrainStage):
+    from graphllm.npu_backend import make_npu_backend  # torch_npu lives behind this import only
+
+    return make_npu_backend(stage)
+
+
 register_backend(Backend(name="npu", lowering="decompose", make=_npu,
                          description="torchair to Ascend graph execution (needs torch_npu + CANN)"))
 

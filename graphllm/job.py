@@ -85,7 +85,7 @@ def load_artifact(root: Path) -> tuple[dict[str, Any], Built]:
     """Rebuild the compiled model from an artifact, refusing it when stale or foreign."""
     data = read_plan(root)
     plan = CompilePlan.from_json(data["plan"], str(root / "plan.json"))
-    built = build(plan, warm=False)
+    built = build(plan)  # compiled here, so training's first step is a real step
     fp = built.model.config.fingerprint()
     if fp != data["model"]["fingerprint"]:
         raise GraphllmError(f"artifact {root} was compiled for another model (config {data['model']['fingerprint']}, "

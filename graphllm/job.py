@@ -45,10 +45,18 @@ def build(plan: CompilePlan, *, extra_passes: Sequence[GraphPass] = (), dump_dir
     ids, labels = example_batch(plan)
     compiled = compile(model, ids, labels, passes=passes, backend=plan.backend, amp=plan.amp, dump_dir=dump_dir,
                        plan=plan.to_json())
-    if warm:  # compile forward and backward now (Dynamo compiles lazily), then leave no trace
-        compiled(ids, labels).backward()
-        model.zero_grad(set_to_none=True)
-    return Built(plan=plan, model=model, compiled=compiled, compile_seconds=time.perf_counter() - t0)
+    built = Built(plan=plan, model=model, compiled=compiled, compile_seconds=0.0)
+    if warm:
+        warm_up(built)
+    built.compile_seconds = time.perf_counter() - t0
+    return built
+
+
+def warm_up(built: Built) -> None:
+    """Compile forward and backward now (Dynamo compiles lazily) with one step on zeros; no trace left."""
+    ids, labels = example_batch(built.plan)
+    built.compiled(ids, labels).backward()
+    built.model.zero_grad(set_to_none=True)
 
 
 def compile_artifact(plan: CompilePlan, out: Path, *, extra_passes: Sequence[GraphPass] = ()) -> tuple[Built, dict]:
@@ -85,7 +93,8 @@ def load_artifact(root: Path) -> tuple[dict[str, Any], Built]:
     """Rebuild the compiled model from an artifact, refusing it when stale or foreign."""
     data = read_plan(root)
     plan = CompilePlan.from_json(data["plan"], str(root / "plan.json"))
-    built = build(plan)  # compiled here, so training's first step is a real step
+    t0 = time.perf_counter()
+    built = build(plan, warm=False)
     fp = built.model.config.fingerprint()
     if fp != data["model"]["fingerprint"]:
         raise GraphllmError(f"artifact {root} was compiled for another model (config {data['model']['fingerprint']}, "
@@ -94,4 +103,6 @@ def load_artifact(root: Path) -> tuple[dict[str, Any], Built]:
     if want != got:
         raise GraphllmError(f"artifact {root} is stale: the graph rebuilt from its plan ({got}) differs from the "
                             f"compiled one ({want}), so model code or passes changed; recompile it")
+    warm_up(built)  # compile now, so training's first step is a real step
+    built.compile_seconds = time.perf_counter() - t0
     return data, built

@@ -15,6 +15,7 @@ then the backend compiles them. Register a new one with `register_backend`.
 from __future__ import annotations
 
 import importlib.util
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -22,7 +23,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.fx as fx
 
-from graphllm.dump import write_graph
+from graphllm.dump import INPUT_META_KEY, write_graph
 from graphllm.errors import GraphllmError
 from graphllm.passes.manager import GraphPass, PassContext, PassRecord, run_passes
 
@@ -38,6 +39,9 @@ class TrainStage:
     graphs: dict[str, fx.GraphModule] = field(default_factory=dict)
     compiles: dict[str, int] = field(default_factory=dict)
     dumps: list[dict[str, Any]] = field(default_factory=list)
+    input_names: list[str] = field(default_factory=list)
+    """What each input of the compiled graph is (parameter path or argument name), in order; aot_autograd
+    names them primals_1, primals_2, ... in the same order."""
 
     def run(self, gm: fx.GraphModule, kind: str) -> fx.GraphModule:
         n = self.compiles.get(kind, 0)
@@ -46,6 +50,10 @@ class TrainStage:
         ctx = PassContext(plan=t.plan, rank=t.rank, world_size=t.world_size, config=t.config, logger=t.logger,
                           stage="train", graph_kind=kind)  # counters: this graph's own
         name = kind if n == 0 else f"{kind}_{n}"
+        for node in gm.graph.nodes:
+            m = _PRIMAL.fullmatch(node.name) if node.op == "placeholder" else None
+            if m and int(m.group(1)) <= len(self.input_names):
+                node.meta[INPUT_META_KEY] = self.input_names[int(m.group(1)) - 1]
         dump = None
         if self.dump_dir is not None:
             def dump(g: fx.GraphModule, pass_name: str) -> None:
@@ -54,8 +62,30 @@ class TrainStage:
         self.records.extend(records)
         self.graphs[name] = gm
         if self.dump_dir is not None:
-            self.dumps.append(write_graph(gm, self.dump_dir / name, title=f"{name} graph after partitioning"))
+            self.dumps.append(write_graph(gm, self.dump_dir / name, title=f"{name} graph after partitioning",
+                                          default_pass="aot_autograd"))
         return gm
+
+    def wrap(self, dynamo_backend: Callable) -> Callable:
+        """Record the Dynamo graph's input names before handing it to the backend."""
+        def backend(gm: fx.GraphModule, example_inputs: list):
+            self.input_names = [_source_name(n) for n in gm.graph.nodes if n.op == "placeholder"]
+            return dynamo_backend(gm, example_inputs)
+        return backend
+
+
+_PRIMAL = re.compile(r"primals_(\d+)")
+_SOURCE_PART = re.compile(r"_(?:modules|parameters|buffers)\['([^']+)'\]|L\['([^']+)'\]")
+
+
+def _source_name(node: fx.Node) -> str:
+    """`L['self']._modules['model']._parameters['weight']` → `model.weight`; `L['input_ids']` → `input_ids`."""
+    arg = node.meta.get("grapharg")
+    source = getattr(getattr(arg, "source", None), "name", None)
+    if not isinstance(source, str):
+        return node.name
+    parts = [a or b for a, b in _SOURCE_PART.findall(source)]
+    return ".".join(p for p in parts if p != "self") or node.name
 
 
 BackendFactory = Callable[[TrainStage], Callable[[fx.GraphModule, list], Callable]]

@@ -123,7 +123,7 @@ def compile(
     model_graph = fx.GraphModule(gm, gm.graph.__deepcopy__())  # keep the pre-lowering view
     gm, lower_records = run_passes(gm, [lower_ops.with_options(table=LOWERINGS[be.lowering])], ctx, dump=dump)
     stage = TrainStage(passes=train_passes, ctx_template=ctx, dump_dir=dump_root / "train" if dump_root else None)
-    fn = torch.compile(gm, backend=be.make(stage), fullgraph=True, dynamic=False)
+    fn = torch.compile(gm, backend=stage.wrap(be.make(stage)), fullgraph=True, dynamic=False)
     result = CompileResult(
         model_graph=model_graph, lowered_graph=gm, records=records + lower_records, dumps=dumps,
         passes=ordered, train_stage=stage, backend=backend, example_shapes=[tuple(t.shape) for t in inputs],

@@ -12,6 +12,7 @@ import torch.fx as fx
 
 from graphllm.passes.manager import PASS_META_KEY
 
+INPUT_META_KEY = "graphllm_input"  # placeholder meta: the parameter path or argument an aot input is
 TABLE_COLUMNS = ("idx", "name", "op", "target", "shape", "dtype", "pass", "module", "source")
 
 
@@ -47,6 +48,8 @@ def _source(node: fx.Node) -> str:
 
 
 def _module(node: fx.Node) -> str:
+    if INPUT_META_KEY in node.meta:
+        return node.meta[INPUT_META_KEY]
     stack = node.meta.get("nn_module_stack") or {}
     if not stack:
         return ""
@@ -54,13 +57,13 @@ def _module(node: fx.Node) -> str:
     return str(path).removeprefix("L['self'].").removeprefix("L__self__.")
 
 
-def node_rows(gm: fx.GraphModule) -> list[dict[str, str]]:
+def node_rows(gm: fx.GraphModule, default_pass: str = "capture") -> list[dict[str, str]]:
     rows = []
     for i, node in enumerate(gm.graph.nodes):
         shape, dtype = _shape(node.meta.get("val"))
         rows.append({
             "idx": str(i), "name": node.name, "op": node.op, "target": _target(node), "shape": shape,
-            "dtype": dtype, "pass": node.meta.get(PASS_META_KEY, "capture" if node.op != "output" else ""),
+            "dtype": dtype, "pass": node.meta.get(PASS_META_KEY, default_pass if node.op != "output" else ""),
             "module": _module(node), "source": _source(node),
         })
     return rows
@@ -74,12 +77,15 @@ def graph_code(gm: fx.GraphModule) -> str:
         return gm.code
 
 
-def write_graph(gm: fx.GraphModule, stem: Path, *, title: str) -> dict[str, Any]:
+def write_graph(gm: fx.GraphModule, stem: Path, *, title: str, default_pass: str = "capture") -> dict[str, Any]:
     """Write `stem.py` (code) and `stem.tsv` (table); return a summary for the artifact index."""
     stem.parent.mkdir(parents=True, exist_ok=True)
-    rows = node_rows(gm)
+    rows = node_rows(gm, default_pass)
     ops = [r for r in rows if r["op"] == "call_function"]
     header = f"# graphllm graph dump: {title}\n# nodes: {len(rows)} ({len(ops)} calls)\n"
+    named = [(n.name, n.meta[INPUT_META_KEY]) for n in gm.graph.nodes if INPUT_META_KEY in n.meta]
+    if named:
+        header += "# inputs:\n" + "".join(f"#   {a} = {b}\n" for a, b in named)
     stem.with_suffix(".py").write_text(header + graph_code(gm))
     lines = ["\t".join(TABLE_COLUMNS)] + ["\t".join(r[c] for c in TABLE_COLUMNS) for r in rows]
     stem.with_suffix(".tsv").write_text("\n".join(lines) + "\n")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -43,7 +43,6 @@ class CompileResult:
     backend: str
     example_shapes: list[tuple[int, ...]]
     model_graph_hash: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class CompiledModel(nn.Module):

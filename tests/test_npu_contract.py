@@ -1,0 +1,115 @@
+"""graphllm's Ascend backend checked against torch_npu 2.13.0 by contract, with no NPU and no torch_npu.
+
+graphllm declares what it uses: `graphllm.ops.lowering_npu.NPU_CONTRACT` (kernel -> the argument names
+it passes), `graphllm.npu_backend.COMPILER_CONFIG_FIELDS` (dotted `CompilerConfig` options it sets) and
+`TORCHAIR_FUNCTIONS` (torchair names it calls). These tests compare the declarations with the released
+wheel's schema yaml and torchair sources (see `npu_wheel.py`), so a renamed kernel, argument or option
+fails here instead of on an Ascend machine. The first run downloads the 43 MB wheel into the graphllm
+cache; later runs read the cache.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import tomllib
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import pytest
+
+from graphllm.npu_backend import COMPILER_CONFIG_FIELDS, TORCHAIR_FUNCTIONS
+from graphllm.ops.lowering_npu import NPU_CONTRACT
+from npu_wheel import (TORCH_NPU_VERSION, compiler_config_fields, npu_schemas, schema_arg_names,
+                       torchair_exports)
+
+WHEEL = f"torch_npu {TORCH_NPU_VERSION}"
+REPO = Path(__file__).resolve().parent.parent
+
+
+def kernel_problems(contract: Mapping[str, Iterable[str]], schemas: Mapping[str, str]) -> list[str]:
+    """One line per kernel missing from `schemas` or argument name missing from its schema."""
+    problems = []
+    for kernel, args in contract.items():
+        if kernel not in schemas:
+            problems.append(f"kernel {kernel} is not in {WHEEL}")
+            continue
+        known = schema_arg_names(schemas[kernel])
+        problems += [f"{kernel}: no argument {arg!r} in {WHEEL} schema {schemas[kernel]}"
+                     for arg in args if arg not in known]
+    return problems
+
+
+def name_problems(declared: Iterable[str], available: Iterable[str], what: str) -> list[str]:
+    """One line per declared name that `available` lacks."""
+    available = set(available)
+    return [f"{what} {name!r} is not in {WHEEL}" for name in declared if name not in available]
+
+
+def test_npu_kernels_and_arguments_exist():
+    assert NPU_CONTRACT, "graphllm.ops.lowering_npu.NPU_CONTRACT is empty: nothing is checked"
+    assert kernel_problems(NPU_CONTRACT, npu_schemas()) == []
+
+
+def test_compiler_config_fields_exist():
+    assert name_problems(COMPILER_CONFIG_FIELDS, compiler_config_fields(), "CompilerConfig field") == []
+
+
+def test_torchair_functions_exist():
+    assert name_problems(TORCHAIR_FUNCTIONS, torchair_exports(), "torchair name") == []
+
+
+def test_checks_report_made_up_names():
+    """The checks above can fail: each made-up kernel, argument and option is reported."""
+    made_up = {"npu_does_not_exist": ("self",), "npu_rms_norm": ("self", "gamma", "eps")}
+    problems = kernel_problems(made_up, npu_schemas())
+    assert len(problems) == 2, problems
+    assert "npu_does_not_exist" in problems[0] and "'eps'" in problems[1]
+    assert name_problems(["mode", "debug.no_such_thing"], compiler_config_fields(),
+                         "CompilerConfig field") == [f"CompilerConfig field 'debug.no_such_thing' is not in {WHEEL}"]
+    assert name_problems(["get_compiler", "no_such_function"], torchair_exports(), "torchair name") == [
+        f"torchair name 'no_such_function' is not in {WHEEL}"]
+
+
+@pytest.mark.parametrize("schema, names", [
+    ("npu_rms_norm(Tensor self, Tensor gamma, float epsilon=1e-06) -> (Tensor, Tensor)",
+     ["self", "gamma", "epsilon"]),
+    ("f.List(Tensor[] x, *, int[2] k=[1, 1], str m=\"a,b\", Tensor(a!)? out=None) -> Tensor[]",
+     ["x", "k", "m", "out"]),
+])
+def test_schema_arg_names(schema, names):
+    assert schema_arg_names(schema) == names
+
+
+def test_graphllm_never_imports_torch_npu():
+    """Importing every importable graphllm module, and parsing the wheel, leaves torch_npu and torchair
+    unimported. Run in a fresh interpreter: this process's sys.modules depends on which tests ran before.
+    The subpackages live in their own folders (pyproject's package-dir), so each is walked by name."""
+    with open(REPO / "pyproject.toml", "rb") as f:
+        packages = tomllib.load(f)["tool"]["setuptools"]["packages"]
+    script = textwrap.dedent("""
+        import importlib, pkgutil, sys
+        sys.path.insert(0, sys.argv[1])
+        import npu_wheel
+        npu_wheel.npu_schemas(); npu_wheel.compiler_config_fields(); npu_wheel.torchair_exports()
+        imported = []
+        for pkg_name in sys.argv[2:]:
+            pkg = importlib.import_module(pkg_name)
+            for mod in pkgutil.iter_modules(pkg.__path__, pkg_name + "."):
+                if mod.name.endswith("__main__"):  # runs the CLI
+                    continue
+                try:
+                    importlib.import_module(mod.name)
+                except ImportError:  # an optional dependency that is not installed: not importable
+                    continue
+                imported.append(mod.name)
+        assert {"graphllm.npu_backend", "graphllm.ops.lowering_npu"} <= set(imported), imported
+        print(len(imported), sorted(m for m in sys.modules if m.split(".")[0] in ("torch_npu", "torchair")))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script, str(Path(__file__).parent), *packages],
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    count, npu_modules = proc.stdout.strip().split(" ", 1)
+    assert int(count) > 10 and npu_modules == "[]", proc.stdout
+    assert "torch_npu" not in sys.modules and "torchair" not in sys.modules

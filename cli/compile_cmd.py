@@ -22,6 +22,17 @@ def add_parser(sub) -> None:
     p.add_argument("--disable", default="", help="comma-separated pass names to leave out")
     p.add_argument("--pass", dest="extra_passes", action="append", default=[], metavar="MODULE:NAME",
                    help="append a @graph_pass from an importable module (repeatable)")
+    p.add_argument("--device", choices=["cpu", "cuda", "npu"], default="cpu",
+                   help="where the model runs (npu is implied by --backend npu)")
+    npu = p.add_argument_group("npu (torchair) options")
+    npu.add_argument("--npu-mode", choices=["max-autotune", "reduce-overhead"], default="max-autotune",
+                     help="GE graph execution, or ACL graph capture")
+    npu.add_argument("--npu-graph-dump", choices=["none", "txt", "pbtxt", "py"], default="none",
+                     help="torchair graph dump format, into ARTIFACT/graphs/rank0/npu")
+    npu.add_argument("--npu-frozen-parameter", action="store_true", help="fixed parameter addresses (inference)")
+    npu.add_argument("--npu-tiling-schedule-optimize", action="store_true", help="tiling on AI CPU (static shapes)")
+    npu.add_argument("--npu-topology-sorting", choices=["DFS", "BFS", "RDFS", "StableRDFS"], default="DFS",
+                     help="GE topological sort strategy")
     p.set_defaults(func=run)
 
 
@@ -33,7 +44,11 @@ def run(args: argparse.Namespace) -> int:
     get_backend(args.backend)  # fail fast on a bad backend, before any work
     plan = CompilePlan(model=args.model, batch_size=args.batch_size, seq_len=args.seq_len, backend=args.backend,
                        amp=args.amp, seed=args.seed, attn_implementation=args.attn_implementation,
-                       disable=[d for d in args.disable.split(",") if d])
+                       disable=[d for d in args.disable.split(",") if d], device=args.device,
+                       npu_mode=args.npu_mode, npu_graph_dump=args.npu_graph_dump,
+                       npu_frozen_parameter=args.npu_frozen_parameter,
+                       npu_tiling_schedule_optimize=args.npu_tiling_schedule_optimize,
+                       npu_topology_sorting=args.npu_topology_sorting)
     extra = [load_pass_spec(s) for s in args.extra_passes]
     console = Console(stderr=True)
     with console.status(f"compiling {args.model} ({args.backend}) …"):

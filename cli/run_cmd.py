@@ -56,7 +56,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         with progress:
             task = progress.add_task("train", total=cfg.steps, loss=float("nan"), tps=0.0)
-            for rec in train_steps(built.compiled, built.model, batches.train_batch, cfg):
+            def batch_at(step: int):
+                return tuple(t.to(plan.device) for t in batches.train_batch(step))
+
+            for rec in train_steps(built.compiled, built.model, batch_at, cfg):
                 records.append(rec)
                 if rec["step"] % max(1, cfg.log_interval) == 0 or rec["step"] == cfg.steps:
                     writer.write(rec)

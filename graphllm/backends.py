@@ -99,6 +99,8 @@ class Backend:
     make: BackendFactory
     """TrainStage -> a Dynamo backend (gm, example_inputs) -> callable."""
     description: str
+    prepare: Callable[[], None] | None = None
+    """Run before lowering (e.g. load the device runtime whose kernels the lowering table checks)."""
 
 
 _BACKENDS: dict[str, Backend] = {}
@@ -170,7 +172,13 @@ def _npu(stage: TrainStage):
     return make_npu_backend(stage)
 
 
-register_backend(Backend(name="npu", lowering="decompose", make=_npu,
+def _load_torch_npu() -> None:
+    from graphllm.npu_backend import load_torch_npu
+
+    load_torch_npu()
+
+
+register_backend(Backend(name="npu", lowering="npu", make=_npu, prepare=_load_torch_npu,
                          description="torchair to Ascend graph execution (needs torch_npu + CANN)"))
 
 

@@ -16,7 +16,7 @@ from graphllm.backends import TrainStage, get_backend
 from graphllm.capture import capture
 from graphllm.dump import write_graph
 from graphllm.errors import GraphllmError
-from graphllm.ops.lowering import LOWERINGS
+from graphllm.ops.lowering import lowering_table
 from graphllm.passes import GraphPass, PassContext, PassRecord, default_passes, order_passes, run_passes
 from graphllm.passes.lower_ops import lower_ops
 
@@ -120,7 +120,9 @@ def compile(
     gm, records = run_passes(gm, model_passes, ctx, dump=dump)
     model_hash = graph_hash(gm)
     model_graph = fx.GraphModule(gm, gm.graph.__deepcopy__())  # keep the pre-lowering view
-    gm, lower_records = run_passes(gm, [lower_ops.with_options(table=LOWERINGS[be.lowering])], ctx, dump=dump)
+    if be.prepare is not None:
+        be.prepare()
+    gm, lower_records = run_passes(gm, [lower_ops.with_options(table=lowering_table(be.lowering))], ctx, dump=dump)
     stage = TrainStage(passes=train_passes, ctx_template=ctx, dump_dir=dump_root / "train" if dump_root else None)
     fn = torch.compile(gm, backend=stage.wrap(be.make(stage)), fullgraph=True, dynamic=False)
     result = CompileResult(

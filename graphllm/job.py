@@ -11,6 +11,7 @@ import torch
 
 from graphllm.artifact import (FORMAT_VERSION, commit_out_dir, graphs_dir, prepare_out_dir, read_plan, versions,
                                write_json)
+from graphllm.backends import get_backend
 from graphllm.compile import CompiledModel, compile
 from graphllm.errors import GraphllmError
 from graphllm.models import load_model
@@ -29,14 +30,17 @@ class Built:
 
 def example_batch(plan: CompilePlan) -> tuple[torch.Tensor, torch.Tensor]:
     shape = (plan.batch_size, plan.seq_len)
-    return torch.zeros(shape, dtype=torch.long), torch.zeros(shape, dtype=torch.long)
+    return (torch.zeros(shape, dtype=torch.long, device=plan.device),
+            torch.zeros(shape, dtype=torch.long, device=plan.device))
 
 
 def build(plan: CompilePlan, *, extra_passes: Sequence[GraphPass] = (), dump_dir: Path | None = None,
           warm: bool = True) -> Built:
     """Load the model, compile it per the plan; with `warm`, run one step so every graph is compiled."""
     t0 = time.perf_counter()
-    model = load_model(plan.model, seed=plan.seed, attn_implementation=plan.attn_implementation)
+    if plan.backend == "npu":
+        get_backend("npu").prepare()  # the npu device exists only once torch_npu is loaded
+    model = load_model(plan.model, seed=plan.seed, attn_implementation=plan.attn_implementation).to(plan.device)
     cfg = model.config
     if plan.seq_len > cfg.max_position_embeddings:
         raise GraphllmError(f"--seq-len {plan.seq_len} exceeds the model's max_position_embeddings "

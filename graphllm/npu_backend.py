@@ -1,28 +1,82 @@
 """The Ascend backend: torchair compiles graphllm's forward/backward graphs for NPU graph execution.
 
-Imported only when `--backend npu` is chosen and torch_npu is installed: importing torch_npu without
-Ascend CANN breaks `import torch` itself, so nothing in the default install imports this module.
+Importing this module imports no torch_npu (installed without Ascend CANN, torch_npu breaks `import
+torch`); only `load_torch_npu` and `make_npu_backend` do, when `--backend npu` is chosen.
+
+graphllm keeps control of autograd: its own aot_autograd wrapper partitions (torchair's backend would
+use default_partition with no recomputation and skip graphllm's train passes), runs the train passes,
+then hands each forward/backward graph to torchair's FX compiler (`torchair.get_compiler(config)`).
+The plan's npu options map onto torchair's CompilerConfig through `compiler_config_settings`.
+COMPILER_CONFIG_FIELDS and TORCHAIR_FUNCTIONS list everything used of torchair; the contract test checks
+them against the torch_npu 2.13.0 wheel's sources.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from pathlib import Path
+from typing import Any, Callable, Mapping
 
 import torch.fx as fx
 
 from graphllm.backends import TrainStage
 
+TORCHAIR_FUNCTIONS = ("CompilerConfig", "get_compiler", "get_npu_backend")
+COMPILER_CONFIG_FIELDS = (
+    "mode",
+    "debug.graph_dump.type",
+    "debug.graph_dump.path",
+    "experimental_config.frozen_parameter",
+    "experimental_config.tiling_schedule_optimize",
+    "experimental_config.topology_sorting_strategy",
+)
+
+
+def compiler_config_settings(plan: Mapping[str, Any], dump_dir: Path | None) -> dict[str, Any]:
+    """The CompilerConfig attributes (dotted paths) the plan's npu options set."""
+    settings: dict[str, Any] = {
+        "mode": plan.get("npu_mode", "max-autotune"),
+        "experimental_config.topology_sorting_strategy": plan.get("npu_topology_sorting", "DFS"),
+    }
+    if plan.get("npu_frozen_parameter"):
+        settings["experimental_config.frozen_parameter"] = True
+    if plan.get("npu_tiling_schedule_optimize"):
+        settings["experimental_config.tiling_schedule_optimize"] = True
+    dump = plan.get("npu_graph_dump", "none")
+    if dump != "none":
+        settings["debug.graph_dump.type"] = dump
+        if dump_dir is not None:
+            settings["debug.graph_dump.path"] = str(dump_dir)
+    unknown = set(settings) - set(COMPILER_CONFIG_FIELDS)
+    assert not unknown, f"undeclared CompilerConfig fields {unknown}"  # keeps the contract list complete
+    return settings
+
+
+def apply_settings(config: Any, settings: Mapping[str, Any]) -> Any:
+    for path, value in settings.items():
+        *parents, leaf = path.split(".")
+        target = config
+        for p in parents:
+            target = getattr(target, p)
+        if not hasattr(target, leaf):
+            raise AttributeError(f"torchair CompilerConfig has no {path}")
+        setattr(target, leaf, value)
+    return config
+
+
+def load_torch_npu() -> None:
+    import torch_npu  # noqa: F401  (registers the npu device and torch.ops.npu; Ascend machines only)
+
 
 def make_npu_backend(stage: TrainStage):
-    """graphllm's aot_autograd wrapper around torchair's FX compiler, so the train passes run here as on
-    the other backends (torchair's own backend would partition without them). Written against the
-    torch_npu 2.13 API; exercised on Ascend hardware only (the torchair issue checks it by contract)."""
-    import torch_npu  # noqa: F401  (registers the NPU device; only reached on Ascend machines)
+    """graphllm's aot_autograd wrapper around torchair's FX compiler (see the module docstring)."""
+    load_torch_npu()
     from torch._dynamo.backends.common import aot_autograd
     from torch._functorch.partitioners import default_partition
     from torch_npu.dynamo import torchair
 
-    npu_compile = torchair.get_compiler(torchair.CompilerConfig())
+    dump_dir = stage.dump_dir.parent / "npu" if stage.dump_dir is not None else None
+    settings = compiler_config_settings(stage.ctx_template.plan, dump_dir)
+    npu_compile = torchair.get_compiler(apply_settings(torchair.CompilerConfig(), settings))
 
     def compiler(kind: str):
         def compile_graph(gm: fx.GraphModule, example_inputs: list) -> Callable:

@@ -33,6 +33,18 @@ class CompilePlan:
     """The pass pipeline as data: name, stage, options, origin module. Empty: the default pipeline."""
     disable: list[str] = field(default_factory=list)
     """Pass names to leave out."""
+    device: Literal["cpu", "cuda", "npu"] = "cpu"
+    """Where the model and batches live; `npu` is implied by backend npu."""
+    npu_mode: Literal["max-autotune", "reduce-overhead"] = "max-autotune"
+    """torchair CompilerConfig.mode: GE graph execution, or ACL graph capture."""
+    npu_graph_dump: Literal["none", "txt", "pbtxt", "py"] = "none"
+    """torchair graph dump format (CompilerConfig.debug.graph_dump), written under graphs/rank0/npu."""
+    npu_frozen_parameter: bool = False
+    """experimental_config.frozen_parameter: fixed parameter addresses (inference only)."""
+    npu_tiling_schedule_optimize: bool = False
+    """experimental_config.tiling_schedule_optimize: tiling on AI CPU (static shapes)."""
+    npu_topology_sorting: Literal["DFS", "BFS", "RDFS", "StableRDFS"] = "DFS"
+    """experimental_config.topology_sorting_strategy for GE's node order."""
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -41,6 +53,11 @@ class CompilePlan:
             raise GraphllmError(f"--seq-len must be ≥ 2, got {self.seq_len}")
         if self.amp not in ("fp32", "bf16"):
             raise GraphllmError(f"--amp must be fp32 or bf16, got {self.amp!r}")
+        if self.backend == "npu" and self.device == "cpu":
+            self.device = "npu"
+        if (self.device == "npu") != (self.backend == "npu"):
+            raise GraphllmError(f"--device {self.device} does not fit --backend {self.backend}: the npu backend runs "
+                                "on --device npu, and only there")
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

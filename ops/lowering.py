@@ -5,15 +5,17 @@ replaces each op call in the model graph by a call of that function, which the b
 (Dynamo inlines it, so inductor sees ATen ops it can fuse and autograd derives the backward). An op
 absent from a backend's table stays an opaque op with its own kernel and autograd rule.
 
-The `npu` table names the torch_npu kernel each op maps to; the torchair backend owns the calls.
+The `npu` table calls the torch_npu kernels (ops/lowering_npu.py); NPU_KERNELS documents the mapping.
 """
 
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 from graphllm.ops.attention import attention_decomposed
+from graphllm.ops.lowering_npu import npu_lowerings
 from graphllm.ops.rms_norm import rms_norm_decomposed
 from graphllm.ops.rope import rope_decomposed
 from graphllm.ops.swiglu import swiglu_decomposed
@@ -42,6 +44,7 @@ LOWERINGS: dict[str, dict[torch._ops.OpOverload, Callable]] = {
     },
 }
 
+
 NPU_KERNELS: dict[torch._ops.OpOverload, NpuKernel] = {
     ops.rms_norm.default: NpuKernel("npu_rms_norm", "npu_rms_norm(x, weight, epsilon=eps)[0]; output 1 is rstd"),
     ops.swiglu.default: NpuKernel("npu_swiglu", "npu_swiglu(torch.cat([gate, up], -1), dim=-1)"),
@@ -52,3 +55,18 @@ NPU_KERNELS: dict[torch._ops.OpOverload, NpuKernel] = {
         "atten_mask=upper-triangular bool, sparse_mode=2 when causal)[0]",
     ),
 }
+
+
+def lowering_table(key: str) -> dict[torch._ops.OpOverload, Callable]:
+    """The table a backend's `lowering` key names. For `npu`, each op whose torch_npu kernel the
+    installed torch_npu lacks falls back to its decomposition, with a warning naming the kernel."""
+    if key != "npu":
+        return LOWERINGS[key]
+    table = dict(LOWERINGS["decompose"])
+    for op, fn in npu_lowerings().items():
+        kernel = NPU_KERNELS[op].kernel
+        if hasattr(torch.ops.npu, kernel):
+            table[op] = fn
+        else:
+            warnings.warn(f"torch_npu has no {kernel}: {op} runs as its decomposition on the NPU", stacklevel=2)
+    return table

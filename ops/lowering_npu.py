@@ -1,0 +1,64 @@
+"""The npu lowering: each graphllm op as a call of its torch_npu kernel (the torchair backend's table).
+
+`torch.ops.npu.*` is looked up when a lowering runs (while the backend traces the graph on an Ascend
+machine), so importing this module needs no torch_npu. Arguments are passed by the names of torch_npu
+2.13's schemas; NPU_CONTRACT lists every kernel and argument name used here, and the contract test
+checks them against the torch_npu wheel's own schema file. Backward: torch_npu registers autograd for
+all four kernels (npu_rms_norm_backward, npu_swiglu_backward, npu_rotary_mul_backward,
+npu_fusion_attention_grad), so autograd differentiates the lowered graph directly.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+# npu_fusion_attention's sparse_mode 2 (leftUpCausal: query i sees keys 0..i, as SDPA's is_causal) takes
+# this fixed, compressed mask: 2048×2048 bool, True = masked (the upper triangle).
+CAUSAL_MASK_SIZE = 2048
+SPARSE_MODE_NONE, SPARSE_MODE_LEFT_UP_CAUSAL = 0, 2
+
+NPU_CONTRACT: dict[str, tuple[str, ...]] = {
+    "npu_rms_norm": ("self", "gamma", "epsilon"),
+    "npu_swiglu": ("self", "dim"),
+    "npu_rotary_mul": ("self", "r1", "r2", "rotary_mode"),
+    "npu_fusion_attention": ("query", "key", "value", "head_num", "input_layout", "atten_mask", "scale",
+                             "sparse_mode"),
+}
+
+
+def rms_norm_npu(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    # output 0 is y; output 1 is rstd (saved by torch_npu's own backward)
+    return torch.ops.npu.npu_rms_norm(x, weight.to(x.dtype), epsilon=eps)[0]
+
+
+def swiglu_npu(gate: Tensor, up: Tensor) -> Tensor:
+    # the kernel splits one tensor into [A | B] along `dim` and returns silu(A) * B
+    return torch.ops.npu.npu_swiglu(torch.cat([gate, up], dim=-1), dim=-1)
+
+
+def rope_npu(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    # 'half' mode is rotate_half: x * r1 + cat(-x2, x1) * r2; x is BNSD and r1/r2 are 11SD
+    return torch.ops.npu.npu_rotary_mul(x, cos.to(x.dtype), sin.to(x.dtype), rotary_mode="half")
+
+
+def attention_npu(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool) -> Tensor:
+    # BNSD; head_num is the query's head count; fewer kv heads (GQA) are native to the kernel
+    if causal:
+        mask = torch.ones(CAUSAL_MASK_SIZE, CAUSAL_MASK_SIZE, dtype=torch.bool, device=q.device).triu(1)
+        out = torch.ops.npu.npu_fusion_attention(q, k, v, head_num=q.shape[1], input_layout="BNSD", atten_mask=mask,
+                                                 scale=scale, sparse_mode=SPARSE_MODE_LEFT_UP_CAUSAL)
+    else:
+        out = torch.ops.npu.npu_fusion_attention(q, k, v, head_num=q.shape[1], input_layout="BNSD", scale=scale,
+                                                 sparse_mode=SPARSE_MODE_NONE)
+    return out[0]  # outputs: attention_out, softmax_max, softmax_sum, softmax_out, seed, offset, numels
+
+
+def npu_lowerings() -> dict:
+    ops = torch.ops.graphllm
+    return {
+        ops.rms_norm.default: rms_norm_npu,
+        ops.swiglu.default: swiglu_npu,
+        ops.rope.default: rope_npu,
+        ops.attention.default: attention_npu,
+    }

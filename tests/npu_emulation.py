@@ -1,0 +1,105 @@
+"""Test-only CPU emulation of the torch_npu kernels graphllm lowers to.
+
+Each op is defined in a `npu` torch.library namespace with the exact schema from the torch_npu 2.13.0
+wheel (tests/npu_wheel.py reads it from the wheel's schema file), and implemented on CPU in plain torch
+ops following the kernel's documented semantics (torch_npu/_op_plugin_docs.py): argument names, output
+order, layouts and mask conventions are what the real kernels take. Kernels are CompositeImplicitAutograd,
+so autograd differentiates them like the real kernels' registered backward would. Checks raise on inputs
+the real kernel documents as unsupported (that is how a wrong lowering shows up here).
+Importing this module registers the ops; never import it where torch_npu is loaded.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from npu_wheel import npu_schemas
+
+EMULATED = ("npu_rms_norm", "npu_swiglu", "npu_rotary_mul", "npu_fusion_attention")
+CAUSAL_MASK_SIZE = 2048  # sparse_mode 2/3 take the compressed 2048×2048 lower-triangular-kept mask
+
+
+def _traced(t: torch.Tensor) -> bool:
+    """True while a compiler traces with fake tensors: values are unknown, only metadata can be checked
+    (the per-op tests run the same lowerings eagerly, where values are checked too)."""
+    return type(t) not in (torch.Tensor, torch.nn.Parameter)  # fake / functional / proxy tensors
+
+
+def npu_rms_norm(self, gamma, epsilon=1e-06):
+    if gamma.dtype != self.dtype:
+        raise TypeError(f"npu_rms_norm: gamma dtype {gamma.dtype} must equal self dtype {self.dtype}")
+    x32 = self.to(torch.float32)
+    rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + epsilon)
+    return (x32 * rstd * gamma.to(torch.float32)).to(self.dtype), rstd
+
+
+def npu_swiglu(self, dim=-1):
+    a, b = self.chunk(2, dim=dim)
+    return F.silu(a) * b
+
+
+def npu_rotary_mul(self, r1, r2, rotary_mode="half", rotate=None):
+    if self.dim() != 4:
+        raise ValueError(f"npu_rotary_mul: input must be 4-D (BNSD, BSND or SBND), got {tuple(self.shape)}")
+    if rotary_mode != "half" or rotate is not None:
+        raise NotImplementedError("emulated: rotary_mode='half' without rotate")
+    for r in (r1, r2):
+        if r.dim() != 4 or r.dtype != self.dtype or torch.broadcast_shapes(r.shape, self.shape) != self.shape:
+            raise ValueError(f"npu_rotary_mul: r1/r2 must be 4-D, of the input's dtype, broadcasting to it; "
+                             f"got {tuple(r.shape)} {r.dtype} for {tuple(self.shape)} {self.dtype}")
+    x1, x2 = self.chunk(2, dim=-1)
+    return r1 * self + r2 * torch.cat((-x2, x1), dim=-1)
+
+
+def npu_fusion_attention(query, key, value, head_num, input_layout, pse=None, padding_mask=None, atten_mask=None,
+                         scale=1.0, keep_prob=1.0, pre_tockens=2147483647, next_tockens=2147483647,
+                         inner_precise=0, prefix=None, actual_seq_qlen=None, actual_seq_kvlen=None, sparse_mode=0,
+                         gen_mask_parallel=True, sync=False, softmax_layout="", sink=None, dropout_mask=None, seed=0,
+                         offset=0):
+    if input_layout == "BNSD":
+        q, k, v = query, key, value
+    elif input_layout == "BSND":
+        q, k, v = (t.transpose(1, 2) for t in (query, key, value))
+    else:
+        raise NotImplementedError(f"emulated layouts: BNSD, BSND; got {input_layout}")
+    if q.shape[1] != head_num:
+        raise ValueError(f"npu_fusion_attention: head_num {head_num} != query heads {q.shape[1]} ({input_layout})")
+    n1, n2 = q.shape[1], k.shape[1]
+    if n1 % n2 or k.shape != v.shape:
+        raise ValueError(f"npu_fusion_attention: key/value heads {n2} must divide query heads {n1}")
+    if keep_prob != 1.0 or pse is not None or actual_seq_qlen is not None:
+        raise NotImplementedError("emulated: no dropout, pse or varlen")
+    k, v = k.repeat_interleave(n1 // n2, dim=1), v.repeat_interleave(n1 // n2, dim=1)
+    scores = torch.matmul(q.to(torch.float32), k.to(torch.float32).transpose(-2, -1)) * scale  # [B,N,Sq,Sk]
+    sq, sk = scores.shape[-2:]
+    masked = None
+    if sparse_mode == 0:
+        if atten_mask is not None:
+            masked = atten_mask.to(torch.bool)
+    elif sparse_mode in (2, 3):
+        want = torch.ones(CAUSAL_MASK_SIZE, CAUSAL_MASK_SIZE, dtype=torch.bool, device=q.device).triu(1)
+        if atten_mask is None or atten_mask.dtype != torch.bool or atten_mask.shape != want.shape or \
+                (not _traced(atten_mask) and not torch.equal(atten_mask, want)):
+            raise ValueError("npu_fusion_attention: sparse_mode 2/3 take the compressed 2048×2048 bool mask "
+                             "with True above the diagonal")
+        shift = 1 if sparse_mode == 2 else sk - sq + 1  # left-up vs right-down aligned causal
+        masked = torch.ones(sq, sk, dtype=torch.bool, device=q.device).triu(shift)
+    else:
+        raise NotImplementedError(f"emulated sparse_mode 0, 2, 3; got {sparse_mode}")
+    if masked is not None:
+        scores = scores.masked_fill(masked, float("-inf"))
+    softmax_max = scores.amax(-1, keepdim=True)
+    probs = torch.exp(scores - softmax_max)
+    softmax_sum = probs.sum(-1, keepdim=True)
+    out = torch.matmul(probs / softmax_sum, v.to(torch.float32)).to(query.dtype)
+    if input_layout == "BSND":
+        out = out.transpose(1, 2)
+    return out, softmax_max, softmax_sum, query.new_empty(0), seed, offset, 0
+
+
+_lib = torch.library.Library("npu", "DEF")  # kept alive for the process
+_schemas = npu_schemas()
+for _name in EMULATED:
+    _lib.define(_schemas[_name])
+    _lib.impl(_name, globals()[_name], "CompositeImplicitAutograd")

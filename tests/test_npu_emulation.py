@@ -97,3 +97,14 @@ def test_a_wrong_lowering_is_caught(monkeypatch):
         torch.ops.npu.npu_fusion_attention(q, k, v, head_num=4, input_layout="BNSD",
                                            atten_mask=torch.ones(6, 6, dtype=torch.bool).triu(1), scale=0.3,
                                            sparse_mode=2)
+
+
+def test_missing_kernel_falls_back_to_decomposition_with_a_warning(monkeypatch):
+    from graphllm.ops import lowering
+
+    op = torch.ops.graphllm.swiglu.default
+    monkeypatch.setitem(lowering.NPU_KERNELS, op, lowering.NpuKernel("npu_swiglu_from_the_future", "absent"))
+    with pytest.warns(UserWarning, match="torch_npu has no npu_swiglu_from_the_future"):
+        table = lowering_table("npu")
+    assert table[op] is swiglu_decomposed
+    assert table[torch.ops.graphllm.rms_norm.default] is lowering_npu.rms_norm_npu

@@ -14,6 +14,7 @@ from typing import Callable
 
 import torch
 
+from graphllm.ops.add_rms_norm import add_rms_norm_decomposed
 from graphllm.ops.attention import attention_decomposed
 from graphllm.ops.lowering_npu import npu_lowerings
 from graphllm.ops.rms_norm import rms_norm_decomposed
@@ -38,6 +39,7 @@ LOWERINGS: dict[str, dict[torch._ops.OpOverload, Callable]] = {
     # ATen ops until the npu table below is wired to the fused kernels (the torchair issue)
     "decompose": {
         ops.rms_norm.default: rms_norm_decomposed,
+        ops.add_rms_norm.default: add_rms_norm_decomposed,
         ops.swiglu.default: swiglu_decomposed,
         ops.rope.default: rope_decomposed,
         ops.attention.default: attention_decomposed,
@@ -46,6 +48,8 @@ LOWERINGS: dict[str, dict[torch._ops.OpOverload, Callable]] = {
 
 
 NPU_KERNELS: dict[torch._ops.OpOverload, NpuKernel] = {
+    ops.add_rms_norm.default: NpuKernel("npu_add_rms_norm", "npu_add_rms_norm(x, residual, weight, epsilon=eps) "
+                                        "-> (y, rstd, x + residual); graphllm's backward via npu_rms_norm_backward"),
     ops.rms_norm.default: NpuKernel("npu_rms_norm", "npu_rms_norm(x, weight, epsilon=eps)[0]; output 1 is rstd"),
     ops.swiglu.default: NpuKernel("npu_swiglu", "npu_swiglu(torch.cat([gate, up], -1), dim=-1)"),
     ops.rope.default: NpuKernel("npu_rotary_mul", "npu_rotary_mul(x, cos, sin, rotary_mode='half')"),

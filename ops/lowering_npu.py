@@ -4,8 +4,8 @@
 machine), so importing this module needs no torch_npu. Arguments are passed by the names of torch_npu
 2.13's schemas; NPU_CONTRACT lists every kernel and argument name used here, and the contract test
 checks them against the torch_npu wheel's own schema file. Backward: torch_npu registers autograd for
-all four kernels (npu_rms_norm_backward, npu_swiglu_backward, npu_rotary_mul_backward,
-npu_fusion_attention_grad), so autograd differentiates the lowered graph directly.
+npu_rms_norm, npu_swiglu, npu_rotary_mul and npu_fusion_attention, so autograd differentiates those
+directly; npu_add_rms_norm has none, and `_AddRmsNormNpu` supplies it from kernels that exist.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ CAUSAL_MASK_SIZE = 2048
 SPARSE_MODE_NONE, SPARSE_MODE_LEFT_UP_CAUSAL = 0, 2
 
 NPU_CONTRACT: dict[str, tuple[str, ...]] = {
+    "npu_add_rms_norm": ("x1", "x2", "gamma", "epsilon"),
+    "npu_rms_norm_backward": ("dy", "self", "gamma", "rstd"),
     "npu_rms_norm": ("self", "gamma", "epsilon"),
     "npu_swiglu": ("self", "dim"),
     "npu_rotary_mul": ("self", "r1", "r2", "rotary_mode"),
@@ -30,6 +32,28 @@ NPU_CONTRACT: dict[str, tuple[str, ...]] = {
 def rms_norm_npu(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     # output 0 is y; output 1 is rstd (saved by torch_npu's own backward)
     return torch.ops.npu.npu_rms_norm(x, weight.to(x.dtype), epsilon=eps)[0]
+
+
+class _AddRmsNormNpu(torch.autograd.Function):
+    """npu_add_rms_norm has no autograd in torch_npu: the backward is the norm's (npu_rms_norm_backward,
+    which reuses the kernel's rstd output) plus the gradient arriving at the sum, for both addends."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, residual: Tensor, weight: Tensor, eps: float):
+        y, rstd, s = torch.ops.npu.npu_add_rms_norm(x, residual, weight, epsilon=eps)
+        ctx.save_for_backward(s, weight, rstd)
+        return y, s
+
+    @staticmethod
+    def backward(ctx, grad_y: Tensor, grad_s: Tensor):
+        s, weight, rstd = ctx.saved_tensors
+        grad_norm, grad_w = torch.ops.npu.npu_rms_norm_backward(grad_y.contiguous(), s, weight, rstd)
+        grad_sum = grad_norm + grad_s
+        return grad_sum, grad_sum, grad_w, None
+
+
+def add_rms_norm_npu(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    return _AddRmsNormNpu.apply(x, residual.to(x.dtype), weight.to(x.dtype), eps)
 
 
 def swiglu_npu(gate: Tensor, up: Tensor) -> Tensor:
@@ -58,6 +82,7 @@ def npu_lowerings() -> dict:
     ops = torch.ops.graphllm
     return {
         ops.rms_norm.default: rms_norm_npu,
+        ops.add_rms_norm.default: add_rms_norm_npu,
         ops.swiglu.default: swiglu_npu,
         ops.rope.default: rope_npu,
         ops.attention.default: attention_npu,

@@ -35,19 +35,25 @@ def _setup(ctx, inputs, output):
     ctx.eps = eps
 
 
-def _backward(ctx, grad_y):
-    x, weight = ctx.saved_tensors
+def rms_norm_grads(x: Tensor, weight: Tensor, eps: float, grad_y: Tensor, need_x: bool = True,
+                   need_w: bool = True) -> tuple[Tensor | None, Tensor | None]:
+    """Gradients of weight * rms_norm(x) w.r.t. x and weight (shared with graphllm::add_rms_norm)."""
     x32 = x.to(torch.float32)
-    rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + ctx.eps)  # [..., 1]
-    xhat = (x32 * rstd).to(x.dtype)
+    rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)  # [..., 1]
+    xhat32 = x32 * rstd
     grad_x = grad_w = None
-    if ctx.needs_input_grad[1]:
-        grad_w = (grad_y * xhat).sum_to_size(weight.shape).to(weight.dtype)
-    if ctx.needs_input_grad[0]:
+    if need_w:
+        grad_w = (grad_y * xhat32.to(x.dtype)).sum_to_size(weight.shape).to(weight.dtype)
+    if need_x:
         g = (grad_y * weight).to(torch.float32)  # gradient w.r.t. xhat
         # d/dx [x * rstd] = rstd * (g - xhat * mean(g * xhat))
-        xhat32 = x32 * rstd
         grad_x = (rstd * (g - xhat32 * (g * xhat32).mean(-1, keepdim=True))).to(x.dtype)
+    return grad_x, grad_w
+
+
+def _backward(ctx, grad_y):
+    x, weight = ctx.saved_tensors
+    grad_x, grad_w = rms_norm_grads(x, weight, ctx.eps, grad_y, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
     return grad_x, grad_w, None
 
 

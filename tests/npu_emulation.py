@@ -16,7 +16,8 @@ import torch.nn.functional as F
 
 from npu_wheel import npu_schemas
 
-EMULATED = ("npu_rms_norm", "npu_swiglu", "npu_rotary_mul", "npu_fusion_attention")
+EMULATED = ("npu_rms_norm", "npu_rms_norm_backward", "npu_add_rms_norm", "npu_swiglu", "npu_rotary_mul",
+            "npu_fusion_attention")
 CAUSAL_MASK_SIZE = 2048  # sparse_mode 2/3 take the compressed 2048×2048 lower-triangular-kept mask
 
 
@@ -32,6 +33,25 @@ def npu_rms_norm(self, gamma, epsilon=1e-06):
     x32 = self.to(torch.float32)
     rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + epsilon)
     return (x32 * rstd * gamma.to(torch.float32)).to(self.dtype), rstd
+
+
+def npu_rms_norm_backward(dy, self, gamma, rstd):
+    x32, g32 = self.to(torch.float32), gamma.to(torch.float32)
+    if rstd.shape != x32.shape[:-1] + (1,):
+        raise ValueError(f"npu_rms_norm_backward: rstd {tuple(rstd.shape)} is not npu_rms_norm's for {tuple(self.shape)}")
+    xhat = x32 * rstd
+    g = dy.to(torch.float32) * g32
+    dx = rstd * (g - xhat * (g * xhat).mean(-1, keepdim=True))
+    dgamma = (dy.to(torch.float32) * xhat).sum_to_size(gamma.shape)
+    return dx.to(self.dtype), dgamma.to(gamma.dtype)
+
+
+def npu_add_rms_norm(x1, x2, gamma, epsilon=1e-06):
+    if not (x1.shape == x2.shape and x1.dtype == x2.dtype == gamma.dtype):
+        raise ValueError("npu_add_rms_norm: x1, x2 must have one shape, and x1, x2, gamma one dtype")
+    x = x1 + x2
+    y, rstd = npu_rms_norm(x, gamma, epsilon)
+    return y, rstd, x
 
 
 def npu_swiglu(self, dim=-1):

@@ -32,17 +32,17 @@ def _error_line(capsys) -> str:
 def test_compile_writes_artifact(artifact: Path) -> None:
     plan = json.loads((artifact / "plan.json").read_text())
     assert plan["plan"]["model"] == "tiny-llama" and plan["plan"]["backend"] == "eager"
-    assert [p["name"] for p in plan["plan"]["passes"]] == ["fuse_rms_norm", "fuse_swiglu", "fuse_rope", "fuse_attention",
-                                                        "fold_constants"]
+    assert [p["name"] for p in plan["plan"]["passes"]] == ["fuse_rms_norm", "fuse_add_rms_norm", "fuse_swiglu",
+                                                        "fuse_rope", "fuse_attention", "fold_constants"]
     model_dumps = sorted(p.name for p in (artifact / "graphs/rank0/model").glob("*.py"))
-    assert model_dumps[0] == "00_capture.py" and model_dumps[-1] == "06_lower_ops.py"
+    assert model_dumps[0] == "00_capture.py" and model_dumps[-1] == "07_lower_ops.py"
     for kind in ("forward", "backward"):
         code = (artifact / f"graphs/rank0/train/{kind}.py").read_text()
         assert "def forward" in code and "models/llama.py" in code  # provenance survives aot_autograd
     # aot inputs are named after the parameters they are
     assert "#   primals_2 = model.layers.0.self_attn.q_proj.weight" in \
         (artifact / "graphs/rank0/train/forward.py").read_text()
-    fused = (artifact / "graphs/rank0/model/04_fuse_attention.py").read_text()
+    fused = (artifact / "graphs/rank0/model/05_fuse_attention.py").read_text()
     assert "torch.ops.graphllm.attention.default" in fused
     assert "models/llama.py" in fused  # provenance back to the model source
     report = json.loads((artifact / "report.json").read_text())
@@ -54,7 +54,7 @@ def test_compile_writes_artifact(artifact: Path) -> None:
 def test_inspect_lists_shows_and_diffs(artifact: Path, capsys) -> None:
     assert main(["inspect", str(artifact)]) == 0
     out = capsys.readouterr().out
-    assert "03_fuse_rope" in out and "backward" in out
+    assert "04_fuse_rope" in out and "backward" in out
     assert main(["inspect", str(artifact), "--show", "fuse_swiglu"]) == 0
     assert "graphllm.swiglu" in capsys.readouterr().out
     assert main(["inspect", str(artifact), "--show", "1", "--table"]) == 0

@@ -43,6 +43,15 @@ def test_rms_norm_lowering():
     _compare(lowering_npu.rms_norm_npu, rms_norm_decomposed, (_randn(2, 5, 16), _randn(16, seed=1), 1e-5))
 
 
+def test_add_rms_norm_lowering():
+    from graphllm.ops.add_rms_norm import add_rms_norm_decomposed
+
+    def first(fn):
+        return lambda *a: torch.stack(fn(*a))  # both outputs, so both gradients are compared
+    _compare(first(lowering_npu.add_rms_norm_npu), first(add_rms_norm_decomposed),
+             (_randn(2, 5, 16), _randn(2, 5, 16, seed=4), _randn(16, seed=1), 1e-5))
+
+
 def test_swiglu_lowering():
     _compare(lowering_npu.swiglu_npu, swiglu_decomposed, (_randn(2, 5, 24), _randn(2, 5, 24, seed=1)))
 
@@ -61,7 +70,8 @@ def test_attention_lowering(hkv, causal):
 
 def test_table_uses_every_kernel():
     table = lowering_table("npu")
-    assert {fn.__name__ for fn in table.values()} == {"rms_norm_npu", "swiglu_npu", "rope_npu", "attention_npu"}
+    assert {fn.__name__ for fn in table.values()} == {"rms_norm_npu", "add_rms_norm_npu", "swiglu_npu", "rope_npu",
+                                                     "attention_npu"}
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
@@ -77,7 +87,7 @@ def test_tiny_llama_step_lowered_for_npu_matches_unlowered(attn):
         losses[backend], grads[backend] = loss.detach(), {n: p.grad for n, p in model.named_parameters()}
         if backend == "npu-emulation":
             called = {n.target.__name__ for n in compiled.result.lowered_graph.graph.nodes if n.op == "call_function"}
-            assert {"rms_norm_npu", "swiglu_npu", "rope_npu", "attention_npu"} <= called
+            assert {"rms_norm_npu", "add_rms_norm_npu", "swiglu_npu", "rope_npu", "attention_npu"} <= called
     assert rel_err(losses["npu-emulation"], losses["eager"]) <= FP32_RTOL
     for name, g in grads["eager"].items():
         assert rel_err(grads["npu-emulation"][name], g) <= FP32_RTOL, name

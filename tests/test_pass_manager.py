@@ -29,7 +29,8 @@ from graphllm.passes.manager import PASS_META_KEY
 from hf_parity import rel_err
 
 aten, gops = torch.ops.aten, torch.ops.graphllm
-GRAPHLLM_OPS = (gops.rms_norm.default, gops.swiglu.default, gops.rope.default, gops.attention.default)
+GRAPHLLM_OPS = (gops.rms_norm.default, gops.add_rms_norm.default, gops.swiglu.default, gops.rope.default,
+                gops.attention.default)
 FP32_RTOL = 1e-5  # eager attention vs the op's SDPA kernel: fp32 reduction order
 
 
@@ -86,7 +87,8 @@ def test_cycle_is_an_error() -> None:
 
 def test_disable_by_name() -> None:
     ordered = order_passes(graphllm.default_passes(), disable=["fuse_rope"])
-    assert _names(ordered) == ["fuse_rms_norm", "fuse_swiglu", "fuse_attention", "fold_constants"]
+    assert _names(ordered) == ["fuse_rms_norm", "fuse_add_rms_norm", "fuse_swiglu", "fuse_attention",
+                               "fold_constants"]
 
 
 def test_disable_unknown_name_is_an_error() -> None:
@@ -234,11 +236,12 @@ def test_user_model_pass_appended_to_defaults_sees_graphllm_ops() -> None:
     ids = torch.randint(0, 64, (2, 8))
     compiled = graphllm.compile(model, ids, passes=[*graphllm.default_passes(), count_matmuls], backend="eager")
     names = [r.name for r in compiled.result.records]
-    assert names == ["fuse_rms_norm", "fuse_swiglu", "fuse_rope", "fuse_attention", "fold_constants", "count_matmuls",
+    assert names == ["fuse_rms_norm", "fuse_add_rms_norm", "fuse_swiglu", "fuse_rope", "fuse_attention",
+                     "fold_constants", "count_matmuls",
                      "lower_ops"]
     (calls,) = seen
     L = 2
-    assert [calls[op] for op in GRAPHLLM_OPS] == [2 * L + 1, L, 2 * L, L]  # before lowering
+    assert [calls[op] for op in GRAPHLLM_OPS] == [1, 2 * L, L, 2 * L, L]  # before lowering
     assert calls[aten.scaled_dot_product_attention.default] == 0
     rec = compiled.result.records[names.index("count_matmuls")]
     assert rec.counters == {"matmuls": 7 * L + 1, "graphllm_ops": 6 * L + 1}  # q,k,v,o,gate,up,down per layer + lm_head
@@ -252,7 +255,8 @@ def test_user_pass_and_disable_through_compile() -> None:
     model = _small_model()
     ids = torch.randint(0, 64, (2, 8))
     compiled = graphllm.compile(model, ids, backend="eager", disable=["fuse_rope", "fuse_attention"])
-    assert [r.name for r in compiled.result.records] == ["fuse_rms_norm", "fuse_swiglu", "fold_constants", "lower_ops"]
+    assert [r.name for r in compiled.result.records] == ["fuse_rms_norm", "fuse_add_rms_norm", "fuse_swiglu", "fold_constants",
+                                                          "lower_ops"]
     calls = Counter(n.target for n in compiled.result.model_graph.graph.nodes)
     assert calls[gops.rope.default] == calls[gops.attention.default] == 0
     assert calls[aten.scaled_dot_product_attention.default] == 2
@@ -307,12 +311,14 @@ def test_default_pipeline_on_tiny_llama(attn: str, request: pytest.FixtureReques
     L = cfg.num_hidden_layers
     ids = torch.randint(0, cfg.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
     compiled = graphllm.compile(model, ids, backend="eager")
-    want = {"fuse_rms_norm": 2 * L + 1, "fuse_swiglu": L, "fuse_rope": 2 * L, "fuse_attention": L}
+    want = {"fuse_rms_norm": 2 * L + 1, "fuse_add_rms_norm": 2 * L, "fuse_swiglu": L, "fuse_rope": 2 * L,
+            "fuse_attention": L}
     got = {r.name: r.counters.get("replaced", 0) for r in compiled.result.records if r.name in want}
     assert got == want
     gm = compiled.result.model_graph
     calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_function")
-    assert [calls[op] for op in GRAPHLLM_OPS] == list(want.values())
+    # every norm but the first reads a residual add, which joins it
+    assert [calls[op] for op in GRAPHLLM_OPS] == [1, 2 * L, L, 2 * L, L]
     leftovers = {op: calls[op] for op in (aten.rsqrt.default, aten.pow.Tensor_Scalar, aten.silu.default,
                                           aten.neg.default, aten.slice.Tensor, aten.softmax.int, aten.matmul.default,
                                           aten.expand.default, aten.triu.default,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,7 +108,7 @@ def compile(
     dump_root = Path(dump_dir) if dump_dir is not None else None
     model_dumps = dump_root / "model" if dump_root else None
     dumps: list[dict[str, Any]] = []
-    counter = iter(range(1000))
+    counter = itertools.count()
 
     def dump(gm: fx.GraphModule, name: str) -> None:
         if model_dumps is not None:

@@ -12,7 +12,9 @@ from graphllm.data.batches import (
 )
 from graphllm.data.cache import atomic_write, cache_dir
 from graphllm.data.corpus import builtin_documents
+from graphllm.data.indexed import DTYPE_CODES, IndexedReader, IndexedWriter, best_dtype
 from graphllm.data.tokenizer import Tokenizer, builtin_tokenizer, load_tokenizer
 
-__all__ = ["BatchSpec", "TokenBatches", "Tokenizer", "atomic_write", "builtin_documents", "builtin_token_ids",
-           "builtin_tokenizer", "cache_dir", "encode_documents", "load_tokenizer"]
+__all__ = ["DTYPE_CODES", "BatchSpec", "IndexedReader", "IndexedWriter", "TokenBatches", "Tokenizer", "atomic_write",
+           "best_dtype", "builtin_documents", "builtin_token_ids", "builtin_tokenizer", "cache_dir", "encode_documents",
+           "load_tokenizer"]

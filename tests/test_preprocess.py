@@ -1,0 +1,134 @@
+"""`graphllm preprocess pretrain`: malformed-record accounting, exact token round trip, determinism
+across worker counts, strict mode, atomic outputs, and the three tokenizer kinds."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from graphllm.cli.main import main
+from graphllm.data.indexed import IndexedReader
+from graphllm.data.preprocess import PretrainConfig, preprocess_pretrain
+from graphllm.data.tokenizer import builtin_tokenizer
+
+GOOD = ["Hello world.", "def f(x):\n    return x + 1", "The quick brown fox.", "ünïcode ✓ text"]
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("GRAPHLLM_CACHE", str(tmp_path_factory.mktemp("cache")))
+        yield builtin_tokenizer()
+
+
+@pytest.fixture
+def jsonl(tmp_path: Path) -> Path:
+    lines = [json.dumps({"text": GOOD[0]}),          # 1
+             "{not json",                              # 2 invalid_json
+             json.dumps({"body": "no text key"}),      # 3 missing_key
+             json.dumps({"text": GOOD[1], "id": 7}),   # 4
+             "",                                       # 5 blank: ignored
+             json.dumps({"text": ""}),                 # 6 empty_text
+             json.dumps({"text": 12}),                 # 7 not_string
+             json.dumps({"text": GOOD[2]}),            # 8
+             json.dumps({"text": GOOD[3]})]            # 9
+    path = tmp_path / "docs.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def _cli(*argv: str) -> int:
+    return main(["preprocess", "pretrain", *argv])
+
+
+def _docs(prefix: Path) -> list[list[int]]:
+    r = IndexedReader(prefix)
+    assert len(r) == r.num_documents  # one sequence per document
+    return [r[i].tolist() for i in range(len(r))]
+
+
+def _error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_counts_lines_and_round_trip(tok, jsonl: Path, tmp_path: Path) -> None:
+    s = preprocess_pretrain(PretrainConfig(inputs=[jsonl], tokenizer=str(tok.path), out=tmp_path / "o"))
+    assert s.documents == 4
+    assert s.skipped == {"invalid_json": 1, "missing_key": 1, "empty_text": 1, "not_string": 1}
+    assert [(Path(f).name, no) for f, no, _ in s.bad_lines] == [("docs.jsonl", n) for n in (2, 3, 6, 7)]
+    want = [tok.encode(t) + [tok.eos_id] for t in GOOD]
+    assert _docs(tmp_path / "o") == want
+    assert s.tokens == sum(map(len, want))
+
+
+def test_cli_workers_identical_and_no_eod(tok, jsonl: Path, tmp_path: Path, capsys) -> None:
+    assert _cli("--input", str(jsonl), "--tokenizer", "builtin", "--out", str(tmp_path / "w1")) == 0
+    out = capsys.readouterr().out
+    assert "4 documents" in out and "invalid_json=1" in out and "docs.jsonl:2:" in out
+    assert _cli("--input", str(jsonl), str(jsonl), "--tokenizer", "builtin", "--out", str(tmp_path / "w2"),
+                "--workers", "2") == 0
+    assert _cli("--input", str(jsonl), str(jsonl), "--tokenizer", "builtin", "--out", str(tmp_path / "w1b")) == 0
+    for ext in (".bin", ".idx"):
+        assert (tmp_path / f"w2{ext}").read_bytes() == (tmp_path / f"w1b{ext}").read_bytes()
+    assert _cli("--input", str(jsonl), "--tokenizer", "builtin", "--out", str(tmp_path / "ne"), "--no-eod") == 0
+    assert _docs(tmp_path / "ne") == [tok.encode(t) for t in GOOD]
+
+
+def test_strict_names_file_line_and_writes_nothing(tok, jsonl: Path, tmp_path: Path, capsys) -> None:
+    assert _cli("--input", str(jsonl), "--tokenizer", "builtin", "--out", str(tmp_path / "s"), "--strict") == 2
+    assert f"{jsonl}:2: invalid JSON" in _error_line(capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["docs.jsonl"]  # no outputs, no temp files
+
+
+def test_failed_run_leaves_existing_outputs(tok, jsonl: Path, tmp_path: Path, capsys) -> None:
+    prefix = tmp_path / "keep"
+    assert _cli("--input", str(jsonl), "--tokenizer", "builtin", "--out", str(prefix)) == 0
+    before = {ext: (tmp_path / f"keep{ext}").read_bytes() for ext in (".bin", ".idx")}
+    other = tmp_path / "other.jsonl"
+    other.write_text(json.dumps({"text": "fine"}) + "\n" + json.dumps({"text": None}) + "\n")
+    assert _cli("--input", str(other), "--tokenizer", "builtin", "--out", str(prefix), "--strict") == 2
+    assert f"{other}:2:" in _error_line(capsys)
+    assert {ext: (tmp_path / f"keep{ext}").read_bytes() for ext in before} == before
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--input", "MISSING.jsonl", "--tokenizer", "builtin"], "MISSING.jsonl: no such file"),
+    (["--input", "GOOD", "--tokenizer", "nope.model"], "--tokenizer nope.model"),
+    (["--input", "GOOD", "--tokenizer", "builtin", "--workers", "0"], "--workers"),
+])
+def test_user_errors_are_one_line(tok, jsonl: Path, tmp_path: Path, capsys, argv, needle) -> None:
+    argv = [str(jsonl) if a == "GOOD" else a for a in argv]
+    assert _cli(*argv, "--out", str(tmp_path / "x")) == 2
+    assert needle in _error_line(capsys)
+    assert not list(tmp_path.glob("x.*"))
+
+
+def test_text_paragraphs(tok, tmp_path: Path) -> None:
+    txt = tmp_path / "book.txt"
+    txt.write_text("First para\nline two.\n\n\n  \nSecond para.\n\nThird\n", encoding="utf-8")
+    s = preprocess_pretrain(PretrainConfig(inputs=[txt], tokenizer="builtin", out=tmp_path / "t"))
+    assert s.documents == 3 and not s.skipped
+    paras = ["First para\nline two.", "Second para.", "Third"]
+    assert _docs(tmp_path / "t") == [tok.encode(p) + [tok.eos_id] for p in paras]
+
+
+def test_hf_tokenizer_directory(jsonl: Path, tmp_path: Path) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    words = sorted({w for t in GOOD for w in t.split()})
+    vocab = {w: i for i, w in enumerate(["[UNK]", "</s>", *words])}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    hf_dir = tmp_path / "hf"
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", eos_token="</s>").save_pretrained(hf_dir)
+
+    s = preprocess_pretrain(PretrainConfig(inputs=[jsonl], tokenizer=str(hf_dir), out=tmp_path / "h", workers=2))
+    assert s.documents == 4
+    hf = AutoTokenizer.from_pretrained(str(hf_dir), local_files_only=True)
+    assert _docs(tmp_path / "h") == [hf.encode(t, add_special_tokens=False) + [1] for t in GOOD]

@@ -28,7 +28,7 @@ def _file_mode() -> int:
     return 0o666 & ~umask
 
 
-_FILE_MODE = _file_mode()  # read once at import: os.umask can only be read by setting it
+FILE_MODE = _file_mode()  # read once at import: os.umask can only be read by setting it
 
 
 def cache_root() -> Path:
@@ -69,7 +69,7 @@ def atomic_write(path: Path | str, content: bytes | Callable[[Path], None]) -> P
             content(tmp)
             with open(tmp, "rb+") as f:  # fsync what the callback wrote before it becomes visible
                 os.fsync(f.fileno())
-        os.chmod(tmp, _FILE_MODE)
+        os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

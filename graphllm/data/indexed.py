@@ -33,6 +33,7 @@ from typing import Self
 
 import numpy as np
 
+from graphllm.data.cache import FILE_MODE
 from graphllm.errors import GraphllmError
 
 __all__ = ["DTYPE_CODES", "IndexedReader", "IndexedWriter", "best_dtype"]
@@ -180,6 +181,8 @@ class IndexedWriter:
                 os.fsync(f.fileno())
             # Drop any old .idx first so that no moment pairs an old .idx with the new .bin.
             self.idx_path.unlink(missing_ok=True)
+            for tmp in (self._bin_tmp, self._idx_tmp):
+                os.chmod(tmp, FILE_MODE)  # mkstemp's 0o600 would hide a dataset from other users
             os.replace(self._bin_tmp, self.bin_path)
             os.replace(self._idx_tmp, self.idx_path)
         except BaseException:

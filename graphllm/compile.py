@@ -13,7 +13,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from graphllm.backends import TrainStage, get_backend
+from graphllm.backends import Backend, TrainStage, get_backend
 from graphllm.capture import capture
 from graphllm.dump import write_graph
 from graphllm.errors import GraphllmError
@@ -102,9 +102,48 @@ def compile(
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     if labels is not None:
         inputs = inputs + (labels,)
+    prepared = prepare_graph(model, inputs, passes=passes, backend=backend, disable=disable, dump_dir=dump_dir,
+                             plan=plan, rank=rank, world_size=world_size)
+    stage = prepared.train_stage("")
+    fn = compile_graph(prepared.gm, be, stage)
+    result = CompileResult(
+        model_graph=prepared.model_graph, lowered_graph=prepared.gm, records=prepared.records, dumps=prepared.dumps,
+        passes=prepared.passes, train_stage=stage, backend=backend, example_shapes=[tuple(t.shape) for t in inputs],
+        model_graph_hash=prepared.model_hash,
+    )
+    return CompiledModel(model, fn, result, amp)
+
+
+@dataclass(kw_only=True)
+class PreparedGraph:
+    """A model captured, passed and lowered for one backend on one rank, not yet compiled."""
+
+    gm: fx.GraphModule
+    model_graph: fx.GraphModule
+    model_hash: str
+    records: list[PassRecord]
+    dumps: list[dict[str, Any]]
+    passes: list[GraphPass]
+    ctx: PassContext
+    dump_root: Path | None
+
+    def train_stage(self, name: str) -> TrainStage:
+        """A TrainStage for one compiled graph; `name` ("" for the whole model, "stage1" ...) prefixes its dumps."""
+        train_passes = [p for p in self.passes if p.stage == "train"]
+        dump_dir = None
+        if self.dump_root is not None:
+            dump_dir = self.dump_root / "train" / name if name else self.dump_root / "train"
+        return TrainStage(passes=train_passes, ctx_template=self.ctx, dump_dir=dump_dir)
+
+
+def prepare_graph(model: nn.Module, inputs: tuple[torch.Tensor, ...], *, passes: Sequence[GraphPass] | None,
+                  backend: str, disable: Iterable[str] = (), dump_dir: str | Path | None = None,
+                  plan: Mapping[str, Any] | None = None, rank: int = 0, world_size: int = 1) -> PreparedGraph:
+    """Capture `model(*inputs)`, run the model-stage passes, adopt parameters the passes replaced
+    (sharding) into `model`, and lower graphllm ops for `backend`."""
+    be = get_backend(backend)
     ordered = order_passes(list(default_passes() if passes is None else passes), disable=disable)
     model_passes = [p for p in ordered if p.stage == "model"]
-    train_passes = [p for p in ordered if p.stage == "train"]
     dump_root = Path(dump_dir) if dump_dir is not None else None
     model_dumps = dump_root / "model" if dump_root else None
     dumps: list[dict[str, Any]] = []
@@ -119,16 +158,29 @@ def compile(
     ctx = PassContext(plan=dict(plan or {}), rank=rank, world_size=world_size,
                       config=getattr(model, "config", None))
     gm, records = run_passes(gm, model_passes, ctx, dump=dump)
+    adopt_parameters(model, gm)
     model_hash = graph_hash(gm)
     model_graph = fx.GraphModule(gm, gm.graph.__deepcopy__())  # keep the pre-lowering view
     if be.prepare is not None:
         be.prepare()
     gm, lower_records = run_passes(gm, [lower_ops.with_options(table=lowering_table(be.lowering))], ctx, dump=dump)
-    stage = TrainStage(passes=train_passes, ctx_template=ctx, dump_dir=dump_root / "train" if dump_root else None)
-    fn = torch.compile(gm, backend=stage.wrap(be.make(stage)), fullgraph=True, dynamic=False)
-    result = CompileResult(
-        model_graph=model_graph, lowered_graph=gm, records=records + lower_records, dumps=dumps,
-        passes=ordered, train_stage=stage, backend=backend, example_shapes=[tuple(t.shape) for t in inputs],
-        model_graph_hash=model_hash,
-    )
-    return CompiledModel(model, fn, result, amp)
+    return PreparedGraph(gm=gm, model_graph=model_graph, model_hash=model_hash, records=records + lower_records,
+                         dumps=dumps, passes=ordered, ctx=ctx, dump_root=dump_root)
+
+
+def compile_graph(gm: fx.GraphModule, be: Backend, stage: TrainStage):
+    """torch.compile one prepared graph through a backend, with `stage` running the train passes."""
+    return torch.compile(gm, backend=stage.wrap(be.make(stage)), fullgraph=True, dynamic=False)
+
+
+def adopt_parameters(model: nn.Module, gm: fx.GraphModule) -> None:
+    """Make `model` hold the parameters the graph uses, where a pass replaced one (e.g. by its shard),
+    so the optimizer, checkpoints and `model.parameters()` see what the graph trains."""
+    for name, p in gm.named_parameters(remove_duplicate=False):
+        owner_name, _, attr = name.rpartition(".")
+        try:
+            owner = model.get_submodule(owner_name) if owner_name else model
+        except AttributeError:
+            continue
+        if getattr(owner, attr, None) is not p and isinstance(getattr(owner, attr, None), nn.Parameter):
+            setattr(owner, attr, p)

@@ -1,0 +1,107 @@
+"""Process groups, built once per process from the layout, and looked up by kind ("tp", "dp", "pp").
+
+Graphs name groups by kind only (`graphllm::tp_reduce(x, "tp")`), never by a runtime handle, so the
+same graph (and its hash) comes out on every run; the kind resolves to this rank's ProcessGroup here.
+The groups are the dimensions of one DeviceMesh ("pp", "dp", "tp"), which DTensor and
+torch.distributed.checkpoint use too. The backend follows the device: gloo (cpu), nccl (cuda), hccl (npu).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from graphllm.errors import GraphllmError
+from graphllm.parallel.layout import Coords, Layout
+
+KINDS = ("pp", "dp", "tp")
+BACKEND_FOR_DEVICE = {"cpu": "gloo", "cuda": "nccl", "npu": "hccl"}
+
+
+@dataclass(slots=True)
+class ParallelState:
+    layout: Layout
+    rank: int
+    coords: Coords
+    mesh: object | None  # torch.distributed.device_mesh.DeviceMesh when world_size > 1
+
+    def group(self, kind: str) -> dist.ProcessGroup | None:
+        if self.mesh is None:
+            return None
+        return self.mesh.get_group(kind)
+
+    def size(self, kind: str) -> int:
+        return getattr(self.layout, kind)
+
+    def local_rank(self, kind: str) -> int:
+        return getattr(self.coords, kind)
+
+
+_STATE: ParallelState | None = None
+
+
+def launched_world() -> tuple[int, int]:
+    """(rank, world size) from torchrun's environment, (0, 1) outside it."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def init_parallel(layout: Layout, device: str = "cpu") -> ParallelState:
+    """Join the world torchrun started (or none for one process) and build the mesh for `layout`."""
+    global _STATE
+    rank, world = launched_world()
+    if world != layout.world_size:
+        raise GraphllmError(f"the plan needs {layout.world_size} processes ({layout.describe()}) but {world} were "
+                            f"started; run with --nproc {layout.world_size}")
+    mesh = None
+    if world > 1:
+        if not dist.is_initialized():
+            dist.init_process_group(BACKEND_FOR_DEVICE[device])
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh(device, (layout.pp, layout.dp, layout.tp), mesh_dim_names=KINDS)
+    _STATE = ParallelState(layout=layout, rank=rank, coords=layout.coords(rank), mesh=mesh)
+    return _STATE
+
+
+def set_state(state: ParallelState | None) -> None:
+    global _STATE
+    _STATE = state
+
+
+def state() -> ParallelState | None:
+    """This process's parallel state; None when running as one process without a layout."""
+    return _STATE
+
+
+def group_for(kind: str) -> dist.ProcessGroup:
+    """The ProcessGroup of this rank for a kind; a clear error when none was set up."""
+    st = _STATE
+    pg = st.group(kind) if st is not None else None
+    if pg is None:
+        raise GraphllmError(f"a graph with {kind} collectives ran in a process without a {kind} group; "
+                            "run it through `graphllm run` (it starts the ranks) or call init_parallel first")
+    return pg
+
+
+def group_name(kind: str) -> str:
+    """The c10d name of this rank's group for a kind (what `_c10d_functional` ops take)."""
+    return group_for(kind).group_name
+
+
+def destroy() -> None:
+    global _STATE
+    _STATE = None
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_ranks_agree(value: int) -> bool:
+    """True when every rank passes the same integer (a cheap consistency check of plans and graphs)."""
+    if not dist.is_initialized():
+        return True
+    t = torch.tensor([value, -value], dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t[0]) == value and int(-t[1]) == value

@@ -1,0 +1,124 @@
+"""graphllm's collective ops: Megatron-Core's tensor/sequence-parallel region mappings as graph nodes.
+
+Each op names its process group by kind ("tp"), resolved to this rank's group at run time
+(graphllm.parallel.groups), so graphs are the same on every run. The autograd rule of each op is the
+conjugate collective, which is what makes the sharded model's gradients equal the unsharded ones:
+
+| op                               | forward                     | backward                     |
+|----------------------------------|-----------------------------|------------------------------|
+| tp_copy(x)                       | identity                    | all-reduce (sum)             |
+| tp_reduce(x)                     | all-reduce (sum)            | identity                     |
+| tp_reduce_max(x)                 | all-reduce (max)            | — (callers pass detached x)  |
+| sp_gather(x, dim, size)          | all-gather along dim        | reduce-scatter along dim     |
+| sp_reduce_scatter(x, dim, size)  | reduce-scatter along dim    | all-gather along dim         |
+
+The reference kernels call `torch.ops._c10d_functional` (the eager backend runs them); the
+`lower_collectives` train pass rewrites the forward/backward graphs to the same `_c10d_functional`
+calls for inductor and torchair, which schedule them as collectives.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+c10d = torch.ops._c10d_functional
+
+
+def _name(group: str) -> str:
+    from graphllm.parallel.groups import group_name
+
+    return group_name(group)
+
+
+def all_reduce_decomposed(x: Tensor, op: str, group_name: str) -> Tensor:
+    return c10d.wait_tensor(c10d.all_reduce(x.contiguous(), op, group_name))
+
+
+def all_gather_decomposed(x: Tensor, dim: int, size: int, group_name: str) -> Tensor:
+    """Concatenate the group's tensors along `dim` (functional all-gather concatenates along dim 0)."""
+    moved = x.movedim(dim, 0).contiguous()
+    out = c10d.wait_tensor(c10d.all_gather_into_tensor(moved, size, group_name))
+    return out.movedim(0, dim).contiguous()
+
+
+def reduce_scatter_decomposed(x: Tensor, dim: int, size: int, group_name: str) -> Tensor:
+    """Sum over the group, keep this rank's 1/size slice along `dim`."""
+    moved = x.movedim(dim, 0).contiguous()
+    out = c10d.wait_tensor(c10d.reduce_scatter_tensor(moved, "sum", size, group_name))
+    return out.movedim(0, dim).contiguous()
+
+
+@torch.library.custom_op("graphllm::tp_copy", mutates_args=())
+def tp_copy(x: Tensor, group: str) -> Tensor:
+    return x.clone()
+
+
+@torch.library.custom_op("graphllm::tp_reduce", mutates_args=())
+def tp_reduce(x: Tensor, group: str) -> Tensor:
+    return all_reduce_decomposed(x, "sum", _name(group))
+
+
+@torch.library.custom_op("graphllm::tp_reduce_max", mutates_args=())
+def tp_reduce_max(x: Tensor, group: str) -> Tensor:
+    return all_reduce_decomposed(x, "max", _name(group))
+
+
+@torch.library.custom_op("graphllm::sp_gather", mutates_args=())
+def sp_gather(x: Tensor, dim: int, size: int, group: str) -> Tensor:
+    return all_gather_decomposed(x, dim, size, _name(group))
+
+
+@torch.library.custom_op("graphllm::sp_reduce_scatter", mutates_args=())
+def sp_reduce_scatter(x: Tensor, dim: int, size: int, group: str) -> Tensor:
+    return reduce_scatter_decomposed(x, dim, size, _name(group))
+
+
+def _same(x: Tensor, *_) -> Tensor:
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _gathered(x: Tensor, dim: int, size: int, group: str) -> Tensor:
+    shape = list(x.shape)
+    shape[dim] *= size
+    return x.new_empty(shape)
+
+
+def _scattered(x: Tensor, dim: int, size: int, group: str) -> Tensor:
+    shape = list(x.shape)
+    shape[dim] //= size
+    return x.new_empty(shape)
+
+
+for _op in (tp_copy, tp_reduce, tp_reduce_max):
+    _op.register_fake(_same)
+sp_gather.register_fake(_gathered)
+sp_reduce_scatter.register_fake(_scattered)
+
+
+def _setup_group(ctx, inputs, output):
+    ctx.group = inputs[-1]
+
+
+def _setup_dim(ctx, inputs, output):
+    _, ctx.dim, ctx.size, ctx.group = inputs
+
+
+tp_copy.register_autograd(lambda ctx, g: (torch.ops.graphllm.tp_reduce(g, ctx.group), None),
+                          setup_context=_setup_group)
+tp_reduce.register_autograd(lambda ctx, g: (g, None), setup_context=_setup_group)
+sp_gather.register_autograd(
+    lambda ctx, g: (torch.ops.graphllm.sp_reduce_scatter(g, ctx.dim, ctx.size, ctx.group), None, None, None),
+    setup_context=_setup_dim)
+sp_reduce_scatter.register_autograd(
+    lambda ctx, g: (torch.ops.graphllm.sp_gather(g, ctx.dim, ctx.size, ctx.group), None, None, None),
+    setup_context=_setup_dim)
+
+COLLECTIVE_OPS = {
+    torch.ops.graphllm.tp_copy.default: "identity",
+    torch.ops.graphllm.tp_reduce.default: "all_reduce",
+    torch.ops.graphllm.tp_reduce_max.default: "all_reduce",
+    torch.ops.graphllm.sp_gather.default: "all_gather",
+    torch.ops.graphllm.sp_reduce_scatter.default: "reduce_scatter",
+}
+"""Each collective op and the communication it performs in its forward direction."""

@@ -1,0 +1,72 @@
+"""Run a function on N real processes (gloo, CPU) and collect each rank's return value.
+
+`run_ranks(fn, world_size, *args)` spawns `world_size` processes with torchrun's environment
+variables set (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), calls `fn(*args)` in each,
+and returns the list of results ordered by rank. `fn` must be importable (module level in a test
+module or a helper module); it is responsible for init_process_group (graphllm's init_parallel does it).
+A failing rank fails the call with that rank's traceback.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+import traceback
+
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world_size: int, port: int, fn, args, queue) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                      LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+
+    torch.set_num_threads(1)
+    try:
+        result = fn(*args)
+        buf = io.BytesIO()
+        torch.save(result, buf)  # tensors travel as bytes: no shared-memory handles, no autograd state
+        queue.put((rank, "ok", buf.getvalue()))
+    except BaseException:  # report, then let the process die
+        queue.put((rank, "error", traceback.format_exc()))
+        raise
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_ranks(fn, world_size: int, *args, timeout: float = 600.0) -> list:
+    ctx = mp.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    port = free_port()
+    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue)) for r in range(world_size)]
+    for p in procs:
+        p.start()
+    results: dict[int, object] = {}
+    errors: list[str] = []
+    for _ in range(world_size):
+        rank, status, value = queue.get()
+        if status == "ok":
+            import torch
+
+            results[rank] = torch.load(io.BytesIO(value), weights_only=False)
+        else:
+            errors.append(f"rank {rank} failed:\n{value}")
+            break
+    for p in procs:
+        p.join(timeout=5 if errors else timeout)
+        if p.is_alive():
+            p.kill()
+    if errors:
+        raise AssertionError("\n".join(errors))
+    return [results[r] for r in range(world_size)]

@@ -24,6 +24,15 @@ def add_parser(sub) -> None:
                    help="append a @graph_pass from an importable module (repeatable)")
     p.add_argument("--device", choices=["cpu", "cuda", "npu"], default="cpu",
                    help="where the model runs (npu is implied by --backend npu)")
+    par = p.add_argument_group("parallelism (ranks = tp × pp × dp; several ranks start through torchrun)")
+    par.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks")
+    par.add_argument("--pp", type=int, default=1, help="pipeline-parallel ranks")
+    par.add_argument("--dp", type=int, default=1, help="data-parallel ranks")
+    par.add_argument("--vpp", type=int, default=1, help="virtual pipeline stages per pipeline rank (interleaved 1F1B)")
+    par.add_argument("--sequence-parallel", action="store_true", help="shard norms/residuals by sequence over tp")
+    par.add_argument("--zero1", action="store_true", help="shard AdamW states over the data-parallel group")
+    par.add_argument("--micro-batches", type=int, default=1, help="micro-batches per step per data-parallel rank")
+    par.add_argument("--pp-layers", default=None, help="layers per pipeline stage, e.g. 3,3,2,2 (default: by FLOPs)")
     npu = p.add_argument_group("npu (torchair) options")
     npu.add_argument("--npu-mode", choices=["max-autotune", "reduce-overhead"], default="max-autotune",
                      help="GE graph execution, or ACL graph capture")
@@ -39,6 +48,7 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from graphllm.backends import get_backend
     from graphllm.job import compile_artifact
+    from graphllm.launch import in_launched_world, is_rank_zero, relaunch
     from graphllm.plan import CompilePlan, load_pass_spec
 
     get_backend(args.backend)  # fail fast on a bad backend, before any work
@@ -48,16 +58,35 @@ def run(args: argparse.Namespace) -> int:
                        npu_mode=args.npu_mode, npu_graph_dump=args.npu_graph_dump,
                        npu_frozen_parameter=args.npu_frozen_parameter,
                        npu_tiling_schedule_optimize=args.npu_tiling_schedule_optimize,
-                       npu_topology_sorting=args.npu_topology_sorting)
+                       npu_topology_sorting=args.npu_topology_sorting, tp=args.tp, pp=args.pp, dp=args.dp,
+                       vpp=args.vpp, sequence_parallel=args.sequence_parallel, zero1=args.zero1,
+                       micro_batches=args.micro_batches, pp_layers=parse_layers(args.pp_layers))
     extra = [load_pass_spec(s) for s in args.extra_passes]
-    console = Console(stderr=True)
-    with console.status(f"compiling {args.model} ({args.backend}) …"):
+    layout = plan.layout()
+    if layout.world_size > 1 and not in_launched_world():
+        from graphllm.models import load_config
+
+        layout.check_model(load_config(args.model), batch_size=plan.batch_size, seq_len=plan.seq_len)
+        return relaunch(layout.world_size, args.argv)
+    console = Console(stderr=True, quiet=not is_rank_zero())
+    with console.status(f"compiling {args.model} ({args.backend}, {layout.describe()}) …"):
         built, report = compile_artifact(plan, args.out, extra_passes=extra)
-    console.print(f"[green]compiled[/] {args.model} → {args.out} in {built.compile_seconds:.1f} s: "
-                  f"{report['parameters']:,} parameters, {report['flops_per_step'] / 1e9:.2f} GFLOP/step")
+    console.print(f"[green]compiled[/] {args.model} ({layout.describe()}) → {args.out} in {built.compile_seconds:.1f} s: "
+                  f"{report['parameters']:,} parameters on rank 0, {report['flops_per_step'] / 1e9:.2f} GFLOP/micro-batch")
     for p in report["passes"]:
         if p["added"] or p["removed"]:
             counters = ", ".join(f"{k} {v}" for k, v in p["counters"].items())
             console.print(f"  {p['name']:<16} {p['graph']:<9} {p['nodes_before']:>5} → {p['nodes_after']:<5} {counters}")
     console.print(f"  see {args.out}/report.md; `graphllm inspect {args.out}` lists the graphs")
     return 0
+
+
+def parse_layers(text: str | None) -> list[int] | None:
+    from graphllm.errors import GraphllmError
+
+    if not text:
+        return None
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise GraphllmError(f"--pp-layers {text!r}: expected comma-separated layer counts, e.g. 3,3,2,2") from None

@@ -25,11 +25,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # to re-run the same command on each rank
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     try:
         return args.func(args) or 0
     except GraphllmError as e:
-        print(f"graphllm {args.command}: error: {e}", file=sys.stderr)
+        from graphllm.launch import in_launched_world, is_rank_zero, record_user_error
+
+        if not in_launched_world() or is_rank_zero():
+            print(f"graphllm {args.command}: error: {e}", file=sys.stderr)
+        record_user_error(str(e))
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print(f"graphllm {args.command}: interrupted", file=sys.stderr)

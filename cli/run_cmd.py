@@ -22,18 +22,30 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--metrics", type=Path, default=None, help="JSON-lines file (default ARTIFACT/runs/metrics.jsonl)")
     p.add_argument("--no-progress", action="store_true", help="plain log lines instead of a progress bar")
+    p.add_argument("--nproc", type=int, default=None,
+                   help="local ranks to start (default: the plan's tp × pp × dp); under torchrun, leave it out")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from graphllm.data import BatchSpec, TokenBatches, builtin_token_ids, builtin_tokenizer
     from graphllm.errors import GraphllmError
+    from graphllm.artifact import read_plan
     from graphllm.job import load_artifact
+    from graphllm.launch import in_launched_world, is_rank_zero, relaunch
+    from graphllm.plan import CompilePlan
     from graphllm.train import MetricsWriter, TrainConfig, config_dict, train_steps
+
+    world = CompilePlan.from_json(read_plan(args.artifact)["plan"], str(args.artifact)).layout().world_size
+    if args.nproc is not None and args.nproc != world:
+        raise GraphllmError(f"--nproc {args.nproc} does not match the artifact's layout, which needs {world} ranks; "
+                            f"use --nproc {world} or recompile with another layout")
+    if world > 1 and not in_launched_world():
+        return relaunch(world, args.argv)
 
     cfg = TrainConfig(steps=args.steps, lr=args.lr, warmup_steps=args.warmup_steps, min_lr_ratio=args.min_lr_ratio,
                       weight_decay=args.weight_decay, grad_clip=args.grad_clip, seed=args.seed)
-    console = Console(stderr=True)
+    console = Console(stderr=True, quiet=not is_rank_zero())
     with console.status("loading artifact and compiling …"):
         data, built = load_artifact(args.artifact)
     plan = built.plan
@@ -42,24 +54,24 @@ def run(args: argparse.Namespace) -> int:
         if tok.vocab_size > built.model.config.vocab_size:
             raise GraphllmError(f"the built-in tokenizer has {tok.vocab_size} tokens but {plan.model} has a "
                                 f"vocabulary of {built.model.config.vocab_size}; use a model with a larger vocab_size")
-        batches = TokenBatches(builtin_token_ids(tok), BatchSpec(batch_size=plan.batch_size, seq_len=plan.seq_len,
-                                                                 seed=cfg.seed))
+        batches = TokenBatches(builtin_token_ids(tok), BatchSpec(batch_size=plan.global_batch_size,
+                                                                 seq_len=plan.seq_len, seed=cfg.seed))
     console.print(f"[green]ready[/] {plan.model} ({plan.backend}, {plan.amp}) compiled in {built.compile_seconds:.1f} s; "
-                  f"training {cfg.steps} steps of {plan.batch_size}×{plan.seq_len} tokens")
+                  f"training {cfg.steps} steps of {plan.global_batch_size}×{plan.seq_len} tokens on {plan.layout().describe()}")
     metrics_path = args.metrics or args.artifact / "runs" / "metrics.jsonl"
-    writer = MetricsWriter(metrics_path, {"plan": plan.to_json(), "train": config_dict(cfg)})
+    writer = MetricsWriter(metrics_path if is_rank_zero() else None, {"plan": plan.to_json(), "train": config_dict(cfg)})
     records = []
     progress = Progress(TextColumn("[bold]step {task.completed}/{task.total}"), BarColumn(),
                         TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[tps]:,.0f} tok/s"),
                         TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console,
-                        disable=args.no_progress)
+                        disable=args.no_progress or not is_rank_zero())
     try:
         with progress:
             task = progress.add_task("train", total=cfg.steps, loss=float("nan"), tps=0.0)
             def batch_at(step: int):
                 return tuple(t.to(plan.device) for t in batches.train_batch(step))
 
-            for rec in train_steps(built.compiled, built.model, batch_at, cfg):
+            for rec in train_steps(built.engine, batch_at, cfg):
                 records.append(rec)
                 if rec["step"] % max(1, cfg.log_interval) == 0 or rec["step"] == cfg.steps:
                     writer.write(rec)

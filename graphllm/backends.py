@@ -78,6 +78,34 @@ _PRIMAL = re.compile(r"primals_(\d+)")
 _SOURCE_PART = re.compile(r"_(?:modules|parameters|buffers)\['([^']+)'\]|L\['([^']+)'\]")
 
 
+class StageSet:
+    """Several TrainStages (one per pipeline stage and the loss) seen as one: the report and the
+    artifact read `records`, `graphs`, `dumps` and `compiles` from either."""
+
+    def __init__(self) -> None:
+        self.stages: dict[str, TrainStage] = {}
+
+    def add(self, name: str, stage: TrainStage) -> TrainStage:
+        self.stages[name] = stage
+        return stage
+
+    @property
+    def records(self) -> list[PassRecord]:
+        return [r for s in self.stages.values() for r in s.records]
+
+    @property
+    def graphs(self) -> dict[str, fx.GraphModule]:
+        return {f"{name}/{k}": g for name, s in self.stages.items() for k, g in s.graphs.items()}
+
+    @property
+    def dumps(self) -> list[dict[str, Any]]:
+        return [d for s in self.stages.values() for d in s.dumps]
+
+    @property
+    def compiles(self) -> dict[str, int]:
+        return {f"{name}/{k}": n for name, s in self.stages.items() for k, n in s.compiles.items()}
+
+
 def _source_name(node: fx.Node) -> str:
     """`L['self']._modules['model']._parameters['weight']` → `model.weight`; `L['input_ids']` → `input_ids`."""
     arg = node.meta.get("grapharg")

@@ -126,10 +126,15 @@ class PreparedGraph:
     passes: list[GraphPass]
     ctx: PassContext
     dump_root: Path | None
+    backend: Backend
 
     def train_stage(self, name: str) -> TrainStage:
         """A TrainStage for one compiled graph; `name` ("" for the whole model, "stage1" ...) prefixes its dumps."""
         train_passes = [p for p in self.passes if p.stage == "train"]
+        if self.backend.lowering != "eager" and self.ctx.world_size > 1:
+            from graphllm.passes.lower_collectives import lower_collectives
+
+            train_passes.append(lower_collectives)  # last: after user passes, as lower_ops is
         dump_dir = None
         if self.dump_root is not None:
             dump_dir = self.dump_root / "train" / name if name else self.dump_root / "train"
@@ -165,7 +170,7 @@ def prepare_graph(model: nn.Module, inputs: tuple[torch.Tensor, ...], *, passes:
         be.prepare()
     gm, lower_records = run_passes(gm, [lower_ops.with_options(table=lowering_table(be.lowering))], ctx, dump=dump)
     return PreparedGraph(gm=gm, model_graph=model_graph, model_hash=model_hash, records=records + lower_records,
-                         dumps=dumps, passes=ordered, ctx=ctx, dump_root=dump_root)
+                         dumps=dumps, passes=ordered, ctx=ctx, dump_root=dump_root, backend=be)
 
 
 def compile_graph(gm: fx.GraphModule, be: Backend, stage: TrainStage):

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
 from graphllm.errors import GraphllmError
+from graphllm.parallel.layout import Layout
 from graphllm.passes import GraphPass, default_passes, order_passes
 
 
@@ -45,6 +46,22 @@ class CompilePlan:
     """experimental_config.tiling_schedule_optimize: tiling on AI CPU (static shapes)."""
     npu_topology_sorting: Literal["DFS", "BFS", "RDFS", "StableRDFS"] = "DFS"
     """experimental_config.topology_sorting_strategy for GE's node order."""
+    tp: int = 1
+    """Tensor-parallel ranks (Megatron column/row-parallel layers, vocab-parallel embedding and loss)."""
+    pp: int = 1
+    """Pipeline-parallel ranks (the graph split into stages at layer boundaries)."""
+    dp: int = 1
+    """Data-parallel ranks (each takes batch_size * micro_batches rows of every step's batch)."""
+    vpp: int = 1
+    """Virtual pipeline stages per pipeline rank (interleaved 1F1B when > 1)."""
+    sequence_parallel: bool = False
+    """Shard norms and residuals by sequence over the tensor-parallel group."""
+    zero1: bool = False
+    """Distributed optimizer: AdamW states sharded over the data-parallel group."""
+    micro_batches: int = 1
+    """Micro-batches per step per data-parallel rank (pipeline fill, or gradient accumulation)."""
+    pp_layers: list[int] | None = None
+    """Decoder layers per pipeline stage (pp*vpp entries); None balances stages by FLOPs."""
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -55,9 +72,18 @@ class CompilePlan:
             raise GraphllmError(f"--amp must be fp32 or bf16, got {self.amp!r}")
         if self.backend == "npu" and self.device == "cpu":
             self.device = "npu"
+        self.layout().check_options()
         if (self.device == "npu") != (self.backend == "npu"):
             raise GraphllmError(f"--device {self.device} does not fit --backend {self.backend}: the npu backend runs "
                                 "on --device npu, and only there")
+
+    def layout(self) -> Layout:
+        return Layout.from_plan(self)
+
+    @property
+    def global_batch_size(self) -> int:
+        """Rows of one optimizer step: micro-batch × micro-batches × data-parallel ranks."""
+        return self.batch_size * self.micro_batches * self.dp
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -114,6 +140,21 @@ def load_pass_spec(spec: str) -> GraphPass:
     return obj
 
 
+def parallel_passes(layout: Layout) -> list[GraphPass]:
+    """The sharding passes a layout needs (pipeline splitting is done by the compile step itself)."""
+    from graphllm.passes.sequence_parallel import sequence_parallel
+    from graphllm.passes.tensor_parallel import tensor_parallel
+
+    out = []
+    if layout.tp > 1:
+        out.append(tensor_parallel)
+    if layout.sequence_parallel:
+        out.append(sequence_parallel)
+    return out
+
+
 def pipeline_for(plan: CompilePlan, extra: list[GraphPass] = ()) -> list[GraphPass]:
     passes = resolve_passes(plan.passes) + list(extra)
+    names = {p.name for p in passes}
+    passes += [p for p in parallel_passes(plan.layout()) if p.name not in names]
     return order_passes(passes, disable=plan.disable)

@@ -1,35 +1,80 @@
-"""The compile report: what each pass changed, parameters, FLOPs, and saved-activation memory."""
+"""The compile report, per rank: what each pass changed, parameters, FLOPs, memory, communication."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from graphllm.backends import saved_activation_bytes
-from graphllm.compile import CompiledModel
 from graphllm.flops import forward_flops
+from graphllm.parallel.comm import add_into, graph_collectives
+
+ADAM_STATES = 2
+"""AdamW keeps exp_avg and exp_avg_sq, each the size of the parameter (fp32 master weights are the
+parameters themselves: graphllm trains fp32 parameters, bf16 only in autocast)."""
 
 
-def build_report(compiled: CompiledModel, tokens_per_step: int) -> dict[str, Any]:
-    res = compiled.result
-    params = {id(p): p for p in compiled.model.parameters()}
-    n_params = sum(p.numel() for p in params.values())
+def rank_memory(built) -> dict[str, Any]:
+    """Bytes this rank holds for parameters, gradients and optimizer states, and its activations."""
+    layout, params = built.plan.layout(), built.engine.params
+    p_bytes = sum(p.numel() * p.element_size() for p in params)
+    optim = ADAM_STATES * sum(p.numel() * 4 for p in params)  # fp32 states
+    if layout.zero1:
+        optim = -(-optim // layout.dp)
+    graphs = built.result.train_stage.graphs
+    saved = {name: saved_activation_bytes(g) for name, g in graphs.items() if name.endswith("backward")}
+    per_micro = sum(saved.values())
+    # 1F1B keeps at most (pp - pp_rank) micro-batches' activations alive on a pipeline rank (times vpp chunks)
+    st = built.engine.st
+    in_flight = 1 if layout.pp == 1 else min(layout.micro_batches,
+                                            (layout.pp - (st.coords.pp if st else 0)) * layout.vpp)
+    return {"parameters": sum(p.numel() for p in params), "parameter_bytes": p_bytes, "gradient_bytes": p_bytes,
+            "optimizer_bytes": optim, "activation_bytes_per_micro_batch": per_micro,
+            "activation_bytes_peak_estimate": per_micro * in_flight}
+
+
+def rank_communication(built) -> dict[str, dict[str, int]]:
+    """Collectives per optimizer step: in-graph ones × micro-batches, plus data-parallel gradient
+    averaging, ZeRO-1's parameter all-gather, and pipeline sends (activations and their gradients)."""
+    layout = built.plan.layout()
+    total: dict[str, dict[str, int]] = {}
+    for name, g in built.result.train_stage.graphs.items():
+        add_into(total, graph_collectives(g), layout.micro_batches)
+    grad_bytes = sum(p.numel() * p.element_size() for p in built.engine.params)
+    if layout.dp > 1:
+        add_into(total, {"dp_grad_all_reduce": {"calls": 1, "bytes": grad_bytes}})
+    if layout.zero1:
+        add_into(total, {"zero1_param_all_gather": {"calls": 1, "bytes": grad_bytes}})
+    runner = built.engine.pipeline
+    if runner is not None and hasattr(runner, "send_bytes_per_micro_batch"):
+        sent = runner.send_bytes_per_micro_batch()
+        add_into(total, {"pp_send_recv": {"calls": 2 * layout.micro_batches, "bytes": 2 * sent * layout.micro_batches}})
+    return total
+
+
+def build_report(built, tokens_per_step: int) -> dict[str, Any]:
+    res = built.result
     fwd = forward_flops(res.model_graph)
     bw = res.train_stage.graphs.get("backward")
+    mem = rank_memory(built)
     return {
         "backend": res.backend,
-        "parameters": n_params,
-        "parameter_bytes": sum(p.numel() * p.element_size() for p in params.values()),
+        "rank": built.rank,
+        "layout": built.plan.layout().describe(),
+        "parameters": mem["parameters"],
+        "parameter_bytes": mem["parameter_bytes"],
+        "memory": mem,
+        "communication": rank_communication(built),
         "tokens_per_step": tokens_per_step,
         "flops_per_step": 3 * fwd,
         "forward_flops": fwd,
-        "saved_activation_bytes": saved_activation_bytes(bw) if bw is not None else None,
+        "saved_activation_bytes": saved_activation_bytes(bw) if bw is not None else mem["activation_bytes_per_micro_batch"],
         "passes": [
             {"name": r.name, "graph": r.graph_kind, "nodes_before": r.nodes_before, "nodes_after": r.nodes_after,
              "added": r.added, "removed": r.removed, "counters": r.counters, "seconds": round(r.seconds, 4)}
             for r in res.records + res.train_stage.records
         ],
         "train_graphs": {k: len(g.graph.nodes) for k, g in res.train_stage.graphs.items()},
-        "compile_counts": compiled.compile_counts,
+        "compile_counts": dict(res.train_stage.compiles),
     }
 
 
@@ -43,20 +88,29 @@ def _fmt_bytes(n: float | None) -> str:
     return ""
 
 
-def report_markdown(report: dict[str, Any], plan: dict[str, Any]) -> str:
+def report_markdown(report: dict[str, Any], plan: dict[str, Any], ranks: list[dict[str, Any]] | None = None) -> str:
+    """report.md: rank 0's passes and figures, and a per-rank memory/communication table."""
     lines = [
         f"# graphllm compile report: {plan['model']}",
         "",
-        f"- backend: {report['backend']}, amp: {plan['amp']}, batch × seq: {plan['batch_size']} × {plan['seq_len']}",
-        f"- parameters: {report['parameters']:,} ({_fmt_bytes(report['parameter_bytes'])})",
-        f"- FLOPs per step (fwd+bwd, matmul-class): {report['flops_per_step'] / 1e9:.2f} GFLOP "
-        f"({report['flops_per_step'] / report['tokens_per_step'] / 1e6:.1f} MFLOP/token)",
+        f"- backend: {report['backend']}, amp: {plan['amp']}, micro-batch × seq: {plan['batch_size']} × "
+        f"{plan['seq_len']}, layout: {report['layout']}",
+        f"- parameters on rank 0: {report['parameters']:,} ({_fmt_bytes(report['parameter_bytes'])})",
+        f"- FLOPs per micro-batch on rank 0 (fwd+bwd, matmul-class): {report['flops_per_step'] / 1e9:.2f} GFLOP",
         f"- saved activations (forward → backward): {_fmt_bytes(report['saved_activation_bytes'])}",
         "- aot graphs: " + ", ".join(f"{k} {v} nodes" for k, v in report["train_graphs"].items()),
         "",
-        "| pass | graph | nodes before | after | added | removed | counters |",
-        "|---|---|---|---|---|---|---|",
     ]
+    ranks = ranks or [report]
+    lines += ["| rank | parameters | grads | optimizer | activations (peak est.) | communication per step |",
+              "|---|---|---|---|---|---|"]
+    for r in ranks:
+        m = r["memory"]
+        comm = ", ".join(f"{k} {v['calls']}× {_fmt_bytes(v['bytes'])}" for k, v in r["communication"].items()) or "none"
+        lines.append(f"| {r['rank']} | {_fmt_bytes(m['parameter_bytes'])} | {_fmt_bytes(m['gradient_bytes'])} | "
+                     f"{_fmt_bytes(m['optimizer_bytes'])} | {_fmt_bytes(m['activation_bytes_peak_estimate'])} | {comm} |")
+    lines += ["", "| pass | graph | nodes before | after | added | removed | counters |",
+              "|---|---|---|---|---|---|---|"]
     for p in report["passes"]:
         counters = ", ".join(f"{k}={v}" for k, v in p["counters"].items())
         lines.append(f"| {p['name']} | {p['graph']} | {p['nodes_before']} | {p['nodes_after']} | {p['added']} | "

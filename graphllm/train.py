@@ -7,7 +7,7 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Protocol
 
 import torch
 from torch import nn
@@ -58,37 +58,68 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def decay_groups(params: Iterable[nn.Parameter], weight_decay: float) -> list[dict]:
+    """AdamW parameter groups: decay on matrices, none on norms and biases."""
+    params = list({id(p): p for p in params if p.requires_grad}.values())
+    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+
+
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW with decay on matrices only; fused where the device supports it (CPU and CUDA do)."""
-    params = {id(p): (n, p) for n, p in model.named_parameters() if p.requires_grad}
-    decay = [p for n, p in params.values() if p.dim() >= 2]
-    no_decay = [p for n, p in params.values() if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=True)
+    return torch.optim.AdamW(decay_groups(model.parameters(), cfg.weight_decay), lr=cfg.lr,
+                             betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=True)
 
 
-StepFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+class StepEngine(Protocol):
+    """What the loop needs from a rank's step (graphllm.parallel.engine.Engine, or SingleEngine)."""
+
+    def forward_backward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> float: ...
+    def clip_grad_norm(self, max_norm: float) -> float: ...
+    def make_optimizer(self, cfg: TrainConfig) -> Any: ...
+
+
+class SingleEngine:
+    """One process, one graph: loss = step_fn(ids, labels); backward; torch's clipping; AdamW."""
+
+    def __init__(self, step_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], model: nn.Module):
+        self.step_fn, self.model = step_fn, model
+        self.params = [p for p in model.parameters() if p.requires_grad]
+
+    def forward_backward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> float:
+        loss = self.step_fn(input_ids, labels)
+        loss.backward()
+        return loss.item()
+
+    def clip_grad_norm(self, max_norm: float) -> float:
+        return float(torch.nn.utils.clip_grad_norm_(self.params, max_norm if max_norm > 0 else float("inf")))
+
+    def make_optimizer(self, cfg: TrainConfig) -> torch.optim.AdamW:
+        return make_optimizer(self.model, cfg)
+
+
 BatchFn = Callable[[int], tuple[torch.Tensor, torch.Tensor]]
 
 
-def train_steps(step_fn: StepFn, model: nn.Module, batch_at: BatchFn, cfg: TrainConfig) -> Iterator[dict]:
-    """Run the loop; yield one metrics dict per step (loss, lr, grad norm, tokens/s, step time)."""
+def train_steps(engine: StepEngine, batch_at: BatchFn, cfg: TrainConfig, *, optimizer: Any = None,
+                start_step: int = 0) -> Iterator[dict]:
+    """Run steps start_step..cfg.steps-1; yield one metrics dict per step (loss, lr, grad norm, tokens/s).
+
+    The generator pauses after each optimizer step, so a caller can checkpoint between steps.
+    """
     torch.manual_seed(cfg.seed)
-    opt = make_optimizer(model, cfg)
-    params = [p for p in model.parameters() if p.requires_grad]
+    opt = optimizer if optimizer is not None else engine.make_optimizer(cfg)
     t_start = time.perf_counter()
     tokens_done = 0
-    for step in range(cfg.steps):
+    for step in range(start_step, cfg.steps):
         t0 = time.perf_counter()
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
         input_ids, labels = batch_at(step)
-        loss = step_fn(input_ids, labels)
-        loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        loss_value = engine.forward_backward(input_ids, labels)
+        norm = engine.clip_grad_norm(cfg.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        loss_value = loss.item()
         if not math.isfinite(loss_value):
             raise GraphllmError(f"loss became {loss_value} at step {step + 1}; lower --lr or check the data")
         dt = time.perf_counter() - t0
@@ -101,17 +132,22 @@ def train_steps(step_fn: StepFn, model: nn.Module, batch_at: BatchFn, cfg: Train
 class MetricsWriter:
     """Appends metrics as JSON lines (one object per line), flushing each so a crash loses nothing."""
 
-    def __init__(self, path: Path, header: dict):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._f = path.open("a")
+    def __init__(self, path: Path | None, header: dict):
+        """`path` None: write nothing (ranks other than 0)."""
+        self._f = None
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._f = path.open("a")
         self.write({"event": "start", **header})
 
     def write(self, record: dict) -> None:
-        self._f.write(json.dumps(record) + "\n")
-        self._f.flush()
+        if self._f is not None:
+            self._f.write(json.dumps(record) + "\n")
+            self._f.flush()
 
     def close(self) -> None:
-        self._f.close()
+        if self._f is not None:
+            self._f.close()
 
 
 def config_dict(cfg: TrainConfig) -> dict:

@@ -6,7 +6,7 @@ A leaf layer: imports torch, safetensors and graphllm.errors only (never transfo
 from .config import ModelConfig
 from .llama import LlamaForCausalLM
 from .presets import PRESETS
-from .registry import build_model, load_model
+from .registry import build_model, load_config, load_model
 from .rope import rope_inv_freq
 from .weights import load_state_dict_into, read_hf_state_dict, save_hf
 
@@ -15,6 +15,7 @@ __all__ = [
     "LlamaForCausalLM",
     "ModelConfig",
     "build_model",
+    "load_config",
     "load_model",
     "load_state_dict_into",
     "read_hf_state_dict",

@@ -25,6 +25,21 @@ def build_model(cfg: ModelConfig, *, seed: int = 0, dtype: torch.dtype = torch.f
     return model.to(dtype)
 
 
+def load_config(name_or_path: str | os.PathLike[str]) -> ModelConfig:
+    """The ModelConfig of a preset or HF directory, without building the model (for plan checks)."""
+    name = os.fspath(name_or_path)
+    if name in PRESETS:
+        return PRESETS[name]()
+    path = Path(name).expanduser()
+    if not (path.is_dir() and (path / CONFIG_FILE).is_file()):
+        raise GraphllmError(f"{name!r} is neither a preset ({', '.join(PRESETS)}) nor a directory with config.json")
+    try:
+        hf = json.loads((path / CONFIG_FILE).read_text())
+    except json.JSONDecodeError as e:
+        raise GraphllmError(f"{path / CONFIG_FILE} is not valid JSON: {e}") from None
+    return ModelConfig.from_hf(hf, source=str(path / CONFIG_FILE))
+
+
 def load_model(
     name_or_path: str | os.PathLike[str],
     *,

@@ -9,6 +9,8 @@ conjugate collective, which is what makes the sharded model's gradients equal th
 | tp_copy(x)                       | identity                    | all-reduce (sum)             |
 | tp_reduce(x)                     | all-reduce (sum)            | identity                     |
 | tp_reduce_max(x)                 | all-reduce (max)            | — (callers pass detached x)  |
+| tp_gather(x, dim, size)          | all-gather along dim        | split (this rank's chunk)    |
+| tp_split(x, dim, size)           | split (this rank's chunk)   | all-gather along dim         |
 | sp_gather(x, dim, size)          | all-gather along dim        | reduce-scatter along dim     |
 | sp_reduce_scatter(x, dim, size)  | reduce-scatter along dim    | all-gather along dim         |
 
@@ -64,6 +66,28 @@ def tp_reduce_max(x: Tensor, group: str) -> Tensor:
     return all_reduce_decomposed(x, "max", _name(group))
 
 
+def split_decomposed(x: Tensor, dim: int, size: int, rank: int) -> Tensor:
+    return x.chunk(size, dim)[rank].contiguous()
+
+
+def _group_rank(group: str) -> int:
+    import torch.distributed as dist
+
+    from graphllm.parallel.groups import group_for
+
+    return dist.get_rank(group_for(group))
+
+
+@torch.library.custom_op("graphllm::tp_gather", mutates_args=())
+def tp_gather(x: Tensor, dim: int, size: int, group: str) -> Tensor:
+    return all_gather_decomposed(x, dim, size, _name(group))
+
+
+@torch.library.custom_op("graphllm::tp_split", mutates_args=())
+def tp_split(x: Tensor, dim: int, size: int, group: str) -> Tensor:
+    return split_decomposed(x, dim, size, _group_rank(group))
+
+
 @torch.library.custom_op("graphllm::sp_gather", mutates_args=())
 def sp_gather(x: Tensor, dim: int, size: int, group: str) -> Tensor:
     return all_gather_decomposed(x, dim, size, _name(group))
@@ -92,8 +116,10 @@ def _scattered(x: Tensor, dim: int, size: int, group: str) -> Tensor:
 
 for _op in (tp_copy, tp_reduce, tp_reduce_max):
     _op.register_fake(_same)
-sp_gather.register_fake(_gathered)
-sp_reduce_scatter.register_fake(_scattered)
+for _op in (sp_gather, tp_gather):
+    _op.register_fake(_gathered)
+for _op in (sp_reduce_scatter, tp_split):
+    _op.register_fake(_scattered)
 
 
 def _setup_group(ctx, inputs, output):
@@ -110,6 +136,12 @@ tp_reduce.register_autograd(lambda ctx, g: (g, None), setup_context=_setup_group
 sp_gather.register_autograd(
     lambda ctx, g: (torch.ops.graphllm.sp_reduce_scatter(g, ctx.dim, ctx.size, ctx.group), None, None, None),
     setup_context=_setup_dim)
+tp_gather.register_autograd(
+    lambda ctx, g: (torch.ops.graphllm.tp_split(g, ctx.dim, ctx.size, ctx.group), None, None, None),
+    setup_context=_setup_dim)
+tp_split.register_autograd(
+    lambda ctx, g: (torch.ops.graphllm.tp_gather(g, ctx.dim, ctx.size, ctx.group), None, None, None),
+    setup_context=_setup_dim)
 sp_reduce_scatter.register_autograd(
     lambda ctx, g: (torch.ops.graphllm.sp_gather(g, ctx.dim, ctx.size, ctx.group), None, None, None),
     setup_context=_setup_dim)
@@ -118,6 +150,8 @@ COLLECTIVE_OPS = {
     torch.ops.graphllm.tp_copy.default: "identity",
     torch.ops.graphllm.tp_reduce.default: "all_reduce",
     torch.ops.graphllm.tp_reduce_max.default: "all_reduce",
+    torch.ops.graphllm.tp_gather.default: "all_gather",
+    torch.ops.graphllm.tp_split.default: "identity",
     torch.ops.graphllm.sp_gather.default: "all_gather",
     torch.ops.graphllm.sp_reduce_scatter.default: "reduce_scatter",
 }

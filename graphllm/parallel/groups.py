@@ -105,3 +105,26 @@ def all_ranks_agree(value: int) -> bool:
     t = torch.tensor([value, -value], dtype=torch.int64)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return int(t[0]) == value and int(-t[1]) == value
+
+
+def broadcast_object(obj, src: int = 0):
+    """`obj` from rank `src` on every rank (itself outside a process group)."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def gather_objects(obj) -> list:
+    """Every rank's `obj`, in rank order, on every rank ([obj] outside a process group)."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()

@@ -1,0 +1,42 @@
+"""Communication a rank's graphs perform per step, read off the forward/backward graphs' nodes."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from graphllm.ops.collectives import COLLECTIVE_OPS
+
+c10d = torch.ops._c10d_functional
+_C10D = {c10d.all_reduce.default: "all_reduce", c10d.all_gather_into_tensor.default: "all_gather",
+         c10d.reduce_scatter_tensor.default: "reduce_scatter"}
+
+
+def _nbytes(v: Any) -> int:
+    return v.numel() * v.element_size() if isinstance(v, torch.Tensor) else 0
+
+
+def graph_collectives(gm: fx.GraphModule) -> dict[str, dict[str, int]]:
+    """{collective kind: {"calls": n, "bytes": payload bytes}} for one graph (the larger of input and
+    output for gathers/scatters, i.e. the full tensor)."""
+    out: dict[str, dict[str, int]] = defaultdict(lambda: {"calls": 0, "bytes": 0})
+    for n in gm.graph.nodes:
+        if n.op != "call_function":
+            continue
+        kind = COLLECTIVE_OPS.get(n.target) or _C10D.get(n.target)
+        if kind is None or kind == "identity":
+            continue
+        inp = n.args[0].meta.get("val") if isinstance(n.args[0], fx.Node) else None
+        out[kind]["calls"] += 1
+        out[kind]["bytes"] += max(_nbytes(inp), _nbytes(n.meta.get("val")))
+    return dict(out)
+
+
+def add_into(total: dict[str, dict[str, int]], part: dict[str, dict[str, int]], times: int = 1) -> None:
+    for kind, c in part.items():
+        t = total.setdefault(kind, {"calls": 0, "bytes": 0})
+        t["calls"] += c["calls"] * times
+        t["bytes"] += c["bytes"] * times

@@ -1,0 +1,87 @@
+"""One rank's training step under any layout: micro-batches, data-parallel reduction, clipping, optimizer.
+
+The step sees the same global batch on every rank (the data order is a function of the seed and the
+step, not of the layout); this rank takes its data-parallel slice of the rows, then either runs the
+pipeline schedule over its micro-batches or, without a pipeline, accumulates their gradients through
+the compiled graph. Gradients are then averaged over the data-parallel group, clipped by the global
+norm of the whole model's gradient, and the optimizer (AdamW, or ZeRO-1 AdamW) steps. The loss a step
+reports is the mean over micro-batches and data-parallel ranks — for equal token counts per
+micro-batch, exactly the single-process full-batch loss.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from graphllm.parallel.groups import ParallelState
+from graphllm.parallel.layout import Layout
+
+
+class Engine:
+    """Training-step driver for one rank; `step_fn` is the compiled graph, `pipeline` a PipelineRunner."""
+
+    def __init__(self, *, layout: Layout, st: ParallelState | None, named_params: dict[str, nn.Parameter],
+                 step_fn: Any = None, pipeline: Any = None, micro_batch_size: int):
+        self.layout, self.st = layout, st
+        self.named_params = named_params
+        self.params = list(named_params.values())
+        self.step_fn, self.pipeline = step_fn, pipeline
+        self.micro_batch_size = micro_batch_size
+
+    def _group(self, kind: str):
+        return self.st.group(kind) if self.st is not None and getattr(self.layout, kind) > 1 else None
+
+    def local_rows(self, t: torch.Tensor) -> torch.Tensor:
+        """This data-parallel rank's rows of the global batch."""
+        rows = self.micro_batch_size * self.layout.micro_batches
+        if t.shape[0] != rows * self.layout.dp:
+            from graphllm.errors import GraphllmError
+
+            raise GraphllmError(f"a step's batch has {t.shape[0]} rows but the plan needs micro-batch "
+                                f"{self.micro_batch_size} × {self.layout.micro_batches} micro-batches × dp "
+                                f"{self.layout.dp} = {rows * self.layout.dp}")
+        start = (self.st.coords.dp if self.st is not None else 0) * rows
+        return t[start:start + rows]
+
+    def forward_backward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> float:
+        """Forward and backward of one step's global batch; gradients left averaged in `.grad`."""
+        from graphllm.parallel.optim import reduce_gradients
+
+        ids, lab = self.local_rows(input_ids), self.local_rows(labels)
+        if self.pipeline is not None:
+            loss = self.pipeline.forward_backward(ids, lab).detach()
+        else:
+            m = self.layout.micro_batches
+            loss = torch.zeros((), dtype=torch.float32)
+            for ids_mb, lab_mb in zip(ids.chunk(m), lab.chunk(m)):
+                mb_loss = self.step_fn(ids_mb, lab_mb)
+                (mb_loss / m).backward()
+                loss += mb_loss.detach().float() / m
+        dp = self._group("dp")
+        if dp is not None:
+            reduce_gradients(self.params, dp)
+            loss = loss.clone()
+            dist.all_reduce(loss, group=dp)
+            loss /= self.layout.dp
+        return float(loss)
+
+    def clip_grad_norm(self, max_norm: float) -> float:
+        from graphllm.parallel.optim import clip_grad_norm
+
+        return clip_grad_norm(self.named_params, max_norm, self.st)
+
+    def make_optimizer(self, cfg: Any):
+        """AdamW over this rank's parameters (decay on matrices only), ZeRO-1 sharded when the plan says so."""
+        if self.layout.zero1:
+            from graphllm.parallel.optim import ZeroAdamW
+
+            return ZeroAdamW(self.named_params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                             weight_decay=cfg.weight_decay, group=self._group("dp"))
+        from graphllm.train import decay_groups
+
+        return torch.optim.AdamW(decay_groups(self.params, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                                 eps=cfg.eps, fused=True)

@@ -1,0 +1,179 @@
+"""tensor_parallel: shard parameters over the tensor-parallel group and insert its collectives.
+
+Megatron-Core's tensor parallelism, done on the captured graph: for each parameter the plan
+(passes/tp_plan.py) names, this rank's slice replaces the parameter (tagged with a ParamShard), and
+the linear/embedding using it is rewritten —
+
+    column-parallel   y_local = linear(tp_copy(x), W[rows of this rank])
+    row-parallel      y = tp_reduce(linear(x_local, W[:, cols of this rank])) (+ bias)
+    vocab embedding   tp_reduce(masked lookup in this rank's rows)
+    vocab LM head     local logits; cross-entropy becomes vocab-parallel (passes/vocab_parallel.py);
+                      logits the graph returns are all-gathered (tp_gather)
+
+tp_copy / tp_reduce are graphllm ops whose autograd rules are the conjugate collectives, so the
+backward graph gets its all-reduces from autograd. Sizes that spell head counts (`view(q, [B, S, H, D])`)
+are rewritten by shape re-propagation (passes/shapes.py). The pass is legal because each rewrite
+computes the same sums as the unsplit op, split over ranks: results change only by reduction order.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from graphllm.errors import GraphllmError
+from graphllm.parallel.layout import Layout
+from graphllm.parallel.sharding import shard_param
+from graphllm.passes.graph_edit import emit, get_attr_value, set_parameter
+from graphllm.passes.manager import PassContext, graph_pass
+from graphllm.passes.matching import is_call
+from graphllm.passes.shapes import old_shapes, repropagate
+from graphllm.passes.tp_plan import LLAMA_PLAN, normalize, style_of
+from graphllm.passes.vocab_parallel import vocab_parallel_cross_entropy, vocab_parallel_embedding
+
+aten = torch.ops.aten
+gl = torch.ops.graphllm
+_TRANSPARENT = (aten.flatten.using_ints, aten.view.default, aten.reshape.default, aten._to_copy.default,
+                aten.to.dtype, aten._unsafe_view.default)
+
+
+class _Rewriter:
+    def __init__(self, gm: fx.GraphModule, ctx: PassContext, tp: int, rank: int):
+        self.gm, self.ctx, self.tp, self.rank = gm, ctx, tp, rank
+        self.copies: dict[fx.Node, fx.Node] = {}
+        self.sharded: dict[int, torch.nn.Parameter] = {}  # id(full param) -> shard (tied weights stay tied)
+
+    def shard(self, node: fx.Node, dim: int) -> None:
+        full = get_attr_value(self.gm, node.target)
+        if id(full) not in self.sharded:
+            self.sharded[id(full)] = shard_param(full, dim, self.rank, self.tp)
+        set_parameter(self.gm, node.target, self.sharded[id(full)])
+        self.ctx.count("sharded parameters")
+
+    def copy_in(self, x: fx.Node, like: fx.Node, role: str) -> fx.Node:
+        """One tp_copy per activation, shared by every column-parallel linear reading it."""
+        if x not in self.copies:
+            with self.gm.graph.inserting_after(x):
+                self.copies[x] = emit(self.gm, gl.tp_copy.default, (x, "tp"), like, role)
+            self.ctx.count("copy (backward all-reduce)")
+        return self.copies[x]
+
+    def users(self, node: fx.Node, *targets) -> list[fx.Node]:
+        found = list(node.users)
+        for u in found:
+            if not is_call(u, *targets):
+                raise GraphllmError(f"tensor_parallel: parameter {node.target} is used by {u.target}, which its "
+                                    f"plan style does not handle; leave it out of the plan (tensor_parallel plan=...)")
+        return found
+
+    # -- styles ---------------------------------------------------------------------------------------
+    def colwise(self, node: fx.Node, kind: str) -> None:
+        self.shard(node, 0)
+        if kind == "bias":
+            return
+        for lin in self.users(node, aten.linear.default):
+            lin.args = (self.copy_in(lin.args[0], lin, "col_in"), *lin.args[1:])
+
+    def colwise_kv(self, node: fx.Node, kind: str) -> None:
+        cfg = self.ctx.config
+        kv = cfg.num_key_value_heads
+        if kv % self.tp == 0:
+            return self.colwise(node, kind)
+        # fewer kv heads than ranks: keep the whole projection, take this rank's kv head from it;
+        # tp_copy all-reduces the weight's gradient over the ranks that share each head
+        head = self.rank // (self.tp // kv)
+        hd = cfg.head_dim
+        for user in list(node.users):
+            with self.gm.graph.inserting_before(user):
+                shared = emit(self.gm, gl.tp_copy.default, (node, "tp"), user, "weight")
+                mine = emit(self.gm, aten.slice.Tensor, (shared, 0, head * hd, (head + 1) * hd), user)
+            user.replace_input_with(node, mine)
+            if kind == "weight":
+                user.args = (self.copy_in(user.args[0], user, "col_in"), *user.args[1:])
+        self.ctx.count("replicated kv projections")
+
+    def rowwise(self, node: fx.Node, kind: str) -> None:
+        if kind == "bias":
+            return  # added after the reduction by the weight's rewrite; stays whole
+        self.shard(node, 1)
+        for lin in self.users(node, aten.linear.default):
+            bias = lin.args[2] if len(lin.args) > 2 else lin.kwargs.get("bias")
+            lin.args, lin.kwargs = (lin.args[0], lin.args[1]), {}
+            with self.gm.graph.inserting_after(lin):
+                red = emit(self.gm, gl.tp_reduce.default, (lin, "tp"), lin, "row_out")
+            lin.replace_all_uses_with(red, delete_user_cb=lambda u: u is not red)
+            if bias is not None:
+                with self.gm.graph.inserting_after(red):
+                    out = emit(self.gm, aten.add.Tensor, (red, bias), lin)
+                red.replace_all_uses_with(out, delete_user_cb=lambda u: u is not out)
+            self.ctx.count("reduce (forward all-reduce)")
+
+    def vocab_embedding(self, node: fx.Node, kind: str) -> None:
+        full = get_attr_value(self.gm, node.target)
+        rows = full.shape[0] // self.tp
+        self.shard(node, 0)
+        for emb in self.users(node, aten.embedding.default):
+            partial = vocab_parallel_embedding(self.gm, emb, self.rank * rows, rows)
+            with self.gm.graph.inserting_before(emb):
+                red = emit(self.gm, gl.tp_reduce.default, (partial, "tp"), emb, "embed_out")
+            emb.replace_all_uses_with(red)
+            self.gm.graph.erase_node(emb)
+
+    def vocab_head(self, node: fx.Node, kind: str) -> None:
+        full = get_attr_value(self.gm, node.target)
+        cols = full.shape[0] // self.tp
+        self.shard(node, 0)
+        if kind == "bias":
+            return
+        for lin in self.users(node, aten.linear.default):
+            lin.args = (self.copy_in(lin.args[0], lin, "head_in"), *lin.args[1:])
+            losses, others = _loss_consumers(lin)
+            for ce in losses:
+                out = vocab_parallel_cross_entropy(self.gm, ce, self.rank * cols, cols)
+                ce.replace_all_uses_with(out)
+                self.gm.graph.erase_node(ce)
+                self.ctx.count("vocab-parallel cross-entropy")
+            if others:  # logits leave the graph (or feed other ops): gather the vocabulary back
+                with self.gm.graph.inserting_after(lin):
+                    dim = lin.meta["val"].dim() - 1
+                    full_logits = emit(self.gm, gl.tp_gather.default, (lin, dim, self.tp, "tp"), lin, "head_out")
+                for user in others:
+                    user.replace_input_with(lin, full_logits)
+
+
+def _loss_consumers(logits: fx.Node) -> tuple[list[fx.Node], list[fx.Node]]:
+    """Cross-entropy calls reached from `logits` through reshapes/casts, and logits' other users."""
+    losses, others = [], []
+    for user in logits.users:
+        chain, node = [user], user
+        while is_call(node, *_TRANSPARENT) and len(node.users) == 1:
+            node = next(iter(node.users))
+            chain.append(node)
+        if is_call(node, aten.cross_entropy_loss.default):
+            losses.append(node)
+        else:
+            others.append(user)
+    return losses, others
+
+
+@graph_pass("tensor_parallel", after=("fuse_rms_norm", "fuse_add_rms_norm", "fuse_swiglu", "fuse_rope",
+                                      "fuse_attention", "fold_constants"))
+def tensor_parallel(gm: fx.GraphModule, ctx: PassContext, *, plan: dict[str, str] | None = None) -> fx.GraphModule:
+    layout = Layout.from_plan(ctx.plan)
+    if layout.tp == 1:
+        return gm
+    if ctx.config is None:
+        raise GraphllmError("tensor_parallel needs the model's config (head counts); compile a graphllm model")
+    styles = normalize(plan or LLAMA_PLAN)
+    shapes = old_shapes(gm)
+    rw = _Rewriter(gm, ctx, layout.tp, layout.coords(ctx.rank).tp)
+    for node in [n for n in gm.graph.nodes if n.op == "get_attr"]:
+        if not isinstance(get_attr_value(gm, node.target), torch.nn.Parameter):
+            continue
+        found = style_of(node.target, styles)
+        if found is not None:
+            getattr(rw, found[0])(node, found[1])
+    gm.graph.eliminate_dead_code()
+    repropagate(gm, shapes)
+    gm.recompile()
+    return gm

@@ -1,0 +1,69 @@
+"""Tensor-parallel plans: which parameter is split how, by name pattern.
+
+A plan maps module-path patterns (`*` matches one path segment, paths relative to the model root as in
+HF's `base_model_tp_plan`, e.g. "layers.*.self_attn.q_proj") to a style:
+
+- colwise: output features split (the weight's dim 0, and the bias); the input is copied into the region.
+- colwise_kv: colwise for key/value projections; when there are fewer kv heads than ranks, each rank
+  keeps the whole projection and uses its kv head (the weight's gradient is all-reduced).
+- rowwise: input features split (the weight's dim 1); the output is all-reduced (bias added after).
+- vocab_embedding: embedding rows split by vocabulary range; out-of-range ids give zeros; all-reduced.
+- vocab_head: the LM head split by vocabulary; the loss becomes vocab-parallel cross-entropy (no
+  full-vocab logits); logits returned to the user are all-gathered.
+
+HF's style names colwise/rowwise/colwise_rep/rowwise_rep/embedding are accepted in a user plan and
+mapped onto these.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Mapping
+
+from graphllm.errors import GraphllmError
+
+STYLES = ("colwise", "colwise_kv", "rowwise", "vocab_embedding", "vocab_head")
+HF_STYLES = {"colwise": "colwise", "rowwise": "rowwise", "colwise_rep": "colwise", "rowwise_rep": "rowwise",
+             "embedding": "vocab_embedding", "local_colwise": "colwise", "local_rowwise": "rowwise"}
+
+LLAMA_PLAN: dict[str, str] = {
+    "embed_tokens": "vocab_embedding",
+    "layers.*.self_attn.q_proj": "colwise",
+    "layers.*.self_attn.k_proj": "colwise_kv",
+    "layers.*.self_attn.v_proj": "colwise_kv",
+    "layers.*.self_attn.o_proj": "rowwise",
+    "layers.*.mlp.gate_proj": "colwise",
+    "layers.*.mlp.up_proj": "colwise",
+    "layers.*.mlp.down_proj": "rowwise",
+    "lm_head": "vocab_head",
+}
+"""graphllm's plan for the Llama family (Llama 2/3, Mistral, Qwen2): Megatron-Core's layout."""
+
+_PREFIXES = ("model.", "")  # plan paths are relative to the base model; lm_head sits at the root
+
+
+def normalize(plan: Mapping[str, str]) -> dict[str, str]:
+    out = {}
+    for pattern, style in plan.items():
+        style = HF_STYLES.get(style, style)
+        if style not in STYLES:
+            raise GraphllmError(f"tensor-parallel plan entry {pattern!r}: unknown style {style!r}; "
+                                f"use one of {', '.join(STYLES)}")
+        if pattern.endswith((".k_proj", ".v_proj")) and style == "colwise":
+            style = "colwise_kv"
+        out[pattern] = style
+    return out
+
+
+def _regex(pattern: str) -> re.Pattern:
+    body = r"\.".join("[^.]+" if part == "*" else re.escape(part) for part in pattern.split("."))
+    return re.compile(rf"(?:{'|'.join(re.escape(p) for p in _PREFIXES if p)})?{body}\.(weight|bias)")
+
+
+def style_of(param_name: str, plan: Mapping[str, str]) -> tuple[str, str] | None:
+    """(style, "weight"|"bias") for a parameter path, or None when the plan leaves it whole."""
+    for pattern, style in plan.items():
+        m = _regex(pattern).fullmatch(param_name)
+        if m:
+            return style, m.group(1)
+    return None

@@ -1,0 +1,55 @@
+"""Train a few steps under a layout (one rank of it, or one process) and collect losses and parameters.
+
+Used by the parallel tests: each rank returns its losses and its local parameters with their
+ParamShard; `assemble` turns the ranks' pieces back into the model's full tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+
+SEQ = 32
+GLOBAL_BATCH = 4
+VOCAB = 8000  # tiny-llama
+
+
+def batch_at(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 + step)
+    ids = torch.randint(0, VOCAB, (GLOBAL_BATCH, SEQ), generator=g)
+    return ids, torch.randint(0, VOCAB, (GLOBAL_BATCH, SEQ), generator=g)
+
+
+def make_plan(**layout):
+    from graphllm.plan import CompilePlan
+
+    dp, micro = layout.get("dp", 1), layout.get("micro_batches", 1)
+    return CompilePlan(model="tiny-llama", batch_size=GLOBAL_BATCH // (dp * micro), seq_len=SEQ,
+                       backend=layout.pop("backend", "eager"), **layout)
+
+
+def train(layout: dict, steps: int = 5, lr: float = 1e-3) -> dict:
+    """Build the plan on this rank, train `steps` steps; losses and this rank's parameters."""
+    from graphllm.job import build
+    from graphllm.parallel.sharding import shard_of
+    from graphllm.train import TrainConfig, train_steps
+
+    built = build(make_plan(**dict(layout)))
+    cfg = TrainConfig(steps=steps, lr=lr, warmup_steps=1, grad_clip=1.0)
+    losses = [r["loss"] for r in train_steps(built.engine, batch_at, cfg)]
+    st = built.engine.st
+    params = {n: (p.detach().clone(), shard_of(p)) for n, p in built.engine.named_params.items()}
+    return {"losses": losses, "params": params, "dp": st.coords.dp if st else 0}
+
+
+def assemble(results: list[dict]) -> dict[str, torch.Tensor]:
+    """Full parameters from the ranks' pieces (data-parallel rank 0's copies)."""
+    pieces: dict[str, dict[int, torch.Tensor]] = {}
+    dims: dict[str, int | None] = {}
+    for r in results:
+        if r["dp"] != 0:
+            continue
+        for name, (t, shard) in r["params"].items():
+            pieces.setdefault(name, {})[shard.index if shard else 0] = t
+            dims[name] = shard.dim if shard else None
+    return {n: (torch.cat([p[i] for i in sorted(p)], dims[n]) if dims[n] is not None else p[0])
+            for n, p in pieces.items()}

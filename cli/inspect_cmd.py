@@ -15,7 +15,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser("inspect", help="list an artifact's graphs per pass, show one, diff two")
     p.add_argument("artifact", type=Path)
     p.add_argument("--rank", type=int, default=0, help="which rank's graphs (default 0)")
-    p.add_argument("--show", metavar="GRAPH", help="print one graph: a pass name, its number, forward or backward")
+    p.add_argument("--show", "--pass", dest="show", metavar="GRAPH", help="print one graph: a pass name, its number, forward or backward")
     p.add_argument("--table", action="store_true", help="with --show: the node table instead of the code")
     p.add_argument("--diff", nargs=2, metavar=("A", "B"), help="unified diff of two graphs' code")
     p.set_defaults(func=run)

@@ -142,6 +142,7 @@ def load_pass_spec(spec: str) -> GraphPass:
 
 def parallel_passes(layout: Layout) -> list[GraphPass]:
     """The sharding passes a layout needs (pipeline splitting is done by the compile step itself)."""
+    from graphllm.passes.dp_grad_reduce import dp_grad_reduce, in_graph
     from graphllm.passes.sequence_parallel import sequence_parallel
     from graphllm.passes.tensor_parallel import tensor_parallel
 
@@ -150,6 +151,8 @@ def parallel_passes(layout: Layout) -> list[GraphPass]:
         out.append(tensor_parallel)
     if layout.sequence_parallel:
         out.append(sequence_parallel)
+    if in_graph(layout):
+        out.append(dp_grad_reduce)
     return out
 
 

@@ -49,8 +49,6 @@ class Engine:
 
     def forward_backward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> float:
         """Forward and backward of one step's global batch; gradients left averaged in `.grad`."""
-        from graphllm.parallel.optim import reduce_gradients
-
         ids, lab = self.local_rows(input_ids), self.local_rows(labels)
         if self.pipeline is not None:
             loss = self.pipeline.forward_backward(ids, lab).detach()
@@ -63,13 +61,21 @@ class Engine:
                 loss += mb_loss.detach().float() / m
         dp = self._group("dp")
         if dp is not None:
-            reduce_gradients(self.params, dp)
+            from graphllm.passes.dp_grad_reduce import in_graph
+
+            if not in_graph(self.layout):  # else the backward graph reduced them, overlapped
+                from graphllm.parallel.optim import reduce_gradients
+
+                reduce_gradients(self.params, dp)
             loss = loss.clone()
             dist.all_reduce(loss, group=dp)
             loss /= self.layout.dp
         return float(loss)
 
     def clip_grad_norm(self, max_norm: float) -> float:
+        """Clip by the global norm of the whole model's gradient (across tensor and pipeline ranks)."""
+        if self.layout.world_size == 1:
+            return float(torch.nn.utils.clip_grad_norm_(self.params, max_norm if max_norm > 0 else float("inf")))
         from graphllm.parallel.optim import clip_grad_norm
 
         return clip_grad_norm(self.named_params, max_norm, self.st)

@@ -23,27 +23,29 @@ def _attention_flops(q, k, v, causal: bool) -> int:
     return 2 * 2 * b * h * sq * sk * d
 
 
+def node_flops(n: fx.Node) -> int:
+    """Multiply-add FLOPs (2 per MAC) of one node's forward; 0 for anything not matmul-class."""
+    if n.op != "call_function":
+        return 0
+    t = n.target
+    if t in (aten.linear.default,):
+        x, w = _shape(n.args[0]), _shape(n.args[1])
+        if x and w:
+            return 2 * math.prod(x[:-1]) * w[0] * w[1]
+    elif t in (aten.matmul.default, aten.mm.default, aten.bmm.default):
+        a, out = _shape(n.args[0]), _shape(n)
+        if a and out:
+            return 2 * math.prod(out) * a[-1]
+    elif t in (aten.scaled_dot_product_attention.default, torch.ops.graphllm.attention.default):
+        q, k, v = (_shape(a) for a in n.args[:3])
+        if q and k and v:
+            return _attention_flops(q, k, v, True)
+    return 0
+
+
 def forward_flops(gm: fx.GraphModule) -> int:
     """Multiply-add FLOPs (2 per MAC) of one forward pass of a model-stage graph."""
-    total = 0
-    for n in gm.graph.nodes:
-        if n.op != "call_function":
-            continue
-        t = n.target
-        out = _shape(n)
-        if t in (aten.linear.default,):
-            x, w = _shape(n.args[0]), _shape(n.args[1])
-            if x and w:
-                total += 2 * math.prod(x[:-1]) * w[0] * w[1]
-        elif t in (aten.matmul.default, aten.mm.default, aten.bmm.default):
-            a = _shape(n.args[0])
-            if a and out:
-                total += 2 * math.prod(out) * a[-1]
-        elif t in (aten.scaled_dot_product_attention.default, torch.ops.graphllm.attention.default):
-            q, k, v = (_shape(a) for a in n.args[:3])
-            if q and k and v:
-                total += _attention_flops(q, k, v, True)
-    return total
+    return sum(node_flops(n) for n in gm.graph.nodes)
 
 
 def train_step_flops(gm: fx.GraphModule) -> int:

@@ -1,0 +1,142 @@
+"""Run a pipeline split (passes/pipeline_split.py) with torch.distributed.pipelining.
+
+Each pipeline rank builds only its own stages (`layout.stages_of(pp_rank)`): a module around the
+compiled stage graph, a `PipelineStage` on the pp group with example inputs/outputs taken from the
+graphs' recorded shapes (static metadata, so pipelining never runs a stage to infer shapes), and
+`Schedule1F1B` (vpp = 1) or `ScheduleInterleaved1F1B` (vpp > 1). The rank holding the last stage
+also runs the compiled loss graph on each micro-batch's last-stage outputs and labels.
+
+Gradient scale: each micro-batch's loss is divided by the number of micro-batches before its backward
+(schedules get `scale_grads=False`), so `.grad` accumulates the gradient of the mean micro-batch
+loss. That equals pipelining's `scale_grads=True`, which instead divides all of `.grad` after the
+step, including gradients already there from before it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.fx as fx
+from torch import nn
+from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleInterleaved1F1B
+
+from graphllm.errors import GraphllmError
+from graphllm.parallel.groups import ParallelState
+from graphllm.parallel.layout import Layout
+
+if TYPE_CHECKING:
+    from graphllm.passes.pipeline_split import PipelineSplit
+
+
+class StageModule(nn.Module):
+    """One stage: its graph (so `.parameters()` are the stage's, plus the loss graph's on the last stage)
+    and the compiled callable that runs it."""
+
+    def __init__(self, gm: fx.GraphModule, fn: Callable, loss: fx.GraphModule | None = None):
+        super().__init__()
+        self.stage = gm
+        if loss is not None:
+            self.loss = loss
+        # kept outside the module tree: a torch.compile wrapper is a module holding the same parameters
+        object.__setattr__(self, "_fn", fn)
+
+    def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        # P2P sends and the receivers' buffers are contiguous; compiled graphs may return other strides
+        return tuple(t.contiguous() for t in self._fn(*args))
+
+
+def _examples(nodes: Sequence[fx.Node], device: torch.device, grad: bool) -> tuple[torch.Tensor, ...]:
+    """Empty tensors shaped like the nodes' recorded values; floating ones require grad when `grad`.
+
+    Requiring grad on every floating activation is safe: a gradient that backward leaves as None is
+    sent as zeros by pipelining, while a missing one would leave the receiver waiting."""
+    out = []
+    for n in nodes:
+        v = n.meta["val"]
+        t = torch.empty(tuple(v.shape), dtype=v.dtype, device=device)
+        out.append(t.requires_grad_(grad and v.is_floating_point()))
+    return tuple(out)
+
+
+def _io(gm: fx.GraphModule) -> tuple[list[fx.Node], list[fx.Node]]:
+    nodes = list(gm.graph.nodes)
+    out = next(n for n in nodes if n.op == "output").args[0]
+    return [n for n in nodes if n.op == "placeholder"], list(out)
+
+
+class PipelineRunner:
+    """This pipeline rank's stages and schedule; `forward_backward` runs one step of micro-batches."""
+
+    def __init__(self, split: PipelineSplit, layout: Layout, st: ParallelState, *,
+                 compile_stage: Callable[[fx.GraphModule, str], Callable], micro_batch_size: int, seq_len: int,
+                 device: str | torch.device = "cpu"):
+        layout.check_options()
+        if layout.pp < 2:
+            raise GraphllmError(f"a pipeline needs --pp ≥ 2, got --pp {layout.pp}")
+        if len(split.stages) != layout.num_stages:
+            raise GraphllmError(f"the split has {len(split.stages)} stages but pp×vpp = {layout.num_stages}; "
+                                "split the graph with this layout")
+        ids = _io(split.stages[0])[0][0].meta["val"]
+        if tuple(ids.shape) != (micro_batch_size, seq_len):
+            raise GraphllmError(f"the graph was captured for input_ids {list(ids.shape)} but a micro-batch is "
+                                f"[{micro_batch_size}, {seq_len}]; capture with one micro-batch's shape")
+        self.layout, self.micro_batch_size, self.seq_len = layout, micro_batch_size, seq_len
+        self.device = torch.device(device)
+        self.group = st.group("pp")
+        last = layout.num_stages - 1
+        self.stage_indices = layout.stages_of(st.coords.pp)
+        self.last_pp_rank = last % layout.pp
+        self.holds_first, self.holds_last = 0 in self.stage_indices, last in self.stage_indices
+        self.modules: list[StageModule] = []
+        self.stages: list[PipelineStage] = []
+        for i in self.stage_indices:
+            gm = split.stages[i]
+            mod = StageModule(gm, compile_stage(gm, f"stage{i}"), split.loss if i == last else None)
+            ins, outs = _io(gm)
+            self.modules.append(mod)
+            self.stages.append(PipelineStage(
+                mod, i, layout.num_stages, self.device, input_args=_examples(ins, self.device, grad=i > 0),
+                output_args=_examples(outs, self.device, grad=True), group=self.group))
+        self._loss = compile_stage(split.loss, "loss") if self.holds_last else None
+        m = layout.micro_batches
+        if layout.vpp == 1:
+            self.schedule = Schedule1F1B(self.stages[0], m, loss_fn=self._micro_batch_loss, scale_grads=False)
+        else:
+            self.schedule = ScheduleInterleaved1F1B(self.stages, m, loss_fn=self._micro_batch_loss, scale_grads=False)
+
+    def _micro_batch_loss(self, outputs, labels: torch.Tensor) -> torch.Tensor:
+        outs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
+        return self._loss(*outs, labels) / self.layout.micro_batches
+
+    def forward_backward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Forward and backward of this data-parallel rank's batch [micro_batches * micro_batch_size, seq_len].
+
+        Gradients of the mean micro-batch loss accumulate into this rank's parameters' `.grad`; returns
+        that mean loss (0-dim fp32), the same on every pipeline rank."""
+        rows = self.layout.micro_batches * self.micro_batch_size
+        for name, t in (("input_ids", input_ids), ("labels", labels)):
+            if tuple(t.shape) != (rows, self.seq_len):
+                raise GraphllmError(f"{name} is {list(t.shape)} but a pipeline step takes [micro_batches "
+                                    f"{self.layout.micro_batches} × micro-batch {self.micro_batch_size}, "
+                                    f"seq {self.seq_len}] = [{rows}, {self.seq_len}]")
+        args = (input_ids.to(self.device),) if self.holds_first else ()
+        target = labels.to(self.device) if self.holds_last else None
+        losses: list[torch.Tensor] = []
+        self.schedule.step(*args, target=target, losses=losses if self.holds_last else None, return_outputs=False)
+        if self.holds_last:
+            loss = torch.stack([x.detach().float() for x in losses]).sum()
+        else:
+            loss = torch.zeros((), dtype=torch.float32, device=self.device)
+        dist.broadcast(loss, group=self.group, group_src=self.last_pp_rank)
+        return loss
+
+    def named_parameters(self) -> dict[str, nn.Parameter]:
+        """This rank's parameters under their full-model names (only its own stages' and the loss graph's)."""
+        out: dict[str, nn.Parameter] = {}
+        for mod in self.modules:
+            out.update(mod.stage.named_parameters())
+            if hasattr(mod, "loss"):
+                out.update(mod.loss.named_parameters())
+        return out

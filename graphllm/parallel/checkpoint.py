@@ -1,0 +1,308 @@
+"""Layout-independent training checkpoints with torch.distributed.checkpoint (DCP).
+
+A checkpoint is a directory (`step_<N>/` by convention) of DCP files plus `graphllm_checkpoint.json`.
+It stores each full logical tensor once: a tensor-parallel shard is saved as a DTensor, Shard(dim)
+over its group's mesh dimension; a whole tensor is saved plainly by every rank that holds it, and DCP's
+save planner keeps one copy of each (fqn, offset) chunk, which drops data-parallel and tensor-parallel
+replicas. Any layout, or one process without a process group, can therefore load any checkpoint.
+
+Keys: "model/<fqn>", "optim/<fqn>/<state name>" (sharded like the parameter when shaped like it),
+"optim/step", "extra/<name>" (rank 0's values). Non-tensor values are stored wrapped in a 1-tuple so
+DCP pickles them whole instead of flattening dicts into keys.
+
+Atomic: DCP writes into a hidden temp sibling chosen by rank 0; after every rank has written, rank 0
+writes the json marker last and renames the temp directory onto `path`. A crash before the rename
+leaves nothing at `path`; readers require the marker. All ranks must see `path` on one filesystem.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.tensor import DTensor, Shard
+
+from graphllm.data.cache import atomic_write
+from graphllm.errors import GraphllmError
+from graphllm.parallel.sharding import ParamShard, shard_of
+
+MARKER = "graphllm_checkpoint.json"
+FORMAT = "graphllm-dcp/1"
+STEP_DIR = re.compile(r"step_(\d+)")
+
+
+@dataclass(slots=True)
+class LoadedCheckpoint:
+    step: int
+    optim_state: dict | None
+    """{"step": int, "state": {fqn: {name: Tensor}}}, tensors shaped like this rank's local params."""
+    extra: dict
+    meta: dict
+    """The marker json: the caller's meta plus "format" and "step"."""
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _gather(obj) -> list:
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _agree(error: str | None) -> None:
+    """Raise the first rank's error on every rank: a rank entering a DCP collective alone would hang."""
+    error = next((e for e in _gather(error) if e), None)
+    if error:
+        raise GraphllmError(error)
+
+
+def _dcp(fn, state: dict, **kw) -> None:
+    """dcp.save/load; without a process group DCP works in one process, which is intended here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        fn(state, **kw)
+
+
+def _shard(t: torch.Tensor) -> ParamShard | None:
+    """The tensor's ParamShard when it really is split (a 1-of-1 shard is whole)."""
+    s = shard_of(t)
+    return s if s is not None and s.count > 1 else None
+
+
+def _mesh_problem(fqn: str, shard: ParamShard, st) -> str | None:
+    """Why `st` cannot express this shard as a DTensor (None when it can)."""
+    if st is None or st.mesh is None:
+        return (f"parameter {fqn} is shard {shard.index} of {shard.count} but this process has no {shard.group} group; "
+                "call init_parallel with the layout that sharded it")
+    mesh = st.mesh[shard.group]
+    if mesh.size() != shard.count or mesh.get_local_rank() != shard.index:
+        return (f"parameter {fqn} is shard {shard.index} of {shard.count} but this rank is {mesh.get_local_rank()} "
+                f"of {mesh.size()} in its {shard.group} group")
+    return None
+
+
+def _dtensor(local: torch.Tensor, shard: ParamShard, st) -> DTensor:
+    full = torch.Size(shard.full_shape)
+    stride = torch.empty(full, device="meta").stride()
+    return DTensor.from_local(local, st.mesh[shard.group], [Shard(shard.dim)], run_check=False,
+                              shape=full, stride=stride)
+
+
+def _unwrap(value):
+    return value[0] if isinstance(value, tuple) else value
+
+
+def _for_save(value, shard: ParamShard | None, st):
+    if not isinstance(value, torch.Tensor):
+        return (value,)
+    return _dtensor(value.detach(), shard, st) if shard is not None else value.detach()
+
+
+def save_checkpoint(path: Path, *, step: int, named_params: dict[str, torch.nn.Parameter], optim_state: dict | None,
+                    extra: dict, meta: dict, st) -> Path:
+    """Every rank calls this with its local params; returns `path` once the checkpoint is complete there.
+
+    `optim_state`: {"step": int, "state": {fqn: {name: Tensor}}} (local, like the params) or None.
+    `extra`: rank 0's values are stored (tensors or picklable objects). `meta` must be json-able; a
+    "fingerprint" key is what load_checkpoint's `expect_fingerprint` compares against."""
+    path = Path(path)
+    error, tmp = None, None
+    for fqn, p in named_params.items():
+        if (shard := _shard(p)) is not None:
+            error = error or _mesh_problem(fqn, shard, st)
+    for fqn in (optim_state or {}).get("state", {}):
+        if fqn not in named_params:
+            error = error or f"optimizer state names {fqn}, which is not among this rank's parameters"
+    if _rank() == 0 and error is None:
+        if path.exists():
+            what = "a complete checkpoint" if (path / MARKER).is_file() else "something that is not a graphllm checkpoint"
+            error = f"{path} already holds {what}; refusing to overwrite it: save to a new directory or delete it first"
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    proposals = _gather((error, tmp))
+    error = next((e for e, _ in proposals if e), None)
+    if error:
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise GraphllmError(error)
+    tmp = Path(proposals[0][1])
+
+    state: dict = {f"model/{fqn}": _for_save(p, _shard(p), st) for fqn, p in named_params.items()}
+    if optim_state is not None:
+        state["optim/step"] = (int(optim_state["step"]),)
+        for fqn, named in optim_state["state"].items():
+            p = named_params[fqn]
+            for name, t in named.items():
+                # only a state shaped like the local param shares its sharding; others (0-dim step) are whole
+                like_param = isinstance(t, torch.Tensor) and t.shape == p.shape
+                state[f"optim/{fqn}/{name}"] = _for_save(t, _shard(p) if like_param else None, st)
+    if _rank() == 0:
+        state.update({f"extra/{k}": _for_save(v, None, st) for k, v in extra.items()})
+    marker = {**meta, "format": FORMAT, "step": int(step)}
+    try:
+        _dcp(dcp.save, state, storage_writer=FileSystemWriter(tmp))  # collective; returns after every rank wrote
+        failure = None
+        if _rank() == 0:
+            try:
+                _publish(tmp, path, marker)
+            except Exception as exc:  # noqa: BLE001 (re-raised below, after telling the other ranks)
+                failure = exc
+        reports = _gather(repr(failure) if failure else None)
+        if failure is not None:
+            raise failure
+        if reports[0]:
+            raise GraphllmError(f"checkpoint {path} was not saved: rank 0 failed to publish it ({reports[0]})")
+    except BaseException:
+        if _rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _publish(tmp: Path, path: Path, marker: dict) -> None:
+    """Write the marker (last file), then rename the temp directory onto `path` (rank 0)."""
+    atomic_write(tmp / MARKER, (json.dumps(marker, indent=1, sort_keys=True) + "\n").encode())
+    if path.exists():
+        raise GraphllmError(f"{path} appeared while the checkpoint was being written; refusing to overwrite it: "
+                            "save to a new directory")
+    os.rename(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)  # make the rename durable
+    os.fsync(fd)
+    os.close(fd)
+
+
+def _open(path: Path, expect_fingerprint: str | None) -> tuple[str | None, dict, dict]:
+    """(error, marker, DCP key -> storage metadata) read from disk by this rank."""
+    if not path.is_dir():
+        return f"checkpoint {path} does not exist; check the path (or start without --resume)", {}, {}
+    if not (path / MARKER).is_file():
+        return (f"{path} is not a complete graphllm checkpoint (no {MARKER}: an interrupted save or another "
+                "format); pick another checkpoint"), {}, {}
+    try:
+        marker = json.loads((path / MARKER).read_text())
+    except (OSError, ValueError) as exc:
+        return f"cannot read {path / MARKER}: {exc}; the checkpoint is damaged: pick another one", {}, {}
+    fingerprint = marker.get("fingerprint")
+    if expect_fingerprint is not None and fingerprint != expect_fingerprint:
+        return (f"checkpoint {path} is for another model (fingerprint {fingerprint}, this model {expect_fingerprint}); "
+                "load it with the model it was saved from"), marker, {}
+    return None, marker, FileSystemReader(path).read_metadata().state_dict_metadata
+
+
+def _target(local: torch.Tensor, shard: ParamShard | None, st):
+    """What DCP loads into: `local` itself, a DTensor over it, or a full tensor to slice afterwards."""
+    if shard is None:
+        return local
+    if _mesh_problem("", shard, st) is None:
+        return _dtensor(local, shard, st)
+    return torch.empty(shard.full_shape, dtype=local.dtype, device=local.device)
+
+
+def load_checkpoint(path: Path, *, named_params: dict[str, torch.nn.Parameter], want_optim: bool, st,
+                    expect_fingerprint: str | None) -> LoadedCheckpoint:
+    """Every rank calls this with its own layout's local params; copies the checkpoint into them in place."""
+    path = Path(path)
+    error, marker, md = _open(path, expect_fingerprint)
+    state: dict = {}
+    fills: list[tuple[str, torch.Tensor, ParamShard | None]] = []  # (key, local destination, shard)
+    optim: dict[str, dict[str, torch.Tensor]] = {}
+
+    def want(key: str, local: torch.Tensor, shard: ParamShard | None) -> None:
+        state[key] = _target(local, shard, st)
+        fills.append((key, local, shard))
+
+    for fqn, p in named_params.items() if error is None else ():
+        shard = _shard(p)
+        full = tuple(shard.full_shape if shard else p.shape)
+        entry = md.get(f"model/{fqn}")
+        if not isinstance(entry, TensorStorageMetadata):
+            error = error or (f"checkpoint {path} has no parameter {fqn}; it was saved from a model with other "
+                              "parameter names: load a checkpoint of this model")
+        elif tuple(entry.size) != full:
+            error = error or (f"checkpoint {path} has {fqn} shaped {tuple(entry.size)} but the model's is {full}; "
+                              "load a checkpoint of this model configuration")
+        else:
+            want(f"model/{fqn}", p.detach(), shard)
+    if error is None and want_optim:
+        if "optim/step" not in md:
+            error = f"checkpoint {path} holds no optimizer state; load it with want_optim=False (weights only)"
+        state["optim/step"] = None
+        for key, entry in md.items():
+            fqn, _, name = key.removeprefix("optim/").rpartition("/")
+            if not key.startswith("optim/") or fqn not in named_params:
+                continue
+            p = named_params[fqn]
+            shard = _shard(p)
+            if not isinstance(entry, TensorStorageMetadata):
+                state[key] = None
+                continue
+            like_param = tuple(entry.size) == tuple(shard.full_shape if shard else p.shape)
+            local = torch.empty(p.shape if like_param else entry.size, dtype=entry.properties.dtype, device=p.device)
+            optim.setdefault(fqn, {})[name] = local
+            want(key, local, shard if like_param else None)
+    for key, entry in md.items():
+        if key.startswith("extra/"):
+            tensor = isinstance(entry, TensorStorageMetadata)
+            state[key] = torch.empty(entry.size, dtype=entry.properties.dtype) if tensor else None
+    _agree(error)
+
+    _dcp(dcp.load, state, storage_reader=FileSystemReader(path))
+    with torch.no_grad():
+        for key, local, shard in fills:
+            got = state[key]
+            got = got.to_local() if isinstance(got, DTensor) else got
+            if shard is not None and got.shape != local.shape:  # full tensor loaded without a mesh
+                got = shard.slice_of(got)
+            if got.data_ptr() != local.data_ptr():
+                local.copy_(got)
+    for key, value in state.items():
+        fqn, _, name = key.removeprefix("optim/").rpartition("/")
+        if key.startswith("optim/") and fqn in named_params and not isinstance(value, torch.Tensor):
+            optim.setdefault(fqn, {})[name] = _unwrap(value)
+    optim_state = {"step": int(_unwrap(state["optim/step"])), "state": optim} if want_optim else None
+    extra = {k.removeprefix("extra/"): _unwrap(v) for k, v in state.items() if k.startswith("extra/")}
+    return LoadedCheckpoint(step=int(marker["step"]), optim_state=optim_state, extra=extra, meta=marker)
+
+
+def _complete_steps(root: Path) -> list[tuple[int, Path]]:
+    if not Path(root).is_dir():
+        return []
+    found = [(int(m.group(1)), d) for d in Path(root).iterdir()
+             if (m := STEP_DIR.fullmatch(d.name)) and (d / MARKER).is_file()]
+    return sorted(found)
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    """The complete `step_<N>` directory under `root` with the largest N, or None."""
+    steps = _complete_steps(root)
+    return steps[-1][1] if steps else None
+
+
+def prune_checkpoints(root: Path, keep_last: int) -> list[Path]:
+    """Delete all but the newest `keep_last` complete `step_<N>` checkpoints (rank 0 only; other ranks
+    do nothing). Other files and incomplete directories are left alone. Returns what was deleted."""
+    if keep_last < 1:
+        raise GraphllmError(f"--keep-last must be ≥ 1 (the newest checkpoint is never deleted), got {keep_last}")
+    if _rank() != 0:
+        return []
+    doomed = [d for _, d in _complete_steps(root)[:-keep_last]]
+    for d in doomed:
+        (d / MARKER).unlink()  # first, so a crash mid-delete leaves an incomplete directory, never a broken one
+        shutil.rmtree(d)
+    return doomed

@@ -22,6 +22,10 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--metrics", type=Path, default=None, help="JSON-lines file (default ARTIFACT/runs/metrics.jsonl)")
     p.add_argument("--no-progress", action="store_true", help="plain log lines instead of a progress bar")
+    p.add_argument("--save", type=Path, default=None, help="checkpoint root: writes ROOT/step_<N>/ (any layout can load it)")
+    p.add_argument("--save-interval", type=int, default=0, help="save every N steps (and always after the last)")
+    p.add_argument("--keep-last", type=int, default=0, help="keep only the newest N checkpoints (0: keep all)")
+    p.add_argument("--load", type=Path, default=None, help="resume from a checkpoint dir, or the newest under a root")
     p.add_argument("--nproc", type=int, default=None,
                    help="local ranks to start (default: the plan's tp × pp × dp); under torchrun, leave it out")
     p.set_defaults(func=run)
@@ -71,11 +75,25 @@ def run(args: argparse.Namespace) -> int:
             def batch_at(step: int):
                 return tuple(t.to(plan.device) for t in batches.train_batch(step))
 
-            for rec in train_steps(built.engine, batch_at, cfg):
+            opt = built.engine.make_optimizer(cfg)
+            start = 0
+            if args.load is not None:
+                from graphllm.resume import load_step
+
+                start = load_step(args.load, built, opt)
+                console.print(f"resumed from {args.load} at step {start}")
+                progress.update(task, completed=start)
+            for rec in train_steps(built.engine, batch_at, cfg, optimizer=opt, start_step=start):
                 records.append(rec)
                 if rec["step"] % max(1, cfg.log_interval) == 0 or rec["step"] == cfg.steps:
                     writer.write(rec)
                 progress.update(task, completed=rec["step"], loss=rec["loss"], tps=rec["tokens_per_s"])
+                if args.save is not None and (rec["step"] == cfg.steps or (
+                        args.save_interval > 0 and rec["step"] % args.save_interval == 0)):
+                    from graphllm.resume import save_step
+
+                    where = save_step(args.save, built, opt, rec["step"], keep_last=args.keep_last)
+                    writer.write({"event": "checkpoint", "step": rec["step"], "path": str(where)})
                 if args.no_progress:
                     console.print(f"step {rec['step']:>5} loss {rec['loss']:.4f} lr {rec['lr']:.2e} "
                                   f"{rec['tokens_per_s']:,.0f} tok/s")

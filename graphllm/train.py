@@ -107,7 +107,8 @@ def train_steps(engine: StepEngine, batch_at: BatchFn, cfg: TrainConfig, *, opti
 
     The generator pauses after each optimizer step, so a caller can checkpoint between steps.
     """
-    torch.manual_seed(cfg.seed)
+    if start_step == 0:
+        torch.manual_seed(cfg.seed)  # a resumed run continues the checkpoint's RNG state instead
     opt = optimizer if optimizer is not None else engine.make_optimizer(cfg)
     t_start = time.perf_counter()
     tokens_done = 0

@@ -27,15 +27,26 @@ def make_plan(**layout):
                        backend=layout.pop("backend", "eager"), **layout)
 
 
-def train(layout: dict, steps: int = 5, lr: float = 1e-3) -> dict:
-    """Build the plan on this rank, train `steps` steps; losses and this rank's parameters."""
+def train(layout: dict, steps: int = 5, lr: float = 1e-3, *, save: str | None = None, stop_after: int | None = None,
+          load: str | None = None) -> dict:
+    """Build the plan on this rank and train to step `steps` (of a `steps`-step schedule); with `save`,
+    checkpoint after `stop_after` steps and stop there; with `load`, resume from that checkpoint first.
+    Returns the losses of the steps run and this rank's parameters."""
     from graphllm.job import build
     from graphllm.parallel.sharding import shard_of
+    from graphllm.resume import load_step, save_step
     from graphllm.train import TrainConfig, train_steps
 
     built = build(make_plan(**dict(layout)))
     cfg = TrainConfig(steps=steps, lr=lr, warmup_steps=1, grad_clip=1.0)
-    losses = [r["loss"] for r in train_steps(built.engine, batch_at, cfg)]
+    opt = built.engine.make_optimizer(cfg)
+    start = load_step(load, built, opt) if load else 0
+    losses = []
+    for r in train_steps(built.engine, batch_at, cfg, optimizer=opt, start_step=start):
+        losses.append(r["loss"])
+        if save and r["step"] == stop_after:
+            save_step(save, built, opt, r["step"])
+            break
     st = built.engine.st
     params = {n: (p.detach().clone(), shard_of(p)) for n, p in built.engine.named_params.items()}
     return {"losses": losses, "params": params, "dp": st.coords.dp if st else 0}

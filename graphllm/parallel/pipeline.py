@@ -132,6 +132,16 @@ class PipelineRunner:
         dist.broadcast(loss, group=self.group, group_src=self.last_pp_rank)
         return loss
 
+    def send_bytes_per_micro_batch(self) -> int:
+        """Activation bytes this rank's stages send forward per micro-batch (their gradients come back
+        the same size)."""
+        last = self.layout.num_stages - 1
+        total = 0
+        for i, mod in zip(self.stage_indices, self.modules):
+            if i != last:
+                total += sum(o.meta["val"].numel() * o.meta["val"].element_size() for o in _io(mod.stage)[1])
+        return total
+
     def named_parameters(self) -> dict[str, nn.Parameter]:
         """This rank's parameters under their full-model names (only its own stages' and the loss graph's)."""
         out: dict[str, nn.Parameter] = {}

@@ -1,0 +1,63 @@
+"""Training checkpoints for `graphllm run`: save a step from any layout, resume into any other.
+
+The tensors go through graphllm.parallel.checkpoint (torch.distributed.checkpoint, one copy of each
+full logical tensor); the optimizer state through graphllm.parallel.optim's layout-independent form;
+the data position is the step number itself (batches are a function of seed and step); torch's RNG
+state rides along. A checkpoint is `ROOT/step_<N>/`, written atomically.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+import graphllm
+from graphllm.errors import GraphllmError
+
+
+def _meta(built, step: int) -> dict:
+    return {"fingerprint": built.model.config.fingerprint(), "model": built.plan.model, "step": step,
+            "layout": built.plan.layout().describe(), "graphllm": graphllm.__version__}
+
+
+def save_step(root: Path, built, optimizer, step: int, *, keep_last: int = 0) -> Path:
+    """Every rank calls this after optimizer step `step` (1-based); returns the checkpoint path."""
+    from graphllm.parallel.checkpoint import prune_checkpoints, save_checkpoint
+    from graphllm.parallel.optim import optimizer_state
+
+    named = built.engine.named_params
+    path = save_checkpoint(Path(root) / f"step_{step}", step=step, named_params=named,
+                           optim_state=optimizer_state(optimizer, named), extra={"rng": torch.get_rng_state()},
+                           meta=_meta(built, step), st=built.engine.st)
+    if keep_last > 0 and built.rank == 0:
+        prune_checkpoints(Path(root), keep_last)
+    return path
+
+
+def resolve(path: Path) -> Path:
+    """A checkpoint directory, or the newest complete `step_<N>` inside a root."""
+    from graphllm.parallel.checkpoint import MARKER, latest_checkpoint
+
+    path = Path(path)
+    if (path / MARKER).is_file():
+        return path
+    found = latest_checkpoint(path) if path.is_dir() else None
+    if found is None:
+        raise GraphllmError(f"--load {path}: no complete graphllm checkpoint there (expected {MARKER} or step_<N>/ "
+                            "directories); point it at a checkpoint written by `graphllm run --save`")
+    return found
+
+
+def load_step(path: Path, built, optimizer) -> int:
+    """Load parameters, optimizer state and RNG into this rank's layout; returns the step to resume after."""
+    from graphllm.parallel.checkpoint import load_checkpoint
+    from graphllm.parallel.optim import load_optimizer_state
+
+    named = built.engine.named_params
+    loaded = load_checkpoint(resolve(path), named_params=named, want_optim=True, st=built.engine.st,
+                             expect_fingerprint=built.model.config.fingerprint())
+    load_optimizer_state(optimizer, named, loaded.optim_state)
+    if isinstance(loaded.extra.get("rng"), torch.Tensor):
+        torch.set_rng_state(loaded.extra["rng"])
+    return loaded.step

@@ -1,7 +1,7 @@
 """Run a function on N real processes (gloo, CPU) and collect each rank's return value.
 
-`run_ranks(fn, world_size, *args)` spawns `world_size` processes with torchrun's environment
-variables set (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), calls `fn(*args)` in each,
+`run_ranks(fn, world_size, *args, **kwargs)` spawns `world_size` processes with torchrun's environment
+variables set (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), calls `fn(*args, **kwargs)` in each,
 and returns the list of results ordered by rank. `fn` must be importable (module level in a test
 module or a helper module); it is responsible for init_process_group (graphllm's init_parallel does it).
 A failing rank fails the call with that rank's traceback.
@@ -23,7 +23,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world_size: int, port: int, fn, args, queue) -> None:
+def _worker(rank: int, world_size: int, port: int, fn, args, kwargs, queue) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -31,7 +31,7 @@ def _worker(rank: int, world_size: int, port: int, fn, args, queue) -> None:
 
     torch.set_num_threads(1)
     try:
-        result = fn(*args)
+        result = fn(*args, **kwargs)
         buf = io.BytesIO()
         torch.save(result, buf)  # tensors travel as bytes: no shared-memory handles, no autograd state
         queue.put((rank, "ok", buf.getvalue()))
@@ -45,11 +45,11 @@ def _worker(rank: int, world_size: int, port: int, fn, args, queue) -> None:
             dist.destroy_process_group()
 
 
-def run_ranks(fn, world_size: int, *args, timeout: float = 600.0) -> list:
+def run_ranks(fn, world_size: int, *args, timeout: float = 600.0, **kwargs) -> list:
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue)) for r in range(world_size)]
+    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, kwargs, queue)) for r in range(world_size)]
     for p in procs:
         p.start()
     results: dict[int, object] = {}

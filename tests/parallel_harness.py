@@ -11,6 +11,11 @@ import torch
 SEQ = 32
 GLOBAL_BATCH = 4
 VOCAB = 8000  # tiny-llama
+ADAM_EPS = 1e-6
+"""With eps 1e-8 Adam's first update is about lr·sign(g): an element whose gradient is rounding noise
+(~1e-12) moves by ±lr depending on the order the ranks summed it, so comparing parameters would compare
+noise signs (measured: a few elements in 10^5 differ by up to 2·lr at tp2). eps 1e-6 bounds such an
+element's update by lr·|g|/eps, so parameter parity measures the parallel arithmetic, not noise."""
 
 
 def batch_at(step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,7 +43,7 @@ def train(layout: dict, steps: int = 5, lr: float = 1e-3, *, save: str | None = 
     from graphllm.train import TrainConfig, train_steps
 
     built = build(make_plan(**dict(layout)))
-    cfg = TrainConfig(steps=steps, lr=lr, warmup_steps=1, grad_clip=1.0)
+    cfg = TrainConfig(steps=steps, lr=lr, warmup_steps=1, grad_clip=1.0, eps=ADAM_EPS)
     opt = built.engine.make_optimizer(cfg)
     start = load_step(load, built, opt) if load else 0
     losses = []

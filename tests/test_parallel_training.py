@@ -14,9 +14,13 @@ from parallel_harness import assemble, train
 
 STEPS = 5
 LOSS_RTOL = 1e-5
-PARAM_RTOL = 1e-5
 """fp32. Sharded matmuls, split micro-batches and all-reduced gradients add the same terms in another
-order (~1e-7 relative per step); AdamW's normalised update keeps that at the same relative size."""
+order: gradients agree to ~1e-6 relative (tests/test_tensor_parallel.py, tests/test_pipeline.py)."""
+PARAM_RTOL = 2e-4
+"""AdamW divides each element's gradient by its own running RMS, so an element whose gradient is tiny
+has its ~1e-7 reduction-order difference scaled up to a visible share of lr. Measured worst element
+after 5 steps at lr 1e-3: 7.6e-5 of max|param| (6 of 2M embedding elements, tp2); every other element
+agrees to ~1e-5. A logic error (a missing all-reduce, a wrong shard) shows as O(1)."""
 
 CASES = {
     "tp2": ({"tp": 2}, 2),
@@ -46,6 +50,8 @@ def test_layout_trains_like_one_process(case, reference):
     want = {n: t for n, (t, _) in reference["params"].items()}
     assert set(full) == set(want)
     worst = max(rel_err(full[n], want[n]) for n in want)
+    print(f"{case}: worst loss rel err {max(abs(a - b) / b for r in results for a, b in zip(r['losses'], reference['losses'])):.1e}, "
+          f"worst parameter rel err {worst:.1e}")
     assert worst <= PARAM_RTOL, f"{case}: final parameters differ by {worst:.2e}"
 
 

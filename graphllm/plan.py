@@ -62,6 +62,8 @@ class CompilePlan:
     """Micro-batches per step per data-parallel rank (pipeline fill, or gradient accumulation)."""
     pp_layers: list[int] | None = None
     """Decoder layers per pipeline stage (pp*vpp entries); None balances stages by FLOPs."""
+    tp_plan: Literal["graphllm", "hf"] = "graphllm"
+    """Which tensor-parallel plan: graphllm's per-family one, or transformers' base_model_tp_plan."""
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -140,7 +142,7 @@ def load_pass_spec(spec: str) -> GraphPass:
     return obj
 
 
-def parallel_passes(layout: Layout) -> list[GraphPass]:
+def parallel_passes(layout: Layout, tp_plan: str = "graphllm") -> list[GraphPass]:
     """The sharding passes a layout needs (pipeline splitting is done by the compile step itself)."""
     from graphllm.passes.dp_grad_reduce import dp_grad_reduce, in_graph
     from graphllm.passes.sequence_parallel import sequence_parallel
@@ -148,7 +150,7 @@ def parallel_passes(layout: Layout) -> list[GraphPass]:
 
     out = []
     if layout.tp > 1:
-        out.append(tensor_parallel)
+        out.append(tensor_parallel if tp_plan == "graphllm" else tensor_parallel.with_options(plan=tp_plan))
     if layout.sequence_parallel:
         out.append(sequence_parallel)
     if in_graph(layout):
@@ -159,5 +161,5 @@ def parallel_passes(layout: Layout) -> list[GraphPass]:
 def pipeline_for(plan: CompilePlan, extra: list[GraphPass] = ()) -> list[GraphPass]:
     passes = resolve_passes(plan.passes) + list(extra)
     names = {p.name for p in passes}
-    passes += [p for p in parallel_passes(plan.layout()) if p.name not in names]
+    passes += [p for p in parallel_passes(plan.layout(), plan.tp_plan) if p.name not in names]
     return order_passes(passes, disable=plan.disable)

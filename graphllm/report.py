@@ -40,14 +40,16 @@ def rank_communication(built) -> dict[str, dict[str, int]]:
     for name, g in built.result.train_stage.graphs.items():
         add_into(total, graph_collectives(g), layout.micro_batches)
     grad_bytes = sum(p.numel() * p.element_size() for p in built.engine.params)
-    if layout.dp > 1:
-        add_into(total, {"dp_grad_all_reduce": {"calls": 1, "bytes": grad_bytes}})
+    from graphllm.passes.dp_grad_reduce import in_graph
+
+    if layout.dp > 1 and not in_graph(layout):  # else it is in the backward graph, counted above
+        add_into(total, {"dp all_reduce (gradients, after the step's micro-batches)": {"calls": 1, "bytes": grad_bytes}})
     if layout.zero1:
-        add_into(total, {"zero1_param_all_gather": {"calls": 1, "bytes": grad_bytes}})
+        add_into(total, {"dp all_gather (ZeRO-1 parameters)": {"calls": 1, "bytes": grad_bytes}})
     runner = built.engine.pipeline
     if runner is not None and hasattr(runner, "send_bytes_per_micro_batch"):
         sent = runner.send_bytes_per_micro_batch()
-        add_into(total, {"pp_send_recv": {"calls": 2 * layout.micro_batches, "bytes": 2 * sent * layout.micro_batches}})
+        add_into(total, {"pp send/recv": {"calls": 2 * layout.micro_batches, "bytes": 2 * sent * layout.micro_batches}})
     return total
 
 

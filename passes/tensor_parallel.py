@@ -28,7 +28,7 @@ from graphllm.passes.graph_edit import emit, get_attr_value, set_parameter
 from graphllm.passes.manager import PassContext, graph_pass
 from graphllm.passes.matching import is_call
 from graphllm.passes.shapes import old_shapes, repropagate
-from graphllm.passes.tp_plan import LLAMA_PLAN, normalize, style_of
+from graphllm.passes.tp_plan import resolve_plan, style_of
 from graphllm.passes.vocab_parallel import vocab_parallel_cross_entropy, vocab_parallel_embedding
 
 aten = torch.ops.aten
@@ -158,13 +158,15 @@ def _loss_consumers(logits: fx.Node) -> tuple[list[fx.Node], list[fx.Node]]:
 
 @graph_pass("tensor_parallel", after=("fuse_rms_norm", "fuse_add_rms_norm", "fuse_swiglu", "fuse_rope",
                                       "fuse_attention", "fold_constants"))
-def tensor_parallel(gm: fx.GraphModule, ctx: PassContext, *, plan: dict[str, str] | None = None) -> fx.GraphModule:
+def tensor_parallel(gm: fx.GraphModule, ctx: PassContext, *, plan: str | dict[str, str] | None = None) -> fx.GraphModule:
+    """`plan`: "graphllm" (default, passes/tp_plan.LLAMA_PLAN), "hf" (transformers' base_model_tp_plan for
+    the model type, with vocab-parallel embedding/head), or a {module pattern: style} mapping."""
     layout = Layout.from_plan(ctx.plan)
     if layout.tp == 1:
         return gm
     if ctx.config is None:
         raise GraphllmError("tensor_parallel needs the model's config (head counts); compile a graphllm model")
-    styles = normalize(plan or LLAMA_PLAN)
+    styles = resolve_plan(plan, ctx.config.model_type)
     shapes = old_shapes(gm)
     rw = _Rewriter(gm, ctx, layout.tp, layout.coords(ctx.rank).tp)
     for node in [n for n in gm.graph.nodes if n.op == "get_attr"]:

@@ -39,6 +39,32 @@ LLAMA_PLAN: dict[str, str] = {
 }
 """graphllm's plan for the Llama family (Llama 2/3, Mistral, Qwen2): Megatron-Core's layout."""
 
+VOCAB_PLAN = {"embed_tokens": "vocab_embedding", "lm_head": "vocab_head"}
+"""What HF's base_model_tp_plan leaves out (it covers the decoder layers only)."""
+
+
+def hf_plan(model_type: str) -> dict[str, str]:
+    """transformers' own `base_model_tp_plan` for a model type, plus graphllm's vocab-parallel ends."""
+    from transformers import CONFIG_MAPPING  # only when asked for: models/ and passes/ run without it
+
+    base = getattr(CONFIG_MAPPING[model_type], "base_model_tp_plan", None)
+    if not base:
+        raise GraphllmError(f"transformers has no base_model_tp_plan for model_type {model_type!r}; "
+                            "use tensor_parallel plan='graphllm'")
+    return {**base, **VOCAB_PLAN}
+
+
+def resolve_plan(plan: str | Mapping[str, str] | None, model_type: str) -> dict[str, str]:
+    """plan None/"graphllm": LLAMA_PLAN; "hf": transformers' plan; a mapping: itself (HF style names ok)."""
+    if plan is None or plan == "graphllm":
+        return normalize(LLAMA_PLAN)
+    if plan == "hf":
+        return normalize(hf_plan(model_type))
+    if isinstance(plan, str):
+        raise GraphllmError(f"tensor_parallel plan {plan!r}: use 'graphllm', 'hf' or a pattern → style mapping")
+    return normalize(plan)
+
+
 _PREFIXES = ("model.", "")  # plan paths are relative to the base model; lm_head sits at the root
 
 

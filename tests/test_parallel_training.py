@@ -59,7 +59,7 @@ SAVE_AT = 3
 
 
 def test_resume_in_another_layout_continues_the_same_run(tmp_path, reference):
-    """3 steps at tp2×pp2, checkpoint, then 2 more at dp2 and on one process: the losses of the
+    """3 steps at tp2×pp2, checkpoint, then 2 more at dp2, ZeRO-1 dp2 and on one process: the losses of the
     uninterrupted single-process run (a checkpoint holds full logical tensors, not a layout)."""
     first = run_ranks(train, 4, {"tp": 2, "pp": 2, "micro_batches": 2}, STEPS,
                       save=str(tmp_path / "ckpt"), stop_after=SAVE_AT)
@@ -69,6 +69,7 @@ def test_resume_in_another_layout_continues_the_same_run(tmp_path, reference):
     for r in first:
         assert all(abs(a - b) / b <= LOSS_RTOL for a, b in zip(r["losses"], want[:SAVE_AT]))
     resumed = {"dp2": run_ranks(train, 2, {"dp": 2}, STEPS, load=str(ckpt))[0],
+               "zero1-dp2": run_ranks(train, 2, {"dp": 2, "zero1": True}, STEPS, load=str(ckpt))[1],
                "one process": train({}, STEPS, load=str(ckpt))}
     for name, r in resumed.items():
         assert len(r["losses"]) == STEPS - SAVE_AT

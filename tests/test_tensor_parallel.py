@@ -119,3 +119,18 @@ def test_layout_that_does_not_divide_is_refused():
         Layout(pp=8, micro_batches=8).check_model(cfg, batch_size=4, seq_len=32)
     with pytest.raises(GraphllmError, match="needs --tp > 1"):
         Layout(sequence_parallel=True).check_options()
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "mistral"])
+def test_transformers_tp_plan_maps_onto_graphllms(model_type):
+    from graphllm.passes.tp_plan import LLAMA_PLAN, normalize, resolve_plan
+
+    assert resolve_plan("hf", model_type) == normalize(LLAMA_PLAN)
+
+
+def test_unknown_plan_style_is_refused():
+    from graphllm.errors import GraphllmError
+    from graphllm.passes.tp_plan import resolve_plan
+
+    with pytest.raises(GraphllmError, match="unknown style 'diagonal'"):
+        resolve_plan({"layers.*.mlp.up_proj": "diagonal"}, "llama")

@@ -19,19 +19,32 @@ def _nbytes(v: Any) -> int:
     return v.numel() * v.element_size() if isinstance(v, torch.Tensor) else 0
 
 
+def _group_kinds() -> dict[str, str]:
+    """c10d group name → "tp"/"dp"/"pp" for this rank's groups."""
+    from graphllm.parallel.groups import KINDS, state
+
+    st = state()
+    if st is None or st.mesh is None:
+        return {}
+    return {st.group(k).group_name: k for k in KINDS}
+
+
 def graph_collectives(gm: fx.GraphModule) -> dict[str, dict[str, int]]:
-    """{collective kind: {"calls": n, "bytes": payload bytes}} for one graph (the larger of input and
-    output for gathers/scatters, i.e. the full tensor)."""
+    """{"<group> <collective>": {"calls": n, "bytes": payload bytes}} for one graph (payload: the larger
+    of input and output, i.e. the full tensor of a gather or scatter)."""
     out: dict[str, dict[str, int]] = defaultdict(lambda: {"calls": 0, "bytes": 0})
+    names = _group_kinds()
     for n in gm.graph.nodes:
         if n.op != "call_function":
             continue
         kind = COLLECTIVE_OPS.get(n.target) or _C10D.get(n.target)
         if kind is None or kind == "identity":
             continue
+        group = n.args[-1] if n.target in COLLECTIVE_OPS else names.get(n.args[-1], str(n.args[-1]))
         inp = n.args[0].meta.get("val") if isinstance(n.args[0], fx.Node) else None
-        out[kind]["calls"] += 1
-        out[kind]["bytes"] += max(_nbytes(inp), _nbytes(n.meta.get("val")))
+        key = f"{group} {kind}"
+        out[key]["calls"] += 1
+        out[key]["bytes"] += max(_nbytes(inp), _nbytes(n.meta.get("val")))
     return dict(out)
 
 

@@ -136,6 +136,7 @@ class ZeroAdamW:
     @torch.no_grad()
     def step(self) -> None:
         for p, lo, hi, piece in self.pieces:
+            piece.copy_(p.detach().reshape(-1)[lo:hi])  # the parameters are the truth (a checkpoint load writes them)
             piece.grad = (p.grad.reshape(-1)[lo:hi].clone() if p.grad is not None else torch.zeros_like(piece))
         self.inner.step()
         local = torch.zeros(self.shard, dtype=self.params[0].dtype)  # this rank's range, updated

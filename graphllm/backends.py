@@ -57,7 +57,7 @@ class TrainStage:
         dump = None
         if self.dump_dir is not None:
             def dump(g: fx.GraphModule, pass_name: str) -> None:
-                self.dumps.append(write_graph(g, self.dump_dir / f"{name}.after.{pass_name}", title=f"{name} after {pass_name}"))
+                self.dumps.append(write_graph(g, self.dump_dir / f"{name}.after_{pass_name}", title=f"{name} after {pass_name}"))
         gm, records = run_passes(gm, self.passes, ctx, dump=dump)
         self.records.extend(records)
         self.graphs[name] = gm

@@ -49,7 +49,8 @@ def rank_communication(built) -> dict[str, dict[str, int]]:
     runner = built.engine.pipeline
     if runner is not None and hasattr(runner, "send_bytes_per_micro_batch"):
         sent = runner.send_bytes_per_micro_batch()
-        add_into(total, {"pp send/recv": {"calls": 2 * layout.micro_batches, "bytes": 2 * sent * layout.micro_batches}})
+        add_into(total, {"pp send (activations, gradients)": {"calls": 2 * layout.micro_batches,
+                                                             "bytes": sent * layout.micro_batches}})
     return total
 
 
@@ -98,7 +99,8 @@ def report_markdown(report: dict[str, Any], plan: dict[str, Any], ranks: list[di
         f"- backend: {report['backend']}, amp: {plan['amp']}, micro-batch × seq: {plan['batch_size']} × "
         f"{plan['seq_len']}, layout: {report['layout']}",
         f"- parameters on rank 0: {report['parameters']:,} ({_fmt_bytes(report['parameter_bytes'])})",
-        f"- FLOPs per micro-batch on rank 0 (fwd+bwd, matmul-class): {report['flops_per_step'] / 1e9:.2f} GFLOP",
+        f"- FLOPs per micro-batch (fwd+bwd, matmul-class) of rank 0's tensor-parallel shard of the whole model: "
+        f"{report['flops_per_step'] / 1e9:.2f} GFLOP",
         f"- saved activations (forward → backward): {_fmt_bytes(report['saved_activation_bytes'])}",
         "- aot graphs: " + ", ".join(f"{k} {v} nodes" for k, v in report["train_graphs"].items()),
         "",

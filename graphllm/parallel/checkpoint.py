@@ -35,6 +35,7 @@ from torch.distributed.tensor import DTensor, Shard
 
 from graphllm.data.cache import atomic_write
 from graphllm.errors import GraphllmError
+from graphllm.parallel.groups import gather_objects
 from graphllm.parallel.sharding import ParamShard, shard_of
 
 MARKER = "graphllm_checkpoint.json"
@@ -56,17 +57,10 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-def _gather(obj) -> list:
-    if not dist.is_initialized():
-        return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
 
 def _agree(error: str | None) -> None:
     """Raise the first rank's error on every rank: a rank entering a DCP collective alone would hang."""
-    error = next((e for e in _gather(error) if e), None)
+    error = next((e for e in gather_objects(error) if e), None)
     if error:
         raise GraphllmError(error)
 
@@ -135,7 +129,7 @@ def save_checkpoint(path: Path, *, step: int, named_params: dict[str, torch.nn.P
         else:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    proposals = _gather((error, tmp))
+    proposals = gather_objects((error, tmp))
     error = next((e for e, _ in proposals if e), None)
     if error:
         if tmp:
@@ -163,7 +157,7 @@ def save_checkpoint(path: Path, *, step: int, named_params: dict[str, torch.nn.P
                 _publish(tmp, path, marker)
             except Exception as exc:  # noqa: BLE001 (re-raised below, after telling the other ranks)
                 failure = exc
-        reports = _gather(repr(failure) if failure else None)
+        reports = gather_objects(repr(failure) if failure else None)
         if failure is not None:
             raise failure
         if reports[0]:

@@ -11,7 +11,8 @@ import torch.fx as fx
 from graphllm.ops.collectives import COLLECTIVE_OPS
 
 c10d = torch.ops._c10d_functional
-_C10D = {c10d.all_reduce.default: "all_reduce", c10d.all_gather_into_tensor.default: "all_gather",
+_C10D = {c10d.all_reduce.default: "all_reduce", c10d.all_reduce_.default: "all_reduce",  # inductor re-inplaces
+         c10d.all_gather_into_tensor.default: "all_gather",
          c10d.reduce_scatter_tensor.default: "reduce_scatter"}
 
 

@@ -1,222 +1,281 @@
-"""Data-parallel gradient averaging, the global gradient norm, and ZeRO-1 AdamW.
+"""Data-parallel gradient averaging, the global gradient norm, ZeRO-1 AdamW, layout-independent optimizer state.
 
-- `reduce_gradients`: average gradients over the data-parallel group in flat buckets (async, so the
-  buckets' all-reduces overlap one another) — used when the backward graph did not already reduce them.
+- `reduce_gradients`: average `.grad` over the data-parallel group in flat per-dtype buckets, each
+  all-reduce issued async so the buckets overlap one another (used when the backward graph did not
+  already reduce them).
 - `grad_norm` / `clip_grad_norm`: the norm of the whole model's gradient: shards' squares summed over
-  their tensor-parallel group, whole parameters counted once, then summed over pipeline ranks.
-- `ZeroAdamW`: ZeRO stage 1. All parameters are laid end to end in one index space, cut into dp
-  near-equal ranges; each rank keeps AdamW state for its range only, updates it (AdamW is elementwise,
-  so the result is bitwise the unsharded update), and the ranges are all-gathered back into the
-  parameters.
+  their shard group, whole parameters counted once, then summed over pipeline ranks (disjoint
+  parameters). Data-parallel replicas hold identical gradients and are not summed.
+- `ZeroAdamW`: ZeRO stage 1. All parameters are laid end to end in one index space cut into dp
+  near-equal ranges; each rank keeps AdamW state for its range only and updates it. AdamW is
+  elementwise, so updating a slice equals updating the whole tensor; the ranges are then all-gathered
+  back into the parameters.
 - `optimizer_state` / `load_optimizer_state`: AdamW state in a layout-independent form, one entry per
-  parameter shaped like the local parameter (for checkpoints).
+  parameter shaped like the local parameter (what checkpoints store).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from graphllm.errors import GraphllmError
 from graphllm.parallel.sharding import shard_of
 
 STATE_KEYS = ("exp_avg", "exp_avg_sq")
+CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_'s guard against a zero norm
 
 
-def reduce_gradients(params: Sequence[nn.Parameter], group: Any, *, bucket_bytes: int = 25 * 2**20) -> int:
-    """Average `.grad` over `group` in flat per-dtype buckets; a missing gradient counts as zeros.
-    Returns the number of buckets (0 when there is nothing to do)."""
-    if group is None or dist.get_world_size(group) == 1:
+def _unique(params) -> list[nn.Parameter]:
+    """Parameters in first-seen order, each once (tied weights appear under several names)."""
+    return list({id(p): p for p in params}.values())
+
+
+def _size(group: dist.ProcessGroup | None) -> int:
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def reduce_gradients(params: Sequence[nn.Parameter], group: dist.ProcessGroup | None, *,
+                     bucket_bytes: int = 25 * 2**20) -> int:
+    """Average `.grad` over `group` (sum, then divide by its size) in flat per-dtype buckets of about
+    `bucket_bytes`; a missing gradient counts as zeros and receives the average. Returns the number of
+    buckets (0 when there is nothing to do)."""
+    size = _size(group)
+    if size == 1:
         return 0
-    size = dist.get_world_size(group)
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    buckets: list[list[nn.Parameter]] = []
-    used = 0
-    for p in params:
-        nbytes = p.grad.numel() * p.grad.element_size()
-        if not buckets or used + nbytes > bucket_bytes or buckets[-1][0].grad.dtype != p.grad.dtype:
-            buckets.append([])
-            used = 0
-        buckets[-1].append(p)
-        used += nbytes
-    flats, works = [], []
-    for bucket in buckets:
-        flat = torch.cat([p.grad.reshape(-1) for p in bucket])
-        flats.append(flat)
-        works.append(dist.all_reduce(flat, group=group, async_op=True))
-    for bucket, flat, work in zip(buckets, flats, works):
+    by_dtype: dict[torch.dtype, list[nn.Parameter]] = {}
+    for p in _unique(params):
+        by_dtype.setdefault(p.grad.dtype if p.grad is not None else p.dtype, []).append(p)
+    buckets: list[tuple[torch.dtype, list[nn.Parameter]]] = []
+    for dtype, ps in by_dtype.items():
+        bucket, used = [], 0
+        for p in ps:
+            nbytes = p.numel() * dtype.itemsize
+            if bucket and used + nbytes > bucket_bytes:
+                buckets.append((dtype, bucket))
+                bucket, used = [], 0
+            bucket.append(p)
+            used += nbytes
+        buckets.append((dtype, bucket))
+    pending = []
+    for dtype, bucket in buckets:
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros(p.shape, dtype=dtype)).reshape(-1)
+                          for p in bucket])  # [sum of the bucket's numels]
+        pending.append((bucket, flat, dist.all_reduce(flat, group=group, async_op=True)))
+    for bucket, flat, work in pending:
         work.wait()
         flat /= size
-        offset = 0
-        for p in bucket:
-            n = p.grad.numel()
-            p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
-            offset += n
+        for p, g in zip(bucket, flat.split([p.numel() for p in bucket])):
+            if p.grad is None:
+                p.grad = g.view(p.shape).clone()
+            else:
+                p.grad.copy_(g.view(p.shape))
     return len(buckets)
 
 
-def _group(st, kind: str):
+def _group(st, kind: str) -> dist.ProcessGroup | None:
+    """This rank's group of `kind`, or None when there is no state or the group has one rank."""
     if st is None or getattr(st.layout, kind) == 1:
         return None
     return st.group(kind)
 
 
 def grad_norm(named_params: dict[str, nn.Parameter], st) -> torch.Tensor:
-    """Global L2 norm (fp32 scalar) of the whole model's gradient, identical on every rank."""
+    """Global L2 norm (fp32 scalar) of the whole model's gradient, the same on every rank."""
     sharded = torch.zeros((), dtype=torch.float32)
     whole = torch.zeros((), dtype=torch.float32)
-    for p in named_params.values():
+    for p in _unique(named_params.values()):
         if p.grad is None:
             continue
         sq = p.grad.detach().float().pow(2).sum()
-        if shard_of(p) is not None:
-            sharded += sq
-        else:
+        shard = shard_of(p)
+        if shard is None or shard.count == 1:
             whole += sq
-    tp = _group(st, "tp")
-    if tp is not None:
+        elif shard.group == "tp":
+            sharded += sq
+        else:  # a shard group other than tp would need its own reduction, in the same order on every rank
+            raise GraphllmError(f"grad_norm: a parameter is sharded over {shard.group!r}; only tp shards are supported")
+    if (tp := _group(st, "tp")) is not None:
         dist.all_reduce(sharded, group=tp)
     total = sharded + whole
-    pp = _group(st, "pp")
-    if pp is not None:
+    if (pp := _group(st, "pp")) is not None:
         dist.all_reduce(total, group=pp)
     return total.sqrt()
 
 
 def clip_grad_norm(named_params: dict[str, nn.Parameter], max_norm: float, st) -> float:
-    """torch.nn.utils.clip_grad_norm_ semantics over the global norm; returns the norm before clipping."""
+    """torch.nn.utils.clip_grad_norm_ over the global norm (max_norm ≤ 0 or inf: no clipping); returns the
+    norm before clipping."""
     norm = grad_norm(named_params, st)
     if max_norm > 0 and math.isfinite(max_norm):
-        coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-        grads = [p.grad for p in named_params.values() if p.grad is not None]
+        coef = torch.clamp(max_norm / (norm + CLIP_EPS), max=1.0)
+        grads = [p.grad for p in _unique(named_params.values()) if p.grad is not None]
         if grads:
             torch._foreach_mul_(grads, coef)
     return float(norm)
 
 
+@dataclass(slots=True)
+class _Piece:
+    """The part of one parameter inside this rank's range."""
+
+    param: nn.Parameter
+    lo: int  # [lo, hi) in the parameter's flat index space
+    hi: int
+    at: int  # offset of lo in this rank's range
+    tensor: torch.Tensor  # fp32: a view of the parameter, or a master copy when the parameter is not fp32
+    is_view: bool
+
+
 class ZeroAdamW:
-    """AdamW whose states and update are sharded over the data-parallel `group` (ZeRO-1)."""
+    """AdamW whose states and update are sharded over the data-parallel `group` (ZeRO-1).
+
+    Parameter groups, decay only on matrices, and the update are those of graphllm.train.make_optimizer's
+    AdamW(fused=True); `.grad` must already be averaged over `group` when `step()` runs."""
 
     def __init__(self, named_params: dict[str, nn.Parameter], *, lr: float, betas: tuple[float, float], eps: float,
-                 weight_decay: float, group: Any):
-        self.params = list({id(p): p for p in named_params.values()}.values())
-        self.group = group
-        self.world = dist.get_world_size(group) if group is not None else 1
-        rank = dist.get_rank(group) if group is not None else 0
-        self.total = sum(p.numel() for p in self.params)
-        self.shard = -(-self.total // self.world)
-        self.start, self.end = rank * self.shard, min(self.total, (rank + 1) * self.shard)
-        self.pieces: list[tuple[nn.Parameter, int, int, nn.Parameter]] = []  # param, lo, hi (in param), piece
-        decay, no_decay = [], []
-        offset = 0
-        for p in self.params:
-            lo, hi = max(self.start, offset), min(self.end, offset + p.numel())
-            if lo < hi:
-                piece = nn.Parameter(p.detach().reshape(-1)[lo - offset:hi - offset].clone())
-                self.pieces.append((p, lo - offset, hi - offset, piece))
-                (decay if p.dim() >= 2 else no_decay).append(piece)
-            offset += p.numel()
-        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        self.inner = torch.optim.AdamW([g for g in groups if g["params"]] or [{"params": [nn.Parameter(torch.zeros(1))]}],
-                                       lr=lr, betas=betas, eps=eps, fused=True)
-
-    @property
-    def param_groups(self) -> list[dict]:
-        return self.inner.param_groups
-
-    @property
-    def state(self):
-        return self.inner.state
+                 weight_decay: float, group: dist.ProcessGroup | None):
+        self.params = [p for p in _unique(named_params.values()) if p.requires_grad]
+        if not self.params:
+            raise GraphllmError("ZeroAdamW got no trainable parameters")
+        self.group = group if _size(group) > 1 else None
+        self.world = _size(self.group)
+        rank = dist.get_rank(self.group) if self.group is not None else 0
+        self.offsets = list(itertools.accumulate((p.numel() for p in self.params), initial=0))
+        self.total = self.offsets[-1]
+        self.shard = -(-self.total // self.world)  # range length; the last range is padded to it
+        self.start, self.end = min(self.total, rank * self.shard), min(self.total, (rank + 1) * self.shard)
+        dtypes = {p.dtype for p in self.params}
+        self.dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32  # of the all-gathered buffer
+        self.pieces: list[_Piece] = []
+        for p, offset in zip(self.params, self.offsets):
+            lo, hi = max(self.start, offset) - offset, min(self.end, offset + p.numel()) - offset
+            if lo >= hi:
+                continue
+            is_view = p.dtype == torch.float32 and p.is_contiguous()
+            # a view makes AdamW update the parameter itself, so a checkpoint load into the parameter
+            # is seen at once; other dtypes keep an fp32 master copy (refreshed by load_optimizer_state)
+            t = p.detach().view(-1)[lo:hi] if is_view else p.detach().reshape(-1)[lo:hi].to(torch.float32, copy=True)
+            self.pieces.append(_Piece(p, lo, hi, offset + lo - self.start, t, is_view))
+        groups = [{"params": [x.tensor for x in self.pieces if x.param.dim() >= 2], "weight_decay": weight_decay},
+                  {"params": [x.tensor for x in self.pieces if x.param.dim() < 2], "weight_decay": 0.0}]
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        if self.pieces:
+            self.inner: torch.optim.AdamW | None = torch.optim.AdamW(groups, **defaults, fused=True)
+            self.param_groups = self.inner.param_groups
+        else:  # this rank's range is empty (fewer elements than ranks): nothing to update, lr still settable
+            self.inner = None
+            self.param_groups = [{**defaults, **g} for g in groups]
 
     @torch.no_grad()
     def step(self) -> None:
-        for p, lo, hi, piece in self.pieces:
-            piece.copy_(p.detach().reshape(-1)[lo:hi])  # the parameters are the truth (a checkpoint load writes them)
-            piece.grad = (p.grad.reshape(-1)[lo:hi].clone() if p.grad is not None else torch.zeros_like(piece))
-        self.inner.step()
-        local = torch.zeros(self.shard, dtype=self.params[0].dtype)  # this rank's range, updated
-        for p, lo, hi, piece in self.pieces:
-            base = self._offset(p) + lo - self.start
-            local[base:base + hi - lo] = piece.detach()
-        full = torch.empty(self.shard * self.world, dtype=local.dtype)
+        """Update this rank's range from the parameters' gradients, then all-gather every range."""
+        for x in self.pieces:  # a parameter without a gradient is skipped, as torch.optim.AdamW does
+            g = x.param.grad
+            x.tensor.grad = None if g is None else g.reshape(-1)[x.lo:x.hi].to(torch.float32)
+        if self.inner is not None:
+            self.inner.step()
+        local = torch.zeros(self.shard, dtype=self.dtype)  # this rank's range, updated
+        for x in self.pieces:
+            x.tensor.grad = None
+            local[x.at:x.at + x.hi - x.lo] = x.tensor
+        full = local
         if self.group is not None:
+            full = torch.empty(self.shard * self.world, dtype=self.dtype)
             dist.all_gather_into_tensor(full, local, group=self.group)
-        else:
-            full = local
-        offset = 0
-        for p in self.params:
-            p.copy_(full[offset:offset + p.numel()].view_as(p))
-            offset += p.numel()
-
-    def _offset(self, param: nn.Parameter) -> int:
-        offset = 0
-        for p in self.params:
-            if p is param:
-                return offset
-            offset += p.numel()
-        raise KeyError("parameter not managed by this optimizer")
+        chunks = full[:self.total].split([p.numel() for p in self.params])
+        torch._foreach_copy_(self.params, [c.view(p.shape).to(p.dtype) for c, p in zip(chunks, self.params)])
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for p in self.params:
-            p.grad = None
-        for *_, piece in self.pieces:
-            piece.grad = None
+            if set_to_none:
+                p.grad = None
+            elif p.grad is not None:
+                p.grad.zero_()
+
+    def sync_from_params(self) -> None:
+        """Refresh master copies from the parameters (after the parameters were written, e.g. loaded)."""
+        with torch.no_grad():
+            for x in self.pieces:
+                if not x.is_view:
+                    x.tensor.copy_(x.param.detach().reshape(-1)[x.lo:x.hi])
 
     def state_numel(self) -> int:
-        """Elements of AdamW state this rank holds (for the memory report and its test)."""
+        """Elements of AdamW state (exp_avg, exp_avg_sq) this rank holds."""
+        if self.inner is None:
+            return 0
         return sum(v.numel() for s in self.inner.state.values() for k, v in s.items() if k in STATE_KEYS)
 
 
 def optimizer_state(opt: Any, named_params: dict[str, nn.Parameter]) -> dict:
-    """{"step": int, "state": {fqn: {"exp_avg", "exp_avg_sq"}}}, tensors shaped like the local params."""
+    """{"step": int, "state": {fqn: {"exp_avg", "exp_avg_sq"}}}, tensors shaped like the local params.
+
+    For a ZeroAdamW this is collective over its group (the ranges are all-gathered). A parameter without
+    state gets zeros; "step" is the largest step of any parameter (0 when none stepped)."""
     out: dict[str, dict[str, torch.Tensor]] = {}
-    step = 0
     if isinstance(opt, ZeroAdamW):
-        pieces = {id(p): (lo, hi, piece) for p, lo, hi, piece in opt.pieces}
+        local = torch.zeros(len(STATE_KEYS), opt.shard)  # [state key, this rank's range]
+        step = 0
+        for x in opt.pieces:
+            s = opt.inner.state.get(x.tensor, {}) if opt.inner is not None else {}
+            for i, k in enumerate(STATE_KEYS):
+                if k in s:
+                    local[i, x.at:x.at + x.hi - x.lo] = s[k]
+            step = max(step, int(s.get("step", 0)))
+        full, step_t = local, torch.tensor(step, dtype=torch.int64)
+        if opt.group is not None:
+            full = torch.empty(opt.world, len(STATE_KEYS), opt.shard)  # [rank, state key, range]
+            dist.all_gather_into_tensor(full, local, group=opt.group)
+            dist.all_reduce(step_t, op=dist.ReduceOp.MAX, group=opt.group)
+            full = full.transpose(0, 1).reshape(len(STATE_KEYS), -1)  # [state key, all ranges]
+        where = {id(p): off for p, off in zip(opt.params, opt.offsets)}
         for name, p in named_params.items():
-            entry = {k: torch.zeros(p.numel(), dtype=torch.float32) for k in STATE_KEYS}
-            if id(p) in pieces:
-                lo, hi, piece = pieces[id(p)]
-                s = opt.inner.state.get(piece, {})
-                for k in STATE_KEYS:
-                    if k in s:
-                        entry[k][lo:hi] = s[k]
-                if "step" in s:
-                    step = max(step, int(s["step"]))
-            out[name] = entry
-        if opt.group is not None:  # the ranges are disjoint: a sum assembles them
-            for entry in out.values():
-                for t in entry.values():
-                    dist.all_reduce(t, group=opt.group)
-            box = torch.tensor(step)
-            dist.all_reduce(box, op=dist.ReduceOp.MAX, group=opt.group)
-            step = int(box)
-        out = {n: {k: t.view_as(named_params[n]) for k, t in e.items()} for n, e in out.items()}
-    else:
-        for name, p in named_params.items():
-            s = opt.state.get(p, {})
-            out[name] = {k: (s[k].detach().clone() if k in s else torch.zeros_like(p, dtype=torch.float32))
-                         for k in STATE_KEYS}
-            if "step" in s:
-                step = max(step, int(s["step"]))
+            off = where.get(id(p))
+            out[name] = {k: (full[i, off:off + p.numel()].view(p.shape).clone() if off is not None
+                             else torch.zeros(p.shape)) for i, k in enumerate(STATE_KEYS)}
+        return {"step": int(step_t), "state": out}
+    step = 0
+    for name, p in named_params.items():
+        s = opt.state.get(p, {})
+        out[name] = {k: (s[k].detach().clone() if k in s else torch.zeros_like(p, dtype=torch.float32))
+                     for k in STATE_KEYS}
+        step = max(step, int(s.get("step", 0)))
     return {"step": step, "state": out}
 
 
+def _entry(d: dict, name: str, p: torch.Tensor) -> dict:
+    src = d["state"].get(name)
+    if src is None:
+        raise GraphllmError(f"the optimizer state has no entry for parameter {name!r}; load a state saved from this model")
+    for k in STATE_KEYS:
+        if tuple(src[k].shape) != tuple(p.shape):
+            raise GraphllmError(f"optimizer state {name}/{k} has shape {tuple(src[k].shape)} but the parameter has "
+                                f"{tuple(p.shape)}; the state must be shaped like this rank's parameter")
+    return src
+
+
 def load_optimizer_state(opt: Any, named_params: dict[str, nn.Parameter], d: dict) -> None:
-    """Inverse of `optimizer_state` for this rank's optimizer (AdamW or ZeroAdamW)."""
+    """Inverse of `optimizer_state` into this rank's optimizer (a ZeroAdamW takes its own pieces).
+
+    Call it after the parameters were loaded: a ZeroAdamW refreshes its master copies from them."""
     step = torch.tensor(float(d["step"]), dtype=torch.float32)
     if isinstance(opt, ZeroAdamW):
-        by_id = {id(p): n for n, p in named_params.items()}
-        for p, lo, hi, piece in opt.pieces:
-            src = d["state"][by_id[id(p)]]
-            opt.inner.state[piece] = {"step": step.clone(),
-                                      **{k: src[k].reshape(-1)[lo:hi].clone().float() for k in STATE_KEYS}}
+        opt.sync_from_params()
+        names = {id(p): n for n, p in named_params.items()}
+        for x in opt.pieces:
+            src = _entry(d, names[id(x.param)], x.param)
+            opt.inner.state[x.tensor] = {"step": step.clone(),
+                                         **{k: src[k].reshape(-1)[x.lo:x.hi].to(torch.float32, copy=True)
+                                            for k in STATE_KEYS}}
         return
+    managed = {id(p) for g in opt.param_groups for p in g["params"]}
     for name, p in named_params.items():
-        src = d["state"][name]
-        opt.state[p] = {"step": step.clone(), **{k: src[k].clone().to(p.dtype).view_as(p) for k in STATE_KEYS}}
+        if id(p) in managed:  # torch's state_dict() refuses state of parameters it does not hold
+            src = _entry(d, name, p)
+            opt.state[p] = {"step": step.clone(), **{k: src[k].to(p.dtype, copy=True) for k in STATE_KEYS}}

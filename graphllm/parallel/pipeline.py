@@ -133,13 +133,14 @@ class PipelineRunner:
         return loss
 
     def send_bytes_per_micro_batch(self) -> int:
-        """Activation bytes this rank's stages send forward per micro-batch (their gradients come back
-        the same size)."""
+        """Bytes this rank's stages send per micro-batch: activations forward (all but the last stage)
+        and the gradients of their floating-point inputs backward (all but the first)."""
         last = self.layout.num_stages - 1
         total = 0
         for i, mod in zip(self.stage_indices, self.modules):
-            if i != last:
-                total += sum(o.meta["val"].numel() * o.meta["val"].element_size() for o in _io(mod.stage)[1])
+            ins, outs = _io(mod.stage)
+            sent = (outs if i != last else []) + ([n for n in ins if n.meta["val"].is_floating_point()] if i else [])
+            total += sum(n.meta["val"].numel() * n.meta["val"].element_size() for n in sent)
         return total
 
     def named_parameters(self) -> dict[str, nn.Parameter]:

@@ -12,7 +12,7 @@ import torch
 from graphllm.artifact import (FORMAT_VERSION, commit_out_dir, graphs_dir, prepare_out_dir, read_plan, versions,
                                write_json)
 from graphllm.backends import StageSet, get_backend
-from graphllm.compile import CompiledModel, CompileResult, compile, compile_graph, prepare_graph
+from graphllm.compile import AMP_DTYPES, CompiledModel, CompileResult, compile, compile_graph, prepare_graph
 from graphllm.errors import GraphllmError
 from graphllm.models import load_model
 from graphllm.parallel import groups
@@ -82,8 +82,6 @@ def _build_pipeline(plan: CompilePlan, model: torch.nn.Module, inputs, st, commo
     from graphllm.parallel.pipeline import PipelineRunner
     from graphllm.passes.pipeline_split import split_pipeline
 
-    if plan.amp != "fp32":
-        raise GraphllmError("--pp > 1 runs in fp32 for now; drop --amp bf16 or use --pp 1")
     prepared = prepare_graph(model, inputs, **common)
     layout = plan.layout()
     dump_dir = prepared.dump_root / "model" / "pipeline_split" if prepared.dump_root else None
@@ -91,8 +89,24 @@ def _build_pipeline(plan: CompilePlan, model: torch.nn.Module, inputs, st, commo
     be = get_backend(plan.backend)
     stages = StageSet()
 
+    amp_dtype = AMP_DTYPES[plan.amp]
+
     def compile_stage(gm, name: str):
-        return compile_graph(gm, be, stages.add(name, prepared.train_stage(name)))
+        fn = compile_graph(gm, be, stages.add(name, prepared.train_stage(name)))
+        if amp_dtype is None:
+            return fn
+
+        out_node = next(n for n in reversed(gm.graph.nodes) if n.op == "output").args[0]
+        dtypes = [n.meta["val"].dtype for n in out_node] if isinstance(out_node, (tuple, list)) else None
+
+        def autocast_stage(*args):  # as CompiledModel.forward does for the whole graph
+            with torch.autocast(device_type=torch.device(plan.device).type, dtype=amp_dtype):
+                out = fn(*args)
+            if dtypes is None:
+                return out
+            # what crosses a stage boundary keeps the captured dtype: the receiver's buffers are sized by it
+            return tuple(o.to(d) for o, d in zip(out, dtypes))
+        return autocast_stage
 
     runner = PipelineRunner(split, layout, st, compile_stage=compile_stage, micro_batch_size=plan.batch_size,
                             seq_len=plan.seq_len, device=plan.device)

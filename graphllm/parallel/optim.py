@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -30,6 +31,8 @@ from graphllm.parallel.sharding import shard_of
 
 STATE_KEYS = ("exp_avg", "exp_avg_sq")
 CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_'s guard against a zero norm
+# torch 2.13 renamed all_gather_into_tensor (now deprecated, with a warning) to all_gather_single
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 def _unique(params) -> list[nn.Parameter]:
@@ -165,7 +168,7 @@ class ZeroAdamW:
             self.pieces.append(_Piece(p, lo, hi, offset + lo - self.start, t, is_view))
         groups = [{"params": [x.tensor for x in self.pieces if x.param.dim() >= 2], "weight_decay": weight_decay},
                   {"params": [x.tensor for x in self.pieces if x.param.dim() < 2], "weight_decay": 0.0}]
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}
         if self.pieces:
             self.inner: torch.optim.AdamW | None = torch.optim.AdamW(groups, **defaults, fused=True)
             self.param_groups = self.inner.param_groups
@@ -188,7 +191,7 @@ class ZeroAdamW:
         full = local
         if self.group is not None:
             full = torch.empty(self.shard * self.world, dtype=self.dtype)
-            dist.all_gather_into_tensor(full, local, group=self.group)
+            _all_gather(full, local, group=self.group)
         chunks = full[:self.total].split([p.numel() for p in self.params])
         torch._foreach_copy_(self.params, [c.view(p.shape).to(p.dtype) for c, p in zip(chunks, self.params)])
 
@@ -230,10 +233,10 @@ def optimizer_state(opt: Any, named_params: dict[str, nn.Parameter]) -> dict:
             step = max(step, int(s.get("step", 0)))
         full, step_t = local, torch.tensor(step, dtype=torch.int64)
         if opt.group is not None:
-            full = torch.empty(opt.world, len(STATE_KEYS), opt.shard)  # [rank, state key, range]
-            dist.all_gather_into_tensor(full, local, group=opt.group)
+            full = torch.empty(opt.world * len(STATE_KEYS), opt.shard)  # [rank * state key, range]
+            _all_gather(full, local, group=opt.group)
             dist.all_reduce(step_t, op=dist.ReduceOp.MAX, group=opt.group)
-            full = full.transpose(0, 1).reshape(len(STATE_KEYS), -1)  # [state key, all ranges]
+            full = full.view(opt.world, len(STATE_KEYS), -1).transpose(0, 1).reshape(len(STATE_KEYS), -1)
         where = {id(p): off for p, off in zip(opt.params, opt.offsets)}
         for name, p in named_params.items():
             off = where.get(id(p))

@@ -1,0 +1,65 @@
+"""`graphllm profile ARTIFACT`: top ops, time by pass, compute vs communication, MFU; trace + JSON."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("profile", help="profile an artifact's training step (torch.profiler): where the time goes")
+    p.add_argument("artifact", type=Path)
+    p.add_argument("--steps", type=int, default=3, help="profiled steps")
+    p.add_argument("--warmup", type=int, default=2, help="steps run before profiling (compilation, allocator)")
+    p.add_argument("--top", type=int, default=15, help="rows in the top-ops table")
+    p.add_argument("--out", type=Path, default=None, help="trace/summary directory (default ARTIFACT/profile)")
+    p.set_defaults(func=run)
+
+
+def _s(x: float) -> str:
+    return f"{x * 1e3:,.1f} ms"
+
+
+def run(args: argparse.Namespace) -> int:
+    from graphllm.artifact import read_plan
+    from graphllm.errors import GraphllmError
+    from graphllm.job import load_artifact
+    from graphllm.launch import in_launched_world, is_rank_zero, relaunch
+    from graphllm.plan import CompilePlan
+    from graphllm.profile import profile_built
+
+    if args.steps < 1 or args.warmup < 0:
+        raise GraphllmError(f"--steps must be ≥ 1 and --warmup ≥ 0 (got {args.steps}, {args.warmup})")
+    world = CompilePlan.from_json(read_plan(args.artifact)["plan"], str(args.artifact)).layout().world_size
+    if world > 1 and not in_launched_world():
+        return relaunch(world, args.argv)
+    console = Console(stderr=True, quiet=not is_rank_zero())
+    with console.status("loading artifact and compiling …"):
+        _, built = load_artifact(args.artifact)
+    out = args.out or args.artifact / "profile"
+    with console.status(f"profiling {args.steps} steps after {args.warmup} warm-up steps …"):
+        s = profile_built(built, out, steps=args.steps, warmup=args.warmup, top=args.top)
+    table = Table(title=f"top ops by self time, rank {s['rank']} ({args.steps} steps)")
+    for col in ("op", "calls", "self time", "share", "GFLOP", "GFLOP/s"):
+        table.add_column(col, justify="left" if col == "op" else "right")
+    for r in s["top_ops"]:
+        table.add_row(r["op"], str(r["calls"]), _s(r["self_s"]), f"{100 * r['self_s'] / s['self_time_s']:.1f}%",
+                      f"{r['flops'] / 1e9:,.2f}" if r["flops"] else "", f"{r['flop_per_s'] / 1e9:,.1f}" if r["flops"] else "")
+    console.print(table)
+    origin = Table(title="self time by the pass that introduced the op")
+    origin.add_column("origin")
+    origin.add_column("self time", justify="right")
+    origin.add_column("share", justify="right")
+    for name, t in s["by_origin_s"].items():
+        origin.add_row(name, _s(t), f"{100 * t / s['self_time_s']:.1f}%")
+    console.print(origin)
+    console.print(
+        f"step {_s(s['median_step_s'])} (median) · compute {_s(s['compute_s'] / args.steps)}/step · communication "
+        f"{_s(s['communication_s'] / args.steps)}/step, exposed {_s(s['exposed_communication_s'] / args.steps)}/step · "
+        f"{s['achieved_flop_per_s'] / 1e9:,.1f} GFLOP/s = MFU {100 * s['mfu']:.1f}% of the measured "
+        f"{s['measured_peak_flop_per_s'] / 1e9:,.0f} GFLOP/s matmul peak · peak RSS {s['peak_rss_bytes'] / 2**20:,.0f} MiB")
+    console.print(f"trace (chrome://tracing, ui.perfetto.dev) and summary in {out}/")
+    return 0

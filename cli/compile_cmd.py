@@ -35,6 +35,13 @@ def add_parser(sub) -> None:
     par.add_argument("--zero1", action="store_true", help="shard AdamW states over the data-parallel group")
     par.add_argument("--micro-batches", type=int, default=1, help="micro-batches per step per data-parallel rank")
     par.add_argument("--pp-layers", default=None, help="layers per pipeline stage, e.g. 3,3,2,2 (default: by FLOPs)")
+    rc = p.add_argument_group("activation recomputation (graphllm/recompute.py)")
+    rc.add_argument("--recompute", default="none", help="none | full | selective | budget")
+    rc.add_argument("--recompute-method", default=None, help="full: uniform (groups of N layers) | block (first N)")
+    rc.add_argument("--recompute-layers", type=int, default=None,
+                    help="full: N of --recompute-method (default 1); selective: only the first N layers")
+    rc.add_argument("--recompute-ops", default=None, help="selective: comma-separated attention,activation,norm")
+    rc.add_argument("--recompute-budget", type=float, default=None, help="budget: activation memory fraction in [0, 1]")
     npu = p.add_argument_group("npu (torchair) options")
     npu.add_argument("--npu-mode", choices=["max-autotune", "reduce-overhead"], default="max-autotune",
                      help="GE graph execution, or ACL graph capture")
@@ -63,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
                        npu_topology_sorting=args.npu_topology_sorting, tp=args.tp, pp=args.pp, dp=args.dp,
                        vpp=args.vpp, sequence_parallel=args.sequence_parallel, zero1=args.zero1,
                        micro_batches=args.micro_batches, pp_layers=parse_layers(args.pp_layers),
-                       tp_plan=args.tp_plan)
+                       tp_plan=args.tp_plan, recompute=args.recompute, recompute_options=recompute_options(args))
     extra = [load_pass_spec(s) for s in args.extra_passes]
     layout = plan.layout()
     if layout.world_size > 1 and not in_launched_world():
@@ -82,6 +89,23 @@ def run(args: argparse.Namespace) -> int:
             console.print(f"  {p['name']:<16} {p['graph']:<9} {p['nodes_before']:>5} → {p['nodes_after']:<5} {counters}")
     console.print(f"  see {args.out}/report.md; `graphllm inspect {args.out}` lists the graphs")
     return 0
+
+
+def recompute_options(args: argparse.Namespace) -> dict:
+    """--recompute-* flags → CompilePlan.recompute_options; a flag the policy does not take is an error."""
+    from graphllm.errors import GraphllmError
+
+    given = {"method": args.recompute_method, "layers": args.recompute_layers, "ops": args.recompute_ops,
+             "fraction": args.recompute_budget}
+    takes = {"none": (), "full": ("method", "layers"), "selective": ("ops", "layers"), "budget": ("fraction",)}
+    flag = {"method": "--recompute-method", "layers": "--recompute-layers", "ops": "--recompute-ops",
+            "fraction": "--recompute-budget"}
+    for k, v in given.items():
+        if v is not None and k not in takes.get(args.recompute, ()):
+            raise GraphllmError(f"{flag[k]} does not apply to --recompute {args.recompute}")
+    if args.recompute == "budget" and args.recompute_budget is None:
+        raise GraphllmError("--recompute budget needs --recompute-budget F (a fraction in [0, 1])")
+    return {k: v for k, v in given.items() if v is not None}
 
 
 def parse_layers(text: str | None) -> list[int] | None:

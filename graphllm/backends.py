@@ -39,6 +39,10 @@ class TrainStage:
     graphs: dict[str, fx.GraphModule] = field(default_factory=dict)
     compiles: dict[str, int] = field(default_factory=dict)
     dumps: list[dict[str, Any]] = field(default_factory=list)
+    recompute: str = "none"
+    """Activation recomputation policy (graphllm.recompute.RECOMPUTE_POLICIES); picks the partition function."""
+    recompute_options: dict[str, Any] = field(default_factory=dict)
+    """The policy's options (graphllm.recompute.check_options)."""
     input_names: list[str] = field(default_factory=list)
     """What each input of the compiled graph is (parameter path or argument name), in order; aot_autograd
     names them primals_1, primals_2, ... in the same order."""
@@ -54,6 +58,10 @@ class TrainStage:
             m = _PRIMAL.fullmatch(node.name) if node.op == "placeholder" else None
             if m and int(m.group(1)) <= len(self.input_names):
                 node.meta[INPUT_META_KEY] = self.input_names[int(m.group(1)) - 1]
+        if kind == "backward" and self.recompute != "none":
+            from graphllm.recompute import mark_recomputed
+
+            mark_recomputed(gm)  # stamp recomputed forward ops so dumps and `graphllm inspect` show them
         dump = None
         if self.dump_dir is not None:
             def dump(g: fx.GraphModule, pass_name: str) -> None:
@@ -153,7 +161,7 @@ def get_backend(name: str) -> Backend:
 def _eager(stage: TrainStage):
     from functorch.compile import make_boxed_func
     from torch._dynamo.backends.common import aot_autograd
-    from torch._functorch.partitioners import default_partition
+    from graphllm.recompute import partition_fn_for
 
     def compiler(kind: str):
         def compile_graph(gm: fx.GraphModule, example_inputs: list) -> Callable:
@@ -161,11 +169,14 @@ def _eager(stage: TrainStage):
         return compile_graph
 
     return aot_autograd(fw_compiler=compiler("forward"), bw_compiler=compiler("backward"),
-                        inference_compiler=compiler("inference"), partition_fn=default_partition)
+                        inference_compiler=compiler("inference"),
+                        partition_fn=partition_fn_for(stage.recompute, stage.recompute_options))
 
 
 def _inductor(stage: TrainStage):
     from torch._inductor.compile_fx import compile_fx, compile_fx_inner
+
+    from graphllm.recompute import inductor_config_patches
 
     def inner(gm: fx.GraphModule, example_inputs: list, **kwargs: Any):
         kind = "backward" if kwargs.get("is_backward") else "inference" if kwargs.get("is_inference") else "forward"
@@ -175,8 +186,11 @@ def _inductor(stage: TrainStage):
         # AOTAutograd's cache would serve compiled graphs without calling `inner`, skipping graphllm's
         # train passes and dumps (and its key does not cover them). Inductor's own FX graph cache stays
         # on: it keys on the graph after graphllm's passes.
-        with torch._functorch.config.patch(enable_autograd_cache=False):
-            return compile_fx(gm, example_inputs, inner_compile=inner)
+        # Recompute policies reach inductor's own min-cut partitioner through config: the tags as a
+        # joint-graph pass (it runs before partitioning), the budget as activation_memory_budget.
+        functorch_patches, inductor_patches = inductor_config_patches(stage.recompute, stage.recompute_options)
+        with torch._functorch.config.patch(enable_autograd_cache=False, **functorch_patches):
+            return compile_fx(gm, example_inputs, inner_compile=inner, config_patches=inductor_patches or None)
 
     return backend
 

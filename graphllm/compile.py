@@ -138,7 +138,12 @@ class PreparedGraph:
         dump_dir = None
         if self.dump_root is not None:
             dump_dir = self.dump_root / "train" / name if name else self.dump_root / "train"
-        return TrainStage(passes=train_passes, ctx_template=self.ctx, dump_dir=dump_dir)
+        from graphllm.recompute import check_options
+
+        recompute = self.ctx.plan.get("recompute", "none")
+        options = check_options(recompute, self.ctx.plan.get("recompute_options"))
+        return TrainStage(passes=train_passes, ctx_template=self.ctx, dump_dir=dump_dir, recompute=recompute,
+                          recompute_options=options)
 
 
 def prepare_graph(model: nn.Module, inputs: tuple[torch.Tensor, ...], *, passes: Sequence[GraphPass] | None,

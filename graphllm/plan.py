@@ -64,6 +64,10 @@ class CompilePlan:
     """Decoder layers per pipeline stage (pp*vpp entries); None balances stages by FLOPs."""
     tp_plan: Literal["graphllm", "hf"] = "graphllm"
     """Which tensor-parallel plan: graphllm's per-family one, or transformers' base_model_tp_plan."""
+    recompute: Literal["none", "full", "selective", "budget"] = "none"
+    """Activation recomputation policy (graphllm/recompute.py): none saves every activation the backward reads."""
+    recompute_options: dict[str, Any] = field(default_factory=dict)
+    """The policy's options: full {method, layers}, selective {ops, layers}, budget {fraction}."""
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -75,6 +79,9 @@ class CompilePlan:
         if self.backend == "npu" and self.device == "cpu":
             self.device = "npu"
         self.layout().check_options()
+        from graphllm.recompute import check_options
+
+        self.recompute_options = check_options(self.recompute, self.recompute_options)
         if (self.device == "npu") != (self.backend == "npu"):
             raise GraphllmError(f"--device {self.device} does not fit --backend {self.backend}: the npu backend runs "
                                 "on --device npu, and only there")

@@ -1,0 +1,203 @@
+"""Activation recomputation as an aot_autograd partition policy.
+
+aot_autograd traces one joint forward+backward graph and a partition function splits it into the
+forward and backward graphs; whatever forward value the backward needs and the forward does not hand
+over must be recomputed in the backward. The policy picks that split:
+
+- none: `default_partition`, today's behaviour (saves every forward value the backward reads).
+- full: MindSpeed's `--recompute-granularity full`: the forward ops of each checkpointed decoder layer
+  are tagged `MUST_RECOMPUTE` with the layer's group as `ac_graph_id`; the min-cut partitioner's
+  `cleanup_recompute_tags` then turns the values that cross into the next group (the layer's output, which
+  the next layer's first op reads) into `MUST_SAVE`. Options: `method` "uniform" (groups of `layers`
+  layers, `--recompute-method uniform`) or "block" (only the first `layers` layers).
+- selective: `MUST_RECOMPUTE` on chosen op kinds (`ops`: attention, activation, norm; MindSpeed's
+  `--recompute-activations`, `--recompute-activation-function`, `--recompute-norm`); min-cut decides the rest.
+- budget: `min_cut_rematerialization_partition` under `activation_memory_budget = fraction`.
+
+Legal because recomputing runs the same ops on the same inputs: losses and gradients are bitwise equal
+(tests/test_recompute.py). Layers are found from `nn_module_stack` ("model.layers.<i>..."), which
+Dynamo records on every node and aot_autograd carries onto the joint graph's forward nodes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+from torch.utils.checkpoint import CheckpointPolicy
+
+from graphllm.errors import GraphllmError
+
+logger = logging.getLogger("graphllm")
+
+RECOMPUTE_POLICIES = ("none", "full", "selective", "budget")
+SELECTIVE_OPS = ("attention", "activation", "norm")
+RECOMPUTE_PASS = "recompute"
+"""`graphllm_pass` stamp on backward-graph nodes that recompute forward ops (shown by `graphllm inspect`)."""
+
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.|$)")
+_OPS_OF_KIND = {
+    "attention": ("attention", "scaled_dot_product_attention", "_scaled_dot_product_flash_attention",
+                  "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention"),
+    "activation": ("swiglu", "silu", "gelu"),
+    "norm": ("rms_norm", "add_rms_norm", "_fused_rms_norm", "native_layer_norm"),
+}
+
+Partition = Callable[..., tuple[fx.GraphModule, fx.GraphModule]]
+
+
+def check_options(policy: str, options: dict[str, Any] | None) -> dict[str, Any]:
+    """Validate `policy` and its options; returns the options with defaults filled in."""
+    opts = dict(options or {})
+    if policy not in RECOMPUTE_POLICIES:
+        raise GraphllmError(f"--recompute must be one of {', '.join(RECOMPUTE_POLICIES)}, got {policy!r}")
+    allowed = {"none": set(), "full": {"method", "layers"}, "selective": {"ops", "layers"},
+               "budget": {"fraction"}}[policy]
+    unknown = set(opts) - allowed
+    if unknown:
+        raise GraphllmError(f"--recompute {policy}: unknown option(s) {', '.join(sorted(unknown))}; "
+                            f"it takes {', '.join(sorted(allowed)) or 'none'}")
+    if policy == "full":
+        opts.setdefault("method", "uniform")
+        opts.setdefault("layers", 1)
+        if opts["method"] not in ("uniform", "block"):
+            raise GraphllmError(f"--recompute full: method must be uniform or block, got {opts['method']!r}")
+    if policy == "selective":
+        ops = opts.setdefault("ops", list(SELECTIVE_OPS))
+        if isinstance(ops, str):
+            ops = opts["ops"] = [o for o in ops.split(",") if o]
+        bad = [o for o in ops if o not in SELECTIVE_OPS]
+        if bad or not ops:
+            raise GraphllmError(f"--recompute-ops must be a comma-separated subset of {','.join(SELECTIVE_OPS)}, "
+                                f"got {','.join(ops) or 'nothing'}")
+        opts.setdefault("layers", None)
+    if policy in ("full", "selective") and opts["layers"] is not None:
+        if not isinstance(opts["layers"], int) or isinstance(opts["layers"], bool) or opts["layers"] < 1:
+            raise GraphllmError(f"--recompute-layers must be an integer ≥ 1, got {opts['layers']!r}")
+    if policy == "budget":
+        f = opts.get("fraction")
+        if not isinstance(f, (int, float)) or isinstance(f, bool) or not 0.0 <= f <= 1.0:
+            raise GraphllmError(f"--recompute-budget must be a fraction in [0, 1], got {f!r}")
+    return opts
+
+
+def partition_fn_for(policy: str, options: dict[str, Any] | None = None) -> Partition:
+    """The aot_autograd partition function for `policy` (signature of `default_partition`)."""
+    from torch._functorch.partitioners import default_partition, min_cut_rematerialization_partition
+
+    opts = check_options(policy, options)
+    if policy == "none":
+        return default_partition
+
+    def partition(joint_module: fx.GraphModule, joint_inputs: Any, *, num_fwd_outputs: int,
+                  **kw: Any) -> tuple[fx.GraphModule, fx.GraphModule]:
+        tagged = tag_joint_graph(joint_module.graph, policy, opts)
+        with budget_patch(policy, opts):
+            fwd, bwd = min_cut_rematerialization_partition(joint_module, joint_inputs,
+                                                           num_fwd_outputs=num_fwd_outputs, **kw)
+        logger.info("recompute %s: %d joint nodes tagged", policy, tagged)
+        return fwd, bwd
+
+    partition.__name__ = f"recompute_{policy}_partition"
+    return partition
+
+
+def inductor_config_patches(policy: str, options: dict[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(torch._functorch.config, torch._inductor.config) patches that give inductor's own min-cut
+    partitioner this policy. compile_fx takes no partition function, but it runs
+    `joint_custom_post_pass` on the joint graph right before partitioning."""
+    opts = check_options(policy, options)
+    if policy == "none":
+        return {}, {}
+    if policy == "budget":
+        return {"activation_memory_budget": float(opts["fraction"])}, {}
+
+    def tag(graph: fx.Graph) -> None:
+        tag_joint_graph(graph, policy, opts)
+
+    return {}, {"joint_custom_post_pass": tag}
+
+
+def budget_patch(policy: str, opts: dict[str, Any]) -> contextlib.AbstractContextManager:
+    """`activation_memory_budget` for the budget policy; nothing otherwise."""
+    if policy != "budget":
+        return contextlib.nullcontext()
+    return torch._functorch.config.patch(activation_memory_budget=float(opts["fraction"]))
+
+
+def tag_joint_graph(graph: fx.Graph, policy: str, opts: dict[str, Any]) -> int:
+    """Tag the joint graph's forward nodes with CheckpointPolicy for `full` / `selective`; returns how many."""
+    if policy not in ("full", "selective"):
+        return 0
+    kinds = {name for k in opts.get("ops", ()) for name in _OPS_OF_KIND[k]}
+    count = 0
+    for node in graph.nodes:
+        if node.op != "call_function" or not _is_forward(node):
+            continue
+        layer = _layer_of(node)
+        if policy == "full":
+            if layer is None:
+                continue
+            n = opts["layers"]
+            if opts["method"] == "block" and layer >= n:
+                continue
+            group = layer // n if opts["method"] == "uniform" else layer
+        else:
+            if opts["layers"] is not None and (layer is None or layer >= opts["layers"]):
+                continue
+            if _op_name(node) not in kinds:
+                continue
+            group = count  # each op its own region: its inputs are saved, its outputs recomputed
+        node.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
+        node.meta["ac_graph_id"] = group
+        count += 1
+    if policy == "selective":
+        # multi-output ops (add_rms_norm) are read through getitem: tag those with their op
+        for node in graph.nodes:
+            if node.op == "call_function" and node.target is _getitem() and node.args[0].meta.get("ac_graph_id") is not None \
+                    and "recompute" in node.args[0].meta:
+                node.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
+                node.meta["ac_graph_id"] = node.args[0].meta["ac_graph_id"]
+    return count
+
+
+def mark_recomputed(backward: fx.GraphModule) -> int:
+    """Stamp the backward graph's recomputed forward ops with graphllm_pass="recompute"; returns how many."""
+    from graphllm.passes.manager import PASS_META_KEY
+
+    n = 0
+    for node in backward.graph.nodes:
+        if node.op == "call_function" and _is_forward(node):
+            node.meta[PASS_META_KEY] = RECOMPUTE_PASS
+            n += 1
+    return n
+
+
+def _is_forward(node: fx.Node) -> bool:
+    return node.meta.get("partitioner_tag") == "is_forward"
+
+
+def _layer_of(node: fx.Node) -> int | None:
+    stack = node.meta.get("nn_module_stack") or {}
+    for path, _ in reversed(list(stack.values())):
+        m = _LAYER.search(path)
+        if m:
+            return int(m.group(1))
+    return None
+
+
+def _op_name(node: fx.Node) -> str:
+    target = node.target
+    if isinstance(target, torch._ops.OpOverload):
+        return target._schema.name.split("::")[-1]
+    return getattr(target, "__name__", str(target))
+
+
+def _getitem():
+    import operator
+
+    return operator.getitem

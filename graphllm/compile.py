@@ -131,7 +131,8 @@ class PreparedGraph:
     def train_stage(self, name: str) -> TrainStage:
         """A TrainStage for one compiled graph; `name` ("" for the whole model, "stage1" ...) prefixes its dumps."""
         train_passes = [p for p in self.passes if p.stage == "train"]
-        if self.backend.lowering != "eager" and self.ctx.world_size > 1:
+        chunked = self.ctx.plan.get("coc_parallel_num", 1) > 1  # overlap needs async collectives, even eager
+        if (self.backend.lowering != "eager" or chunked) and self.ctx.world_size > 1:
             from graphllm.passes.lower_collectives import lower_collectives
 
             train_passes.append(lower_collectives)  # last: after user passes, as lower_ops is

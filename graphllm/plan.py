@@ -62,6 +62,8 @@ class CompilePlan:
     """Micro-batches per step per data-parallel rank (pipeline fill, or gradient accumulation)."""
     pp_layers: list[int] | None = None
     """Decoder layers per pipeline stage (pp*vpp entries); None balances stages by FLOPs."""
+    coc_parallel_num: int = 1
+    """Chunks per tensor-parallel collective for communication/computation overlap (1: off)."""
     tp_plan: Literal["graphllm", "hf"] = "graphllm"
     """Which tensor-parallel plan: graphllm's per-family one, or transformers' base_model_tp_plan."""
     recompute: Literal["none", "full", "selective", "budget"] = "none"
@@ -149,7 +151,7 @@ def load_pass_spec(spec: str) -> GraphPass:
     return obj
 
 
-def parallel_passes(layout: Layout, tp_plan: str = "graphllm") -> list[GraphPass]:
+def parallel_passes(layout: Layout, tp_plan: str = "graphllm", coc_chunks: int = 1) -> list[GraphPass]:
     """The sharding passes a layout needs (pipeline splitting is done by the compile step itself)."""
     from graphllm.passes.dp_grad_reduce import dp_grad_reduce, in_graph
     from graphllm.passes.sequence_parallel import sequence_parallel
@@ -160,6 +162,12 @@ def parallel_passes(layout: Layout, tp_plan: str = "graphllm") -> list[GraphPass
         out.append(tensor_parallel if tp_plan == "graphllm" else tensor_parallel.with_options(plan=tp_plan))
     if layout.sequence_parallel:
         out.append(sequence_parallel)
+    if coc_chunks > 1:
+        from graphllm.passes.coc import coc
+
+        if layout.tp == 1:
+            raise GraphllmError("--coc-parallel-num needs --tp > 1 (it chunks tensor-parallel collectives)")
+        out.append(coc.with_options(chunks=coc_chunks))
     if in_graph(layout):
         out.append(dp_grad_reduce)
     return out
@@ -168,5 +176,5 @@ def parallel_passes(layout: Layout, tp_plan: str = "graphllm") -> list[GraphPass
 def pipeline_for(plan: CompilePlan, extra: list[GraphPass] = ()) -> list[GraphPass]:
     passes = resolve_passes(plan.passes) + list(extra)
     names = {p.name for p in passes}
-    passes += [p for p in parallel_passes(plan.layout(), plan.tp_plan) if p.name not in names]
+    passes += [p for p in parallel_passes(plan.layout(), plan.tp_plan, plan.coc_parallel_num) if p.name not in names]
     return order_passes(passes, disable=plan.disable)

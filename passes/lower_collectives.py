@@ -66,6 +66,16 @@ def _lower(gm: fx.GraphModule, n: fx.Node) -> fx.Node | None:
     return _restore(gm, emit(gm, c10d.wait_tensor.default, (comm,), n), back, n)
 
 
+def _sink_waits(gm: fx.GraphModule) -> None:
+    """Move each wait_tensor down to just before its first user: the collective travels while the
+    ops between its issue and its use compute (issue order, which all ranks share, is unchanged)."""
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    for w in [n for n in gm.graph.nodes if n.op == "call_function" and n.target is c10d.wait_tensor.default]:
+        first = min(w.users, key=order.__getitem__, default=None)
+        if first is not None and first is not w.next:
+            first.prepend(w)
+
+
 LOWERED = (gl.tp_copy.default, gl.tp_reduce.default, gl.tp_reduce_max.default, gl.tp_gather.default,
            gl.tp_split.default, gl.sp_gather.default, gl.sp_reduce_scatter.default)
 
@@ -81,6 +91,7 @@ def lower_collectives(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         lowered += 1
     if lowered:
         ctx.count("lowered", lowered)
+        _sink_waits(gm)
         repropagate(gm, {})
         gm.graph.eliminate_dead_code()
         gm.recompile()

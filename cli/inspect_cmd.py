@@ -1,4 +1,5 @@
-"""`graphllm inspect ARTIFACT`: list the dumped graphs, show one, or diff two."""
+"""`graphllm inspect ARTIFACT`: list the dumped graphs, show one, diff two, count its ops, find nodes,
+render one to HTML/SVG. The reading and drawing live in graphllm.inspect_graphs."""
 
 from __future__ import annotations
 
@@ -18,34 +19,13 @@ def add_parser(sub) -> None:
     p.add_argument("--show", "--pass", dest="show", metavar="GRAPH", help="print one graph: a pass name, its number, forward or backward")
     p.add_argument("--table", action="store_true", help="with --show: the node table instead of the code")
     p.add_argument("--diff", nargs=2, metavar=("A", "B"), help="unified diff of two graphs' code")
+    p.add_argument("--ops", metavar="GRAPH", help="histogram of one graph's call targets (op -> count)")
+    p.add_argument("--find", metavar="TEXT", help="nodes whose target, module path or source contains TEXT "
+                   "(any case), in all the rank's graphs")
+    p.add_argument("--in", dest="in_graph", metavar="GRAPH", help="with --find: search only this graph")
+    p.add_argument("--render", metavar="GRAPH", help="draw one graph to --out FILE.html (self-contained) or FILE.svg (graphviz)")
+    p.add_argument("--out", type=Path, metavar="FILE", help="with --render: where to write the drawing")
     p.set_defaults(func=run)
-
-
-def _graph_files(root: Path, rank: int) -> list[tuple[str, str, Path]]:
-    """(stage, name, path of .py) in pipeline order."""
-    from graphllm.artifact import graphs_dir, read_plan
-    from graphllm.errors import GraphllmError
-
-    read_plan(root)
-    base = graphs_dir(root, rank)
-    if not base.is_dir():
-        raise GraphllmError(f"{root} has no graphs for rank {rank} (have: "
-                            f"{', '.join(sorted(p.name for p in (root / 'graphs').glob('rank*'))) or 'none'})")
-    out = [("model", p.stem, p) for p in sorted((base / "model").glob("*.py"))]
-    train = sorted((base / "train").glob("*.py"), key=lambda p: (p.stem.split(".")[0] != "forward", p.stem))
-    out += [("train", p.stem, p) for p in train]
-    return out
-
-
-def _find(files: list[tuple[str, str, Path]], key: str) -> Path:
-    from graphllm.errors import GraphllmError
-
-    for stage, name, path in files:
-        number, _, pass_name = name.partition("_")
-        if key in (name, pass_name) or (stage == "model" and key.isdigit() and int(key) == int(number)):
-            return path
-    raise GraphllmError(f"no graph named {key!r}; `graphllm inspect ARTIFACT` lists them "
-                        f"({', '.join(n for _, n, _ in files)})")
 
 
 def _count(path: Path) -> tuple[int, int]:
@@ -54,15 +34,47 @@ def _count(path: Path) -> tuple[int, int]:
 
 
 def run(args: argparse.Namespace) -> int:
-    files = _graph_files(args.artifact, args.rank)
+    from graphllm import inspect_graphs as ig
+    from graphllm.errors import GraphllmError
+
+    if args.in_graph and not args.find:
+        raise GraphllmError("--in GRAPH only narrows --find TEXT; add --find")
+    if (args.render is None) != (args.out is None):
+        raise GraphllmError("--render GRAPH and --out FILE go together (e.g. --render forward --out g.html)")
+    files = ig.list_graphs(args.artifact, args.rank)
     console = Console()
+    if args.ops:
+        g = ig.find_graph(files, args.ops)
+        hist = ig.op_histogram(ig.read_rows(g))
+        table = Table(title=f"{g.name} rank {args.rank}: {sum(n for _, n in hist)} calls")
+        table.add_column("op", overflow="fold")
+        table.add_column("count", justify="right")
+        for target, n in hist:
+            table.add_row(target, str(n))
+        console.print(table)
+        return 0
+    if args.find is not None:
+        scope = [ig.find_graph(files, args.in_graph)] if args.in_graph else files
+        hits = ig.find_nodes(scope, args.find)
+        table = Table(title=f"{len(hits)} nodes matching {args.find!r} (rank {args.rank})")
+        for col in ("graph", "name", "target", "shape", "module", "source"):
+            table.add_column(col, overflow="fold")  # names and paths stay whole, wrapped rather than cut
+        for graph, r in hits:
+            table.add_row(graph, r["name"], r["target"], r["shape"], r["module"], r["source"])
+        console.print(table)
+        return 0
+    if args.render:
+        g = ig.find_graph(files, args.render)
+        out = ig.render(g, args.out, title=f"{args.artifact.name} rank {args.rank}: {g.name}")
+        console.print(f"wrote {out}")
+        return 0
     if args.diff:
-        a, b = (_find(files, k) for k in args.diff)
+        a, b = (ig.find_graph(files, k).path for k in args.diff)
         diff = difflib.unified_diff(a.read_text().splitlines(), b.read_text().splitlines(), a.name, b.name, lineterm="")
         sys.stdout.write("\n".join(diff) + "\n")
         return 0
     if args.show:
-        path = _find(files, args.show)
+        path = ig.find_graph(files, args.show).path
         if not args.table:
             sys.stdout.write(path.read_text())
             return 0
@@ -74,11 +86,12 @@ def run(args: argparse.Namespace) -> int:
         return 0
     table = Table("stage", "graph", "nodes", "calls", "Δ nodes", title=f"{args.artifact} rank {args.rank}")
     prev = None
-    for stage, name, path in files:
+    for stage, name, path in ((g.stage, g.name, g.path) for g in files):
         nodes, calls = _count(path)
         delta = "" if prev is None or stage != "model" else f"{nodes - prev:+d}"
         table.add_row(stage, name, str(nodes), str(calls), delta)
         prev = nodes if stage == "model" else prev
     console.print(table)
-    console.print("show one: --show NAME [--table]; compare: --diff A B")
+    console.print("show one: --show NAME [--table]; compare: --diff A B; ops: --ops NAME; "
+                  "search: --find TEXT [--in NAME]; draw: --render NAME --out FILE.html")
     return 0

@@ -13,7 +13,8 @@ import torch.fx as fx
 from graphllm.passes.manager import PASS_META_KEY
 
 INPUT_META_KEY = "graphllm_input"  # placeholder meta: the parameter path or argument an aot input is
-TABLE_COLUMNS = ("idx", "name", "op", "target", "shape", "dtype", "pass", "module", "source")
+# `inputs`: the node's input node names, comma-separated (the graph's edges, for `graphllm inspect --render`)
+TABLE_COLUMNS = ("idx", "name", "op", "target", "shape", "dtype", "pass", "module", "source", "inputs")
 
 
 def _shape(v: Any) -> tuple[str, str]:
@@ -65,6 +66,7 @@ def node_rows(gm: fx.GraphModule, default_pass: str = "capture") -> list[dict[st
             "idx": str(i), "name": node.name, "op": node.op, "target": _target(node), "shape": shape,
             "dtype": dtype, "pass": node.meta.get(PASS_META_KEY, default_pass if node.op != "output" else ""),
             "module": _module(node), "source": _source(node),
+            "inputs": ",".join(n.name for n in node.all_input_nodes),
         })
     return rows
 

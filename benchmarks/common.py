@@ -85,22 +85,11 @@ def current_rss_bytes() -> int:
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident set size of this process so far.
+    """Peak resident set size of this process so far (graphllm.profile.peak_rss_bytes: VmHWM, because
+    ru_maxrss of a per-contender subprocess starts at the parent's peak)."""
+    from graphllm.profile import peak_rss_bytes as peak
 
-    Linux VmHWM (/proc/self/status) where available, else getrusage ru_maxrss. They are the same
-    high-water mark for a process started fresh, but ru_maxrss of a subprocess starts at the *parent's*
-    peak (the kernel carries the forked address space's high-water mark across exec), which made every
-    per-contender subprocess report the benchmark process's own peak. VmHWM belongs to the new address
-    space only.
-    """
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024  # kB
-    except OSError:
-        pass
-    return ru_maxrss_bytes()
+    return peak()
 
 
 def ru_maxrss_bytes() -> int:

@@ -181,8 +181,7 @@ def load_artifact(root: Path) -> tuple[dict[str, Any], Built]:
     data = read_plan(root)
     plan = CompilePlan.from_json(data["plan"], str(root / "plan.json"))
     t0 = time.perf_counter()
-    join_world(plan)
-    built = build(plan, warm=False)
+    built = build(plan, warm=False)  # joins the plan's world
     fp = built.model.config.fingerprint()
     if fp != data["model"]["fingerprint"]:
         raise GraphllmError(f"artifact {root} was compiled for another model (config {data['model']['fingerprint']}, "

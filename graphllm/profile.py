@@ -168,7 +168,7 @@ def profile_built(built, out_dir: Path, *, steps: int, warmup: int, top: int, se
     summary = summarize(prof, steps=steps, step_times=times, flops_per_step=_flops_per_step(built),
                         peak=measured_matmul_peak(torch.bfloat16 if plan.amp == "bf16" else torch.float32),
                         origins=op_origins(built), top=top)
-    summary["peak_rss_bytes"] = _peak_rss()
+    summary["peak_rss_bytes"] = peak_rss_bytes()
     summary["rank"] = built.rank
     out_dir.mkdir(parents=True, exist_ok=True)
     prof.export_chrome_trace(str(out_dir / f"trace_rank{built.rank}.json"))
@@ -188,12 +188,14 @@ def _flops_per_step(built) -> int:
     return 3 * fwd * built.plan.layout().micro_batches
 
 
-def _peak_rss() -> int:
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process so far: Linux VmHWM (the new address space's own
+    high-water mark; getrusage's ru_maxrss in a subprocess starts at the parent's peak), else ru_maxrss."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
                 if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
+                    return int(line.split()[1]) * 1024  # kB
     except OSError:
         pass
     import resource

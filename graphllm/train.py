@@ -72,30 +72,11 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
 
 
 class StepEngine(Protocol):
-    """What the loop needs from a rank's step (graphllm.parallel.engine.Engine, or SingleEngine)."""
+    """What the loop needs from a rank's step (graphllm.parallel.engine.Engine)."""
 
     def forward_backward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> float: ...
     def clip_grad_norm(self, max_norm: float) -> float: ...
     def make_optimizer(self, cfg: TrainConfig) -> Any: ...
-
-
-class SingleEngine:
-    """One process, one graph: loss = step_fn(ids, labels); backward; torch's clipping; AdamW."""
-
-    def __init__(self, step_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], model: nn.Module):
-        self.step_fn, self.model = step_fn, model
-        self.params = [p for p in model.parameters() if p.requires_grad]
-
-    def forward_backward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> float:
-        loss = self.step_fn(input_ids, labels)
-        loss.backward()
-        return loss.item()
-
-    def clip_grad_norm(self, max_norm: float) -> float:
-        return float(torch.nn.utils.clip_grad_norm_(self.params, max_norm if max_norm > 0 else float("inf")))
-
-    def make_optimizer(self, cfg: TrainConfig) -> torch.optim.AdamW:
-        return make_optimizer(self.model, cfg)
 
 
 BatchFn = Callable[[int], tuple[torch.Tensor, torch.Tensor]]

@@ -130,21 +130,17 @@ def _setup_dim(ctx, inputs, output):
     _, ctx.dim, ctx.size, ctx.group = inputs
 
 
+def _conjugate_along_dim(conjugate):
+    """Backward of a dim collective: its conjugate with the same dim, size and group."""
+    return lambda ctx, g: (conjugate(g, ctx.dim, ctx.size, ctx.group), None, None, None)
+
+
 tp_copy.register_autograd(lambda ctx, g: (torch.ops.graphllm.tp_reduce(g, ctx.group), None),
                           setup_context=_setup_group)
 tp_reduce.register_autograd(lambda ctx, g: (g, None), setup_context=_setup_group)
-sp_gather.register_autograd(
-    lambda ctx, g: (torch.ops.graphllm.sp_reduce_scatter(g, ctx.dim, ctx.size, ctx.group), None, None, None),
-    setup_context=_setup_dim)
-tp_gather.register_autograd(
-    lambda ctx, g: (torch.ops.graphllm.tp_split(g, ctx.dim, ctx.size, ctx.group), None, None, None),
-    setup_context=_setup_dim)
-tp_split.register_autograd(
-    lambda ctx, g: (torch.ops.graphllm.tp_gather(g, ctx.dim, ctx.size, ctx.group), None, None, None),
-    setup_context=_setup_dim)
-sp_reduce_scatter.register_autograd(
-    lambda ctx, g: (torch.ops.graphllm.sp_gather(g, ctx.dim, ctx.size, ctx.group), None, None, None),
-    setup_context=_setup_dim)
+for _op, _conjugate in ((sp_gather, sp_reduce_scatter), (sp_reduce_scatter, sp_gather),
+                        (tp_gather, tp_split), (tp_split, tp_gather)):
+    _op.register_autograd(_conjugate_along_dim(_conjugate), setup_context=_setup_dim)
 
 COLLECTIVE_OPS = {
     torch.ops.graphllm.tp_copy.default: "identity",

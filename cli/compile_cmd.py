@@ -31,6 +31,9 @@ def add_parser(sub) -> None:
     par.add_argument("--vpp", type=int, default=1, help="virtual pipeline stages per pipeline rank (interleaved 1F1B)")
     par.add_argument("--coc-parallel-num", type=int, default=1, choices=[1, 2, 4, 8],
                      help="chunk tensor-parallel collectives to overlap them with matmuls (1: off)")
+    par.add_argument("--mc2", action="store_true",
+                     help="fuse tensor-parallel matmuls with their collectives (torch_npu MC2 kernels on --backend "
+                          "npu; --coc-parallel-num chunks elsewhere)")
     par.add_argument("--tp-plan", choices=["graphllm", "hf"], default="graphllm",
                      help="tensor-parallel plan: graphllm's, or transformers' base_model_tp_plan")
     par.add_argument("--sequence-parallel", action="store_true", help="shard norms/residuals by sequence over tp")
@@ -72,7 +75,8 @@ def run(args: argparse.Namespace) -> int:
                        npu_topology_sorting=args.npu_topology_sorting, tp=args.tp, pp=args.pp, dp=args.dp,
                        vpp=args.vpp, sequence_parallel=args.sequence_parallel, zero1=args.zero1,
                        micro_batches=args.micro_batches, pp_layers=parse_layers(args.pp_layers),
-                       tp_plan=args.tp_plan, coc_parallel_num=args.coc_parallel_num, recompute=args.recompute, recompute_options=recompute_options(args))
+                       tp_plan=args.tp_plan, coc_parallel_num=args.coc_parallel_num, mc2=args.mc2, recompute=args.recompute,
+                       recompute_options=recompute_options(args))
     extra = [load_pass_spec(s) for s in args.extra_passes]
     layout = plan.layout()
     if layout.world_size > 1 and not in_launched_world():

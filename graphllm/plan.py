@@ -64,6 +64,9 @@ class CompilePlan:
     """Decoder layers per pipeline stage (pp*vpp entries); None balances stages by FLOPs."""
     coc_parallel_num: int = 1
     """Chunks per tensor-parallel collective for communication/computation overlap (1: off)."""
+    mc2: bool = False
+    """Fuse tensor-parallel matmuls with their collectives into MC2 ops (torch_npu's fused kernels on the
+    npu backend; coc_parallel_num CoC chunks elsewhere)."""
     tp_plan: Literal["graphllm", "hf"] = "graphllm"
     """Which tensor-parallel plan: graphllm's per-family one, or transformers' base_model_tp_plan."""
     recompute: Literal["none", "full", "selective", "budget"] = "none"
@@ -151,7 +154,8 @@ def load_pass_spec(spec: str) -> GraphPass:
     return obj
 
 
-def parallel_passes(layout: Layout, tp_plan: str = "graphllm", coc_chunks: int = 1) -> list[GraphPass]:
+def parallel_passes(layout: Layout, tp_plan: str = "graphllm", coc_chunks: int = 1,
+                    mc2: bool = False) -> list[GraphPass]:
     """The sharding passes a layout needs (pipeline splitting is done by the compile step itself)."""
     from graphllm.passes.dp_grad_reduce import dp_grad_reduce, in_graph
     from graphllm.passes.sequence_parallel import sequence_parallel
@@ -162,7 +166,13 @@ def parallel_passes(layout: Layout, tp_plan: str = "graphllm", coc_chunks: int =
         out.append(tensor_parallel if tp_plan == "graphllm" else tensor_parallel.with_options(plan=tp_plan))
     if layout.sequence_parallel:
         out.append(sequence_parallel)
-    if coc_chunks > 1:
+    if mc2:
+        from graphllm.passes.mc2 import mc2 as mc2_pass
+
+        if layout.tp == 1:
+            raise GraphllmError("--mc2 needs --tp > 1 (it fuses tensor-parallel matmuls with their collectives)")
+        out.append(mc2_pass.with_options(chunks=coc_chunks))  # the MC2 ops' CoC lowering takes the chunks
+    elif coc_chunks > 1:
         from graphllm.passes.coc import coc
 
         if layout.tp == 1:
@@ -176,5 +186,5 @@ def parallel_passes(layout: Layout, tp_plan: str = "graphllm", coc_chunks: int =
 def pipeline_for(plan: CompilePlan, extra: list[GraphPass] = ()) -> list[GraphPass]:
     passes = resolve_passes(plan.passes) + list(extra)
     names = {p.name for p in passes}
-    passes += [p for p in parallel_passes(plan.layout(), plan.tp_plan, plan.coc_parallel_num) if p.name not in names]
+    passes += [p for p in parallel_passes(plan.layout(), plan.tp_plan, plan.coc_parallel_num, plan.mc2) if p.name not in names]
     return order_passes(passes, disable=plan.disable)

@@ -17,6 +17,8 @@ import torch
 from graphllm.ops.add_rms_norm import add_rms_norm_decomposed
 from graphllm.ops.attention import attention_decomposed
 from graphllm.ops.lowering_npu import npu_lowerings
+from graphllm.ops.mc2 import (all_gather_matmul_decomposed, matmul_all_reduce_decomposed,
+                              matmul_reduce_scatter_decomposed)
 from graphllm.ops.rms_norm import rms_norm_decomposed
 from graphllm.ops.rope import rope_decomposed
 from graphllm.ops.swiglu import swiglu_decomposed
@@ -43,6 +45,11 @@ LOWERINGS: dict[str, dict[torch._ops.OpOverload, Callable]] = {
         ops.swiglu.default: swiglu_decomposed,
         ops.rope.default: rope_decomposed,
         ops.attention.default: attention_decomposed,
+        # MC2 → CoC: chunks along the sequence, each with its own graphllm collective (lower_collectives
+        # then makes those asynchronous), which is the overlap MC2's fused kernels do on the NPU
+        ops.matmul_all_reduce.default: matmul_all_reduce_decomposed,
+        ops.all_gather_matmul.default: all_gather_matmul_decomposed,
+        ops.matmul_reduce_scatter.default: matmul_reduce_scatter_decomposed,
     },
 }
 
@@ -58,6 +65,14 @@ NPU_KERNELS: dict[torch._ops.OpOverload, NpuKernel] = {
         "npu_fusion_attention(q, k, v, head_num=H, input_layout='BNSD', scale=scale, "
         "atten_mask=upper-triangular bool, sparse_mode=2 when causal)[0]",
     ),
+    ops.matmul_all_reduce.default: NpuKernel("npu_mm_all_reduce_base", "npu_mm_all_reduce_base(x, w.t(), hcom, "
+                                             "reduce_op='sum') + bias; graphllm's backward (a matmul)"),
+    ops.all_gather_matmul.default: NpuKernel(
+        "npu_all_gather_base_mm", "npu_all_gather_base_mm(x[S·B,K], w.t(), hcom, tp, gather_output=True) -> (y, "
+        "gathered); backward npu_mm_reduce_scatter_base"),
+    ops.matmul_reduce_scatter.default: NpuKernel(
+        "npu_mm_reduce_scatter_base", "npu_mm_reduce_scatter_base(x[S·B,K], w.t(), hcom, tp) + bias; backward "
+        "npu_all_gather_base_mm"),
 }
 
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from graphllm.ops.lowering_npu_mc2 import NPU_MC2_CONTRACT, npu_mc2_lowerings
+
 # npu_fusion_attention's sparse_mode 2 (leftUpCausal: query i sees keys 0..i, as SDPA's is_causal) takes
 # this fixed, compressed mask: 2048×2048 bool, True = masked (the upper triangle).
 CAUSAL_MASK_SIZE = 2048
@@ -27,6 +29,7 @@ NPU_CONTRACT: dict[str, tuple[str, ...]] = {
     "npu_fusion_attention": ("query", "key", "value", "head_num", "input_layout", "atten_mask", "scale",
                              "sparse_mode"),
 }
+NPU_CONTRACT.update(NPU_MC2_CONTRACT)
 
 
 def rms_norm_npu(x: Tensor, weight: Tensor, eps: float) -> Tensor:
@@ -86,4 +89,5 @@ def npu_lowerings() -> dict:
         ops.swiglu.default: swiglu_npu,
         ops.rope.default: rope_npu,
         ops.attention.default: attention_npu,
+        **npu_mc2_lowerings(),
     }

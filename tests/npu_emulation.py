@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from npu_wheel import npu_schemas
 
 EMULATED = ("npu_rms_norm", "npu_rms_norm_backward", "npu_add_rms_norm", "npu_swiglu", "npu_rotary_mul",
-            "npu_fusion_attention")
+            "npu_fusion_attention", "npu_mm_all_reduce_base", "npu_all_gather_base_mm", "npu_mm_reduce_scatter_base")
 CAUSAL_MASK_SIZE = 2048  # sparse_mode 2/3 take the compressed 2048×2048 lower-triangular-kept mask
 
 
@@ -116,6 +116,50 @@ def npu_fusion_attention(query, key, value, head_num, input_layout, pse=None, pa
     if input_layout == "BSND":
         out = out.transpose(1, 2)
     return out, softmax_max, softmax_sum, query.new_empty(0), seed, offset, 0
+
+
+# -- MC2: `hcom` is a c10d group name here (the tests map graphllm's hcom_name to it); the real kernels
+# take the HCCL communicator's name. Checks follow the kernels' documented constraints.
+_c10d = torch.ops._c10d_functional
+MC2_WORLD_SIZES, MC2_DTYPES, MC2_K = (2, 4, 8), (torch.float16, torch.bfloat16), (256, 65535)
+
+
+def _mc2_check(name, x1, x2, world_size=None):
+    if x2.dim() != 2 or x1.shape[-1] != x2.shape[0] or x1.dtype != x2.dtype or x1.dtype not in MC2_DTYPES:
+        raise ValueError(f"{name}: x2 must be 2-D [k, n] with k = x1's last dim, one fp16/bf16 dtype; "
+                         f"got {tuple(x1.shape)} {x1.dtype}, {tuple(x2.shape)} {x2.dtype}")
+    if world_size is not None:
+        if x1.dim() != 2 or world_size not in MC2_WORLD_SIZES or not MC2_K[0] <= x1.shape[1] < MC2_K[1]:
+            raise ValueError(f"{name}: input must be 2-D with k in [256, 65535), world_size 2/4/8; "
+                             f"got {tuple(x1.shape)}, world_size {world_size}")
+
+
+def npu_mm_all_reduce_base(x1, x2, hcom, reduce_op="sum", bias=None, antiquant_scale=None, antiquant_offset=None,
+                           x3=None, dequant_scale=None, pertoken_scale=None, comm_quant_scale_1=None,
+                           comm_quant_scale_2=None, antiquant_group_size=0, comm_turn=0, group_sizes=None,
+                           y_dtype=None, x1_dtype=None, x2_dtype=None, dequant_scale_dtype=None,
+                           pertoken_scale_dtype=None, comm_quant_mode=0, comm_mode=None):
+    _mc2_check("npu_mm_all_reduce_base", x1, x2)
+    out = _c10d.wait_tensor(_c10d.all_reduce(torch.matmul(x1, x2).contiguous(), reduce_op, hcom))
+    return out if bias is None else out + bias
+
+
+def npu_all_gather_base_mm(self, x2, hcom, world_size, bias=None, x1_scale=None, x2_scale=None, gather_index=0,
+                           gather_output=True, comm_turn=0, output_dtype=None, comm_mode=None):
+    _mc2_check("npu_all_gather_base_mm", self, x2, world_size)
+    if bias is not None or gather_index != 0:
+        raise ValueError("npu_all_gather_base_mm: bias must be None and gather_index 0 in this version")
+    gathered = _c10d.wait_tensor(_c10d.all_gather_into_tensor(self.contiguous(), world_size, hcom))
+    return torch.matmul(gathered, x2), (gathered if gather_output else self.new_empty(0))
+
+
+def npu_mm_reduce_scatter_base(self, x2, hcom, world_size, reduce_op="sum", bias=None, x1_scale=None, x2_scale=None,
+                               comm_turn=0, output_dtype=None, comm_mode=None):
+    _mc2_check("npu_mm_reduce_scatter_base", self, x2, world_size)
+    if bias is not None or self.shape[0] % world_size:
+        raise ValueError("npu_mm_reduce_scatter_base: bias must be None and m divisible by world_size")
+    return _c10d.wait_tensor(_c10d.reduce_scatter_tensor(torch.matmul(self, x2).contiguous(), reduce_op, world_size,
+                                                         hcom))
 
 
 _lib = torch.library.Library("npu", "DEF")  # kept alive for the process

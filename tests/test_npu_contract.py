@@ -60,6 +60,21 @@ def test_torchair_functions_exist():
     assert name_problems(TORCHAIR_FUNCTIONS, torchair_exports(), "torchair name") == []
 
 
+def test_hccl_comm_name_call_matches_torchairs():
+    """The MC2 kernels' `hcom` comes from ProcessGroupHCCL.get_hccl_comm_name (a C++ method, so no schema
+    to check): graphllm calls it as torchair's own graph-mode code does, with a rank and init_comm."""
+    import inspect
+
+    from graphllm.ops.lowering_npu_mc2 import hcom_name
+    from npu_wheel import TORCHAIR_DIR, npu_wheel_root
+
+    call = '_get_backend(torch.device("npu")).get_hccl_comm_name('
+    ours = inspect.getsource(hcom_name)
+    theirs = "".join(p.read_text() for p in (npu_wheel_root() / TORCHAIR_DIR).rglob("*.py"))
+    assert call in ours and call + "rank, init_comm=True)" in theirs
+    assert "init_comm=True" in ours
+
+
 def test_checks_report_made_up_names():
     """The checks above can fail: each made-up kernel, argument and option is reported."""
     made_up = {"npu_does_not_exist": ("self",), "npu_rms_norm": ("self", "gamma", "eps")}

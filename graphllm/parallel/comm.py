@@ -9,6 +9,7 @@ import torch
 import torch.fx as fx
 
 from graphllm.ops.collectives import COLLECTIVE_OPS
+from graphllm.ops.mc2 import MC2_OPS
 
 c10d = torch.ops._c10d_functional
 _C10D = {c10d.all_reduce.default: "all_reduce", c10d.all_reduce_.default: "all_reduce",  # inductor re-inplaces
@@ -30,6 +31,16 @@ def _group_kinds() -> dict[str, str]:
     return {st.group(k).group_name: k for k in KINDS}
 
 
+def _mc2_payload(n: fx.Node) -> tuple[str, int]:
+    """(group kind, bytes on the wire) of an MC2 op: the all-reduced output, the gathered input, or the
+    full matmul output before its reduce-scatter."""
+    val = n.meta.get("val")
+    if n.target is torch.ops.graphllm.all_gather_matmul.default:
+        return n.args[-2], _nbytes(val[1]) if isinstance(val, tuple) else 0
+    size = n.args[3] if n.target is torch.ops.graphllm.matmul_reduce_scatter.default else 1
+    return n.args[-2], _nbytes(val) * size
+
+
 def graph_collectives(gm: fx.GraphModule) -> dict[str, dict[str, int]]:
     """{"<group> <collective>": {"calls": n, "bytes": payload bytes}} for one graph (payload: the larger
     of input and output, i.e. the full tensor of a gather or scatter)."""
@@ -37,6 +48,12 @@ def graph_collectives(gm: fx.GraphModule) -> dict[str, dict[str, int]]:
     names = _group_kinds()
     for n in gm.graph.nodes:
         if n.op != "call_function":
+            continue
+        if n.target in MC2_OPS:
+            group, nbytes = _mc2_payload(n)
+            key = f"{group} {MC2_OPS[n.target]}"
+            out[key]["calls"] += 1
+            out[key]["bytes"] += nbytes
             continue
         kind = COLLECTIVE_OPS.get(n.target) or _C10D.get(n.target)
         if kind is None or kind == "identity":

@@ -16,6 +16,9 @@ def add_parser(sub) -> None:
     p.add_argument("--warmup", type=int, default=2, help="steps run before profiling (compilation, allocator)")
     p.add_argument("--top", type=int, default=15, help="rows in the top-ops table")
     p.add_argument("--out", type=Path, default=None, help="trace/summary directory (default ARTIFACT/profile)")
+    p.add_argument("--by-layer", action="store_true",
+                   help="time per decoder layer, forward and backward: profiler ranges around each layer's nodes, "
+                        "run on the eager backend (inductor would fuse across them)")
     p.set_defaults(func=run)
 
 
@@ -38,7 +41,12 @@ def run(args: argparse.Namespace) -> int:
         return relaunch(world, args.argv)
     console = Console(stderr=True, quiet=not is_rank_zero())
     with console.status("loading artifact and compiling …"):
-        _, built = load_artifact(args.artifact)
+        if args.by_layer:
+            from graphllm.profile_layers import layer_markers
+
+            _, built = load_artifact(args.artifact, extra_passes=[layer_markers], backend="eager")
+        else:
+            _, built = load_artifact(args.artifact)
     out = args.out or args.artifact / "profile"
     with console.status(f"profiling {args.steps} steps after {args.warmup} warm-up steps …"):
         s = profile_built(built, out, steps=args.steps, warmup=args.warmup, top=args.top)
@@ -56,6 +64,14 @@ def run(args: argparse.Namespace) -> int:
     for name, t in s["by_origin_s"].items():
         origin.add_row(name, _s(t), f"{100 * t / s['self_time_s']:.1f}%")
     console.print(origin)
+    if s["by_layer_s"]:
+        layers = Table(title="self time by layer (eager kernels of the same graphs)")
+        for col in ("module", "forward", "backward", "share"):
+            layers.add_column(col, justify="left" if col == "module" else "right")
+        for name, t in s["by_layer_s"].items():
+            both = t["forward"] + t["backward"]
+            layers.add_row(name, _s(t["forward"]), _s(t["backward"]), f"{100 * both / s['self_time_s']:.1f}%")
+        console.print(layers)
     console.print(
         f"step {_s(s['median_step_s'])} (median) · compute {_s(s['compute_s'] / args.steps)}/step · communication "
         f"{_s(s['communication_s'] / args.steps)}/step, exposed {_s(s['exposed_communication_s'] / args.steps)}/step · "

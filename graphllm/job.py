@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -176,12 +178,17 @@ def compile_artifact(plan: CompilePlan, out: Path, *, extra_passes: Sequence[Gra
     return built, report
 
 
-def load_artifact(root: Path) -> tuple[dict[str, Any], Built]:
-    """Rebuild this rank's compiled graphs from an artifact, refusing it when stale or foreign."""
+def load_artifact(root: Path, *, extra_passes: Sequence[GraphPass] = (),
+                  backend: str | None = None) -> tuple[dict[str, Any], Built]:
+    """Rebuild this rank's compiled graphs from an artifact, refusing it when stale or foreign.
+    `extra_passes` (train-stage ones) and `backend` change how the same model graph is compiled
+    (`graphllm profile --by-layer` adds profiler ranges and runs them on the eager backend)."""
     data = read_plan(root)
     plan = CompilePlan.from_json(data["plan"], str(root / "plan.json"))
+    if backend is not None:
+        plan = dataclasses.replace(plan, backend=backend)
     t0 = time.perf_counter()
-    built = build(plan, warm=False)  # joins the plan's world
+    built = build(plan, extra_passes=extra_passes, warm=False)  # joins the plan's world
     fp = built.model.config.fingerprint()
     if fp != data["model"]["fingerprint"]:
         raise GraphllmError(f"artifact {root} was compiled for another model (config {data['model']['fingerprint']}, "

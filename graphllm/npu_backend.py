@@ -85,3 +85,24 @@ def make_npu_backend(stage: TrainStage):
 
     return aot_autograd(fw_compiler=compiler("forward"), bw_compiler=compiler("backward"),
                         inference_compiler=compiler("inference"), partition_fn=default_partition)
+
+
+# -- torch_npu.profiler for `graphllm profile` on an NPU --------------------------------------------
+NPU_PROFILER_NAMES = ("profile", "ProfilerActivity", "tensorboard_trace_handler", "_ExperimentalConfig",
+                      "ProfilerLevel", "AiCMetrics")
+"""What `npu_profile` uses of `torch_npu.profiler` (checked against the wheel by the contract test)."""
+NPU_PROFILER_CONFIG_ARGS = ("profiler_level", "aic_metrics", "data_simplification")
+"""The `_ExperimentalConfig` arguments `npu_profile` passes."""
+
+
+def npu_profile(out_dir: Path):
+    """A torch_npu.profiler context recording host and device (CANN kernels, HCCL, memory) activity into
+    `out_dir` in Ascend's format (MindStudio Insight reads it; `trace_view.json` opens in Perfetto).
+    Level1 adds the AI Core pipeline utilisation of each kernel."""
+    import torch_npu  # only on an Ascend machine: `graphllm profile` of an npu artifact
+
+    prof = torch_npu.profiler
+    config = prof._ExperimentalConfig(profiler_level=prof.ProfilerLevel.Level1,
+                                      aic_metrics=prof.AiCMetrics.PipeUtilization, data_simplification=True)
+    return prof.profile(activities=[prof.ProfilerActivity.CPU, prof.ProfilerActivity.NPU], profile_memory=True,
+                        experimental_config=config, on_trace_ready=prof.tensorboard_trace_handler(str(out_dir)))

@@ -5,7 +5,8 @@ introduced each op (attributed by op name from the rank's graphs: a graphllm op 
 created it, ATen ops to capture, inductor's fused kernels to "inductor (fused)"); compute vs
 communication vs exposed communication; peak memory; model FLOP utilisation against this machine's
 measured matmul peak. Writes a Chrome/Perfetto trace and a JSON summary per rank under
-ARTIFACT/profile/.
+ARTIFACT/profile/. On an NPU the same number of steps then run under torch_npu.profiler, whose device
+trace (CANN kernels, HCCL, AI Core utilisation) lands in ARTIFACT/profile/npu_rank<r>/.
 
 Communication on the host is the time the training thread spends in collective ops; the part spent
 waiting for a collective to finish (`wait_tensor`, a blocking gloo call) is exposed communication —
@@ -165,9 +166,18 @@ def profile_built(built, out_dir: Path, *, steps: int, warmup: int, top: int, se
             t0 = time.perf_counter()
             one_step()
             times.append(time.perf_counter() - t0)
+    if plan.device == "npu":  # the device side: torch_npu's profiler over as many more steps
+        from graphllm.npu_backend import npu_profile
+
+        with npu_profile(out_dir / f"npu_rank{built.rank}"):
+            for _ in range(steps):
+                one_step()
     summary = summarize(prof, steps=steps, step_times=times, flops_per_step=_flops_per_step(built),
                         peak=measured_matmul_peak(torch.bfloat16 if plan.amp == "bf16" else torch.float32),
                         origins=op_origins(built), top=top)
+    from graphllm.profile_layers import by_layer
+
+    summary["by_layer_s"] = by_layer(prof.events())  # empty unless the graphs carry layer_markers' ranges
     summary["peak_rss_bytes"] = peak_rss_bytes()
     summary["rank"] = built.rank
     out_dir.mkdir(parents=True, exist_ok=True)

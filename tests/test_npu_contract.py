@@ -75,6 +75,24 @@ def test_hccl_comm_name_call_matches_torchairs():
     assert "init_comm=True" in ours
 
 
+def test_npu_profiler_names_exist():
+    """`graphllm profile` on an NPU uses torch_npu.profiler: its exports and _ExperimentalConfig's arguments."""
+    import ast
+
+    from graphllm.npu_backend import NPU_PROFILER_CONFIG_ARGS, NPU_PROFILER_NAMES
+    from npu_wheel import npu_wheel_root
+
+    pkg = npu_wheel_root() / "torch_npu" / "profiler"
+    init = ast.parse((pkg / "__init__.py").read_text())
+    exported = {a.asname or a.name for node in init.body if isinstance(node, ast.ImportFrom) for a in node.names}
+    assert name_problems(NPU_PROFILER_NAMES, exported, "torch_npu.profiler name") == []
+    config = ast.parse((pkg / "experimental_config.py").read_text())
+    init_args = next(f.args for c in config.body if isinstance(c, ast.ClassDef) and c.name == "_ExperimentalConfig"
+                     for f in c.body if isinstance(f, ast.FunctionDef) and f.name == "__init__")
+    names = {a.arg for a in init_args.args + init_args.kwonlyargs}
+    assert name_problems(NPU_PROFILER_CONFIG_ARGS, names, "_ExperimentalConfig argument") == []
+
+
 def test_checks_report_made_up_names():
     """The checks above can fail: each made-up kernel, argument and option is reported."""
     made_up = {"npu_does_not_exist": ("self",), "npu_rms_norm": ("self", "gamma", "eps")}

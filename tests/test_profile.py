@@ -34,6 +34,21 @@ def test_profile_writes_trace_and_summary(artifacts):
     assert any(ev.get("name") == "aten::mm" for ev in trace["traceEvents"])
 
 
+def test_profile_by_layer(artifacts):
+    from graphllm.cli.main import main
+
+    art = artifacts / "one"
+    assert main(["profile", str(art), "--steps", "1", "--warmup", "1", "--by-layer", "--out", str(art / "p2")]) == 0
+    s = json.loads((art / "p2" / "summary_rank0.json").read_text())
+    layers = s["by_layer_s"]
+    # tiny-llama: embedding, 4 decoder layers, final norm, LM head; each layer ran forward and backward
+    assert [f"model.layers.{i}" for i in range(4)] == [m for m in layers if ".layers." in m]
+    assert {"model.embed_tokens", "model.norm", "lm_head"} <= set(layers)
+    assert all(layers[f"model.layers.{i}"]["forward"] > 0 and layers[f"model.layers.{i}"]["backward"] > 0
+               for i in range(4))
+    assert sum(t["forward"] + t["backward"] for t in layers.values()) <= s["self_time_s"]
+
+
 def test_profile_of_tensor_parallel_ranks_sees_communication(artifacts):
     from graphllm.cli.main import main
 

@@ -30,6 +30,8 @@ NPU_CONTRACT: dict[str, tuple[str, ...]] = {
                              "sparse_mode"),
 }
 NPU_CONTRACT.update(NPU_MC2_CONTRACT)
+NPU_CONTRACT["npu_grouped_matmul"] = ("x", "weight", "group_list", "split_item", "group_type", "group_list_type")
+GMM_SINGLE_TENSOR, GMM_GROUP_M, GMM_SIZES = 3, 0, 1  # split_item 3: one output; group along M; counts, not cumsum
 
 
 def rms_norm_npu(x: Tensor, weight: Tensor, eps: float) -> Tensor:
@@ -81,6 +83,36 @@ def attention_npu(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool) -
     return out[0]  # outputs: attention_out, softmax_max, softmax_sum, softmax_out, seed, offset, numels
 
 
+def _gmm(x: Tensor, weight: Tensor, group_sizes: Tensor) -> Tensor:
+    return torch.ops.npu.npu_grouped_matmul([x], [weight], group_list=group_sizes, split_item=GMM_SINGLE_TENSOR,
+                                            group_type=GMM_GROUP_M, group_list_type=GMM_SIZES)[0]
+
+
+class _GroupedMatmulNpu(torch.autograd.Function):
+    """npu_grouped_matmul has no autograd. dx is the same kernel on dy and wᵀ; the weight gradient is
+    grouped along the contraction (rows), which the kernel cannot group on A2 (group_type -1/0 only), so
+    it is a one-hot-masked contraction in ATen ops GE converts: G× the FLOPs of a grouped kernel."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, group_sizes: Tensor):
+        ctx.save_for_backward(x, weight, group_sizes)
+        return _gmm(x, weight, group_sizes)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, weight, group_sizes = ctx.saved_tensors
+        dx = _gmm(grad.contiguous(), weight.transpose(1, 2).contiguous(), group_sizes)
+        groups = torch.repeat_interleave(torch.arange(weight.shape[0], device=x.device), group_sizes,
+                                         output_size=x.shape[0])
+        onehot = torch.nn.functional.one_hot(groups, weight.shape[0]).to(x.dtype)  # [T, G]
+        dw = torch.einsum("tgk,tn->gkn", onehot.unsqueeze(-1) * x.unsqueeze(1), grad)
+        return dx, dw.to(weight.dtype), None
+
+
+def grouped_matmul_npu(x: Tensor, weight: Tensor, group_sizes: Tensor) -> Tensor:
+    return _GroupedMatmulNpu.apply(x, weight, group_sizes)
+
+
 def npu_lowerings() -> dict:
     ops = torch.ops.graphllm
     return {
@@ -89,5 +121,6 @@ def npu_lowerings() -> dict:
         ops.swiglu.default: swiglu_npu,
         ops.rope.default: rope_npu,
         ops.attention.default: attention_npu,
+        ops.grouped_matmul.default: grouped_matmul_npu,
         **npu_mc2_lowerings(),
     }

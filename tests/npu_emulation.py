@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from npu_wheel import npu_schemas
 
 EMULATED = ("npu_rms_norm", "npu_rms_norm_backward", "npu_add_rms_norm", "npu_swiglu", "npu_rotary_mul",
-            "npu_fusion_attention", "npu_mm_all_reduce_base", "npu_all_gather_base_mm", "npu_mm_reduce_scatter_base")
+            "npu_fusion_attention", "npu_mm_all_reduce_base", "npu_all_gather_base_mm", "npu_mm_reduce_scatter_base", "npu_grouped_matmul")
 CAUSAL_MASK_SIZE = 2048  # sparse_mode 2/3 take the compressed 2048×2048 lower-triangular-kept mask
 
 
@@ -160,6 +160,26 @@ def npu_mm_reduce_scatter_base(self, x2, hcom, world_size, reduce_op="sum", bias
         raise ValueError("npu_mm_reduce_scatter_base: bias must be None and m divisible by world_size")
     return _c10d.wait_tensor(_c10d.reduce_scatter_tensor(torch.matmul(self, x2).contiguous(), reduce_op, world_size,
                                                          hcom))
+
+
+def npu_grouped_matmul(x, weight, bias=None, scale=None, offset=None, antiquant_scale=None, antiquant_offset=None,
+                       per_token_scale=None, group_list=None, activation_input=None, activation_quant_scale=None,
+                       activation_quant_offset=None, split_item=0, group_type=None, group_list_type=0, act_type=0,
+                       tuning_config=None, output_dtype=None, x_dtype=None, weight_dtype=None, scale_dtype=None,
+                       per_token_scale_dtype=None):
+    """Emulated for what graphllm uses: one x [M, K], one weight [G, K, N], grouped along M (group_type 0),
+    group_list a tensor of counts (type 1) or of cumulative ends (type 0), one output (split_item 2/3)."""
+    if len(x) != 1 or len(weight) != 1 or weight[0].dim() != 3 or group_type != 0 or split_item not in (2, 3):
+        raise NotImplementedError("emulated: single x [M,K], single weight [G,K,N], group_type 0, split_item 2/3")
+    if group_list is None or group_list.dim() != 1 or group_list.shape[0] != weight[0].shape[0]:
+        raise ValueError("npu_grouped_matmul: group_list must be a 1-D tensor with one entry per weight group")
+    sizes = group_list if group_list_type == 1 else torch.diff(group_list, prepend=group_list.new_zeros(1))
+    ends = sizes.cumsum(0)
+    if not _traced(group_list) and (bool((sizes < 0).any()) or int(ends[-1]) > x[0].shape[0]):
+        raise ValueError("npu_grouped_matmul: group sizes must be non-negative and fit in x's rows")
+    rows = torch.repeat_interleave(torch.arange(weight[0].shape[0]), sizes, output_size=x[0].shape[0])
+    out = torch.bmm(x[0].unsqueeze(1), weight[0][rows]).squeeze(1)  # row t uses its group's weight
+    return [out]
 
 
 _lib = torch.library.Library("npu", "DEF")  # kept alive for the process

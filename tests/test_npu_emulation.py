@@ -71,7 +71,7 @@ def test_attention_lowering(hkv, causal):
 def test_table_uses_every_kernel():
     table = lowering_table("npu")
     assert {fn.__name__ for fn in table.values()} == {"rms_norm_npu", "add_rms_norm_npu", "swiglu_npu", "rope_npu",
-                                                     "attention_npu", "matmul_all_reduce_npu",
+                                                     "attention_npu", "grouped_matmul_npu", "matmul_all_reduce_npu",
                                                      "all_gather_matmul_npu", "matmul_reduce_scatter_npu"}
 
 
@@ -119,3 +119,11 @@ def test_missing_kernel_falls_back_to_decomposition_with_a_warning(monkeypatch):
         table = lowering_table("npu")
     assert table[op] is swiglu_decomposed
     assert table[torch.ops.graphllm.rms_norm.default] is lowering_npu.rms_norm_npu
+
+
+def test_grouped_matmul_lowering():
+    """npu_grouped_matmul (one x, one [G, K, N] weight, counts as group_list) vs graphllm's grouped_matmul,
+    forward and backward, with an empty group; its dweight is graphllm's masked contraction."""
+    sizes = torch.tensor([3, 0, 5, 2])
+    x, w = _randn(10, 16), _randn(4, 16, 12, seed=1)
+    _compare(lowering_npu.grouped_matmul_npu, torch.ops.graphllm.grouped_matmul, (x, w, sizes))

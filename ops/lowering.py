@@ -20,7 +20,7 @@ from graphllm.ops.lowering_npu import npu_lowerings
 from graphllm.ops.mc2 import (all_gather_matmul_decomposed, matmul_all_reduce_decomposed,
                               matmul_reduce_scatter_decomposed)
 from graphllm.ops.rms_norm import rms_norm_decomposed
-from graphllm.ops.rope import rope_decomposed
+from graphllm.ops.rope import rope_decomposed, rope_qk_decomposed
 from graphllm.ops.swiglu import swiglu_decomposed
 
 ops = torch.ops.graphllm
@@ -44,6 +44,7 @@ LOWERINGS: dict[str, dict[torch._ops.OpOverload, Callable]] = {
         ops.add_rms_norm.default: add_rms_norm_decomposed,
         ops.swiglu.default: swiglu_decomposed,
         ops.rope.default: rope_decomposed,
+        ops.rope_qk.default: rope_qk_decomposed,
         ops.attention.default: attention_decomposed,
         # MC2 → CoC: chunks along the sequence, each with its own graphllm collective (lower_collectives
         # then makes those asynchronous), which is the overlap MC2's fused kernels do on the NPU
@@ -60,6 +61,9 @@ NPU_KERNELS: dict[torch._ops.OpOverload, NpuKernel] = {
     ops.rms_norm.default: NpuKernel("npu_rms_norm", "npu_rms_norm(x, weight, epsilon=eps)[0]; output 1 is rstd"),
     ops.swiglu.default: NpuKernel("npu_swiglu", "npu_swiglu(torch.cat([gate, up], -1), dim=-1)"),
     ops.rope.default: NpuKernel("npu_rotary_mul", "npu_rotary_mul(x, cos, sin, rotary_mode='half')"),
+    ops.rope_qk.default: NpuKernel(
+        "npu_apply_rotary_pos_emb", "inference: npu_apply_rotary_pos_emb(q, k, cos, sin, layout='BSND', "
+        "rotary_mode='half') on BSND views; with gradients or outside its limits two npu_rotary_mul"),
     ops.attention.default: NpuKernel(
         "npu_fusion_attention",
         "npu_fusion_attention(q, k, v, head_num=H, input_layout='BNSD', scale=scale, "

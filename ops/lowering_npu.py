@@ -30,6 +30,8 @@ NPU_CONTRACT: dict[str, tuple[str, ...]] = {
                              "sparse_mode"),
 }
 NPU_CONTRACT.update(NPU_MC2_CONTRACT)
+NPU_CONTRACT["npu_apply_rotary_pos_emb"] = ("query", "key", "cos", "sin", "layout", "rotary_mode")
+APPLY_ROPE_HEAD_DIMS = (64, 128)  # npu_apply_rotary_pos_emb on A2/A3: D must be 64 or 128
 NPU_CONTRACT["npu_grouped_matmul"] = ("x", "weight", "group_list", "split_item", "group_type", "group_list_type")
 GMM_SINGLE_TENSOR, GMM_GROUP_M, GMM_SIZES = 3, 0, 1  # split_item 3: one output; group along M; counts, not cumsum
 
@@ -83,6 +85,22 @@ def attention_npu(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool) -
     return out[0]  # outputs: attention_out, softmax_max, softmax_sum, softmax_out, seed, offset, numels
 
 
+def rope_qk_npu(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    """Inference: one npu_apply_rotary_pos_emb for q and k. The kernel takes BSND q/k and [B, S, 1, D]
+    cos/sin of their dtype and rotates in place, so it gets fresh BSND copies (graphllm's q/k are BNSD
+    views of the projections). With gradients (it has no backward) or another head size: two
+    npu_rotary_mul."""
+    if q.requires_grad or k.requires_grad or q.shape[-1] not in APPLY_ROPE_HEAD_DIMS:
+        return rope_npu(q, cos, sin), rope_npu(k, cos, sin)
+    b, _, s, d = q.shape
+    q_bsnd, k_bsnd = q.transpose(1, 2).contiguous(), k.transpose(1, 2).contiguous()
+    cos_bs1d = cos.to(q.dtype).reshape(-1, s, 1, d).expand(b, s, 1, d).contiguous()  # [1|B, 1, S, D] -> [B, S, 1, D]
+    sin_bs1d = sin.to(q.dtype).reshape(-1, s, 1, d).expand(b, s, 1, d).contiguous()
+    q_out, k_out = torch.ops.npu.npu_apply_rotary_pos_emb(q_bsnd, k_bsnd, cos_bs1d, sin_bs1d, layout="BSND",
+                                                          rotary_mode="half")
+    return q_out.transpose(1, 2), k_out.transpose(1, 2)
+
+
 def _gmm(x: Tensor, weight: Tensor, group_sizes: Tensor) -> Tensor:
     return torch.ops.npu.npu_grouped_matmul([x], [weight], group_list=group_sizes, split_item=GMM_SINGLE_TENSOR,
                                             group_type=GMM_GROUP_M, group_list_type=GMM_SIZES)[0]
@@ -120,6 +138,7 @@ def npu_lowerings() -> dict:
         ops.add_rms_norm.default: add_rms_norm_npu,
         ops.swiglu.default: swiglu_npu,
         ops.rope.default: rope_npu,
+        ops.rope_qk.default: rope_qk_npu,
         ops.attention.default: attention_npu,
         ops.grouped_matmul.default: grouped_matmul_npu,
         **npu_mc2_lowerings(),

@@ -63,3 +63,34 @@ def _backward(ctx, grad):
 
 rope.register_autograd(_backward, setup_context=_setup)
 register_autocast_policy("graphllm::rope", torch.bfloat16)
+
+
+# -- rope_qk: one op for a layer's q and k rotations (torch_npu's inference kernel rotates both at once) --
+def rope_qk_decomposed(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    return rope_decomposed(q, cos, sin), rope_decomposed(k, cos, sin)
+
+
+@torch.library.custom_op("graphllm::rope_qk", mutates_args=())
+def rope_qk(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    return rope(q, cos, sin), rope(k, cos, sin)
+
+
+@rope_qk.register_fake
+def _(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    return torch.ops.graphllm.rope(q, cos, sin), torch.ops.graphllm.rope(k, cos, sin)
+
+
+def _setup_qk(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _backward_qk(ctx, grad_q, grad_k):
+    q, k, cos, sin = ctx.saved_tensors
+
+    def back(g: Tensor | None, x: Tensor) -> Tensor | None:
+        return None if g is None else _reduce_to(g * cos + rotate_half_transposed(g * sin), x)
+    return back(grad_q, q), back(grad_k, k), None, None  # cos/sin: position constants, no gradient
+
+
+rope_qk.register_autograd(_backward_qk, setup_context=_setup_qk)
+register_autocast_policy("graphllm::rope_qk", torch.bfloat16)

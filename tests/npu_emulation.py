@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from npu_wheel import npu_schemas
 
 EMULATED = ("npu_rms_norm", "npu_rms_norm_backward", "npu_add_rms_norm", "npu_swiglu", "npu_rotary_mul",
-            "npu_fusion_attention", "npu_mm_all_reduce_base", "npu_all_gather_base_mm", "npu_mm_reduce_scatter_base", "npu_grouped_matmul")
+            "npu_fusion_attention", "npu_mm_all_reduce_base", "npu_all_gather_base_mm", "npu_mm_reduce_scatter_base", "npu_grouped_matmul", "npu_apply_rotary_pos_emb")
 CAUSAL_MASK_SIZE = 2048  # sparse_mode 2/3 take the compressed 2048×2048 lower-triangular-kept mask
 
 
@@ -180,6 +180,23 @@ def npu_grouped_matmul(x, weight, bias=None, scale=None, offset=None, antiquant_
     rows = torch.repeat_interleave(torch.arange(weight[0].shape[0]), sizes, output_size=x[0].shape[0])
     out = torch.bmm(x[0].unsqueeze(1), weight[0][rows]).squeeze(1)  # row t uses its group's weight
     return [out]
+
+
+def npu_apply_rotary_pos_emb(query, key, cos, sin, layout="BSND", rotary_mode="half"):
+    """BSND q [B,S,N,D], k [B,S,Nk,D]; cos/sin [B,S,1,D] of the same dtype; D 64 or 128 (A2/A3)."""
+    if layout != "BSND" or rotary_mode != "half":
+        raise NotImplementedError("emulated: layout BSND, rotary_mode half")
+    b, s, _, d = query.shape
+    if (key.shape[:2] != (b, s) or key.shape[-1] != d or d not in (64, 128)
+            or any(t.shape != (b, s, 1, d) for t in (cos, sin))
+            or len({t.dtype for t in (query, key, cos, sin)}) != 1):
+        raise ValueError(f"npu_apply_rotary_pos_emb: BSND q/k with D 64|128 and cos/sin [B,S,1,D] of one dtype; got "
+                         f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(cos.shape)}")
+
+    def rot(x):
+        x1, x2 = x.chunk(2, dim=-1)
+        return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+    return rot(query), rot(key)
 
 
 _lib = torch.library.Library("npu", "DEF")  # kept alive for the process

@@ -71,7 +71,7 @@ def test_attention_lowering(hkv, causal):
 def test_table_uses_every_kernel():
     table = lowering_table("npu")
     assert {fn.__name__ for fn in table.values()} == {"rms_norm_npu", "add_rms_norm_npu", "swiglu_npu", "rope_npu",
-                                                     "attention_npu", "grouped_matmul_npu", "matmul_all_reduce_npu",
+                                                     "attention_npu", "grouped_matmul_npu", "matmul_all_reduce_npu", "rope_qk_npu",
                                                      "all_gather_matmul_npu", "matmul_reduce_scatter_npu"}
 
 
@@ -127,3 +127,33 @@ def test_grouped_matmul_lowering():
     sizes = torch.tensor([3, 0, 5, 2])
     x, w = _randn(10, 16), _randn(4, 16, 12, seed=1)
     _compare(lowering_npu.grouped_matmul_npu, torch.ops.graphllm.grouped_matmul, (x, w, sizes))
+
+
+def test_rope_qk_lowering_for_inference_and_training():
+    """Without gradients one npu_apply_rotary_pos_emb (BSND copies, [B,S,1,D] tables); with gradients two
+    npu_rotary_mul. Both equal the decomposition; the pair_rope pass pairs each layer's q and k."""
+    from graphllm.ops.rope import rope_qk_decomposed
+
+    q, k = _randn(2, 4, 6, 64, requires_grad=False), _randn(2, 2, 6, 64, seed=1, requires_grad=False)
+    cos, sin = _randn(1, 1, 6, 64, seed=2, requires_grad=False), _randn(1, 1, 6, 64, seed=3, requires_grad=False)
+    for got, want in zip(lowering_npu.rope_qk_npu(q, k, cos, sin), rope_qk_decomposed(q, k, cos, sin)):
+        assert got.shape == want.shape and rel_err(got, want) <= FP32_RTOL
+
+    def both(fn):
+        return lambda q, k, cos, sin: torch.cat([t.flatten() for t in fn(q, k, cos, sin)])
+    _compare(both(lowering_npu.rope_qk_npu), both(rope_qk_decomposed),
+             (q.clone().requires_grad_(), k.clone().requires_grad_(), cos, sin))
+
+
+def test_pair_rope_pass_on_tiny_llama():
+    from graphllm.passes import default_passes
+    from graphllm.passes.pair_rope import pair_rope
+
+    ids = torch.randint(0, 8000, (1, 16), generator=torch.Generator().manual_seed(0))
+    model = graphllm.load_model("tiny-llama", seed=0)
+    ref = model(ids)
+    compiled = graphllm.compile(model, ids, passes=default_passes() + [pair_rope], backend="npu-emulation")
+    nodes = [n.target for n in compiled.result.model_graph.graph.nodes if n.op == "call_function"]
+    assert nodes.count(torch.ops.graphllm.rope_qk.default) == 4 and torch.ops.graphllm.rope.default not in nodes
+    with torch.no_grad():
+        assert rel_err(compiled(ids), ref) <= FP32_RTOL

@@ -4,10 +4,16 @@ The tensors go through graphllm.parallel.checkpoint (torch.distributed.checkpoin
 full logical tensor); the optimizer state through graphllm.parallel.optim's layout-independent form;
 the data position is the step number itself (batches are a function of seed and step); torch's RNG
 state rides along. A checkpoint is `ROOT/step_<N>/`, written atomically.
+
+A checkpoint whose marker says {"kind": "weights"} (what `graphllm convert hf-to-graphllm` writes) holds
+parameters only: loading it starts training at step 0 with a fresh optimizer, and says so.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import logging
 from pathlib import Path
 
 import torch
@@ -15,10 +21,21 @@ import torch
 import graphllm
 from graphllm.errors import GraphllmError
 
+log = logging.getLogger(__name__)
+WEIGHTS_ONLY = "weights"
+"""Marker "kind" of a checkpoint without optimizer state, RNG or data position (a converted one)."""
+
 
 def _meta(built, step: int) -> dict:
     return {"fingerprint": built.model.config.fingerprint(), "model": built.plan.model, "step": step,
-            "layout": built.plan.layout().describe(), "graphllm": graphllm.__version__}
+            "layout": built.plan.layout().describe(), "graphllm": graphllm.__version__,
+            "config": built.model.config.to_dict()}  # lets `graphllm convert graphllm-to-hf` rebuild config.json
+
+
+def weights_fingerprint(cfg) -> str:
+    """The fingerprint a weights-only checkpoint records: the config's, with the attention form at its
+    default (sdpa and eager attention use the same weights, so either may load it)."""
+    return dataclasses.replace(cfg, attn_implementation="sdpa").fingerprint()
 
 
 def save_step(root: Path, built, optimizer, step: int, *, keep_last: int = 0) -> Path:
@@ -51,11 +68,23 @@ def resolve(path: Path) -> Path:
 
 def load_step(path: Path, built, optimizer) -> int:
     """Load parameters, optimizer state and RNG into this rank's layout; returns the step to resume after."""
-    from graphllm.parallel.checkpoint import load_checkpoint
+    from graphllm.parallel.checkpoint import MARKER, load_checkpoint
     from graphllm.parallel.optim import load_optimizer_state
 
     named = built.engine.named_params
-    loaded = load_checkpoint(resolve(path), named_params=named, want_optim=True, st=built.engine.st,
+    path = resolve(path)
+    try:
+        kind = json.loads((path / MARKER).read_text()).get("kind")
+    except (OSError, ValueError):
+        kind = None  # load_checkpoint reports the damaged marker
+    if kind == WEIGHTS_ONLY:
+        load_checkpoint(path, named_params=named, want_optim=False, st=built.engine.st,
+                        expect_fingerprint=weights_fingerprint(built.model.config))
+        if built.rank == 0:
+            log.warning("%s holds weights only (a converted checkpoint): training starts at step 0 with a fresh "
+                        "optimizer and learning-rate schedule", path)
+        return 0
+    loaded = load_checkpoint(path, named_params=named, want_optim=True, st=built.engine.st,
                              expect_fingerprint=built.model.config.fingerprint())
     load_optimizer_state(optimizer, named, loaded.optim_state)
     if isinstance(loaded.extra.get("rng"), torch.Tensor):

@@ -62,6 +62,18 @@ def read_hf_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
 
 def load_state_dict_into(model: nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:
     """Copy `sd` into `model`'s parameters (cast to their dtype), strictly; `source` is named in errors."""
+    own = model.state_dict(keep_vars=True)
+    sd = check_state_dict(model, sd, source)
+    with torch.no_grad():
+        for name, value in sd.items():
+            own[name].copy_(value)
+
+
+def check_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    """`sd` restricted to `model`'s own tensors, after checking it matches them name for name and shape for
+    shape (a tied lm_head.weight must equal the embedding and is dropped; old RoPE buffers are ignored).
+
+    Reads only names and shapes of `model`, so a model built on the meta device is enough."""
     own = model.state_dict(keep_vars=True)  # name -> Parameter; a tied lm_head appears under both names
     tied = "lm_head.weight" in own and own["lm_head.weight"] is own.get("model.embed_tokens.weight")
     sd = {k: v for k, v in sd.items() if not k.endswith(_IGNORED_SUFFIXES)}
@@ -95,9 +107,7 @@ def load_state_dict_into(model: nn.Module, sd: dict[str, torch.Tensor], source: 
                 f"tensor {name} in {source} has shape {tuple(value.shape)}, the model expects {tuple(param.shape)}; "
                 f"a checkpoint for another model, or a config.json of another size?"
             )
-    with torch.no_grad():
-        for name, param in own.items():
-            param.copy_(sd[name])
+    return {name: sd[name] for name in own}
 
 
 def save_hf(model: nn.Module, cfg: ModelConfig, out_dir: str | os.PathLike[str]) -> Path:
@@ -128,3 +138,59 @@ def save_hf(model: nn.Module, cfg: ModelConfig, out_dir: str | os.PathLike[str])
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}  # as transformers' max_shard_size
+
+
+def parse_size(text: str | int, *, what: str = "--max-shard-size") -> int:
+    """Bytes in "5GB", "500MB", "2GiB" or a plain integer; `what` is named in the error."""
+    if isinstance(text, int):
+        value, unit = text, ""
+    else:
+        head = str(text).strip().upper()
+        number = head.rstrip("KMGTIB")
+        value, unit = number, head[len(number):]
+    try:
+        size = int(float(value) * _SIZE_UNITS[unit])
+    except (KeyError, ValueError):
+        size = 0
+    if size <= 0:
+        raise GraphllmError(f"{what} {text!r} is not a size; give bytes or a number with KB/MB/GB/KiB/MiB/GiB")
+    return size
+
+
+def shard_file_names(sd: dict[str, torch.Tensor], max_shard_bytes: int) -> dict[str, str]:
+    """Tensor name -> file, as transformers names them: one model.safetensors when everything fits in
+    `max_shard_bytes`, else model-0000i-of-0000n.safetensors filled in `sd`'s order (a tensor larger than
+    the limit gets a shard of its own)."""
+    shards: list[list[str]] = [[]]
+    used = 0
+    for name, t in sd.items():
+        size = t.numel() * t.element_size()
+        if shards[-1] and used + size > max_shard_bytes:
+            shards.append([])
+            used = 0
+        shards[-1].append(name)
+        used += size
+    if len(shards) == 1:
+        return {name: SINGLE_FILE for name in shards[0]}
+    n = len(shards)
+    return {name: f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i, names in enumerate(shards) for name in names}
+
+
+def write_safetensors(sd: dict[str, torch.Tensor], out_dir: Path, *, max_shard_bytes: int) -> list[str]:
+    """Write `sd` into `out_dir` (a fresh directory) as HF does: model.safetensors, or shards plus
+    model.safetensors.index.json (total_size = bytes of all tensors). Returns the file names written."""
+    where = shard_file_names(sd, max_shard_bytes)
+    files = list(dict.fromkeys(where.values()))
+    for file in files:
+        part = {k: v.detach().contiguous().cpu() for k, v in sd.items() if where[k] == file}
+        save_file(part, str(out_dir / file), metadata={"format": "pt"})
+    if len(files) > 1:
+        total = sum(t.numel() * t.element_size() for t in sd.values())
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(where.items()))}
+        (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        files.append(INDEX_FILE)
+    return files

@@ -22,6 +22,9 @@ def add_parser(sub) -> None:
     p.add_argument("--disable", default="", help="comma-separated pass names to leave out")
     p.add_argument("--pass", dest="extra_passes", action="append", default=[], metavar="MODULE:NAME",
                    help="append a @graph_pass from an importable module (repeatable)")
+    p.add_argument("--eod-reset", action="store_true",
+                   help="graph takes position_ids: positions and attention reset at each packed sample (packed SFT, "
+                        "pretrain with --reset-position-ids --reset-attention-mask)")
     p.add_argument("--device", choices=["cpu", "cuda", "npu"], default="cpu",
                    help="where the model runs (npu is implied by --backend npu)")
     par = p.add_argument_group("parallelism (ranks = tp × pp × dp; several ranks start through torchrun)")
@@ -76,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
                        vpp=args.vpp, sequence_parallel=args.sequence_parallel, zero1=args.zero1,
                        micro_batches=args.micro_batches, pp_layers=parse_layers(args.pp_layers),
                        tp_plan=args.tp_plan, coc_parallel_num=args.coc_parallel_num, mc2=args.mc2, recompute=args.recompute,
-                       recompute_options=recompute_options(args))
+                       recompute_options=recompute_options(args), eod_reset=args.eod_reset)
     extra = [load_pass_spec(s) for s in args.extra_passes]
     layout = plan.layout()
     if layout.world_size > 1 and not in_launched_world():

@@ -88,12 +88,14 @@ def compile(
     plan: Mapping[str, Any] | None = None,
     rank: int = 0,
     world_size: int = 1,
+    extra_inputs: Sequence[torch.Tensor] = (),
 ) -> CompiledModel:
     """Compile `model` for inputs shaped like `example_inputs`.
 
     With `labels`, the captured graph is the training step's forward including the loss
     (`model(input_ids, labels) -> loss`), so the backend can fuse the loss with the LM head; without,
-    it is `model(input_ids) -> logits`. `passes` defaults to `default_passes()`; `train`-stage passes in
+    it is `model(input_ids) -> logits`. `extra_inputs` follow the labels (`position_ids` of packed rows:
+    `model(input_ids, labels, position_ids) -> loss`). `passes` defaults to `default_passes()`; `train`-stage passes in
     the list run on the forward/backward graphs. `dump_dir` receives one readable dump per pass.
     """
     be = get_backend(backend)
@@ -102,6 +104,10 @@ def compile(
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     if labels is not None:
         inputs = inputs + (labels,)
+    if extra_inputs:
+        if labels is None:
+            raise GraphllmError("compile: extra_inputs follow the labels; pass labels too")
+        inputs = inputs + tuple(extra_inputs)
     prepared = prepare_graph(model, inputs, passes=passes, backend=backend, disable=disable, dump_dir=dump_dir,
                              plan=plan, rank=rank, world_size=world_size)
     stage = prepared.train_stage("")

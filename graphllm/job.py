@@ -36,10 +36,14 @@ class Built:
     compile_seconds: float = 0.0
 
 
-def example_batch(plan: CompilePlan, rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def example_batch(plan: CompilePlan, rows: int | None = None) -> tuple[torch.Tensor, ...]:
+    """(input_ids, labels), and position_ids when the plan resets them at packed-sample boundaries."""
     shape = (rows or plan.batch_size, plan.seq_len)
-    return (torch.zeros(shape, dtype=torch.long, device=plan.device),
-            torch.zeros(shape, dtype=torch.long, device=plan.device))
+    batch = (torch.zeros(shape, dtype=torch.long, device=plan.device),
+             torch.zeros(shape, dtype=torch.long, device=plan.device))
+    if plan.eod_reset:
+        batch += (torch.arange(plan.seq_len, device=plan.device).expand(shape).contiguous(),)
+    return batch
 
 
 def build(plan: CompilePlan, *, extra_passes: Sequence[GraphPass] = (), dump_dir: Path | None = None,
@@ -59,12 +63,12 @@ def build(plan: CompilePlan, *, extra_passes: Sequence[GraphPass] = (), dump_dir
                             f"{cfg.max_position_embeddings}")
     layout.check_model(cfg, batch_size=plan.batch_size, seq_len=plan.seq_len)
     passes = pipeline_for(plan, list(extra_passes))
-    ids, labels = example_batch(plan)
+    ids, labels, *extra = example_batch(plan)
     common = dict(passes=passes, backend=plan.backend, dump_dir=dump_dir, plan=plan.to_json(), rank=rank,
                   world_size=layout.world_size)
     compiled = None
     if layout.pp == 1:
-        compiled = compile(model, ids, labels, amp=plan.amp, **common)
+        compiled = compile(model, ids, labels, amp=plan.amp, extra_inputs=extra, **common)
         result = compiled.result
         engine = Engine(layout=layout, st=st, named_params=dict(model.named_parameters()), step_fn=compiled,
                         micro_batch_size=plan.batch_size)
@@ -120,8 +124,7 @@ def _build_pipeline(plan: CompilePlan, model: torch.nn.Module, inputs, st, commo
 
 def warm_up(built: Built) -> None:
     """Compile forward and backward now (Dynamo compiles lazily) with one step on zeros; no trace left."""
-    ids, labels = example_batch(built.plan, built.plan.global_batch_size)
-    built.engine.forward_backward(ids, labels)
+    built.engine.forward_backward(*example_batch(built.plan, built.plan.global_batch_size))
     for p in built.engine.params:
         p.grad = None
 

@@ -73,6 +73,10 @@ class CompilePlan:
     """Activation recomputation policy (graphllm/recompute.py): none saves every activation the backward reads."""
     recompute_options: dict[str, Any] = field(default_factory=dict)
     """The policy's options: full {method, layers}, selective {ops, layers}, budget {fraction}."""
+    eod_reset: bool = False
+    """The graph takes position_ids as a third input (after labels): positions restart at 0 at each packed
+    sample and attention stays inside it (Megatron's --reset-position-ids with --reset-attention-mask;
+    packed SFT needs it). False keeps the plain two-input graph."""
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -87,6 +91,9 @@ class CompilePlan:
         from graphllm.recompute import check_options
 
         self.recompute_options = check_options(self.recompute, self.recompute_options)
+        if self.eod_reset and self.pp > 1:
+            raise GraphllmError("--eod-reset with --pp > 1 is not supported yet (pipeline stages take no position "
+                                "ids); use --pp 1")
         if (self.device == "npu") != (self.backend == "npu"):
             raise GraphllmError(f"--device {self.device} does not fit --backend {self.backend}: the npu backend runs "
                                 "on --device npu, and only there")

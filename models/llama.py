@@ -74,6 +74,16 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     return x.reshape(B, Hkv * n_rep, S, D)
 
 
+def packed_causal_mask(position_ids: torch.Tensor) -> torch.Tensor:
+    """[B, S] positions restarting at 0 per sample -> bool [B, 1, S, S]: key j visible to query i when
+    both are in one sample and j ≤ i. (fuse_attention recognises this form, with the segment ids.)"""
+    S = position_ids.shape[-1]
+    segment_ids = torch.cumsum((position_ids == 0).to(torch.int64), dim=-1)  # [B, S]: sample of each token
+    same = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]  # [B, 1, S, S]
+    causal = torch.ones(S, S, dtype=torch.bool, device=position_ids.device).tril()  # [S, S]
+    return same & causal
+
+
 class LlamaAttention(nn.Module):
     """Multi-head attention with GQA and RoPE; causal, no padding mask."""
 
@@ -93,9 +103,11 @@ class LlamaAttention(nn.Module):
         self.o_proj = nn.Linear(H * D, cfg.hidden_size, bias=o_bias)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, causal_mask: torch.Tensor | None
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, causal_mask: torch.Tensor | None,
+        sample_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        # x [B, S, hidden]; cos, sin [1, 1, S, D]; causal_mask [S, S] (eager only)
+        # x [B, S, hidden]; cos, sin [1 or B, 1, S, D]; causal_mask [S, S] (eager only);
+        # sample_mask bool [B, 1, S, S]: True where query i may attend to key j (packed rows), else causal
         B, S, _ = x.shape
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
         q = self.q_proj(x).view(B, S, H, D).transpose(1, 2)  # [B, H, S, D]
@@ -105,16 +117,23 @@ class LlamaAttention(nn.Module):
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
 
-        if self.attn_implementation == "sdpa":
+        if sample_mask is not None and self.attn_implementation == "sdpa":
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=sample_mask, scale=self.scaling, enable_gqa=(Hkv != H)
+            )  # [B, H, S, D]
+        elif self.attn_implementation == "sdpa":
             out = F.scaled_dot_product_attention(
                 q, k, v, is_causal=True, scale=self.scaling, enable_gqa=(Hkv != H)
             )  # [B, H, S, D]
         else:
-            assert causal_mask is not None, "eager attention needs the causal mask from LlamaModel"
+            assert causal_mask is not None or sample_mask is not None, "eager attention needs a mask from LlamaModel"
             k = repeat_kv(k, H // Hkv)  # [B, H, S, D]
             v = repeat_kv(v, H // Hkv)
             scores = torch.matmul(q, k.transpose(2, 3)) * self.scaling  # [B, H, S, S]
-            scores = scores + causal_mask
+            if sample_mask is not None:
+                scores = scores.masked_fill(~sample_mask, torch.finfo(scores.dtype).min)
+            else:
+                scores = scores + causal_mask
             probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
             out = torch.matmul(probs, v)  # [B, H, S, D]
         out = out.transpose(1, 2).reshape(B, S, H * D)  # [B, S, H*D]
@@ -132,9 +151,10 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = LlamaRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, causal_mask: torch.Tensor | None
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, causal_mask: torch.Tensor | None,
+        sample_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, causal_mask)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, causal_mask, sample_mask)
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x
 
@@ -160,8 +180,9 @@ class LlamaModel(nn.Module):
             self.inv_freq = rope_inv_freq(self._cfg).to(self.inv_freq.device)
         return self
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        # input_ids [B, S] -> hidden [B, S, hidden]
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        # input_ids [B, S] -> hidden [B, S, hidden]. position_ids [B, S] (packed rows): RoPE positions, and
+        # each 0 starts a new sample that attention does not cross (Megatron's EOD reset)
         _, S = input_ids.shape
         if self.sliding_window is not None and S > self.sliding_window:
             raise GraphllmError(
@@ -171,18 +192,26 @@ class LlamaModel(nn.Module):
         h = self.embed_tokens(input_ids)
         dtype, device = h.dtype, h.device
 
-        pos = torch.arange(S, device=device)
-        freqs = torch.outer(pos.float(), self.inv_freq)  # [S, D/2]
-        emb = torch.cat((freqs, freqs), dim=-1)  # [S, D]
-        cos = emb.cos()[None, None].to(dtype)  # [1, 1, S, D]
-        sin = emb.sin()[None, None].to(dtype)  # [1, 1, S, D]
+        if position_ids is None:
+            pos = torch.arange(S, device=device)
+            freqs = torch.outer(pos.float(), self.inv_freq)  # [S, D/2]
+            emb = torch.cat((freqs, freqs), dim=-1)  # [S, D]
+            cos = emb.cos()[None, None].to(dtype)  # [1, 1, S, D]
+            sin = emb.sin()[None, None].to(dtype)  # [1, 1, S, D]
+        else:
+            freqs = position_ids[..., None].float() * self.inv_freq  # [B, S, D/2]
+            emb = torch.cat((freqs, freqs), dim=-1)  # [B, S, D]
+            cos = emb.cos()[:, None].to(dtype)  # [B, 1, S, D]
+            sin = emb.sin()[:, None].to(dtype)  # [B, 1, S, D]
 
-        causal_mask = None
-        if self.attn_implementation == "eager":
+        causal_mask = sample_mask = None
+        if position_ids is not None:
+            sample_mask = packed_causal_mask(position_ids)  # [B, 1, S, S]
+        elif self.attn_implementation == "eager":
             causal_mask = torch.full((S, S), torch.finfo(dtype).min, dtype=dtype, device=device).triu(1)  # [S, S]
 
         for layer in self.layers:
-            h = layer(h, cos, sin, causal_mask)
+            h = layer(h, cos, sin, causal_mask, sample_mask)
         return self.norm(h)
 
 
@@ -201,11 +230,13 @@ class LlamaForCausalLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [B, S, V]; with `labels` [B, S] (already aligned: labels[:, t] is the token after
         input_ids[:, t]; -100 ignored) the mean cross-entropy instead, computed in fp32, so a captured
-        training graph holds the loss next to the LM head."""
-        logits = self.lm_head(self.model(input_ids))  # [B, S, V]
+        training graph holds the loss next to the LM head. `position_ids` [B, S]: packed rows, whose
+        positions restart at 0 at each sample; attention stays inside each sample (EOD reset)."""
+        logits = self.lm_head(self.model(input_ids, position_ids))  # [B, S, V]
         if labels is None:
             return logits
         return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)

@@ -4,7 +4,7 @@ Importing this package registers them under the `torch.ops.graphllm` namespace.
 """
 
 from graphllm.ops.add_rms_norm import add_rms_norm
-from graphllm.ops.attention import attention
+from graphllm.ops.attention import attention, varlen_attention
 from graphllm.ops.collectives import (sp_gather, sp_reduce_scatter, tp_copy, tp_gather, tp_reduce, tp_reduce_max,
                                       tp_split)
 from graphllm.ops.grouped_matmul import grouped_matmul, grouped_matmul_weight_grad
@@ -14,4 +14,4 @@ from graphllm.ops.rope import rope
 from graphllm.ops.swiglu import swiglu
 
 __all__ = ["add_rms_norm", "all_gather_matmul", "attention", "grouped_matmul", "grouped_matmul_weight_grad", "matmul_all_reduce", "matmul_reduce_scatter", "rms_norm", "rope", "sp_gather", "sp_reduce_scatter", "swiglu", "tp_copy",
-           "tp_gather", "tp_reduce", "tp_reduce_max", "tp_split"]
+           "tp_gather", "tp_reduce", "tp_reduce_max", "tp_split", "varlen_attention"]

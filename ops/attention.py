@@ -38,22 +38,20 @@ def _setup(ctx, inputs, output):
     ctx.scale, ctx.causal = scale, causal
 
 
-def _backward(ctx, grad_out_BHSD):
-    q, k, v = ctx.saved_tensors
+def _attention_grads(q: Tensor, k: Tensor, v: Tensor, grad_out_BHSD: Tensor, scale: float,
+                     masked_SS: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of softmax(q kᵀ · scale, masked where `masked_SS` is True) v; probabilities recomputed."""
     groups = q.shape[1] // k.shape[1]
     k_BHSD = k.repeat_interleave(groups, dim=1)
     v_BHSD = v.repeat_interleave(groups, dim=1)
-    scores = torch.matmul(q, k_BHSD.transpose(-2, -1)).to(torch.float32) * ctx.scale  # [B,H,S,S]
-    if ctx.causal:
-        s_q, s_k = scores.shape[-2:]
-        # top-left aligned like SDPA's is_causal: query i sees keys 0..i
-        mask = torch.ones(s_q, s_k, dtype=torch.bool, device=q.device).triu(1)
-        scores = scores.masked_fill(mask, float("-inf"))
+    scores = torch.matmul(q, k_BHSD.transpose(-2, -1)).to(torch.float32) * scale  # [B,H,S,S]
+    if masked_SS is not None:
+        scores = scores.masked_fill(masked_SS, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     g32 = grad_out_BHSD.to(torch.float32)
     grad_v = torch.matmul(probs.transpose(-2, -1), g32)  # [B,H,S,D]
     grad_p = torch.matmul(g32, v_BHSD.to(torch.float32).transpose(-2, -1))
-    grad_s = probs * (grad_p - (grad_p * probs).sum(-1, keepdim=True)) * ctx.scale
+    grad_s = probs * (grad_p - (grad_p * probs).sum(-1, keepdim=True)) * scale
     grad_q = torch.matmul(grad_s, k_BHSD.to(torch.float32))
     grad_k = torch.matmul(grad_s.transpose(-2, -1), q.to(torch.float32))
 
@@ -61,14 +59,66 @@ def _backward(ctx, grad_out_BHSD):
         b, h, s, d = g.shape
         return g.view(b, h // groups, groups, s, d).sum(2)
 
-    return (
-        grad_q.to(q.dtype),
-        fold_groups(grad_k).to(k.dtype),
-        fold_groups(grad_v).to(v.dtype),
-        None,
-        None,
-    )
+    return grad_q.to(q.dtype), fold_groups(grad_k).to(k.dtype), fold_groups(grad_v).to(v.dtype)
+
+
+def _backward(ctx, grad_out_BHSD):
+    q, k, v = ctx.saved_tensors
+    mask = None
+    if ctx.causal:
+        s_q, s_k = q.shape[-2], k.shape[-2]
+        # top-left aligned like SDPA's is_causal: query i sees keys 0..i
+        mask = torch.ones(s_q, s_k, dtype=torch.bool, device=q.device).triu(1)
+    return (*_attention_grads(q, k, v, grad_out_BHSD, ctx.scale, mask), None, None)
 
 
 attention.register_autograd(_backward, setup_context=_setup)
 register_autocast_policy("graphllm::attention", torch.bfloat16)
+
+
+# -- graphllm::varlen_attention: causal attention inside packed samples --------------------------------
+#
+# Rows hold several samples back to back; `segment_ids` [B, S] (non-decreasing per row) says which sample
+# each token belongs to, and a query attends only to keys of its own sample at or before it. This is what
+# npu_fusion_attention computes in TND layout from actual_seq_qlen / actual_seq_kvlen (the cumulative
+# sample ends over the flattened batch); the decomposition is SDPA with a block-diagonal causal mask.
+
+
+def segment_causal_mask(segment_ids: Tensor) -> Tensor:
+    """[B, S] segment ids -> bool [B, 1, S, S], True where query i may attend to key j."""
+    S = segment_ids.shape[-1]
+    same = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]  # [B, 1, S, S]
+    causal = torch.ones(S, S, dtype=torch.bool, device=segment_ids.device).tril()  # [S, S]
+    return same & causal
+
+
+def varlen_attention_decomposed(q: Tensor, k: Tensor, v: Tensor, segment_ids: Tensor, scale: float) -> Tensor:
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=segment_causal_mask(segment_ids), scale=scale,
+                                          enable_gqa=k.shape[1] != q.shape[1])
+
+
+@torch.library.custom_op("graphllm::varlen_attention", mutates_args=())
+def varlen_attention(q: Tensor, k: Tensor, v: Tensor, segment_ids: Tensor, scale: float) -> Tensor:
+    return varlen_attention_decomposed(q, k, v, segment_ids, scale).contiguous()
+
+
+@varlen_attention.register_fake
+def _(q: Tensor, k: Tensor, v: Tensor, segment_ids: Tensor, scale: float) -> Tensor:
+    torch._check(q.shape[1] % k.shape[1] == 0, lambda: "query heads must be a multiple of kv heads")
+    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+def _varlen_setup(ctx, inputs, output):
+    q, k, v, segment_ids, scale = inputs
+    ctx.save_for_backward(q, k, v, segment_ids)
+    ctx.scale = scale
+
+
+def _varlen_backward(ctx, grad_out_BHSD):
+    q, k, v, segment_ids = ctx.saved_tensors
+    masked = ~segment_causal_mask(segment_ids)  # [B, 1, S, S] broadcast over heads
+    return (*_attention_grads(q, k, v, grad_out_BHSD, ctx.scale, masked), None, None)
+
+
+varlen_attention.register_autograd(_varlen_backward, setup_context=_varlen_setup)
+register_autocast_policy("graphllm::varlen_attention", torch.bfloat16)

@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 
 from graphllm.ops.add_rms_norm import add_rms_norm_decomposed
-from graphllm.ops.attention import attention_decomposed
+from graphllm.ops.attention import attention_decomposed, varlen_attention_decomposed
 from graphllm.ops.lowering_npu import npu_lowerings
 from graphllm.ops.mc2 import (all_gather_matmul_decomposed, matmul_all_reduce_decomposed,
                               matmul_reduce_scatter_decomposed)
@@ -46,6 +46,7 @@ LOWERINGS: dict[str, dict[torch._ops.OpOverload, Callable]] = {
         ops.rope.default: rope_decomposed,
         ops.rope_qk.default: rope_qk_decomposed,
         ops.attention.default: attention_decomposed,
+        ops.varlen_attention.default: varlen_attention_decomposed,  # SDPA, block-diagonal causal mask
         # MC2 → CoC: chunks along the sequence, each with its own graphllm collective (lower_collectives
         # then makes those asynchronous), which is the overlap MC2's fused kernels do on the NPU
         ops.matmul_all_reduce.default: matmul_all_reduce_decomposed,

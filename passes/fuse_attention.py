@@ -7,14 +7,17 @@ Two captured forms are recognised:
   exactly 0 above it), and k, v may come from HF's repeat_kv (expand + reshape), which is folded back
   into grouped-query form.
 Legal because the op computes softmax(q kᵀ · scale + causal) v with each kv head serving H/Hkv
-consecutive query heads, which is what both forms compute. Refused: dropout (changes RNG use), masks
+consecutive query heads, which is what both forms compute.
+- packed rows: SDPA whose boolean mask is `(seg[:, None, :, None] == seg[:, None, None, :]) & tril(ones)`
+  (models/llama.py packed_causal_mask; seg [B, S] = which sample each token is in) →
+  graphllm.varlen_attention(q, k, v, seg, scale), the same block-diagonal causal attention. Refused: dropout (changes RNG use), masks
 that are inputs or not causal (the op has no arbitrary mask), and inputs that are not 4-D BNSD.
 """
 
 import torch
 import torch.fx as fx
 
-from graphllm.ops import attention
+from graphllm.ops import attention, varlen_attention
 from graphllm.passes.manager import PassContext, graph_pass
 from graphllm.passes.matching import aten, arg, constant_value, finish, is_call, norm_dim, replace_with_call, val
 
@@ -34,6 +37,11 @@ def _sdpa(node: fx.Node):
     dropout = arg(node, 4, "dropout_p", 0.0)
     causal = arg(node, 5, "is_causal", False)
     scale = node.kwargs.get("scale", node.args[6] if len(node.args) > 6 else None)
+    if mask is not None and not causal and dropout == 0.0 and _bnsd(q, k, v):
+        seg = _segment_ids(mask)
+        if seg is None or val(q).shape[2] != val(k).shape[2] or val(seg).shape != (val(q).shape[0], val(q).shape[2]):
+            return None  # another mask, or one not square over this attention's sequence
+        return (q, k, v, seg, float(scale if scale is not None else val(q).shape[-1] ** -0.5))
     if mask is not None or dropout != 0.0 or not _bnsd(q, k, v):
         return None
     if causal and val(q).shape[2] != val(k).shape[2]:
@@ -41,6 +49,38 @@ def _sdpa(node: fx.Node):
     if scale is None:
         scale = val(q).shape[-1] ** -0.5
     return (q, k, v, float(scale), bool(causal))
+
+
+def _unsqueezed(x: fx.Node) -> fx.Node:
+    while is_call(x, aten.unsqueeze.default) or (is_call(x, aten.slice.Tensor) and val(x).shape == val(x.args[0]).shape):
+        x = x.args[0]
+    return x
+
+
+def _segment_ids(mask: fx.Node) -> fx.Node | None:
+    """`(seg[:, None, :, None] == seg[:, None, None, :]) & tril(ones(S, S))` → seg, else None."""
+    if not is_call(mask, aten.__and__.Tensor, aten.bitwise_and.Tensor, aten.logical_and.default):
+        return None
+    same, tri = mask.args[:2]
+    if not is_call(same, aten.eq.Tensor):
+        same, tri = tri, same
+    if not is_call(same, aten.eq.Tensor):
+        return None
+    rows, cols = same.args[:2]
+    seg = _unsqueezed(rows)
+    sv, rv, cv = val(seg), val(rows), val(cols)
+    if seg is not _unsqueezed(cols) or sv is None or sv.dim() != 2 or sv.dtype.is_floating_point:
+        return None
+    B, S = sv.shape
+    if tuple(rv.shape) != (B, 1, S, 1) or tuple(cv.shape) != (B, 1, 1, S):
+        return None  # the transposed comparison would be the same mask, but only this form is produced
+    # tril(ones) is folded only later (fold_constants), so evaluate it here
+    tv = constant_value(tri.graph.owning_module, tri) if isinstance(tri, fx.Node) else None
+    if tv is None or tv.dtype != torch.bool or tuple(tv.shape) != (S, S):
+        return None
+    if not bool((tv == torch.ones(S, S, dtype=torch.bool).tril()).all()):
+        return None
+    return seg
 
 
 def _unrepeat_kv(x: fx.Node) -> fx.Node:
@@ -123,6 +163,7 @@ def fuse_attention(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
             continue
         if m is None:
             continue
-        replace_with_call(gm, node, attention._opoverload, m)
+        op = varlen_attention if isinstance(m[3], fx.Node) else attention  # (q, k, v, seg, scale)
+        replace_with_call(gm, node, op._opoverload, m)
         replaced += 1
     return finish(gm, ctx, replaced)

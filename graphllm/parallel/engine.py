@@ -47,16 +47,18 @@ class Engine:
         start = (self.st.coords.dp if self.st is not None else 0) * rows
         return t[start:start + rows]
 
-    def forward_backward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> float:
-        """Forward and backward of one step's global batch; gradients left averaged in `.grad`."""
+    def forward_backward(self, input_ids: torch.Tensor, labels: torch.Tensor, *extra: torch.Tensor) -> float:
+        """Forward and backward of one step's global batch; gradients left averaged in `.grad`.
+        `extra`: further per-row graph inputs (position_ids of packed rows), sliced like the rows."""
         ids, lab = self.local_rows(input_ids), self.local_rows(labels)
+        extra = tuple(self.local_rows(t) for t in extra)
         if self.pipeline is not None:
             loss = self.pipeline.forward_backward(ids, lab).detach()
         else:
             m = self.layout.micro_batches
             loss = torch.zeros((), dtype=torch.float32)
-            for ids_mb, lab_mb in zip(ids.chunk(m), lab.chunk(m)):
-                mb_loss = self.step_fn(ids_mb, lab_mb)
+            for ids_mb, lab_mb, *extra_mb in zip(ids.chunk(m), lab.chunk(m), *(t.chunk(m) for t in extra)):
+                mb_loss = self.step_fn(ids_mb, lab_mb, *extra_mb)
                 (mb_loss / m).backward()
                 loss += mb_loss.detach().float() / m
         dp = self._group("dp")
@@ -68,6 +70,27 @@ class Engine:
 
                 reduce_gradients(self.params, dp)
             loss = loss.clone()
+            dist.all_reduce(loss, group=dp)
+            loss /= self.layout.dp
+        return float(loss)
+
+    def eval_loss(self, input_ids: torch.Tensor, labels: torch.Tensor, *extra: torch.Tensor) -> float:
+        """Mean loss of one global batch without touching gradients (validation). Runs the training graph's
+        forward (grad mode stays on, so no second graph is compiled) and drops its result; under pipeline
+        parallelism the schedule runs forward and backward, and the gradients are discarded."""
+        if self.pipeline is not None:
+            loss = self.forward_backward(input_ids, labels, *extra)
+            for p in self.params:
+                p.grad = None
+            return loss
+        ids, lab = self.local_rows(input_ids), self.local_rows(labels)
+        extra = tuple(self.local_rows(t) for t in extra)
+        m = self.layout.micro_batches
+        loss = torch.zeros((), dtype=torch.float32)
+        for ids_mb, lab_mb, *extra_mb in zip(ids.chunk(m), lab.chunk(m), *(t.chunk(m) for t in extra)):
+            loss += self.step_fn(ids_mb, lab_mb, *extra_mb).detach().float() / m
+        dp = self._group("dp")
+        if dp is not None:
             dist.all_reduce(loss, group=dp)
             loss /= self.layout.dp
         return float(loss)

@@ -2,8 +2,10 @@
 
 The tensors go through graphllm.parallel.checkpoint (torch.distributed.checkpoint, one copy of each
 full logical tensor); the optimizer state through graphllm.parallel.optim's layout-independent form;
-the data position is the step number itself (batches are a function of seed and step); torch's RNG
-state rides along. A checkpoint is `ROOT/step_<N>/`, written atomically.
+the data position is the step number for the built-in corpus (batches are a function of seed and step)
+and the sampler's consumed-sample count for `--data` (extra "sampler"); torch's RNG state rides along.
+A checkpoint is `ROOT/step_<N>/`, written atomically. On SIGTERM/SIGINT or an exception inside a step,
+`graphllm run --save` writes a final one for the last whole step (StopSignals, save_final).
 
 A checkpoint whose marker says {"kind": "weights"} (what `graphllm convert hf-to-graphllm` writes) holds
 parameters only: loading it starts training at step 0 with a fresh optimizer, and says so.
@@ -14,6 +16,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import signal
+import threading
 from pathlib import Path
 
 import torch
@@ -38,14 +42,15 @@ def weights_fingerprint(cfg) -> str:
     return dataclasses.replace(cfg, attn_implementation="sdpa").fingerprint()
 
 
-def save_step(root: Path, built, optimizer, step: int, *, keep_last: int = 0) -> Path:
-    """Every rank calls this after optimizer step `step` (1-based); returns the checkpoint path."""
+def save_step(root: Path, built, optimizer, step: int, *, keep_last: int = 0, extra: dict | None = None) -> Path:
+    """Every rank calls this after optimizer step `step` (1-based); returns the checkpoint path.
+    `extra`: further picklable state stored beside the RNG (the data sampler's position)."""
     from graphllm.parallel.checkpoint import prune_checkpoints, save_checkpoint
     from graphllm.parallel.optim import optimizer_state
 
     named = built.engine.named_params
     path = save_checkpoint(Path(root) / f"step_{step}", step=step, named_params=named,
-                           optim_state=optimizer_state(optimizer, named), extra={"rng": torch.get_rng_state()},
+                           optim_state=optimizer_state(optimizer, named), extra={"rng": torch.get_rng_state(), **(extra or {})},
                            meta=_meta(built, step), st=built.engine.st)
     if keep_last > 0 and built.rank == 0:
         prune_checkpoints(Path(root), keep_last)
@@ -66,8 +71,9 @@ def resolve(path: Path) -> Path:
     return found
 
 
-def load_step(path: Path, built, optimizer) -> int:
-    """Load parameters, optimizer state and RNG into this rank's layout; returns the step to resume after."""
+def load_step(path: Path, built, optimizer, *, extra_out: dict | None = None) -> int:
+    """Load parameters, optimizer state and RNG into this rank's layout; returns the step to resume after.
+    `extra_out` receives the checkpoint's extra state (the sampler position; nothing for weights-only)."""
     from graphllm.parallel.checkpoint import MARKER, load_checkpoint
     from graphllm.parallel.optim import load_optimizer_state
 
@@ -89,4 +95,61 @@ def load_step(path: Path, built, optimizer) -> int:
     load_optimizer_state(optimizer, named, loaded.optim_state)
     if isinstance(loaded.extra.get("rng"), torch.Tensor):
         torch.set_rng_state(loaded.extra["rng"])
+    if extra_out is not None:
+        extra_out.update(loaded.extra)
     return loaded.step
+
+
+class StopSignals:
+    """SIGTERM/SIGINT while training: the first sets a flag that the loop checks between steps (so the
+    final checkpoint holds a whole step), a second interrupts at once (KeyboardInterrupt, nothing saved).
+    Handlers are installed only in the main thread and restored on exit."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._old: dict[int, object] = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signum
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+    def requested(self) -> int | None:
+        """The signal number to stop for, agreed by every rank (the highest any rank received), or None."""
+        import torch.distributed as dist
+
+        got = self.received or 0
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            t = torch.tensor([got], dtype=torch.int64)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            got = int(t[0])
+        return got or None
+
+
+def save_final(root: Path, built, optimizer, status: dict, *, start_step: int, extra: dict | None = None,
+               ) -> tuple[Path | None, str]:
+    """The save-on-failure checkpoint: `ROOT/step_<completed>` unless nothing new was trained, the
+    optimizer was interrupted mid-update, or that step is already saved. Returns (path or None, message)."""
+    from graphllm.parallel.checkpoint import MARKER
+
+    done = int(status.get("completed", start_step))
+    if status.get("updating"):
+        return None, "not saving: the failure hit the optimizer update, so the parameters are half-updated"
+    if done <= start_step:
+        return None, f"not saving: no step completed since step {start_step}"
+    path = Path(root) / f"step_{done}"
+    if (path / MARKER).is_file():
+        return path, f"step {done} is already saved at {path}"
+    return save_step(root, built, optimizer, done, extra=extra), f"saved step {done} at {path}"

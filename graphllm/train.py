@@ -1,4 +1,4 @@
-"""Training v1: AdamW, warmup + cosine LR, gradient clipping, fp32 or bf16 autocast, fixed seeds."""
+"""Training v1: AdamW, warmup + cosine/linear/constant LR, gradient clipping, fp32 or bf16 autocast, fixed seeds."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Protocol
+from typing import Any, Callable, Iterable, Iterator, Literal, Protocol
 
 import torch
 from torch import nn
@@ -24,7 +24,9 @@ class TrainConfig:
     lr: float = 3e-3
     """Peak learning rate (after warmup)."""
     min_lr_ratio: float = 0.1
-    """Cosine decay ends at lr * min_lr_ratio."""
+    """The decay ends at lr * min_lr_ratio."""
+    lr_decay_style: Literal["cosine", "linear", "constant"] = "cosine"
+    """After warmup: cosine or linear from lr to lr * min_lr_ratio over the remaining steps, or constant lr."""
     warmup_steps: int = 5
     """Linear warmup from lr/warmup_steps to lr."""
     weight_decay: float = 0.1
@@ -46,15 +48,22 @@ class TrainConfig:
             raise GraphllmError(f"--lr must be > 0, got {self.lr}")
         if self.warmup_steps < 0:
             raise GraphllmError(f"--warmup-steps must be ≥ 0, got {self.warmup_steps}")
+        if self.lr_decay_style not in ("cosine", "linear", "constant"):
+            raise GraphllmError(f"--lr-decay-style must be cosine, linear or constant, got {self.lr_decay_style!r}")
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Learning rate for 0-based `step`: linear warmup, then cosine to lr * min_lr_ratio."""
+    """Learning rate for 0-based `step`: linear warmup, then cosine or linear decay to lr * min_lr_ratio
+    (or constant)."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.lr_decay_style == "constant":
+        return cfg.lr
     span = max(1, cfg.steps - cfg.warmup_steps)
     progress = min(1.0, (step - cfg.warmup_steps) / span)
     floor = cfg.lr * cfg.min_lr_ratio
+    if cfg.lr_decay_style == "linear":
+        return cfg.lr - (cfg.lr - floor) * progress
     return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
@@ -74,20 +83,25 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
 class StepEngine(Protocol):
     """What the loop needs from a rank's step (graphllm.parallel.engine.Engine)."""
 
-    def forward_backward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> float: ...
+    def forward_backward(self, input_ids: torch.Tensor, labels: torch.Tensor, *extra: torch.Tensor) -> float: ...
     def clip_grad_norm(self, max_norm: float) -> float: ...
     def make_optimizer(self, cfg: TrainConfig) -> Any: ...
 
 
-BatchFn = Callable[[int], tuple[torch.Tensor, torch.Tensor]]
+BatchFn = Callable[[int], tuple[torch.Tensor, ...]]
+"""step → (input_ids, labels[, position_ids]), each [global batch, seq_len]."""
 
 
 def train_steps(engine: StepEngine, batch_at: BatchFn, cfg: TrainConfig, *, optimizer: Any = None,
-                start_step: int = 0) -> Iterator[dict]:
+                start_step: int = 0, status: dict | None = None) -> Iterator[dict]:
     """Run steps start_step..cfg.steps-1; yield one metrics dict per step (loss, lr, grad norm, tokens/s).
 
-    The generator pauses after each optimizer step, so a caller can checkpoint between steps.
+    The generator pauses after each optimizer step, so a caller can checkpoint between steps. `status`
+    (optional) is kept current: "completed" (optimizer steps done) and "updating" (True while the
+    optimizer changes parameters: a failure then leaves a state that must not be saved).
     """
+    status = status if status is not None else {}
+    status.update(completed=start_step, updating=False)
     if start_step == 0:
         torch.manual_seed(cfg.seed)  # a resumed run continues the checkpoint's RNG state instead
     opt = optimizer if optimizer is not None else engine.make_optimizer(cfg)
@@ -97,13 +111,17 @@ def train_steps(engine: StepEngine, batch_at: BatchFn, cfg: TrainConfig, *, opti
         t0 = time.perf_counter()
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
-        input_ids, labels = batch_at(step)
-        loss_value = engine.forward_backward(input_ids, labels)
-        norm = engine.clip_grad_norm(cfg.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if not math.isfinite(loss_value):
+        batch = batch_at(step)
+        input_ids = batch[0]
+        loss_value = engine.forward_backward(*batch)
+        if not math.isfinite(loss_value):  # before the update: parameters stay those of the last good step
+            opt.zero_grad(set_to_none=True)
             raise GraphllmError(f"loss became {loss_value} at step {step + 1}; lower --lr or check the data")
+        norm = engine.clip_grad_norm(cfg.grad_clip)
+        status["updating"] = True
+        opt.step()
+        status.update(completed=step + 1, updating=False)
+        opt.zero_grad(set_to_none=True)
         dt = time.perf_counter() - t0
         tokens_done += input_ids.numel()
         yield {"step": step + 1, "loss": loss_value, "lr": opt.param_groups[0]["lr"], "grad_norm": float(norm),

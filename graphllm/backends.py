@@ -236,5 +236,15 @@ def saved_activation_bytes(backward: fx.GraphModule) -> int:
             continue
         v = node.meta.get("val")
         if isinstance(v, torch.Tensor):
-            total += v.numel() * v.element_size()
+            total += _hint(v.numel()) * v.element_size()
     return total
+
+
+def _hint(n) -> int:
+    """An element count that may be symbolic (inductor saves the CPU RNG state, a tensor of symbolic
+    size, to recompute random-capable ops such as SDPA): its size hint."""
+    try:
+        return int(n)
+    except (TypeError, RuntimeError):
+        hint = getattr(getattr(n, "node", None), "hint", None)
+        return int(hint) if hint is not None else 0

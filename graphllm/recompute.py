@@ -133,12 +133,13 @@ def tag_joint_graph(graph: fx.Graph, policy: str, opts: dict[str, Any]) -> int:
     """Tag the joint graph's forward nodes with CheckpointPolicy for `full` / `selective`; returns how many."""
     if policy not in ("full", "selective"):
         return 0
-    kinds = {name for k in opts.get("ops", ()) for name in _OPS_OF_KIND[k]}
-    count = 0
-    for node in graph.nodes:
-        if node.op != "call_function" or not _is_forward(node):
-            continue
-        layer = _layer_of(node)
+    selected = set(opts.get("ops", ()))
+    kinds = {name for k in selected for name in _OPS_OF_KIND[k]}
+    forward = [n for n in graph.nodes if n.op == "call_function" and _is_forward(n)]
+    layers = _layers(forward)
+    count, region, last = 0, -1, None
+    for node in forward:
+        layer = layers[node]
         if policy == "full":
             if layer is None:
                 continue
@@ -149,9 +150,15 @@ def tag_joint_graph(graph: fx.Graph, policy: str, opts: dict[str, Any]) -> int:
         else:
             if opts["layers"] is not None and (layer is None or layer >= opts["layers"]):
                 continue
-            if _op_name(node) not in kinds:
+            decomposed = _DECOMPOSED_KIND.get(_innermost_function(node))
+            if _op_name(node) not in kinds and decomposed not in selected:
+                last = None
                 continue
-            group = count  # each op its own region: its inputs are saved, its outputs recomputed
+            # one region per op: a graphllm op, or the consecutive nodes of one decomposed op
+            key = (decomposed, layer) if decomposed else None
+            if key is None or key != last:
+                region += 1
+            last, group = key, region
         node.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
         node.meta["ac_graph_id"] = group
         count += 1
@@ -163,6 +170,37 @@ def tag_joint_graph(graph: fx.Graph, policy: str, opts: dict[str, Any]) -> int:
                 node.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
                 node.meta["ac_graph_id"] = node.args[0].meta["ac_graph_id"]
     return count
+
+
+def _layers(forward: list[fx.Node]) -> dict[fx.Node, int | None]:
+    """Each forward node's decoder layer. Nodes traced inside a lowered op's decomposition (inductor's
+    table: rms_norm, swiglu, rope, attention as ATen ops) carry no nn_module_stack; they sit right before
+    the next node that has one, in the same module (the trace runs one op's decomposition, then moves on),
+    so they take that node's layer."""
+    out: dict[fx.Node, int | None] = {}
+    pending: list[fx.Node] = []
+    for node in forward:
+        if not node.meta.get("nn_module_stack"):
+            pending.append(node)
+            continue
+        out[node] = _layer_of(node)
+        for p in pending:
+            out[p] = out[node]
+        pending.clear()
+    for p in pending:
+        out[p] = None
+    return out
+
+
+_FRAME = re.compile(r'File "[^"]+", line \d+, in (\w+)')
+_DECOMPOSED_KIND = {"rms_norm_decomposed": "norm", "add_rms_norm_decomposed": "norm",
+                    "swiglu_decomposed": "activation", "attention_decomposed": "attention"}
+"""The lowering functions of graphllm ops (ops/*.py) → the selective kind their nodes belong to."""
+
+
+def _innermost_function(node: fx.Node) -> str | None:
+    frames = _FRAME.findall(node.meta.get("stack_trace") or "")
+    return frames[-1] if frames else None
 
 
 def mark_recomputed(backward: fx.GraphModule) -> int:

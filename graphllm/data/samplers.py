@@ -91,7 +91,7 @@ def blend_sources(weights: Sequence[float], size: int) -> tuple[np.ndarray, np.n
     w = np.asarray(weights, dtype=np.float64)
     if w.ndim != 1 or w.size == 0 or not (w > 0).all() or not np.isfinite(w).all():
         raise GraphllmError(f"--data weights must be positive numbers, got {list(weights)}")
-    w = w / w.sum()
+    w = np.round(w / w.sum(), 12)  # rounded: 0.7/0.2/0.1 and 7/2/1 give the same floats, hence the same ties
     times, sources, ranks = [], [], []
     for d, wd in enumerate(w):
         n = int(np.ceil(wd * size)) + 1

@@ -1,5 +1,6 @@
 """`graphllm preprocess pretrain`: malformed-record accounting, exact token round trip, determinism
-across worker counts, strict mode, atomic outputs, and the three tokenizer kinds."""
+across worker counts, strict mode, atomic outputs, the meta file, JSON-array and parquet input, and the
+three tokenizer kinds."""
 
 from __future__ import annotations
 
@@ -17,10 +18,8 @@ GOOD = ["Hello world.", "def f(x):\n    return x + 1", "The quick brown fox.", "
 
 
 @pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("GRAPHLLM_CACHE", str(tmp_path_factory.mktemp("cache")))
-        yield builtin_tokenizer()
+def tok():
+    return builtin_tokenizer()  # the default cache, shared with test_data.py: trained once per machine
 
 
 @pytest.fixture
@@ -87,7 +86,7 @@ def test_strict_names_file_line_and_writes_nothing(tok, jsonl: Path, tmp_path: P
 def test_failed_run_leaves_existing_outputs(tok, jsonl: Path, tmp_path: Path, capsys) -> None:
     prefix = tmp_path / "keep"
     assert _cli("--input", str(jsonl), "--tokenizer", "builtin", "--out", str(prefix)) == 0
-    before = {ext: (tmp_path / f"keep{ext}").read_bytes() for ext in (".bin", ".idx")}
+    before = {ext: (tmp_path / f"keep{ext}").read_bytes() for ext in (".bin", ".idx", "_meta.json")}
     other = tmp_path / "other.jsonl"
     other.write_text(json.dumps({"text": "fine"}) + "\n" + json.dumps({"text": None}) + "\n")
     assert _cli("--input", str(other), "--tokenizer", "builtin", "--out", str(prefix), "--strict") == 2
@@ -100,9 +99,14 @@ def test_failed_run_leaves_existing_outputs(tok, jsonl: Path, tmp_path: Path, ca
     (["--input", "MISSING.jsonl", "--tokenizer", "builtin"], "MISSING.jsonl: no such file"),
     (["--input", "GOOD", "--tokenizer", "nope.model"], "--tokenizer nope.model"),
     (["--input", "GOOD", "--tokenizer", "builtin", "--workers", "0"], "--workers"),
+    (["--input", "EMPTY", "--tokenizer", "builtin"], "empty.jsonl: the file holds no records"),
+    (["--input", "BAD", "--tokenizer", "builtin"], "every record was malformed"),
 ])
 def test_user_errors_are_one_line(tok, jsonl: Path, tmp_path: Path, capsys, argv, needle) -> None:
-    argv = [str(jsonl) if a == "GOOD" else a for a in argv]
+    (tmp_path / "empty.jsonl").write_text("\n")
+    (tmp_path / "bad.jsonl").write_text('{"text": 1}\n')
+    argv = [{"GOOD": str(jsonl), "EMPTY": str(tmp_path / "empty.jsonl"), "BAD": str(tmp_path / "bad.jsonl")}.get(a, a)
+            for a in argv]
     assert _cli(*argv, "--out", str(tmp_path / "x")) == 2
     assert needle in _error_line(capsys)
     assert not list(tmp_path.glob("x.*"))
@@ -132,3 +136,27 @@ def test_hf_tokenizer_directory(jsonl: Path, tmp_path: Path) -> None:
     assert s.documents == 4
     hf = AutoTokenizer.from_pretrained(str(hf_dir), local_files_only=True)
     assert _docs(tmp_path / "h") == [hf.encode(t, add_special_tokens=False) + [1] for t in GOOD]
+
+
+def test_meta_file_and_json_array(tok, tmp_path: Path) -> None:
+    arr = tmp_path / "docs.json"
+    arr.write_text(json.dumps([{"text": t} for t in GOOD[:2]] + [{"body": 1}], indent=1), encoding="utf-8")
+    s = preprocess_pretrain(PretrainConfig(inputs=[arr], tokenizer="builtin", out=tmp_path / "m"))
+    assert _docs(tmp_path / "m") == [tok.encode(t) + [tok.eos_id] for t in GOOD[:2]]
+    assert [(no, detail) for _, no, detail in s.bad_lines] == [(8, "missing key 'text'")]  # the element's first line
+    meta = json.loads((tmp_path / "m_meta.json").read_text())
+    assert {k: meta[k] for k in ("kind", "tokenizer", "packed", "seq_len", "documents", "samples", "tokens")} == {
+        "kind": "pretrain", "tokenizer": "builtin", "packed": False, "seq_len": None, "documents": 2, "samples": 2,
+        "tokens": s.tokens}
+    assert s.outputs[-1].endswith("m_meta.json")  # written last
+
+
+def test_parquet_input(tok, jsonl: Path, tmp_path: Path) -> None:
+    pa = pytest.importorskip("pyarrow", reason="pyarrow is an optional dependency (parquet input)")
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist([{"text": t, "n": i} for i, t in enumerate(GOOD)] + [{"text": None, "n": 9}]),
+                   tmp_path / "d.parquet")
+    s = preprocess_pretrain(PretrainConfig(inputs=[tmp_path / "d.parquet"], tokenizer="builtin", out=tmp_path / "p"))
+    assert _docs(tmp_path / "p") == [tok.encode(t) + [tok.eos_id] for t in GOOD]
+    assert s.skipped == {"not_string": 1} and s.bad_lines[0][1] == 5  # parquet rows count from 1

@@ -15,7 +15,7 @@ from graphllm.data.indexed import IndexedReader
 from graphllm.data.sft import ChatDataConfig, preprocess_chat
 from graphllm.data.templates import ALPACA_SYSTEM, ALPACA_USER
 from graphllm.data.tokenizer import builtin_tokenizer
-from models.llama import IGNORE_INDEX
+from graphllm.models.llama import IGNORE_INDEX
 
 EOS = "</s>"
 # role markers are special tokens; the assistant turn ends with EOS, so a turn's trained text is content + EOS

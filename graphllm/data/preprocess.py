@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from graphllm.data.encoders import load_encoder, resolve_spec
 from graphllm.data.indexed import best_dtype
 from graphllm.data.records import SkipLog, check_inputs, map_records, record_text
@@ -64,11 +66,11 @@ class _PretrainJob:
         if self.encoder is None:
             self.encoder = load_encoder(self.spec)
 
-    def run(self, kind: str, payload: Any) -> list[int]:
+    def run(self, kind: str, payload: Any) -> np.ndarray:
         ids = self.encoder.encode(record_text(kind, payload, self.key))
         if self.eod is not None:
             ids.append(self.eod)
-        return ids
+        return np.asarray(ids, dtype=np.int32)  # one buffer to pickle back, not a list of ints
 
 
 def preprocess_pretrain(cfg: PretrainConfig, progress: Callable[[int], None] | None = None) -> Summary:

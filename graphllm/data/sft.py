@@ -27,7 +27,7 @@ from graphllm.data.indexed import best_dtype
 from graphllm.data.prm import PrmTokens, encode_prm
 from graphllm.data.records import SkipLog, check_inputs, map_records, record_object
 from graphllm.data.templates import IGNORE_INDEX, Template, make_template
-from graphllm.data.writers import LABEL_DTYPE, Outputs, SampleSink, Summary, fit_sample
+from graphllm.data.writers import LABEL_DTYPE, Outputs, SampleSink, Summary, fit_sample, sample_arrays
 from graphllm.errors import GraphllmError
 
 __all__ = ["ChatDataConfig", "preprocess_chat"]
@@ -103,7 +103,10 @@ class _ChatJob:
             self.prm = PrmTokens.build(self.encoder, **self.prm_options)
 
     def run(self, kind: str, payload: Any):
-        obj = record_object(kind, payload)
+        out = self._encode(record_object(kind, payload))
+        return tuple(sample_arrays(*o) for o in out) if self.kind == "pairwise" else sample_arrays(*out)
+
+    def _encode(self, obj: dict):
         tpl = self.template
         if self.kind == "alpaca":
             messages = alpaca_messages(obj, tpl.input_join)

@@ -31,7 +31,7 @@ from typing import Literal, Protocol
 from graphllm.data.encoders import Encoder, HuggingFaceEncoder
 from graphllm.data.records import Malformed
 from graphllm.errors import GraphllmError
-from models.llama import IGNORE_INDEX
+from graphllm.models.llama import IGNORE_INDEX
 
 __all__ = ["ALPACA_SYSTEM", "AlpacaTemplate", "ChatTemplate", "IGNORE_INDEX", "Template", "make_template"]
 

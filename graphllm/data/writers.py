@@ -29,7 +29,7 @@ from graphllm.data.cache import atomic_write
 from graphllm.data.indexed import IndexedWriter
 from graphllm.errors import GraphllmError
 
-__all__ = ["Outputs", "SampleSink", "Summary", "fit_sample", "meta_path"]
+__all__ = ["Outputs", "SampleSink", "Summary", "fit_sample", "meta_path", "sample_arrays"]
 
 LABEL_DTYPE = np.dtype(np.int32)
 
@@ -114,8 +114,13 @@ class Outputs:
             self.abort()
 
 
-def fit_sample(ids: list[int], labels: list[int], seq_len: int | None,
-               policy: Literal["skip", "truncate"], ignore_index: int) -> tuple[list[int], list[int]] | None:
+def sample_arrays(ids: list[int], labels: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """A sample as int32 arrays: what workers send back (an array pickles as one buffer, a list per item)."""
+    return np.asarray(ids, dtype=np.int32), np.asarray(labels, dtype=LABEL_DTYPE)
+
+
+def fit_sample(ids: np.ndarray, labels: np.ndarray, seq_len: int | None,
+               policy: Literal["skip", "truncate"], ignore_index: int) -> tuple[np.ndarray, np.ndarray] | None:
     """The sample cut to `seq_len` tokens (policy "truncate"), or None when it is longer and the policy
     is "skip" or truncation leaves no trained token."""
     if seq_len is None or len(ids) <= seq_len:
@@ -123,7 +128,7 @@ def fit_sample(ids: list[int], labels: list[int], seq_len: int | None,
     if policy == "skip":
         return None
     labels = labels[:seq_len]
-    if all(x == ignore_index for x in labels):
+    if not (labels != ignore_index).any():
         return None
     return ids[:seq_len], labels
 
@@ -137,33 +142,32 @@ class SampleSink:
             raise GraphllmError(f"--seq-len must be positive, got {pack_len}")
         self._ids, self._labels, self._summary = ids, labels, summary
         self._pack_len, self._ignore = pack_len, ignore_index
-        self._open_ids: list[int] = []
-        self._open_labels: list[int] = []
-        self._open_lengths: list[int] = []
+        self._open: list[tuple[np.ndarray, np.ndarray]] = []  # the samples of the open packed document
+        self._open_len = 0
 
-    def add(self, ids: list[int], labels: list[int]) -> None:
+    def add(self, ids: np.ndarray, labels: np.ndarray) -> None:
         assert len(ids) == len(labels), (len(ids), len(labels))
         s = self._summary
         s.samples += 1
         s.tokens += len(ids)
-        s.trained_tokens += sum(1 for x in labels if x != self._ignore)
+        s.trained_tokens += int(np.count_nonzero(labels != self._ignore))
         if self._pack_len is None:
             self._write(ids, labels, [len(ids)])
             return
         assert len(ids) <= self._pack_len, "fit_sample runs before packing"
-        if self._open_lengths and len(self._open_ids) + len(ids) > self._pack_len:
+        if self._open and self._open_len + len(ids) > self._pack_len:
             self.flush()
-        self._open_ids += ids
-        self._open_labels += labels
-        self._open_lengths.append(len(ids))
+        self._open.append((ids, labels))
+        self._open_len += len(ids)
 
     def flush(self) -> None:
         """Close the open packed document (call once after the last sample)."""
-        if self._open_lengths:
-            self._write(self._open_ids, self._open_labels, self._open_lengths)
-            self._open_ids, self._open_labels, self._open_lengths = [], [], []
+        if self._open:
+            self._write(np.concatenate([i for i, _ in self._open]), np.concatenate([lab for _, lab in self._open]),
+                        [len(i) for i, _ in self._open])
+            self._open, self._open_len = [], 0
 
-    def _write(self, ids: list[int], labels: list[int], lengths: list[int]) -> None:
+    def _write(self, ids: np.ndarray, labels: np.ndarray, lengths: list[int]) -> None:
         self._ids.add_document(ids, lengths)
-        self._labels.add_document(np.asarray(labels, dtype=LABEL_DTYPE), lengths)
+        self._labels.add_document(labels, lengths)
         self._summary.documents += 1

@@ -95,8 +95,9 @@ def _weight_grads(g: Tensor, x: Tensor, has_bias: bool) -> tuple[Tensor, Tensor 
 
 
 def _setup(ctx, inputs, output):
-    x, weight, bias = inputs[:3]
-    ctx.size, ctx.group, ctx.chunks = (None, *inputs[3:]) if len(inputs) == 5 else inputs[3:]
+    x, weight, bias, *rest = inputs
+    ctx.group, ctx.chunks = rest[-2:]
+    ctx.size = rest[0] if len(rest) == 3 else None  # matmul_all_reduce has no size argument
     ctx.has_bias = bias is not None
     saved_input = output[1] if isinstance(output, tuple) else x  # all_gather_matmul: the gathered input
     ctx.save_for_backward(saved_input, weight)

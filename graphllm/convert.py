@@ -31,9 +31,26 @@ import torch
 
 import graphllm
 from graphllm.errors import GraphllmError
-from graphllm.models import LlamaForCausalLM, ModelConfig, load_config, read_hf_state_dict
-from graphllm.models.weights import CONFIG_FILE, INDEX_FILE, SINGLE_FILE, check_state_dict, parse_size, write_safetensors
-from graphllm.parallel.checkpoint import MARKER, latest_checkpoint, load_checkpoint, save_checkpoint
+from graphllm.models import (
+    LlamaForCausalLM,
+    ModelConfig,
+    load_config,
+    read_hf_state_dict,
+)
+from graphllm.models.weights import (
+    CONFIG_FILE,
+    INDEX_FILE,
+    SINGLE_FILE,
+    check_state_dict,
+    parse_size,
+    write_safetensors,
+)
+from graphllm.parallel.checkpoint import (
+    MARKER,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from graphllm.parallel.layout import Layout
 from graphllm.resume import WEIGHTS_ONLY, weights_fingerprint
 
@@ -118,16 +135,23 @@ def graphllm_to_hf(ckpt: str | os.PathLike[str], out: str | os.PathLike[str], *,
         raise GraphllmError(f"cannot read {path / MARKER}: {e}; the checkpoint is damaged: pick another one") from None
     cfg, aux = _config_and_files(path, marker)
     dest = Path(out).expanduser().resolve()
+    if dest == path or path in dest.parents:
+        raise GraphllmError(f"--out {dest} is inside the checkpoint {path}; write the HF directory elsewhere")
     _check_hf_out(dest, force)
 
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     md = FileSystemReader(path).read_metadata().state_dict_metadata
-    stored = {k.removeprefix("model/"): torch.empty(e.size, dtype=e.properties.dtype) for k, e in md.items()
-              if k.startswith("model/") and isinstance(e, TensorStorageMetadata)}
-    load_checkpoint(path, named_params=stored, want_optim=False, st=None, expect_fingerprint=None)
-    sd = _cast(check_state_dict(_meta_model(cfg), stored, str(path)), dtype)
+    stored = {k.removeprefix("model/"): torch.empty(e.size, dtype=e.properties.dtype, device="meta")
+              for k, e in md.items() if k.startswith("model/") and isinstance(e, TensorStorageMetadata)}
+    sd = _cast(check_state_dict(_meta_model(cfg), stored, str(path)), dtype)  # meta: names, shapes, dtypes
+
+    def materialize(names: list[str]) -> dict[str, torch.Tensor]:
+        """One shard's tensors read from the checkpoint (DCP reads only their bytes), cast as asked."""
+        part = {k: torch.empty(stored[k].shape, dtype=stored[k].dtype) for k in names}
+        load_checkpoint(path, named_params=part, want_optim=False, st=None, expect_fingerprint=None)
+        return _cast(part, dtype)
 
     notes: list[str] = []
     hf_config = json.loads((aux / CONFIG_FILE).read_text()) if aux and (aux / CONFIG_FILE).is_file() else cfg.to_hf()
@@ -141,7 +165,7 @@ def graphllm_to_hf(ckpt: str | os.PathLike[str], out: str | os.PathLike[str], *,
         notes.append("no tokenizer files in the checkpoint; pass --tokenizer DIR to include them")
     tmp = _temp_dir_beside(dest)
     try:
-        write_safetensors(sd, tmp, max_shard_bytes=max_bytes)
+        write_safetensors(sd, tmp, max_shard_bytes=max_bytes, materialize=materialize)
         for name in tok_files:
             shutil.copy2(tok_src / name, tmp / name)
         if aux and (aux / GENERATION_CONFIG).is_file():
@@ -220,8 +244,8 @@ def _check_ckpt_out(root: Path, force: bool) -> list[str]:
                             "replace it; move it away or choose another --out")
     newest = latest_checkpoint(root)
     if newest is not None and newest.name != CONVERTED_STEP:
-        return [f"{root} also holds {newest.name}: `--load {root}` picks the newest step, not the converted one; "
-                f"pass --load {old}"]
+        return [(f"{root} also holds {newest.name}: `--load {root}` picks the newest step, not the converted one; "
+                 f"pass --load {old}")]
     return []
 
 
@@ -302,14 +326,23 @@ def _config_and_files(path: Path, marker: dict) -> tuple[ModelConfig, Path | Non
         raise GraphllmError(f"checkpoint {path}: cannot find the model configuration it was saved with (fingerprint "
                             f"{fingerprint}; tried {'; '.join(tried) or 'nothing'}); convert a checkpoint written by "
                             "this graphllm")
+    return cfg, _hf_files_dir(path, marker, cfg)
+
+
+def _hf_files_dir(path: Path, marker: dict, cfg: ModelConfig) -> Path | None:
+    """Where the checkpoint's HF files are: its own hf/ (a converted checkpoint); else, for a training
+    checkpoint, the HF directory its run was compiled from, or the hf/ of a converted step_0 beside it
+    (`run --load ROOT --save ROOT`) — each only if its config.json describes these weights."""
     if (path / HF_SUBDIR).is_dir():
-        return cfg, path / HF_SUBDIR
-    model_dir = Path(str(marker.get("model", ""))).expanduser()
-    if marker.get("model") and (model_dir / CONFIG_FILE).is_file():
+        return path / HF_SUBDIR
+    want = weights_fingerprint(cfg)
+    candidates = [path.parent / CONVERTED_STEP / HF_SUBDIR]
+    if marker.get("model"):
+        candidates.insert(0, Path(str(marker["model"])).expanduser())
+    for d in candidates:
         try:
-            same = load_config(model_dir).fingerprint() == dataclasses.replace(cfg, attn_implementation="sdpa").fingerprint()
+            if (d / CONFIG_FILE).is_file() and load_config(d).fingerprint() == want:
+                return d
         except GraphllmError:
-            same = False
-        if same:  # a run compiled from an HF directory: its config and tokenizer still describe the weights
-            return cfg, model_dir
-    return cfg, None
+            continue
+    return None

@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -77,12 +78,13 @@ def check_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], source: str)
     own = model.state_dict(keep_vars=True)  # name -> Parameter; a tied lm_head appears under both names
     tied = "lm_head.weight" in own and own["lm_head.weight"] is own.get("model.embed_tokens.weight")
     sd = {k: v for k, v in sd.items() if not k.endswith(_IGNORED_SUFFIXES)}
-    if tied and "lm_head.weight" in sd and "model.embed_tokens.weight" in sd:
-        if not torch.equal(sd["lm_head.weight"], sd["model.embed_tokens.weight"]):
-            raise GraphllmError(
-                f"{source} has an lm_head.weight different from model.embed_tokens.weight, but the config sets "
-                f"tie_word_embeddings=true; set it to false in config.json if the checkpoint is untied"
-            )
+    head, embed = sd.get("lm_head.weight"), sd.get("model.embed_tokens.weight")
+    both = tied and head is not None and embed is not None and not head.is_meta  # meta: shapes only, no values
+    if both and not torch.equal(head, embed):
+        raise GraphllmError(
+            f"{source} has an lm_head.weight different from model.embed_tokens.weight, but the config sets "
+            f"tie_word_embeddings=true; set it to false in config.json if the checkpoint is untied"
+        )
     if tied:
         sd = {k: v for k, v in sd.items() if k != "lm_head.weight"}
         own = {k: v for k, v in own.items() if k != "lm_head.weight"}
@@ -180,14 +182,22 @@ def shard_file_names(sd: dict[str, torch.Tensor], max_shard_bytes: int) -> dict[
     return {name: f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i, names in enumerate(shards) for name in names}
 
 
-def write_safetensors(sd: dict[str, torch.Tensor], out_dir: Path, *, max_shard_bytes: int) -> list[str]:
+def write_safetensors(sd: dict[str, torch.Tensor], out_dir: Path, *, max_shard_bytes: int,
+                      materialize: Callable[[list[str]], dict[str, torch.Tensor]] | None = None) -> list[str]:
     """Write `sd` into `out_dir` (a fresh directory) as HF does: model.safetensors, or shards plus
-    model.safetensors.index.json (total_size = bytes of all tensors). Returns the file names written."""
+    model.safetensors.index.json (total_size = bytes of all tensors). Returns the file names written.
+
+    With `materialize`, `sd` may hold meta tensors (names, shapes and dtypes only): it is called with
+    one shard's names at a time and returns their real tensors, so one shard at a time is in memory."""
     where = shard_file_names(sd, max_shard_bytes)
     files = list(dict.fromkeys(where.values()))
     for file in files:
-        part = {k: v.detach().contiguous().cpu() for k, v in sd.items() if where[k] == file}
+        names = [k for k in sd if where[k] == file]
+        real = materialize(names) if materialize is not None else sd
+        part = {k: real[k].detach().contiguous().cpu() for k in names}
+        assert all(part[k].dtype == sd[k].dtype and part[k].shape == sd[k].shape for k in names), file
         save_file(part, str(out_dir / file), metadata={"format": "pt"})
+        del part, real
     if len(files) > 1:
         total = sum(t.numel() * t.element_size() for t in sd.values())
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(where.items()))}

@@ -15,11 +15,21 @@ import pytest
 import torch
 import transformers
 from dist_util import run_ranks
-from hf_parity import BATCH, FAMILIES, FP32_PARITY_RTOL, SEQ, VOCAB, batch, hf_model, rel_err, save_hf_checkpoint
-
 from graphllm.cli.main import main
-from graphllm.errors import GraphllmError
 from graphllm.models import load_model, read_hf_state_dict
+from hf_parity import (
+    BATCH,
+    FAMILIES,
+    FP32_PARITY_RTOL,
+    SEQ,
+    VOCAB,
+    batch,
+    hf_model,
+    rel_err,
+    save_hf_checkpoint,
+)
+
+from graphllm.errors import GraphllmError
 from graphllm.parallel.checkpoint import MARKER
 
 SHARDED = "llama-bias-rope-llama3"  # saved by hf_parity with max_shard_size 40KB: the index path both ways
@@ -87,7 +97,7 @@ def test_round_trip_is_bit_identical_and_transformers_agrees(tmp_path_factory, t
     theirs = json.loads((src / "config.json").read_text())
     assert json.loads((out / "config.json").read_text()) == {**theirs, "dtype": "float32"}
     assert logits_agree(out) <= FP32_PARITY_RTOL
-    tokenize = lambda d: transformers.AutoTokenizer.from_pretrained(d)("w5 w9 w3").input_ids  # noqa: E731
+    tokenize = lambda d: transformers.AutoTokenizer.from_pretrained(d)("w5 w9 w3").input_ids
     assert tokenize(out) == tokenize(src)
     assert no_temp_left(tmp_path)
 
@@ -171,9 +181,15 @@ def fake_built(model_name: str, model: torch.nn.Module) -> SimpleNamespace:
 
 
 def test_preset_training_checkpoint_exports_with_its_config(tmp_path):
+    """run --load ROOT --save ROOT on a preset: the steps beside the converted step_0 export with its files."""
+    from graphllm.models import save_hf
     from graphllm.resume import save_step
 
     model = load_model("tiny-llama", seed=3)
+    tok = tmp_path / "hf_tiny"
+    save_hf(model, model.config, tok)
+    transformers.PreTrainedTokenizerFast(tokenizer_object=_tiny_bpe()).save_pretrained(tok)
+    assert convert("hf-to-graphllm", "--hf", tok, "--out", tmp_path / "run") == 0
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     ids = torch.randint(0, 8000, (1, 8))
     model(ids).float().logsumexp(-1).mean().backward()
@@ -185,18 +201,20 @@ def test_preset_training_checkpoint_exports_with_its_config(tmp_path):
     assert convert("graphllm-to-hf", "--ckpt", tmp_path / "run", "--out", out) == 0  # root -> newest, step_5
     want = {n: p.detach() for n, p in model.named_parameters()}
     assert_same_tensors(read_hf_state_dict(out), want)
-    assert json.loads((out / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    assert (out / "tokenizer.json").read_bytes() == (tok / "tokenizer.json").read_bytes()  # from step_0/hf
     assert logits_agree(out) <= FP32_PARITY_RTOL
-    # a checkpoint whose marker predates "config" falls back to the model it names (the preset)
+    # a marker that predates "config", with no HF files anywhere: the preset it names gives config.json
     marker_path = tmp_path / "run" / "step_3" / MARKER
     marker = json.loads(marker_path.read_text())
     del marker["config"]
     marker_path.write_text(json.dumps(marker))
-    tok = tmp_path / "tok"
-    transformers.PreTrainedTokenizerFast(tokenizer_object=_tiny_bpe()).save_pretrained(tok)
-    assert convert("graphllm-to-hf", "--ckpt", tmp_path / "run" / "step_3", "--out", tmp_path / "old",
-                   "--tokenizer", tok) == 0
+    (tmp_path / "run" / "step_3").rename(tmp_path / "step_3")
+    assert convert("graphllm-to-hf", "--ckpt", tmp_path / "step_3", "--out", tmp_path / "old") == 0
     assert_same_tensors(read_hf_state_dict(tmp_path / "old"), want)
+    assert json.loads((tmp_path / "old" / "config.json").read_text()) == {**model.config.to_hf(), "dtype": "float32"}
+    assert not (tmp_path / "old" / "tokenizer.json").exists()
+    assert convert("graphllm-to-hf", "--ckpt", tmp_path / "step_3", "--out", tmp_path / "old", "--force",
+                   "--tokenizer", tok) == 0
     assert (tmp_path / "old" / "tokenizer.json").read_bytes() == (tok / "tokenizer.json").read_bytes()
 
 

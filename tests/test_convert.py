@@ -183,6 +183,7 @@ def fake_built(model_name: str, model: torch.nn.Module) -> SimpleNamespace:
 def test_preset_training_checkpoint_exports_with_its_config(tmp_path):
     """run --load ROOT --save ROOT on a preset: the steps beside the converted step_0 export with its files."""
     from graphllm.models import save_hf
+
     from graphllm.resume import save_step
 
     model = load_model("tiny-llama", seed=3)
@@ -240,6 +241,13 @@ def test_bad_input_one_line_exit_2_nothing_written(tmp_path_factory, tmp_path, c
     (tmp_path / "noweights" / "config.json").write_bytes((src / "config.json").read_bytes())
     refused("hf-to-graphllm", "--hf", tmp_path / "noweights", "--out", tmp_path / "a",
             match="has neither model.safetensors")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "config.json").write_bytes((hf_dir(tmp_path_factory, "llama") / "config.json").read_bytes())
+    (tmp_path / "other" / "model.safetensors").write_bytes((src / "model.safetensors").read_bytes())
+    refused("hf-to-graphllm", "--hf", tmp_path / "other", "--out", tmp_path / "a", match="a checkpoint for another model")
+    (tmp_path / "other" / "model.safetensors").write_bytes((src / "model.safetensors").read_bytes()[:5000])
+    refused("hf-to-graphllm", "--hf", tmp_path / "other", "--out", tmp_path / "a",
+            match="is not a readable safetensors file")
     refused("hf-to-graphllm", "--hf", src, "--out", tmp_path / "a", "--tp", "3",
             match="--tp 3 does not divide the model's attention heads")
     refused("hf-to-graphllm", "--hf", src, "--out", tmp_path / "a", "--pp", "2", match="tie_word_embeddings")

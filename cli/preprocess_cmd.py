@@ -62,9 +62,15 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    from graphllm.data.preprocess import ChatDataConfig, PretrainConfig, preprocess_chat, preprocess_pretrain
+    from graphllm.data.preprocess import (
+        ChatDataConfig,
+        PretrainConfig,
+        preprocess_chat,
+        preprocess_pretrain,
+    )
 
-    common = dict(inputs=args.input, tokenizer=args.tokenizer, out=args.out, workers=args.workers, strict=args.strict)
+    common = {"inputs": args.input, "tokenizer": args.tokenizer, "out": args.out, "workers": args.workers,
+              "strict": args.strict}
     if args.kind == "pretrain":
         cfg = PretrainConfig(**common, json_key=args.json_key, append_eod=not args.no_eod)
         job = preprocess_pretrain

@@ -8,8 +8,8 @@ import json
 from pathlib import Path
 
 import pytest
-
 from graphllm.cli.main import main
+
 from graphllm.data.indexed import IndexedReader
 from graphllm.data.preprocess import PretrainConfig, preprocess_pretrain
 from graphllm.data.tokenizer import builtin_tokenizer
@@ -140,7 +140,7 @@ def test_hf_tokenizer_directory(jsonl: Path, tmp_path: Path) -> None:
 
 def test_meta_file_and_json_array(tok, tmp_path: Path) -> None:
     arr = tmp_path / "docs.json"
-    arr.write_text(json.dumps([{"text": t} for t in GOOD[:2]] + [{"body": 1}], indent=1), encoding="utf-8")
+    arr.write_text(json.dumps([{"text": t} for t in GOOD[:2]] + [{"body": 1}], indent=1), encoding="utf-8-sig")  # BOM
     s = preprocess_pretrain(PretrainConfig(inputs=[arr], tokenizer="builtin", out=tmp_path / "m"))
     assert _docs(tmp_path / "m") == [tok.encode(t) + [tok.eos_id] for t in GOOD[:2]]
     assert [(no, detail) for _, no, detail in s.bad_lines] == [(8, "missing key 'text'")]  # the element's first line

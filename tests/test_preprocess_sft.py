@@ -9,13 +9,13 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from graphllm.cli.main import main
+from graphllm.models.llama import IGNORE_INDEX
+
 from graphllm.data.indexed import IndexedReader
 from graphllm.data.sft import ChatDataConfig, preprocess_chat
 from graphllm.data.templates import ALPACA_SYSTEM, ALPACA_USER
 from graphllm.data.tokenizer import builtin_tokenizer
-from graphllm.models.llama import IGNORE_INDEX
 
 EOS = "</s>"
 # role markers are special tokens; the assistant turn ends with EOS, so a turn's trained text is content + EOS
@@ -85,7 +85,7 @@ def _runs(ids: list[int], labels: list[int]) -> list[list[int]]:
     return runs + ([cur] if cur else [])
 
 
-def _run(cfg: dict, tmp_path: Path, name: str = "o"):
+def _run(tmp_path: Path, name: str = "o", **cfg):
     return preprocess_chat(ChatDataConfig(**cfg, out=tmp_path / name))
 
 
@@ -93,7 +93,7 @@ def test_alpaca_chat_template_masks_exact(hf, tmp_path: Path) -> None:
     path, tok = hf
     rec = {"instruction": "Hello world", "input": "how are you?", "output": "I am fine, thanks."}
     src = _write(tmp_path / "a.jsonl", [rec])
-    s = _run(dict(kind="alpaca", inputs=[src], tokenizer=str(path)), tmp_path)
+    s = _run(tmp_path, kind="alpaca", inputs=[src], tokenizer=str(path))
     [(ids, labels)] = _samples(tmp_path / "o")
     messages = [{"role": "user", "content": "Hello world\n\nhow are you?"}, {"role": "assistant", "content": rec["output"]}]
     assert ids == tok.encode(tok.apply_chat_template(messages, tokenize=False), add_special_tokens=False)
@@ -113,7 +113,7 @@ def test_sharegpt_multi_turn_system_and_openai_form(hf, tmp_path: Path) -> None:
     openai = {"system": "Be brief.",
               "messages": [m for q, a in turns for m in ({"role": "user", "content": q}, {"role": "assistant", "content": a})]}
     src = _write(tmp_path / "c.jsonl", [sharegpt, openai])
-    _run(dict(kind="sharegpt", inputs=[src], tokenizer=str(path)), tmp_path)
+    _run(tmp_path, kind="sharegpt", inputs=[src], tokenizer=str(path))
     (ids, labels), other = _samples(tmp_path / "o")
     assert other == (ids, labels)  # the two schemas describe the same conversation
     assert tok.decode(ids).startswith("<|system|>Be brief.<|user|>Hello<|assistant|>")
@@ -123,7 +123,7 @@ def test_sharegpt_multi_turn_system_and_openai_form(hf, tmp_path: Path) -> None:
 def test_builtin_alpaca_template_exact_tokens(spm, tmp_path: Path) -> None:
     rec = {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5", "history": [["Hi", "Hello!"]]}
     src = _write(tmp_path / "a.jsonl", [rec])
-    s = _run(dict(kind="alpaca", inputs=[src], tokenizer=str(spm.path)), tmp_path)  # no chat template: falls back
+    s = _run(tmp_path, kind="alpaca", inputs=[src], tokenizer=str(spm.path))  # no chat template: falls back
     [(ids, labels)] = _samples(tmp_path / "o")
     e, m = spm.encode, IGNORE_INDEX
     pieces = [(e(ALPACA_SYSTEM + "\n\n"), False), (e(ALPACA_USER.format(content="Hi")), False),
@@ -139,9 +139,9 @@ def test_packing_keeps_sample_boundaries(spm, tmp_path: Path) -> None:
     records.append({"instruction": "Say", "output": "long " * 300})  # longer than any document
     records.append({"instruction": "long " * 300, "output": "y"})  # its response starts after token 96
     src = _write(tmp_path / "a.jsonl", records)
-    base = dict(kind="alpaca", inputs=[src], tokenizer="builtin", seq_len=96)
-    plain = _run(base, tmp_path, "plain")
-    packed = _run({**base, "pack": True}, tmp_path, "packed")
+    base = {"kind": "alpaca", "inputs": [src], "tokenizer": "builtin", "seq_len": 96}
+    plain = _run(tmp_path, "plain", **base)
+    packed = _run(tmp_path, "packed", **base, pack=True)
     assert plain.overlong == packed.overlong == 2 and plain.samples == packed.samples == 40
     unpacked = _samples(tmp_path / "plain")
     reader = IndexedReader(tmp_path / "packed_input_ids_document")
@@ -155,7 +155,7 @@ def test_packing_keeps_sample_boundaries(spm, tmp_path: Path) -> None:
     assert all(n + f > 96 for n, f in zip(lengths, firsts, strict=False))
     meta = json.loads((tmp_path / "packed_meta.json").read_text())
     assert meta["packed"] and meta["seq_len"] == 96 and meta["pack_algorithm"] == "next-fit"
-    trunc = _run({**base, "overlong": "truncate"}, tmp_path, "trunc")
+    trunc = _run(tmp_path, "trunc", **base, overlong="truncate")
     # truncation keeps the first sample's trained head; the second would keep no trained token: skipped
     assert trunc.samples == 41 and trunc.overlong == 2
     ids, labels = _samples(tmp_path / "trunc")[-1]
@@ -172,7 +172,7 @@ def test_pairwise_aligned_by_index(hf, tmp_path: Path) -> None:
                {"prompt": "quick", "chosen": [{"role": "user", "content": "quick"}, {"role": "assistant", "content": "fox"}],
                 "rejected": [{"role": "user", "content": "slow"}, {"role": "assistant", "content": "dog"}]}]
     src = _write(tmp_path / "p.jsonl", records)
-    s = _run(dict(kind="pairwise", inputs=[src], tokenizer=str(path)), tmp_path)
+    s = _run(tmp_path, kind="pairwise", inputs=[src], tokenizer=str(path))
     assert s.samples == 2 and s.skipped == {"missing_key": 1, "prompt_mismatch": 1}
     assert [no for _, no, _ in s.bad_lines] == [2, 4]
     chosen, rejected = _samples(tmp_path / "o", "chosen_"), _samples(tmp_path / "o", "rejected_")
@@ -192,7 +192,7 @@ def test_prm_step_labels(hf, tmp_path: Path) -> None:
                {"question": "x", "steps": ["a", "b"], "labels": ["+"]},
                {"input": "a ки b ки", "label": "a + b ?"}]
     src = _write(tmp_path / "r.jsonl", records)
-    s = _run(dict(kind="prm", inputs=[src], tokenizer=str(path)), tmp_path)  # default step tag " ки"
+    s = _run(tmp_path, kind="prm", inputs=[src], tokenizer=str(path))  # default step tag " ки"
     assert s.skipped == {"label_count": 1, "bad_label": 1}
     meta = json.loads((tmp_path / "o_meta.json").read_text())["prm"]
     good, bad, tag = meta["good_id"], meta["bad_id"], meta["step_tag_ids"]
@@ -222,7 +222,7 @@ def test_malformed_records_counted_by_line(hf, tmp_path: Path) -> None:
              "", json.dumps(ok)]                                                        # 9 blank, 10 good
     src = tmp_path / "m.jsonl"
     src.write_bytes(("\n".join(lines) + "\n").encode() + b'{"conversations": "\xff"}\n')  # 11 invalid_utf8
-    s = _run(dict(kind="sharegpt", inputs=[src], tokenizer=str(path)), tmp_path)
+    s = _run(tmp_path, kind="sharegpt", inputs=[src], tokenizer=str(path))
     assert s.samples == 2
     assert s.skipped == {"invalid_json": 1, "missing_key": 1, "wrong_type": 1, "empty_conversation": 1,
                          "not_alternating": 2, "unknown_role": 1, "invalid_utf8": 1}
@@ -231,7 +231,7 @@ def test_malformed_records_counted_by_line(hf, tmp_path: Path) -> None:
     arr = tmp_path / "a.json"
     arr.write_text('[\n  {"instruction": "a", "output": "b"},\n  {"instruction": "c"},\n  {"instruction": "d",\n'
                    '   "output": 5}\n]\n')
-    s = _run(dict(kind="alpaca", inputs=[arr], tokenizer=str(path)), tmp_path, "arr")
+    s = _run(tmp_path, "arr", kind="alpaca", inputs=[arr], tokenizer=str(path))
     assert s.samples == 1 and [(no, d) for _, no, d in s.bad_lines] == [(3, "missing key 'output'"),
                                                                          (4, "'output' is int, not a string")]
 
@@ -315,5 +315,5 @@ def test_parquet_input(hf, tmp_path: Path) -> None:
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
     _write(tmp_path / "d.jsonl", rows)
     for name in ("d.parquet", "d.jsonl"):
-        _run(dict(kind="alpaca", inputs=[tmp_path / name], tokenizer=str(path)), tmp_path, name)
+        _run(tmp_path, name, kind="alpaca", inputs=[tmp_path / name], tokenizer=str(path))
     assert _samples(tmp_path / "d.parquet") == _samples(tmp_path / "d.jsonl")

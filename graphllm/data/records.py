@@ -37,6 +37,7 @@ PARQUET_SUFFIXES = (".parquet",)
 MAX_BAD_LINES = 100  # SkipLog.bad_lines keeps the first this many; `skipped` counts all
 CHUNKSIZE = 64  # records per imap task: large enough to amortize pickling, small enough to stream
 PARQUET_BATCH_ROWS = 1024
+UTF8_BOM = b"\xef\xbb\xbf"
 
 # (line number, kind, payload): kind "line" -> payload is the raw bytes of one JSON line; "text" -> the
 # raw bytes of a paragraph; "object" -> an already parsed value; "skip" -> a Skip found while reading.
@@ -96,8 +97,10 @@ def read_records(path: Path) -> Iterator[Record]:
             if suffix in TEXT_SUFFIXES:
                 yield from _paragraphs(f)
                 return
+            bom = f.read(len(UTF8_BOM)) == UTF8_BOM  # editors on Windows start files with one
+            f.seek(len(UTF8_BOM) if bom else 0)
             head = f.read(4096).lstrip()
-            f.seek(0)
+            f.seek(len(UTF8_BOM) if bom else 0)
             if suffix == ".json" and head.startswith(b"["):
                 yield from _json_array(path, f.read())
                 return

@@ -21,13 +21,24 @@ from typing import Any, Literal
 
 import numpy as np
 
-from graphllm.data.conversations import alpaca_messages, pairwise_messages, sharegpt_messages
+from graphllm.data.conversations import (
+    alpaca_messages,
+    pairwise_messages,
+    sharegpt_messages,
+)
 from graphllm.data.encoders import Encoder, load_encoder, resolve_spec
 from graphllm.data.indexed import best_dtype
 from graphllm.data.prm import PrmTokens, encode_prm
 from graphllm.data.records import SkipLog, check_inputs, map_records, record_object
 from graphllm.data.templates import IGNORE_INDEX, Template, make_template
-from graphllm.data.writers import LABEL_DTYPE, Outputs, SampleSink, Summary, fit_sample, sample_arrays
+from graphllm.data.writers import (
+    LABEL_DTYPE,
+    Outputs,
+    SampleSink,
+    Summary,
+    fit_sample,
+    sample_arrays,
+)
 from graphllm.errors import GraphllmError
 
 __all__ = ["ChatDataConfig", "preprocess_chat"]
@@ -86,7 +97,8 @@ class _ChatJob:
 
     def __init__(self, cfg: ChatDataConfig, spec: str) -> None:
         self.kind, self.spec, self.name, self.choice = cfg.kind, spec, cfg.tokenizer, cfg.template
-        self.prm_options = dict(step_tag=cfg.step_tag, step_sep=cfg.step_sep, good=cfg.good_token, bad=cfg.bad_token)
+        self.prm_options = {"step_tag": cfg.step_tag, "step_sep": cfg.step_sep, "good": cfg.good_token,
+                            "bad": cfg.bad_token}
         self.encoder: Encoder | None = None
         self.template: Template | None = None
         self.prm: PrmTokens | None = None

@@ -33,7 +33,7 @@ from graphllm.data.records import Malformed
 from graphllm.errors import GraphllmError
 from graphllm.models.llama import IGNORE_INDEX
 
-__all__ = ["ALPACA_SYSTEM", "AlpacaTemplate", "ChatTemplate", "IGNORE_INDEX", "Template", "make_template"]
+__all__ = ["ALPACA_SYSTEM", "IGNORE_INDEX", "AlpacaTemplate", "ChatTemplate", "Template", "make_template"]
 
 ALPACA_SYSTEM = ("Below is an instruction that describes a task. "
                  "Write a response that appropriately completes the request.")
@@ -99,7 +99,7 @@ class ChatTemplate:
             return self._enc.render_chat(messages, add_generation_prompt=add_generation_prompt)
         except Exception as exc:  # jinja2.TemplateError, raise_exception(...) in the template, ...
             msg = " ".join(str(exc).split())[:ERROR_CHARS]
-            raise Malformed("template_error", f"the chat template failed ({type(exc).__name__}: {msg})") from None
+            raise Malformed("template_error", f"the chat template failed ({type(exc).__name__}: {msg})") from exc
 
     def encode(self, messages: list[dict], train: list[bool]) -> tuple[list[int], list[int]]:
         full = self._render(messages, False)

@@ -85,6 +85,7 @@ class ConvertResult:
 def hf_to_graphllm(hf_dir: str | os.PathLike[str], out: str | os.PathLike[str], *, tp: int = 1, pp: int = 1,
                    dtype: str | None = None, force: bool = False) -> ConvertResult:
     """HF directory -> `out/step_0` (weights-only graphllm checkpoint + the HF files in `hf/`)."""
+    _check_dtype(dtype)
     hf = Path(hf_dir).expanduser().resolve()
     if not hf.is_dir():
         raise GraphllmError(f"--hf {hf}: no such directory; point it at a Hugging Face model directory")
@@ -126,6 +127,7 @@ def graphllm_to_hf(ckpt: str | os.PathLike[str], out: str | os.PathLike[str], *,
                    max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE, tokenizer: str | os.PathLike[str] | None = None,
                    force: bool = False) -> ConvertResult:
     """Any graphllm checkpoint (or the newest under a root) -> an HF directory transformers loads."""
+    _check_dtype(dtype)
     path = _resolve_ckpt(Path(ckpt).expanduser().resolve())
     max_bytes = parse_size(max_shard_size)
     tok_dir = _tokenizer_dir(tokenizer)
@@ -201,12 +203,15 @@ def _nbytes(sd: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in sd.values())
 
 
+def _check_dtype(dtype: str | None) -> None:
+    if dtype is not None and dtype not in DTYPES:
+        raise GraphllmError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+
+
 def _cast(sd: dict[str, torch.Tensor], dtype: str | None) -> dict[str, torch.Tensor]:
     """`sd` unchanged (dtype None: keep each tensor's stored dtype), or every tensor cast to `dtype`."""
     if dtype is None:
         return sd
-    if dtype not in DTYPES:
-        raise GraphllmError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     return {k: v.to(DTYPES[dtype]) for k, v in sd.items()}
 
 

@@ -147,8 +147,8 @@ def tp2_worker(src: str, root: str, trained: str) -> dict:
 
 def test_converted_loads_into_tp2_and_trained_checkpoint_exports(tmp_path_factory, tmp_path):
     src = hf_dir(tmp_path_factory, "llama")
-    assert convert("hf-to-graphllm", "--hf", src, "--out", tmp_path / "ckpt", "--tp", "2") == 0
-    assert json.loads((tmp_path / "ckpt" / "step_0" / MARKER).read_text())["layout"].startswith("tp2")
+    assert convert("hf-to-graphllm", "--hf", src, "--out", tmp_path / "ckpt", "--tp", "2", "--pp", "2") == 0
+    assert json.loads((tmp_path / "ckpt" / "step_0" / MARKER).read_text())["layout"] == "tp2×pp2×dp1"
     ranks = run_ranks(tp2_worker, 2, str(src), str(tmp_path / "ckpt"), str(tmp_path / "trained"))
     full = read_hf_state_dict(src)
     sharded = 0

@@ -180,17 +180,22 @@ def fake_built(model_name: str, model: torch.nn.Module) -> SimpleNamespace:
                            engine=SimpleNamespace(named_params=dict(model.named_parameters()), st=None))
 
 
-def test_preset_training_checkpoint_exports_with_its_config(tmp_path):
+def test_preset_training_checkpoint_exports_with_its_config(tmp_path, caplog):
     """run --load ROOT --save ROOT on a preset: the steps beside the converted step_0 export with its files."""
     from graphllm.models import save_hf
 
-    from graphllm.resume import save_step
+    from graphllm.resume import load_step, save_step
 
     model = load_model("tiny-llama", seed=3)
     tok = tmp_path / "hf_tiny"
     save_hf(model, model.config, tok)
     transformers.PreTrainedTokenizerFast(tokenizer_object=_tiny_bpe()).save_pretrained(tok)
     assert convert("hf-to-graphllm", "--hf", tok, "--out", tmp_path / "run") == 0
+    fresh = load_model("tiny-llama", seed=4)  # what `run --load` does with it: weights, step 0, says so
+    fresh_opt = torch.optim.AdamW(fresh.parameters())
+    assert load_step(tmp_path / "run", fake_built("tiny-llama", fresh), fresh_opt) == 0
+    assert_same_tensors(dict(fresh.state_dict()), dict(model.state_dict()))
+    assert not fresh_opt.state and "holds weights only" in caplog.text and "step 0" in caplog.text
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     ids = torch.randint(0, 8000, (1, 8))
     model(ids).float().logsumexp(-1).mean().backward()

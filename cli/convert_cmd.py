@@ -24,7 +24,8 @@ def add_parser(sub) -> None:
     to_hf = kinds.add_parser("graphllm-to-hf", help="graphllm checkpoint -> HF directory transformers loads")
     to_hf.add_argument("--ckpt", type=Path, required=True, metavar="CKPT",
                        help="a step_<N> directory, or a root (its newest complete step)")
-    to_hf.add_argument("--out", type=Path, required=True, metavar="HF_DIR")
+    to_hf.add_argument("--out", type=Path, required=True, metavar="HF_DIR",
+                       help="directory to write (must not exist or be empty, unless --force)")
     to_hf.add_argument("--dtype", choices=DTYPE_CHOICES, default=None, help="cast (default: keep stored dtypes)")
     to_hf.add_argument("--max-shard-size", default="5GB",
                        help="split model.safetensors into shards + index above this size (default 5GB)")

@@ -260,6 +260,9 @@ def test_user_errors(hf, spm, tmp_path: Path, capsys) -> None:
     assert _cli("sharegpt", "--input", str(chat), "--tokenizer", "builtin", "--out", str(tmp_path / "x")) == 2
     err = _error_line(capsys)
     assert "--tokenizer builtin has no chat template" in err and "--prompt-template alpaca" in err
+    nochat = _hf_dir(tmp_path / "nochat", None)
+    assert _cli("pairwise", "--input", str(chat), "--tokenizer", str(nochat), "--out", str(tmp_path / "x")) == 2
+    assert f"--tokenizer {nochat} has no chat template" in _error_line(capsys)
     assert _cli("sharegpt", "--input", str(chat), "--tokenizer", "builtin", "--out", str(tmp_path / "x"),
                 "--prompt-template", "alpaca") == 0
     empty = tmp_path / "e.jsonl"

@@ -82,6 +82,8 @@ class ChatDataConfig:
     def check(self) -> None:
         if self.kind not in META_KIND:
             raise GraphllmError(f"unknown preprocess kind {self.kind!r}; use one of {', '.join(META_KIND)}")
+        if self.workers < 1:
+            raise GraphllmError(f"--workers must be at least 1, got {self.workers}")
         if self.seq_len is not None and self.seq_len < 1:
             raise GraphllmError(f"--seq-len must be positive, got {self.seq_len}")
         if self.pack and self.seq_len is None:
@@ -138,8 +140,6 @@ def preprocess_chat(cfg: ChatDataConfig, progress: Callable[[int], None] | None 
     cfg.check()
     inputs = [Path(p) for p in cfg.inputs]
     check_inputs(inputs, allow_text=False)
-    if cfg.workers < 1:
-        raise GraphllmError(f"--workers must be at least 1, got {cfg.workers}")
     job = _ChatJob(cfg, resolve_spec(cfg.tokenizer))
     job.setup()  # fail here, in the parent, with a clear message (no chat template, bad tokenizer...)
     ids_dtype = best_dtype(job.encoder.vocab_size)

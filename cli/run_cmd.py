@@ -67,14 +67,13 @@ def make_deterministic(threads: int | None) -> int:
     return torch.get_num_threads()
 
 
-def open_feed(args: argparse.Namespace, built, seed: int):
-    """The run's batch source, checked against the compiled graph (vocab, seq_len, EOD-reset)."""
+def open_feed(args: argparse.Namespace, plan, vocab: int, seed: int):
+    """The run's batch source, checked against the compiled graph (vocab, seq_len, EOD-reset) from the
+    artifact's plan alone, so bad data fails before the compile."""
     from graphllm.data.datasets import DEFAULT_SPLIT, open_data
     from graphllm.data.feed import BuiltinFeed, DatasetFeed
     from graphllm.errors import GraphllmError
 
-    plan = built.plan
-    vocab = built.model.config.vocab_size
     reset = args.reset_position_ids or args.reset_attention_mask
     if args.reset_position_ids != args.reset_attention_mask:
         raise GraphllmError("give --reset-position-ids and --reset-attention-mask together: graphllm resets positions "
@@ -102,16 +101,19 @@ def open_feed(args: argparse.Namespace, built, seed: int):
     return DatasetFeed(splits, global_batch_size=plan.global_batch_size, seed=seed, with_positions=plan.eod_reset)
 
 
-def open_tensorboard(path: Path | None):
-    if path is None:
-        return None
+def check_tensorboard(path: Path | None) -> None:
     import importlib.util
 
     from graphllm.errors import GraphllmError
 
-    if importlib.util.find_spec("tensorboard") is None:
+    if path is not None and importlib.util.find_spec("tensorboard") is None:
         raise GraphllmError("--tensorboard needs the tensorboard package: pip install tensorboard "
                             "(or leave the flag out; metrics still go to the JSON-lines file)")
+
+
+def open_tensorboard(path: Path | None):
+    if path is None:
+        return None
     from torch.utils.tensorboard import SummaryWriter
 
     return SummaryWriter(log_dir=str(path))
@@ -126,7 +128,9 @@ def run(args: argparse.Namespace) -> int:
     from graphllm.resume import StopSignals, save_final, save_step
     from graphllm.train import MetricsWriter, TrainConfig, config_dict, train_steps
 
-    world = CompilePlan.from_json(read_plan(args.artifact)["plan"], str(args.artifact)).layout().world_size
+    plan_data = read_plan(args.artifact)
+    plan = CompilePlan.from_json(plan_data["plan"], str(args.artifact))
+    world = plan.layout().world_size
     if args.nproc is not None and args.nproc != world:
         raise GraphllmError(f"--nproc {args.nproc} does not match the artifact's layout, which needs {world} ranks; "
                             f"use --nproc {world} or recompile with another layout")
@@ -146,12 +150,14 @@ def run(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     console = Console(stderr=True, quiet=not is_rank_zero())
-    tb = open_tensorboard(args.tensorboard) if is_rank_zero() else None
+    check_tensorboard(args.tensorboard)
+    with console.status("opening the data …"):
+        feed = open_feed(args, plan, int(plan_data["model"]["config"]["vocab_size"]), cfg.seed)
+        valid = feed.valid_batches(args.eval_iters) if args.eval_interval > 0 else []
     with console.status("loading artifact and compiling …"):
         data, built = load_artifact(args.artifact)
     plan = built.plan
-    with console.status("opening the data …"):
-        feed = open_feed(args, built, cfg.seed)
+    tb = open_tensorboard(args.tensorboard) if is_rank_zero() else None
     source = "the built-in corpus" if args.data is None else " ".join(args.data)
     console.print(f"[green]ready[/] {plan.model} ({plan.backend}, {plan.amp}) compiled in {built.compile_seconds:.1f} s; "
                   f"training {cfg.steps} steps of {plan.global_batch_size}×{plan.seq_len} tokens on {plan.layout().describe()} "
@@ -173,7 +179,6 @@ def run(args: argparse.Namespace) -> int:
         start = load_step(args.load, built, opt, extra_out=extra)
         feed.resume(extra, start, f"--load {args.load}")
         console.print(f"resumed from {args.load} at step {start}")
-    valid = feed.valid_batches(args.eval_iters) if args.eval_interval > 0 else []
     status: dict = {}
 
     def scalars(step: int, values: dict) -> None:

@@ -31,7 +31,7 @@ from graphllm.errors import GraphllmError
 
 SPLITS = ("train", "valid", "test")
 DEFAULT_SPLIT = "969,30,1"  # Megatron's default --split
-TRAINABLE_KINDS = ("pretrain", "sft")
+TRAINABLE_KINDS = ("pretrain", "sft", "prm")  # prm rows are SFT rows whose labels sit on the step tags
 Row = tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
@@ -186,7 +186,7 @@ def _max_token(reader: IndexedReader) -> int:
 @dataclass(kw_only=True)
 class DataSplits:
     kind: str
-    """pretrain or sft (every prefix of a blend must agree)."""
+    """pretrain, sft or prm (every prefix of a blend must agree)."""
     packed: bool
     """Rows hold several samples (position ids restart inside them)."""
     train: Dataset
@@ -207,7 +207,8 @@ def open_data(values: list[str], *, seq_len: int, split: str = DEFAULT_SPLIT, re
         raise GraphllmError(f"--data mixes dataset kinds {sorted(kinds)}; blend datasets of one kind")
     kind = kinds.pop()
     if kind not in TRAINABLE_KINDS:
-        raise GraphllmError(f"--data {prefixes[0]} is {kind} data; graphllm run trains on pretrain and sft data only")
+        raise GraphllmError(f"--data {prefixes[0]} is {kind} data; graphllm run trains on pretrain, sft and prm "
+                            "data (preference training is not implemented)")
     packed = any(bool(m.get("packed")) for m in metas)
     parts: dict[str, list[Dataset]] = {s: [] for s in SPLITS}
     for prefix, meta in zip(prefixes, metas):

@@ -1,0 +1,220 @@
+"""Scoring text with a model compiled to static graphs.
+
+The scorer protocol (what the evaluation loop needs from a model) is text in, numbers/text out:
+
+- `loglikelihood([(context, continuation), ...]) -> [(sum of log p(continuation tokens), is_greedy)]`
+- `generate_until(prompts, stop, max_new_tokens) -> [generated text, cut before the first stop string]`
+
+`GraphScorer` implements it on `graphllm.compile(model, ids)` graphs. Graphs are static, so requests
+are grouped into fixed shapes: a batch is always `batch_size` rows (short batches are filled with pad
+rows whose results are dropped) and the sequence length is rounded up to a power of two between
+`min_bucket` and `max_length`. A run therefore compiles a handful of graphs, each once, and reuses them.
+Right-padding is exact for causal log-likelihood: position t attends only to positions ≤ t, so pad
+tokens after a row's last real token change none of the logits that are read.
+
+Tokenization follows lm-evaluation-harness (`_encode_pair`): trailing spaces of the context move to
+the continuation, the pair is encoded whole, and the continuation tokens are what follows the
+context's own encoding; an empty context is replaced by the EOS token. Inputs longer than the
+longest graph keep their last `max_length` tokens.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from collections.abc import Sequence
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from graphllm.errors import GraphllmError
+
+logger = logging.getLogger("graphllm.eval")
+
+
+class Scorer(Protocol):
+    """What `graphllm.eval` needs from a model (text level, so test doubles need no tokenizer)."""
+
+    def loglikelihood(self, requests: Sequence[tuple[str, str]]) -> list[tuple[float, bool]]: ...
+
+    def generate_until(self, prompts: Sequence[str], stop: Sequence[str], max_new_tokens: int) -> list[str]: ...
+
+
+class Tokenizer(Protocol):
+    eos_id: int | None
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
+
+def bucket_length(n: int, *, min_bucket: int, max_length: int) -> int:
+    """The static sequence length for an input of n tokens: the next power of two ≥ n (≥ min_bucket), capped."""
+    size = max(min_bucket, 1 << max(n - 1, 0).bit_length())
+    return min(size, max_length)
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
+    """`text` before the earliest stop string, and whether one was found."""
+    cuts = [i for i in (text.find(s) for s in stop if s) if i >= 0]
+    return (text[: min(cuts)], True) if cuts else (text, False)
+
+
+class GraphScorer:
+    """The scorer protocol on compiled static graphs of `model`'s forward (see the module docstring)."""
+
+    def __init__(self, model: nn.Module, tokenizer: Tokenizer, *, batch_size: int = 8, backend: str = "eager",
+                 max_length: int | None = None, min_bucket: int = 32, amp: str = "fp32") -> None:
+        if batch_size < 1:
+            raise GraphllmError(f"--batch-size must be at least 1, got {batch_size}")
+        cfg = getattr(model, "config", None)
+        limit = getattr(cfg, "max_position_embeddings", None) or 2048
+        self.max_length = min(max_length or limit, limit)
+        if self.max_length < 2:
+            raise GraphllmError(f"--max-length must be at least 2, got {self.max_length}")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.backend = backend
+        self.amp = amp
+        self.min_bucket = min(min_bucket, self.max_length)
+        self.pad_id = tokenizer.eos_id if tokenizer.eos_id is not None and tokenizer.eos_id >= 0 else 0
+        self.graphs: dict[tuple[int, int], nn.Module] = {}
+        self.device = next(model.parameters()).device
+
+    # -- graphs ---------------------------------------------------------------------------------
+    def logits(self, ids_BL: torch.Tensor) -> torch.Tensor:
+        """Logits [B, L, V] of a [batch_size, bucket] batch, on the graph compiled for that shape."""
+        key = tuple(ids_BL.shape)
+        graph = self.graphs.get(key)
+        if graph is None:
+            import graphllm
+
+            logger.info("eval: compiling the forward for batch %d × %d tokens (%s)", key[0], key[1], self.backend)
+            with torch.no_grad():
+                graph = graphllm.compile(self.model, ids_BL, backend=self.backend, amp=self.amp)
+            self.graphs[key] = graph
+        with torch.no_grad():
+            return graph(ids_BL)
+
+    def _batch(self, rows: Sequence[Sequence[int]]) -> tuple[torch.Tensor, int]:
+        """Rows right-padded into a [batch_size, bucket] tensor (pad rows fill a short batch)."""
+        length = bucket_length(max(len(r) for r in rows), min_bucket=self.min_bucket, max_length=self.max_length)
+        ids = torch.full((self.batch_size, length), self.pad_id, dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        return ids.to(self.device), length
+
+    # -- log-likelihood -------------------------------------------------------------------------
+    def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        n_spaces = len(context) - len(context.rstrip())
+        if n_spaces:
+            continuation = context[-n_spaces:] + continuation
+            context = context[:-n_spaces]
+        if not context:
+            return [self.pad_id], self.tokenizer.encode(continuation)
+        whole = self.tokenizer.encode(context + continuation)
+        ctx = self.tokenizer.encode(context)
+        return ctx, whole[len(ctx):]
+
+    def loglikelihood(self, requests: Sequence[tuple[str, str]]) -> list[tuple[float, bool]]:
+        return self.loglikelihood_tokens([self.encode_pair(c, x) for c, x in requests])
+
+    def loglikelihood_tokens(self, pairs: Sequence[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
+        """Sum of log p(continuation | context) and whether greedy decoding would produce it, per pair."""
+        rows: list[tuple[list[int], int]] = []  # (input tokens, number of continuation tokens)
+        for ctx, cont in pairs:
+            if not cont:
+                raise GraphllmError("a continuation encodes to no tokens; cannot score an empty answer")
+            if len(cont) > self.max_length:
+                raise GraphllmError(f"a continuation of {len(cont)} tokens exceeds --max-length {self.max_length}")
+            full = (ctx + cont)[-(self.max_length + 1):]
+            rows.append((full[:-1], len(cont)))
+        targets = [(ctx + cont)[-len(cont):] for ctx, cont in pairs]
+        # longest first: each batch's bucket fits its rows tightly, and the largest graph compiles first
+        order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
+        out: list[tuple[float, bool]] = [(0.0, False)] * len(rows)
+        for start in range(0, len(order), self.batch_size):
+            chunk = order[start: start + self.batch_size]
+            ids, _ = self._batch([rows[i][0] for i in chunk])
+            logits_BLV = self.logits(ids)
+            for b, i in enumerate(chunk):
+                inp, n = rows[i]
+                logp_NV = logits_BLV[b, len(inp) - n: len(inp)].float().log_softmax(-1)
+                tgt = torch.tensor(targets[i], device=logp_NV.device)
+                score = logp_NV.gather(-1, tgt[:, None]).sum().item()
+                out[i] = (score, bool((logp_NV.argmax(-1) == tgt).all()))
+        return out
+
+    def loglikelihood_rolling(self, texts: Sequence[str]) -> list[float]:
+        """Log-likelihood of each whole text (perplexity), in disjoint windows of `max_length` tokens,
+        each predicted from the token before it (the first from EOS), as the harness's rolling windows do."""
+        pairs: list[tuple[list[int], list[int]]] = []
+        owner: list[int] = []
+        for t, text in enumerate(texts):
+            toks = self.tokenizer.encode(text)
+            for s in range(0, len(toks), self.max_length):
+                pairs.append(([toks[s - 1]] if s else [self.pad_id], toks[s: s + self.max_length]))
+                owner.append(t)
+        totals = [0.0] * len(texts)
+        for t, (score, _) in zip(owner, self.loglikelihood_tokens(pairs)):
+            totals[t] += score
+        return totals
+
+    # -- generation -----------------------------------------------------------------------------
+    def generate_until(self, prompts: Sequence[str], stop: Sequence[str], max_new_tokens: int) -> list[str]:
+        """Greedy continuations of `prompts`, each cut before its first stop string.
+
+        Uses graphllm.generate's prefill/decode graphs when that package is importable (checked on
+        each call), else `greedy_generate`, a fallback that re-runs the full compiled forward per token.
+        """
+        fast = static_generator()
+        if fast is not None:
+            texts = fast(self, list(prompts), stop=list(stop), max_new_tokens=max_new_tokens)
+            return [cut_at_stop(t, stop)[0] for t in texts]
+        return self.greedy_generate(prompts, stop, max_new_tokens)
+
+    def greedy_generate(self, prompts: Sequence[str], stop: Sequence[str], max_new_tokens: int) -> list[str]:
+        """Fallback greedy decoding: per step, the compiled forward over each batch of unfinished rows
+        (rows grow into larger buckets as needed; no KV cache, so it costs O(length²) per row)."""
+        keep = max(self.max_length - max_new_tokens, 1)
+        rows = [self.tokenizer.encode(p)[-keep:] or [self.pad_id] for p in prompts]
+        new: list[list[int]] = [[] for _ in prompts]
+        texts = ["" for _ in prompts]
+        live = list(range(len(prompts)))
+        for _ in range(max_new_tokens):
+            if not live:
+                break
+            for start in range(0, len(live), self.batch_size):
+                chunk = live[start: start + self.batch_size]
+                inputs = [(rows[i] + new[i])[-self.max_length:] for i in chunk]
+                ids, _ = self._batch(inputs)
+                logits_BLV = self.logits(ids)
+                for b, i in enumerate(chunk):
+                    new[i].append(int(logits_BLV[b, len(inputs[b]) - 1].argmax()))
+            finished = set()
+            for i in live:
+                if new[i][-1] == self.tokenizer.eos_id:
+                    new[i].pop()
+                    finished.add(i)
+                texts[i], hit = cut_at_stop(self.tokenizer.decode(new[i]), stop)
+                if hit:
+                    finished.add(i)
+            live = [i for i in live if i not in finished]
+        return texts
+
+
+def static_generator():
+    """graphllm.generate's batched greedy entry point when that package is installed, else None.
+
+    The contract (duck-typed, checked at call time): `graphllm.generate.generate_until(scorer,
+    prompts, *, stop, max_new_tokens) -> list[str]`, using `scorer.model`, `scorer.tokenizer`,
+    `scorer.backend` and `scorer.max_length`.
+    """
+    try:
+        mod = importlib.import_module("graphllm.generate")
+    except ImportError:
+        return None
+    fn = getattr(mod, "generate_until", None)
+    return fn if callable(fn) else None

@@ -149,11 +149,14 @@ def profile_built(built, out_dir: Path, *, steps: int, warmup: int, top: int, se
     g = torch.Generator().manual_seed(seed)
     vocab = built.model.config.vocab_size
     rows = plan.global_batch_size
+    from graphllm.job import example_batch
+
+    positions = example_batch(plan, rows)[2:]  # (position_ids 0..S-1,) for an --eod-reset plan, else ()
 
     def one_step():
         ids = torch.randint(0, vocab, (rows, plan.seq_len), generator=g)
         labels = torch.randint(0, vocab, (rows, plan.seq_len), generator=g)
-        built.engine.forward_backward(ids, labels)
+        built.engine.forward_backward(ids, labels, *positions)  # position_ids when the graph takes them
         built.engine.clip_grad_norm(cfg.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)

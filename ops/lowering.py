@@ -70,6 +70,11 @@ NPU_KERNELS: dict[torch._ops.OpOverload, NpuKernel] = {
         "npu_fusion_attention(q, k, v, head_num=H, input_layout='BNSD', scale=scale, "
         "atten_mask=upper-triangular bool, sparse_mode=2 when causal)[0]",
     ),
+    ops.varlen_attention.default: NpuKernel(
+        "npu_fusion_attention",
+        "npu_fusion_attention(q, k, v, head_num=H, input_layout='BNSD', scale=scale, atten_mask=~(same sample & "
+        "causal) [B,1,S,S], sparse_mode=0)[0]",
+    ),
     ops.grouped_matmul.default: NpuKernel(
         "npu_grouped_matmul", "npu_grouped_matmul([x], [weight], group_list=sizes, split_item=3, group_type=0, "
         "group_list_type=1)[0]; graphllm's backward (the kernel for dx, a masked contraction for dweight)"),

@@ -85,6 +85,19 @@ def attention_npu(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool) -
     return out[0]  # outputs: attention_out, softmax_max, softmax_sum, softmax_out, seed, offset, numels
 
 
+def varlen_attention_npu(q: Tensor, k: Tensor, v: Tensor, segment_ids: Tensor, scale: float) -> Tensor:
+    # packed rows, BNSD with an explicit [B, 1, S, S] mask (True = masked: another sample, or a later key) and
+    # sparse_mode 0: static shapes, so torchair keeps one graph. The TND form with actual_seq_qlen /
+    # actual_seq_kvlen (cumulative sample ends as host lists) skips the masked blocks but needs the
+    # boundaries on the host per step; see docs/data.md.
+    from graphllm.ops.attention import segment_causal_mask
+
+    mask = ~segment_causal_mask(segment_ids)
+    out = torch.ops.npu.npu_fusion_attention(q, k, v, head_num=q.shape[1], input_layout="BNSD", atten_mask=mask,
+                                             scale=scale, sparse_mode=SPARSE_MODE_NONE)
+    return out[0]
+
+
 def rope_qk_npu(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
     """Inference: one npu_apply_rotary_pos_emb for q and k. The kernel takes BSND q/k and [B, S, 1, D]
     cos/sin of their dtype and rotates in place, so it gets fresh BSND copies (graphllm's q/k are BNSD
@@ -140,6 +153,7 @@ def npu_lowerings() -> dict:
         ops.rope.default: rope_npu,
         ops.rope_qk.default: rope_qk_npu,
         ops.attention.default: attention_npu,
+        ops.varlen_attention.default: varlen_attention_npu,
         ops.grouped_matmul.default: grouped_matmul_npu,
         **npu_mc2_lowerings(),
     }

@@ -72,7 +72,8 @@ def test_table_uses_every_kernel():
     table = lowering_table("npu")
     assert {fn.__name__ for fn in table.values()} == {"rms_norm_npu", "add_rms_norm_npu", "swiglu_npu", "rope_npu",
                                                      "attention_npu", "grouped_matmul_npu", "matmul_all_reduce_npu", "rope_qk_npu",
-                                                     "all_gather_matmul_npu", "matmul_reduce_scatter_npu"}
+                                                     "all_gather_matmul_npu", "matmul_reduce_scatter_npu",
+                                                     "varlen_attention_npu"}
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])

@@ -107,17 +107,14 @@ class SFTDataset:
                  pad_id: int = 0) -> None:
         self.ids, self.labels, self.seq_len, self.pad_id = ids, labels, seq_len, pad_id
         self.lo, self.hi = docs
-        self.truncated = 0
-        """Rows cut at seq_len so far (they lose their tail)."""
 
     def __len__(self) -> int:
         return self.hi - self.lo
 
     def row(self, i: int) -> Row:
         k = self.lo + i
-        ids, lab, pos, cut = sft_row(self.ids.document(k), self.labels.document(k), self.seq_len, self.pad_id)
-        self.truncated += cut
-        return ids, lab, pos
+        ids, lab, pos, _ = sft_row(self.ids.document(k), self.labels.document(k), self.seq_len, self.pad_id)
+        return ids, lab, pos  # a row longer than seq_len loses its tail (preprocess --seq-len avoids that)
 
 
 class BlendedDataset:

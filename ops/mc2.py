@@ -151,7 +151,7 @@ def all_gather_matmul_decomposed(x: Tensor, weight: Tensor, bias: Optional[Tenso
                                  chunks: int) -> tuple[Tensor, Tensor]:
     """Slice j of every rank is gathered ([B, size·c, K], rank-major) and multiplied; the pieces are
     interleaved back into the whole gather's order (rank r's rows, then r+1's)."""
-    b, s, k = x.shape
+    b, s, _ = x.shape
     n = _pieces(s, chunks)
     c = s // n
     gathered = [gl.sp_gather(p, SEQ_DIM, size, group) for p in x.chunk(n, SEQ_DIM)]

@@ -91,6 +91,19 @@ def _chunk_reduce(gm: fx.GraphModule, r: fx.Node, n: int, tp: int, scatter: bool
     return True
 
 
+def tp_sites(gm: fx.GraphModule):
+    """(node, "all_gather" | "reduce_scatter" | "all_reduce") for each collective tensor_parallel and
+    sequence_parallel put beside a linear (the sites the overlap passes, coc and mc2, rewrite)."""
+    for node in list(gm.graph.nodes):
+        role = node.meta.get(TP_ROLE_KEY)
+        if role == "col_in" and is_call(node, gl.sp_gather.default):
+            yield node, "all_gather"
+        elif role == "row_out" and is_call(node, gl.sp_reduce_scatter.default):
+            yield node, "reduce_scatter"
+        elif role == "row_out" and is_call(node, gl.tp_reduce.default):
+            yield node, "all_reduce"
+
+
 @graph_pass("coc", after=("tensor_parallel", "sequence_parallel"))
 def coc(gm: fx.GraphModule, ctx: PassContext, *, chunks: int = 2) -> fx.GraphModule:
     if chunks not in CHUNK_CHOICES:
@@ -99,16 +112,11 @@ def coc(gm: fx.GraphModule, ctx: PassContext, *, chunks: int = 2) -> fx.GraphMod
     if chunks == 1 or tp == 1:
         return gm
     done = skipped = 0
-    for node in list(gm.graph.nodes):
-        role = node.meta.get(TP_ROLE_KEY)
-        if is_call(node, gl.sp_gather.default) and role == "col_in":
+    for node, kind in tp_sites(gm):
+        if kind == "all_gather":
             ok = _chunk_gather(gm, node, chunks, tp)
-        elif is_call(node, gl.sp_reduce_scatter.default) and role == "row_out":
-            ok = _chunk_reduce(gm, node, chunks, tp, scatter=True)
-        elif is_call(node, gl.tp_reduce.default) and role == "row_out":
-            ok = _chunk_reduce(gm, node, chunks, tp, scatter=False)
         else:
-            continue
+            ok = _chunk_reduce(gm, node, chunks, tp, scatter=kind == "reduce_scatter")
         done, skipped = done + ok, skipped + (not ok)
     ctx.count("chunked", done)
     if skipped:

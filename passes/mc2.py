@@ -21,8 +21,8 @@ import torch
 import torch.fx as fx
 
 from graphllm.errors import GraphllmError
-from graphllm.passes.coc import CHUNK_CHOICES
-from graphllm.passes.graph_edit import TP_ROLE_KEY, emit
+from graphllm.passes.coc import CHUNK_CHOICES, tp_sites
+from graphllm.passes.graph_edit import emit
 from graphllm.passes.manager import PassContext, graph_pass
 from graphllm.passes.matching import is_call
 
@@ -93,15 +93,11 @@ def mc2(gm: fx.GraphModule, ctx: PassContext, *, chunks: int = 1) -> fx.GraphMod
         return gm
     raised = {"all_gather_matmul": 0, "matmul_reduce_scatter": 0, "matmul_all_reduce": 0}
     left = 0
-    for node in list(gm.graph.nodes):
-        if node.meta.get(TP_ROLE_KEY) == "col_in" and is_call(node, gl.sp_gather.default):
+    for node, site in tp_sites(gm):
+        if site == "all_gather":
             ok, kind = _raise_gather(gm, node, chunks), "all_gather_matmul"
-        elif node.meta.get(TP_ROLE_KEY) == "row_out" and is_call(node, gl.sp_reduce_scatter.default):
-            ok, kind = _raise_reduce(gm, node, chunks), "matmul_reduce_scatter"
-        elif node.meta.get(TP_ROLE_KEY) == "row_out" and is_call(node, gl.tp_reduce.default):
-            ok, kind = _raise_reduce(gm, node, chunks), "matmul_all_reduce"
         else:
-            continue
+            ok, kind = _raise_reduce(gm, node, chunks), f"matmul_{site}"
         raised[kind] += ok
         left += not ok
     for kind, n in raised.items():

@@ -1,0 +1,209 @@
+"""StaticGenerator: batched generation on two kinds of compiled static graph and a preallocated KV cache.
+
+- prefill graphs, one per prompt-length bucket (powers of two from `min_bucket`, capped at `max_len`),
+  each compiled the first time a batch needs it;
+- one decode graph for [batch, 1] tokens over the cache [layers, batch, kv_heads, max_len, head_dim],
+  compiled once and reused for every token of every request.
+
+Both go through `graphllm.compile` (capture → model passes → lowering → backend), so they get the
+same fusions as the training graph. Each compile is followed by one warm-up call on dummy inputs,
+timed as compile time, so the throughput figures are steady-state. Rows are right-padded; a batch
+with fewer prompts than `batch_size` is filled with one-token dummy rows whose output is dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from graphllm.errors import GraphllmError
+from graphllm.generate.sampling import Sampler, SamplingConfig
+
+logger = logging.getLogger("graphllm.generate")
+
+
+@dataclass(kw_only=True, slots=True)
+class GenerationStats:
+    """Token counts and seconds of one `run`, compile time excluded."""
+
+    prompt_tokens: int = 0
+    prefill_s: float = 0.0
+    new_tokens: int = 0
+    """Tokens produced for real rows after the first (the first comes from the prefill)."""
+    decode_s: float = 0.0
+    compile_s: float = 0.0
+    """Seconds spent compiling (and warming up) graphs during this run."""
+
+    @property
+    def prompt_tokens_per_s(self) -> float:
+        return self.prompt_tokens / self.prefill_s if self.prefill_s > 0 else 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.new_tokens / self.decode_s if self.decode_s > 0 else 0.0
+
+
+def bucket(n: int, *, min_bucket: int, max_len: int) -> int:
+    """Static prefill length for n prompt tokens: the next power of two ≥ n (≥ min_bucket), ≤ max_len."""
+    return min(max(min_bucket, 1 << max(n - 1, 0).bit_length()), max_len)
+
+
+@dataclass(kw_only=True)
+class _Graph:
+    fn: nn.Module
+    compile_s: float = 0.0
+    calls: int = field(default=0)
+
+
+class StaticGenerator:
+    """Generation for `model` (a LlamaForCausalLM) with a fixed batch size and cache length."""
+
+    def __init__(self, model: nn.Module, *, batch_size: int = 1, max_len: int = 512, backend: str = "inductor",
+                 amp: str = "fp32", min_bucket: int = 16, passes: Sequence | None = None,
+                 pad_id: int = 0) -> None:
+        from graphllm.backends import get_backend
+        from graphllm.models.kv_cache import DecodeStep, PrefillStep
+
+        cfg = model.config
+        if batch_size < 1:
+            raise GraphllmError(f"--batch-size must be at least 1, got {batch_size}")
+        if not 2 <= max_len <= cfg.max_position_embeddings:
+            raise GraphllmError(f"--max-len must be in [2, {cfg.max_position_embeddings}] (the model's "
+                                f"max_position_embeddings), got {max_len}")
+        if cfg.sliding_window is not None and max_len > cfg.sliding_window:
+            raise GraphllmError(f"--max-len {max_len} exceeds the model's sliding_window={cfg.sliding_window}; "
+                                f"only full attention is implemented: use --max-len {cfg.sliding_window} or less")
+        get_backend(backend)  # unknown names fail before anything is built
+        self.model = model.eval()
+        self.config = cfg
+        self.batch_size = batch_size
+        self.max_len = max_len
+        self.backend = backend
+        self.amp = amp
+        self.passes = passes
+        self.min_bucket = min(min_bucket, max_len)
+        self.pad_id = pad_id
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        shape = (cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)  # [L, B, Hkv, M, D]
+        self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self._prefill_step = PrefillStep(model)
+        self._decode_step = DecodeStep(model)
+        self._prefill: dict[int, _Graph] = {}
+        self._decode: _Graph | None = None
+
+    # -- graphs ------------------------------------------------------------------------------------
+    def _compile(self, step: nn.Module, inputs: tuple[torch.Tensor, ...], what: str) -> _Graph:
+        import graphllm
+
+        logger.info("generate: compiling the %s graph %s (%s)", what, [list(t.shape) for t in inputs], self.backend)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            fn = graphllm.compile(step, inputs, backend=self.backend, amp=self.amp, passes=self.passes)
+            fn(*inputs)  # warm-up: Dynamo + the backend compile here, outside the timed calls
+        return _Graph(fn=fn, compile_s=time.perf_counter() - t0)
+
+    def prefill_graph(self, length: int) -> _Graph:
+        g = self._prefill.get(length)
+        if g is None:
+            ids = torch.full((self.batch_size, length), self.pad_id, dtype=torch.long, device=self.device)
+            lengths = torch.ones(self.batch_size, dtype=torch.long, device=self.device)
+            g = self._prefill[length] = self._compile(self._prefill_step, (ids, lengths), f"prefill[{length}]")
+        return g
+
+    def decode_graph(self) -> _Graph:
+        if self._decode is None:
+            ids = torch.full((self.batch_size, 1), self.pad_id, dtype=torch.long, device=self.device)
+            pos = torch.zeros(self.batch_size, dtype=torch.long, device=self.device)
+            self._decode = self._compile(self._decode_step, (ids, pos, self.k_cache, self.v_cache), "decode")
+        return self._decode
+
+    @property
+    def compile_counts(self) -> dict[str, int]:
+        """Backend compilations per graph ("decode", "prefill[64]", ...); each is 1 for static graphs."""
+        out = {f"prefill[{n}]": sum(g.fn.compile_counts.values()) for n, g in sorted(self._prefill.items())}
+        if self._decode is not None:
+            out["decode"] = sum(self._decode.fn.compile_counts.values())
+        return out
+
+    # -- generation --------------------------------------------------------------------------------
+    def max_prompt_len(self, max_new_tokens: int) -> int:
+        """Longest prompt that leaves room for `max_new_tokens` in the cache."""
+        return self.max_len - max_new_tokens + 1
+
+    def run(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, sampling: SamplingConfig | None = None,
+            eos_ids: Sequence[int] = (), stats: GenerationStats | None = None) -> Iterator[list[int | None]]:
+        """Generate for up to `batch_size` prompts (token ids); yields, per step, each prompt's new
+        token, or None once that row has finished (EOS, which is yielded first, or the length limit).
+        Rows are independent, so a caller that stops a row early (a stop string) just ignores its
+        later tokens; closing the iterator ends the whole batch. `stats` accumulates timings."""
+        sampling = sampling or SamplingConfig(greedy=True)
+        stats = stats if stats is not None else GenerationStats()
+        n = len(prompts)
+        if not 1 <= n <= self.batch_size:
+            raise GraphllmError(f"got {n} prompts for a generator built for batch size {self.batch_size}")
+        if max_new_tokens < 1:
+            raise GraphllmError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+        rows = [list(p) for p in prompts]
+        limit = self.max_prompt_len(max_new_tokens)
+        for i, r in enumerate(rows):
+            if not r:
+                raise GraphllmError(f"prompt {i} encodes to no tokens; give some text")
+            if len(r) > limit:
+                raise GraphllmError(f"prompt {i} has {len(r)} tokens; with --max-new-tokens {max_new_tokens} "
+                                    f"the cache of --max-len {self.max_len} fits at most {limit}: raise --max-len "
+                                    "or shorten the prompt")
+        B, dev = self.batch_size, self.device
+        rows += [[self.pad_id]] * (B - n)  # dummy rows keep the batch static
+        S = bucket(max(len(r) for r in rows), min_bucket=self.min_bucket, max_len=self.max_len)
+        ids = torch.full((B, S), self.pad_id, dtype=torch.long)
+        for b, r in enumerate(rows):
+            ids[b, : len(r)] = torch.tensor(r, dtype=torch.long)
+        lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)
+        ids, lengths = ids.to(dev), lengths.to(dev)
+
+        prefill, decode = self.prefill_graph(S), self.decode_graph()
+        stats.compile_s += sum(g.compile_s for g in (prefill, decode) if g.calls == 0)
+        prefill.calls += 1
+        decode.calls += 1
+        sampler = Sampler(sampling, batch=B, vocab=self.config.vocab_size, device=dev)
+        sampler.observe(rows[:n])
+        eos = torch.tensor(sorted(set(eos_ids)) or [-1], device=dev)
+
+        with torch.no_grad():
+            t0 = time.perf_counter()
+            logits, k, v = prefill.fn(ids, lengths)
+            self.k_cache[:, :, :, :S].copy_(k)
+            self.v_cache[:, :, :, :S].copy_(v)
+            token = sampler(logits)  # [B]
+            stats.prefill_s += time.perf_counter() - t0
+            stats.prompt_tokens += int(lengths[:n].sum())
+            pos = lengths.clone()  # [B]: where each row's next token goes
+            done = torch.zeros(B, dtype=torch.bool, device=dev)
+            done[n:] = True
+            produced = 1
+            L, _, Hkv, M, D = self.k_cache.shape
+            while True:
+                is_eos = torch.isin(token, eos)
+                out = [None if done[b] else int(token[b]) for b in range(n)]
+                done |= is_eos | (pos >= M) | (produced >= max_new_tokens)
+                yield out
+                if bool(done.all()):
+                    return
+                t0 = time.perf_counter()
+                step_pos = pos.clamp(max=M - 1)  # finished rows keep running; their slot is irrelevant
+                logits, k, v = decode.fn(token[:, None], step_pos, self.k_cache, self.v_cache)
+                index = step_pos.view(1, B, 1, 1, 1).expand(L, B, Hkv, 1, D)
+                self.k_cache.scatter_(3, index, k)
+                self.v_cache.scatter_(3, index, v)
+                token = torch.where(done, self.pad_id, sampler(logits))
+                stats.decode_s += time.perf_counter() - t0
+                stats.new_tokens += int((~done[:n]).sum())
+                pos = pos + 1
+                produced += 1

@@ -55,13 +55,16 @@ def run(args: argparse.Namespace) -> int:
         with console.status(f"loading {args.model} …"):
             scorer = build_scorer(args.model, tokenizer=args.tokenizer, batch_size=args.batch_size,
                                   backend=args.backend, max_length=args.max_length, seed=args.seed, amp=args.amp)
-    with console.status(f"evaluating {args.model} on {args.task} ({args.backend}) …"):
+    what = f"evaluating {args.model} on {args.task} ({args.backend})"
+    with console.status(f"{what} …") as status:
+        if scorer is not None:
+            scorer.on_batch = lambda done, total: status.update(f"{what}: {done}/{total} rows scored")
         results = evaluate(scorer, cfg)
     results["config"]["model"] = args.model
     print_table(results, Console())
-    graphs = results["config"].get("graphs_compiled")
+    graphs = len(results["config"].get("graphs_compiled", [])) + len(results["config"].get("generation_graphs_compiled", {}))
     console.print(f"{results['overall']['n']} documents in {results['seconds']:.1f} s"
-                  + (f"; {len(graphs)} static graph(s) compiled" if graphs is not None else ""))
+                  + (f"; {graphs} static graph(s) compiled" if scorer is not None else ""))
     if args.out is not None:
         write_results(results, args.out)
         console.print(f"results → {args.out}")

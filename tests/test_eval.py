@@ -294,6 +294,17 @@ def test_graph_scores_equal_eager_unbatched(tiny_scorer: GraphScorer) -> None:
     assert tiny_scorer.graphs == compiled  # graphs are reused, not recompiled
 
 
+def test_choices_of_one_question_share_a_row(tiny_scorer: GraphScorer) -> None:
+    ctx = "Q: 2+2?\nAnswer:"
+    assert all(len(tiny_scorer.encode_pair(ctx, f" {c}")[1]) == 1 for c in "ABCD")  # one-token answers
+    before = dict(tiny_scorer.stats)
+    got = tiny_scorer.loglikelihood([(ctx, f" {c}") for c in "ABCD"] + [(ctx, " 4 apples")])
+    assert tiny_scorer.stats["rows"] - before["rows"] == 2 and tiny_scorer.stats["calls"] - before["calls"] == 1
+    for c, (score, _) in zip("ABCD", got):
+        assert score == pytest.approx(eager_loglikelihood(tiny_scorer.model, *tiny_scorer.encode_pair(ctx, f" {c}"))[0],
+                                      abs=LOGPROB_ATOL)
+
+
 def test_rolling_loglikelihood_windows(tiny_scorer: GraphScorer) -> None:
     text = "graph mode evaluation " * 20
     toks = tiny_scorer.tokenizer.encode(text)

@@ -61,6 +61,9 @@ def evaluate(scorer: Scorer | None, cfg: EvalConfig) -> dict[str, Any]:
     if isinstance(scorer, GraphScorer):
         config.update(backend=scorer.backend, batch_size=scorer.batch_size, max_length=scorer.max_length,
                       graphs_compiled=sorted(list(k) for k in scorer.graphs))
+        generator = getattr(scorer, "_static_generator", None)  # set by graphllm.generate.generate_until
+        if generator is not None:
+            config["generation_graphs_compiled"] = dict(generator.compile_counts)
     return results_dict(cfg.task, scores, config=config, seconds=t.seconds, log_samples=cfg.log_samples)
 
 

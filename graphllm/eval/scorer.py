@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import importlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import torch
@@ -81,6 +81,10 @@ class GraphScorer:
         self.min_bucket = min(min_bucket, self.max_length)
         self.pad_id = tokenizer.eos_id if tokenizer.eos_id is not None and tokenizer.eos_id >= 0 else 0
         self.graphs: dict[tuple[int, int], nn.Module] = {}
+        self.stats = {"rows": 0, "calls": 0}
+        """Log-likelihood rows scored (pad rows excluded) and graph calls made (generation included)."""
+        self.on_batch: Callable[[int, int], None] | None = None
+        """Progress callback: (rows done, rows) after each log-likelihood batch."""
         self.device = next(model.parameters()).device
 
     # -- graphs ---------------------------------------------------------------------------------
@@ -95,6 +99,7 @@ class GraphScorer:
             with torch.no_grad():
                 graph = graphllm.compile(self.model, ids_BL, backend=self.backend, amp=self.amp)
             self.graphs[key] = graph
+        self.stats["calls"] += 1
         with torch.no_grad():
             return graph(ids_BL)
 
@@ -122,29 +127,35 @@ class GraphScorer:
         return self.loglikelihood_tokens([self.encode_pair(c, x) for c, x in requests])
 
     def loglikelihood_tokens(self, pairs: Sequence[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
-        """Sum of log p(continuation | context) and whether greedy decoding would produce it, per pair."""
-        rows: list[tuple[list[int], int]] = []  # (input tokens, number of continuation tokens)
-        for ctx, cont in pairs:
+        """Sum of log p(continuation | context) and whether greedy decoding would produce it, per pair.
+
+        Pairs whose model inputs are identical (the choices " A" … " D" of one question: same context,
+        one-token continuations) share one row; each reads its own target positions from its logits.
+        """
+        readers: dict[tuple[int, ...], list[tuple[int, list[int]]]] = {}  # input -> [(pair index, targets)]
+        for i, (ctx, cont) in enumerate(pairs):
             if not cont:
                 raise GraphllmError("a continuation encodes to no tokens; cannot score an empty answer")
             if len(cont) > self.max_length:
                 raise GraphllmError(f"a continuation of {len(cont)} tokens exceeds --max-length {self.max_length}")
             full = (ctx + cont)[-(self.max_length + 1):]
-            rows.append((full[:-1], len(cont)))
-        targets = [(ctx + cont)[-len(cont):] for ctx, cont in pairs]
+            readers.setdefault(tuple(full[:-1]), []).append((i, cont))
         # longest first: each batch's bucket fits its rows tightly, and the largest graph compiles first
-        order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
-        out: list[tuple[float, bool]] = [(0.0, False)] * len(rows)
-        for start in range(0, len(order), self.batch_size):
-            chunk = order[start: start + self.batch_size]
-            ids, _ = self._batch([rows[i][0] for i in chunk])
+        rows = sorted(readers, key=len, reverse=True)
+        out: list[tuple[float, bool]] = [(0.0, False)] * len(pairs)
+        for start in range(0, len(rows), self.batch_size):
+            chunk = rows[start: start + self.batch_size]
+            ids, _ = self._batch(chunk)
             logits_BLV = self.logits(ids)
-            for b, i in enumerate(chunk):
-                inp, n = rows[i]
-                logp_NV = logits_BLV[b, len(inp) - n: len(inp)].float().log_softmax(-1)
-                tgt = torch.tensor(targets[i], device=logp_NV.device)
-                score = logp_NV.gather(-1, tgt[:, None]).sum().item()
-                out[i] = (score, bool((logp_NV.argmax(-1) == tgt).all()))
+            self.stats["rows"] += len(chunk)
+            for b, inp in enumerate(chunk):
+                for i, cont in readers[inp]:
+                    logp_NV = logits_BLV[b, len(inp) - len(cont): len(inp)].float().log_softmax(-1)
+                    tgt = torch.tensor(cont, device=logp_NV.device)
+                    score = logp_NV.gather(-1, tgt[:, None]).sum().item()
+                    out[i] = (score, bool((logp_NV.argmax(-1) == tgt).all()))
+            if self.on_batch is not None:
+                self.on_batch(min(start + self.batch_size, len(rows)), len(rows))
         return out
 
     def loglikelihood_rolling(self, texts: Sequence[str]) -> list[float]:

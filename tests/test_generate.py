@@ -81,6 +81,13 @@ def test_greedy_ids_equal_transformers_and_decode_compiles_once(family: str, tmp
     assert ours(gen, PROMPTS, NEW, eos_ids=[eos]) == hf_greedy(hf, PROMPTS, NEW, eos=eos)
     # 5 requests × 11 decode steps, yet each graph was compiled exactly once
     assert gen.compile_counts == {"prefill[32]": 1, "decode": 1}
+    # both graphs went through the pass pipeline: fused norms/RoPE everywhere, fused causal attention
+    # in the prefill; decode attention over the cache stays plain ops (not square causal attention)
+    layers = model.config.num_hidden_layers
+    fired = {kind: {r.name: r.counters.get("replaced", 0) for r in g.fn.result.records}
+             for kind, g in (("prefill", gen.prefill_graph(32)), ("decode", gen.decode_graph()))}
+    assert fired["prefill"]["fuse_attention"] == layers and fired["decode"]["fuse_attention"] == 0
+    assert fired["prefill"]["fuse_rope"] == fired["decode"]["fuse_rope"] == 2 * layers
 
 
 @pytest.mark.slow

@@ -7,6 +7,7 @@ mask must give the same logits; the plain (non-packed) graph keeps graphllm::att
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from hf_parity import FP32_PARITY_RTOL, VOCAB, hf_model, rel_err, save_hf_checkpoint
@@ -54,6 +55,12 @@ def test_varlen_attention_is_attention_per_sample_with_its_backward() -> None:
     assert segment_causal_mask(seg)[0, 0, 5, 4].item() is False and segment_causal_mask(seg)[0, 0, 6, 5].item()
 
 
+@pytest.fixture(scope="module")
+def micro_ckpt(tmp_path_factory):
+    """A 2-layer GQA llama (tests/hf_parity.py), saved once: small graphs compile fast."""
+    return save_hf_checkpoint(hf_model("llama", "sdpa"), "llama", tmp_path_factory.mktemp("micro") / "ckpt")
+
+
 def _separate_loss(model, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Token-weighted mean of the per-sample losses, each sample run alone."""
     total, count = torch.zeros(()), 0
@@ -69,8 +76,8 @@ def _separate_loss(model, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tens
     return total / count
 
 
-def test_packed_loss_equals_samples_run_separately_through_the_graph() -> None:
-    model = load_model("tiny-llama", seed=0)
+def test_packed_loss_equals_samples_run_separately_through_the_graph(micro_ckpt) -> None:
+    model = load_model(str(micro_ckpt))
     pos = _positions()
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, model.config.vocab_size, (2, S), generator=g)
@@ -89,8 +96,8 @@ def test_packed_loss_equals_samples_run_separately_through_the_graph() -> None:
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
 
 
-def test_plain_graph_keeps_causal_attention() -> None:
-    model = load_model("tiny-llama", seed=0)
+def test_plain_graph_keeps_causal_attention(micro_ckpt) -> None:
+    model = load_model(str(micro_ckpt))
     ids = torch.zeros(2, S, dtype=torch.long)
     compiled = compile(model, ids, torch.zeros(2, S, dtype=torch.long), backend="eager")
     targets = [n.target for n in compiled.result.model_graph.graph.nodes if n.op == "call_function"]
@@ -150,3 +157,25 @@ def test_npu_lowering_matches_under_emulation() -> None:
     grad = torch.randn(ref.shape, generator=g)
     for a, b in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)):
         assert rel_err(a, b) < GRAD_RTOL
+
+
+def test_gradient_accumulation_over_micro_batches_with_positions(micro_ckpt) -> None:
+    """Engine with 2 micro-batches of 1 packed row (the compiled batch-1 graph run twice) gives the
+    full batch's loss and gradients: position_ids are sliced and chunked like the rows."""
+    from graphllm.parallel.engine import Engine
+    from graphllm.parallel.layout import Layout
+
+    model = load_model(str(micro_ckpt))
+    pos = _positions()
+    g = torch.Generator().manual_seed(4)
+    ids, labels = (torch.randint(0, VOCAB, (2, S), generator=g) for _ in range(2))  # no -100: equal counts
+    compiled = compile(model, ids[:1], labels[:1], extra_inputs=(pos[:1],), backend="eager")
+    engine = Engine(layout=Layout(micro_batches=2), st=None, named_params=dict(model.named_parameters()),
+                    step_fn=compiled, micro_batch_size=1)
+    loss = engine.forward_backward(ids, labels, pos)
+    got = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    want = model(ids, labels, pos)
+    want.backward()
+    assert abs(loss - want.item()) <= PACKED_VS_SEPARATE_RTOL * abs(want.item())
+    assert max(rel_err(got[n], p.grad) for n, p in model.named_parameters()) < GRAD_RTOL

@@ -63,8 +63,11 @@ def run(args: argparse.Namespace) -> int:
     results["config"]["model"] = args.model
     print_table(results, Console())
     graphs = len(results["config"].get("graphs_compiled", [])) + len(results["config"].get("generation_graphs_compiled", {}))
+    stats = results["config"].get("scorer_stats", {})
     console.print(f"{results['overall']['n']} documents in {results['seconds']:.1f} s"
-                  + (f"; {graphs} static graph(s) compiled" if scorer is not None else ""))
+                  + (f"; {graphs} static graph(s) compiled" if scorer is not None else "")
+                  + (f" (log-likelihood graphs: compile {stats['compile_s']:.1f} s, run {stats['run_s']:.1f} s)"
+                     if stats.get("calls") else ""))
     if args.out is not None:
         write_results(results, args.out)
         console.print(f"results → {args.out}")

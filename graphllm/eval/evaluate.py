@@ -60,7 +60,8 @@ def evaluate(scorer: Scorer | None, cfg: EvalConfig) -> dict[str, Any]:
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items() if k not in ("sandbox",)}
     if isinstance(scorer, GraphScorer):
         config.update(backend=scorer.backend, batch_size=scorer.batch_size, max_length=scorer.max_length,
-                      graphs_compiled=sorted(list(k) for k in scorer.graphs))
+                      graphs_compiled=sorted(list(k) for k in scorer.graphs),
+                      scorer_stats={k: round(v, 3) for k, v in scorer.stats.items()})
         generator = getattr(scorer, "_static_generator", None)  # set by graphllm.generate.generate_until
         if generator is not None:
             config["generation_graphs_compiled"] = dict(generator.compile_counts)

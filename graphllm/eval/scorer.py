@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import time
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
@@ -81,8 +82,9 @@ class GraphScorer:
         self.min_bucket = min(min_bucket, self.max_length)
         self.pad_id = tokenizer.eos_id if tokenizer.eos_id is not None and tokenizer.eos_id >= 0 else 0
         self.graphs: dict[tuple[int, int], nn.Module] = {}
-        self.stats = {"rows": 0, "calls": 0}
-        """Log-likelihood rows scored (pad rows excluded) and graph calls made (generation included)."""
+        self.stats: dict[str, float] = {"rows": 0, "calls": 0, "compile_s": 0.0, "run_s": 0.0}
+        """Log-likelihood rows scored (pad rows excluded), graph calls made (fallback generation included),
+        seconds spent compiling graphs (first call included) and running them."""
         self.on_batch: Callable[[int, int], None] | None = None
         """Progress callback: (rows done, rows) after each log-likelihood batch."""
         self.device = next(model.parameters()).device
@@ -96,12 +98,18 @@ class GraphScorer:
             import graphllm
 
             logger.info("eval: compiling the forward for batch %d × %d tokens (%s)", key[0], key[1], self.backend)
+            t0 = time.perf_counter()
             with torch.no_grad():
                 graph = graphllm.compile(self.model, ids_BL, backend=self.backend, amp=self.amp)
+                graph(ids_BL)  # the backend compiles on the first call: keep that out of run_s
+            self.stats["compile_s"] += time.perf_counter() - t0
             self.graphs[key] = graph
         self.stats["calls"] += 1
+        t0 = time.perf_counter()
         with torch.no_grad():
-            return graph(ids_BL)
+            out = graph(ids_BL)
+        self.stats["run_s"] += time.perf_counter() - t0
+        return out
 
     def _batch(self, rows: Sequence[Sequence[int]]) -> tuple[torch.Tensor, int]:
         """Rows right-padded into a [batch_size, bucket] tensor (pad rows fill a short batch)."""

@@ -14,7 +14,13 @@ import statistics
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 
 def add_parser(sub) -> None:
@@ -82,7 +88,12 @@ def open_feed(args: argparse.Namespace, plan, vocab: int, seed: int):
         raise GraphllmError(f"--reset-position-ids needs an artifact compiled with --eod-reset (its graph takes "
                             f"position ids); recompile {args.artifact} with --eod-reset")
     if args.data is None:
-        from graphllm.data import BatchSpec, TokenBatches, builtin_token_ids, builtin_tokenizer
+        from graphllm.data import (
+            BatchSpec,
+            TokenBatches,
+            builtin_token_ids,
+            builtin_tokenizer,
+        )
 
         if args.split is not None or reset:
             raise GraphllmError("--split and --reset-position-ids apply to --data datasets; give --data PREFIX")
@@ -120,8 +131,8 @@ def open_tensorboard(path: Path | None):
 
 
 def run(args: argparse.Namespace) -> int:
-    from graphllm.errors import GraphllmError
     from graphllm.artifact import read_plan
+    from graphllm.errors import GraphllmError
     from graphllm.job import load_artifact
     from graphllm.launch import in_launched_world, is_rank_zero, relaunch
     from graphllm.plan import CompilePlan
@@ -155,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
         feed = open_feed(args, plan, int(plan_data["model"]["config"]["vocab_size"]), cfg.seed)
         valid = feed.valid_batches(args.eval_iters) if args.eval_interval > 0 else []
     with console.status("loading artifact and compiling …"):
-        data, built = load_artifact(args.artifact)
+        _, built = load_artifact(args.artifact)
     plan = built.plan
     tb = open_tensorboard(args.tensorboard) if is_rank_zero() else None
     source = "the built-in corpus" if args.data is None else " ".join(args.data)

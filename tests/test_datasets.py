@@ -64,7 +64,7 @@ def test_sft_rows_shift_per_sample_and_pad(tmp_path) -> None:
     docs = write_sft(tmp_path / "s", [3, 2, 1, 4] * 5, vocab=50, seq_len=SEQ * 2, packed=True)
     splits = open_data([str(tmp_path / "s")], seq_len=SEQ * 2, split="1,0,0", vocab_size=50)
     assert splits.kind == "sft" and splits.packed and len(splits.train) == 20 and splits.valid is None
-    r_ids, r_lab, r_pos = splits.train.row(0)
+    r_ids, _, r_pos = splits.train.row(0)
     flat = np.concatenate([s[0] for s in docs[0]])
     assert np.array_equal(r_ids[:len(flat)], flat) and (r_pos == 0).sum() == 3 + 1  # 3 samples + padding
 

@@ -7,16 +7,16 @@ mask must give the same logits; the plain (non-packed) graph keeps graphllm::att
 
 from __future__ import annotations
 
+import graphllm.ops  # noqa: F401  (registers torch.ops.graphllm)
 import pytest
 import torch
 import torch.nn.functional as F
-from hf_parity import FP32_PARITY_RTOL, VOCAB, hf_model, rel_err, save_hf_checkpoint
-
-import graphllm.ops  # noqa: F401  (registers torch.ops.graphllm)
-from graphllm.compile import compile
 from graphllm.models import load_model
 from graphllm.models.llama import packed_causal_mask
 from graphllm.ops.attention import segment_causal_mask, varlen_attention_decomposed
+from hf_parity import FP32_PARITY_RTOL, VOCAB, hf_model, rel_err, save_hf_checkpoint
+
+from graphllm.compile import compile
 
 # fp32: the packed row runs one S×S attention where the separate runs use shorter ones, so matmul and
 # softmax reduction lengths differ (masked keys add exact zeros, but blocking differs): 1e-5 relative
@@ -107,9 +107,10 @@ def test_plain_graph_keeps_causal_attention(micro_ckpt) -> None:
 
 def test_fuse_attention_refuses_other_masks() -> None:
     """SDPA with a mask that is not the packed-sample form stays SDPA."""
-    from graphllm.capture import capture
     from graphllm.passes import PassContext, run_passes
     from graphllm.passes.fuse_attention import fuse_attention
+
+    from graphllm.capture import capture
 
     class Masked(torch.nn.Module):
         def forward(self, q, k, v, seg):
@@ -144,7 +145,6 @@ def test_npu_lowering_matches_under_emulation() -> None:
     """The npu table's varlen_attention (npu_fusion_attention, BNSD, explicit mask, sparse_mode 0) against
     the decomposition, forward and backward, on the emulated kernel (tests/npu_emulation.py)."""
     import npu_emulation  # noqa: F401  (registers torch.ops.npu.* emulations)
-
     from graphllm.ops.lowering_npu import varlen_attention_npu
 
     g = torch.Generator().manual_seed(3)

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 from dataset_fixtures import write_pretrain, write_sft
-
 from graphllm.cli.main import EXIT_USER_ERROR, main
 
 VOCAB, SEQ = 512, 16

@@ -53,7 +53,7 @@ def split_ranges(spec: str, size: int) -> list[tuple[int, int]]:
     total = sum(weights)
     bounds = [0]
     for w in weights:
-        bounds.append(bounds[-1] + int(round(w / total * float(size))))
+        bounds.append(bounds[-1] + round(w / total * float(size)))
     diff = bounds[-1] - size  # rounding excess comes off every split end (Megatron does the same)
     bounds = [bounds[0]] + [b - diff for b in bounds[1:]]
     return [(bounds[i], bounds[i + 1]) for i in range(3)]

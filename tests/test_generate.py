@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import re
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from hf_parity import hf_model, save_hf_checkpoint  # noqa: E402
 
 from graphllm.cli.main import EXIT_USER_ERROR, main  # noqa: E402
 from graphllm.errors import GraphllmError  # noqa: E402
-from graphllm.generate import SamplingConfig, StaticGenerator, generate_text  # noqa: E402
+from graphllm.generate import SamplingConfig, StaticGenerator, generate_text, generate_until  # noqa: E402
 from graphllm.models import load_model  # noqa: E402
 
 PROMPTS = [[5, 17, 33, 2, 9, 100, 3], [7, 8], list(range(40, 58))]  # 7, 2 and 18 tokens: one 32-token bucket
@@ -123,6 +124,12 @@ def test_stop_string_cuts_the_text_and_bad_prompts_are_refused(tmp_path: Path) -
                         on_text=lambda i, piece: streamed.append(piece))[0]
     assert cut.finish_reason == "stop" and cut.text == full.text[: full.text.find(stop)]
     assert "".join(streamed) == cut.text
+    # graphllm eval's hook: text prompts (too long ones keep their last tokens), cut at stop strings
+    scorer = types.SimpleNamespace(model=model, tokenizer=tok, batch_size=2, max_length=MAX_LEN, backend="eager",
+                                   _static_generator=gen)
+    prompt = tok.decode(PROMPTS[0])
+    texts = generate_until(scorer, [prompt, "x" * 200 + prompt], stop=[stop], max_new_tokens=NEW)
+    assert texts[0] == cut.text and isinstance(texts[1], str) and stop not in texts[1]
     with pytest.raises(GraphllmError, match="--max-len"):
         next(gen.run([list(range(60))], max_new_tokens=NEW))
     with pytest.raises(GraphllmError, match="batch size 2"):

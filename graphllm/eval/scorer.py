@@ -111,13 +111,13 @@ class GraphScorer:
         self.stats["run_s"] += time.perf_counter() - t0
         return out
 
-    def _batch(self, rows: Sequence[Sequence[int]]) -> tuple[torch.Tensor, int]:
+    def _batch(self, rows: Sequence[Sequence[int]]) -> torch.Tensor:
         """Rows right-padded into a [batch_size, bucket] tensor (pad rows fill a short batch)."""
         length = bucket_length(max(len(r) for r in rows), min_bucket=self.min_bucket, max_length=self.max_length)
         ids = torch.full((self.batch_size, length), self.pad_id, dtype=torch.long)
         for i, r in enumerate(rows):
             ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-        return ids.to(self.device), length
+        return ids.to(self.device)
 
     # -- log-likelihood -------------------------------------------------------------------------
     def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
@@ -153,7 +153,7 @@ class GraphScorer:
         out: list[tuple[float, bool]] = [(0.0, False)] * len(pairs)
         for start in range(0, len(rows), self.batch_size):
             chunk = rows[start: start + self.batch_size]
-            ids, _ = self._batch(chunk)
+            ids = self._batch(chunk)
             logits_BLV = self.logits(ids)
             self.stats["rows"] += len(chunk)
             for b, inp in enumerate(chunk):
@@ -208,7 +208,7 @@ class GraphScorer:
             for start in range(0, len(live), self.batch_size):
                 chunk = live[start: start + self.batch_size]
                 inputs = [(rows[i] + new[i])[-self.max_length:] for i in chunk]
-                ids, _ = self._batch(inputs)
+                ids = self._batch(inputs)
                 logits_BLV = self.logits(ids)
                 for b, i in enumerate(chunk):
                     new[i].append(int(logits_BLV[b, len(inputs[b]) - 1].argmax()))
@@ -228,8 +228,8 @@ def static_generator():
     """graphllm.generate's batched greedy entry point when that package is installed, else None.
 
     The contract (duck-typed, checked at call time): `graphllm.generate.generate_until(scorer,
-    prompts, *, stop, max_new_tokens) -> list[str]`, using `scorer.model`, `scorer.tokenizer`,
-    `scorer.backend` and `scorer.max_length`.
+    prompts, *, stop, max_new_tokens) -> list[str]`, reading the scorer's `model`, `tokenizer`,
+    `backend`, `amp`, `batch_size`, `max_length` and `pad_id`.
     """
     try:
         mod = importlib.import_module("graphllm.generate")

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ensure_inductor_cache, interleave, median  # noqa: E402
+from common import ensure_inductor_cache, interleave, median
 
 
 def hf_dir_for(name: str, tmp: Path) -> Path:
@@ -41,10 +41,10 @@ def hf_dir_for(name: str, tmp: Path) -> Path:
 
 
 def bench_model(name: str, batches: list[int], args: argparse.Namespace, tmp: Path) -> list[dict]:
+    from graphllm.models import load_model
     from transformers import AutoModelForCausalLM
 
     from graphllm.generate import StaticGenerator, bucket
-    from graphllm.models import load_model
 
     path = hf_dir_for(name, tmp)
     ours_model = load_model(path)
@@ -61,7 +61,7 @@ def bench_model(name: str, batches: list[int], args: argparse.Namespace, tmp: Pa
         gen.decode_graph()
         compile_s = time.perf_counter() - t0
 
-        def ours(n: int) -> list[list[int]]:
+        def ours(n: int, B=B, gen=gen, prompts=prompts) -> list[list[int]]:
             out: list[list[int]] = [[] for _ in range(B)]
             for step in gen.run(prompts.tolist(), max_new_tokens=n):
                 for b, tok in enumerate(step):
@@ -69,7 +69,7 @@ def bench_model(name: str, batches: list[int], args: argparse.Namespace, tmp: Pa
                         out[b].append(tok)
             return out
 
-        def theirs(n: int) -> list[list[int]]:
+        def theirs(n: int, prompts=prompts) -> list[list[int]]:
             with torch.no_grad():
                 ids = hf.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=n,
                                   min_new_tokens=n, do_sample=False, eos_token_id=None)
@@ -97,12 +97,12 @@ def bench_model(name: str, batches: list[int], args: argparse.Namespace, tmp: Pa
             rates[k] = (B * (args.new_tokens - 1) / (median(times[k][args.new_tokens]) - median(times[k][1])),
                         per_round)
         ratios = [a / b for a, b in zip(rates["graphllm"][1], rates["transformers"][1])]
-        row = dict(model=name, batch=B, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
-                   backend=args.backend, graphllm_decode_tok_s=rates["graphllm"][0],
-                   transformers_decode_tok_s=rates["transformers"][0],
-                   ratio=rates["graphllm"][0] / rates["transformers"][0], ratio_range=[min(ratios), max(ratios)],
-                   graphllm_compile_s=compile_s, compile_counts=gen.compile_counts, greedy_ids_identical=same,
-                   rounds=args.rounds, threads=torch.get_num_threads())
+        row = {"model": name, "batch": B, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+               "backend": args.backend, "graphllm_decode_tok_s": rates["graphllm"][0],
+               "transformers_decode_tok_s": rates["transformers"][0],
+               "ratio": rates["graphllm"][0] / rates["transformers"][0], "ratio_range": [min(ratios), max(ratios)],
+               "graphllm_compile_s": compile_s, "compile_counts": gen.compile_counts, "greedy_ids_identical": same,
+               "rounds": args.rounds, "threads": torch.get_num_threads()}
         print(f"{name:>24} B={B}: graphllm {row['graphllm_decode_tok_s']:8.1f} tok/s | transformers "
               f"{row['transformers_decode_tok_s']:8.1f} tok/s | ratio {row['ratio']:.2f}× "
               f"(rounds {min(ratios):.2f}–{max(ratios):.2f}) | compile {compile_s:.1f} s | ids identical: {same}",

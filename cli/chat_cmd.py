@@ -11,9 +11,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from graphllm.errors import GraphllmError
-
 from graphllm.cli.generate_cmd import add_model_args, load, report, sampling_from
+
+from graphllm.errors import GraphllmError
 
 
 def add_parser(sub) -> None:

@@ -9,6 +9,11 @@ import sys
 from graphllm.errors import GraphllmError
 
 
+def _unescape(text: str) -> str:
+    """`--stop "\\n\\n"` as typed in a shell means two newlines."""
+    return text.replace("\\n", "\n").replace("\\t", "\t")
+
+
 def add_model_args(p: argparse.ArgumentParser, *, max_new_tokens: int) -> None:
     """Flags shared by generate and chat: the model, graphs, sampling."""
     p.add_argument("--model", required=True, help="preset (random weights) or HF checkpoint dir")
@@ -24,7 +29,8 @@ def add_model_args(p: argparse.ArgumentParser, *, max_new_tokens: int) -> None:
     p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: off)")
     p.add_argument("--repetition-penalty", type=float, default=1.0, help="CTRL penalty on seen tokens (1: off)")
-    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable); not printed")
+    p.add_argument("--stop", action="append", default=[], type=_unescape,
+                   help="stop string (repeatable; \\n and \\t are newline and tab); not printed")
     p.add_argument("--seed", type=int, default=0, help="sampling seed, and init seed of preset models")
 
 
@@ -45,9 +51,10 @@ def sampling_from(args: argparse.Namespace):
 
 def load(args: argparse.Namespace):
     """The model, its tokenizer (an Encoder) and its EOS ids."""
+    from graphllm.models import load_model
+
     from graphllm.data.encoders import load_encoder, resolve_spec
     from graphllm.generate import eos_ids_of
-    from graphllm.models import load_model
 
     net = load_model(args.model, seed=args.seed)
     spec = args.tokenizer or (args.model if os.path.isdir(args.model) else "builtin")
@@ -65,13 +72,18 @@ def report(stats, err=sys.stderr) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from graphllm.generate import GenerationStats, StaticGenerator, bucket, generate_text
+    from graphllm.generate import (
+        GenerationStats,
+        StaticGenerator,
+        bucket,
+        generate_text,
+    )
 
     sampling = sampling_from(args)
-    net, enc, eos = load(args)
-    rows = [enc.encode(p) for p in args.prompt]
     if args.max_new_tokens < 1:
         raise GraphllmError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    net, enc, eos = load(args)
+    rows = [enc.encode(p) for p in args.prompt]
     limit = net.config.max_position_embeddings
     max_len = args.max_len or min(bucket(max(len(r) for r in rows), min_bucket=16, max_len=limit)
                                   + args.max_new_tokens, limit)

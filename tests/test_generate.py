@@ -13,12 +13,17 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from hf_parity import hf_model, save_hf_checkpoint  # noqa: E402
+from graphllm.cli.main import EXIT_USER_ERROR, main
+from graphllm.models import load_model
+from hf_parity import hf_model, save_hf_checkpoint
 
-from graphllm.cli.main import EXIT_USER_ERROR, main  # noqa: E402
-from graphllm.errors import GraphllmError  # noqa: E402
-from graphllm.generate import SamplingConfig, StaticGenerator, generate_text, generate_until  # noqa: E402
-from graphllm.models import load_model  # noqa: E402
+from graphllm.errors import GraphllmError
+from graphllm.generate import (
+    SamplingConfig,
+    StaticGenerator,
+    generate_text,
+    generate_until,
+)
 
 PROMPTS = [[5, 17, 33, 2, 9, 100, 3], [7, 8], list(range(40, 58))]  # 7, 2 and 18 tokens: one 32-token bucket
 MORE_PROMPTS = [list(range(60, 80)), [11, 12, 13, 14, 15]]  # same bucket, fewer rows than the batch
@@ -175,7 +180,7 @@ def test_generate_and_chat_commands(tmp_path: Path, capsys, monkeypatch) -> None
     prompts = [int(n) for n in re.findall(r"prompt (\d+) tokens", err)]
     assert len(prompts) == 3 and prompts[1] > prompts[0] and prompts[2] == prompts[0]  # history, then reset
     assert "[history cleared]" in err and "never read" not in out
-    turns = re.split(r"^>>> hello\n", out, flags=re.M)[1:]
+    turns = re.split(r"^>>> hello\n", out, flags=re.MULTILINE)[1:]
     assert len(turns) == 3 and turns[0] == turns[2]  # greedy: the same conversation gives the same reply
 
 

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import RepetitionPenaltyLogitsProcessor, TopKLogitsWarper, TopPLogitsWarper
+from transformers import (
+    RepetitionPenaltyLogitsProcessor,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from graphllm.errors import GraphllmError
 from graphllm.generate import Sampler, SamplingConfig, TextStream
@@ -53,7 +57,7 @@ def test_top_k_one_and_tiny_top_p_are_greedy(cfg: SamplingConfig) -> None:
 
 def test_sampling_is_reproducible_for_a_seed_and_follows_the_distribution() -> None:
     logits = _logits(5)
-    draw = lambda seed: torch.stack([Sampler(SamplingConfig(seed=seed), batch=B, vocab=V,  # noqa: E731
+    draw = lambda seed: torch.stack([Sampler(SamplingConfig(seed=seed), batch=B, vocab=V,
                                              device=torch.device("cpu"))(logits) for _ in range(3)])
     assert torch.equal(draw(0), draw(0))
     # a very peaked row is sampled at its peak; a flat one is not always the argmax
@@ -74,8 +78,8 @@ def test_sampler_penalises_prompt_and_generated_tokens() -> None:
     assert int(s(logits)) == 5  # 4 was just generated
 
 
-@pytest.mark.parametrize("kwargs, flag", [(dict(top_p=0.0), "--top-p"), (dict(temperature=-1.0), "--temperature"),
-                                          (dict(top_k=-2), "--top-k"), (dict(repetition_penalty=0.0), "--repetition-penalty")])
+@pytest.mark.parametrize("kwargs, flag", [({"top_p": 0.0}, "--top-p"), ({"temperature": -1.0}, "--temperature"),
+                                          ({"top_k": -2}, "--top-k"), ({"repetition_penalty": 0.0}, "--repetition-penalty")])
 def test_bad_sampling_settings_name_the_flag(kwargs, flag: str) -> None:
     with pytest.raises(GraphllmError, match=flag):
         SamplingConfig(**kwargs)

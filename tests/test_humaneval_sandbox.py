@@ -108,7 +108,7 @@ def write_problems(path: Path) -> Path:
 
 
 def test_pass_at_1_from_completions_file(tmp_path: Path) -> None:
-    data = write_problems(tmp_path / "HumanEval.jsonl.gz")
+    write_problems(tmp_path / "HumanEval.jsonl.gz")  # --data is the folder holding it
     comps = tmp_path / "samples.jsonl"
     rows = [("Test/0", "    return a + b\n"), ("Test/1", "    return min(xs, key=len)\n"),
             ("Test/2", "    return x + x\n"), ("Test/2", "    while True: pass\n")]

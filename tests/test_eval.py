@@ -194,6 +194,9 @@ def test_choice_task_accuracy_is_the_answer_key(task, make, shots, expected, tmp
     n = sum(v["n"] for v in res["subjects"].values())
     assert res["overall"]["n"] == n
     assert res["overall"]["acc"] == pytest.approx(sum(expected[k] * res["subjects"][k]["n"] for k in expected) / n)
+    if task == "mmlu":  # both fixture subjects are STEM in the harness's grouping
+        assert res["groups"] == {"stem": pytest.approx({"n": n, "acc": 0.5, "acc_macro": 0.5, "acc_norm": 0.5,
+                                                        "acc_norm_macro": 0.5})}
     # one loglikelihood call holds every choice of every question (batched across subjects)
     assert len(scorer.requests) == sum(len(d.choices) for s in load_task(task, data, shots=shots) for d in s.docs)
 

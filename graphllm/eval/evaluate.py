@@ -9,7 +9,8 @@ from typing import Any, Literal
 
 from graphllm.errors import GraphllmError
 from graphllm.eval import humaneval
-from graphllm.eval.runner import SubjectScore, Timer, limited, results_dict, score_choices, score_generation
+from graphllm.eval.runner import (SubjectScore, Timer, group_scores, limited, results_dict, score_choices,
+                                  score_generation)
 from graphllm.eval.scorer import GraphScorer, Scorer
 from graphllm.eval.tasks import CHOICE_TASKS, TASKS, load_task
 
@@ -65,7 +66,13 @@ def evaluate(scorer: Scorer | None, cfg: EvalConfig) -> dict[str, Any]:
         generator = getattr(scorer, "_static_generator", None)  # set by graphllm.generate.generate_until
         if generator is not None:
             config["generation_graphs_compiled"] = dict(generator.compile_counts)
-    return results_dict(cfg.task, scores, config=config, seconds=t.seconds, log_samples=cfg.log_samples)
+    groups = None
+    if cfg.task == "mmlu":
+        from graphllm.eval.mmlu_categories import MMLU_CATEGORY
+
+        groups = group_scores(scores, MMLU_CATEGORY)
+    return results_dict(cfg.task, scores, config=config, seconds=t.seconds, log_samples=cfg.log_samples,
+                        groups=groups)
 
 
 def _budget(cfg: EvalConfig) -> dict[str, int]:

@@ -91,16 +91,28 @@ def overall(scores: Sequence[SubjectScore]) -> dict[str, Any]:
     return out
 
 
+def group_scores(scores: Sequence[SubjectScore], group_of: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """`overall` of each group of subjects (MMLU's categories); subjects without a group are left out."""
+    groups: dict[str, list[SubjectScore]] = {}
+    for s in scores:
+        if s.name in group_of:
+            groups.setdefault(group_of[s.name], []).append(s)
+    return {g: overall(members) for g, members in groups.items()}
+
+
 def results_dict(task: str, scores: Sequence[SubjectScore], *, config: dict[str, Any], seconds: float,
-                 log_samples: bool = False) -> dict[str, Any]:
+                 log_samples: bool = False, groups: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     subjects = {}
     for s in scores:
         entry: dict[str, Any] = {"n": s.n, **s.metrics}
         if log_samples:
             entry["samples"] = s.samples
         subjects[s.name] = entry
-    return {"task": task, "config": config, "overall": overall(scores), "subjects": subjects,
-            "seconds": round(seconds, 3)}
+    out = {"task": task, "config": config, "overall": overall(scores), "subjects": subjects}
+    if groups:
+        out["groups"] = groups
+    out["seconds"] = round(seconds, 3)
+    return out
 
 
 def print_table(results: dict[str, Any], console=None) -> None:
@@ -115,8 +127,14 @@ def print_table(results: dict[str, Any], console=None) -> None:
     table.add_column("n", justify="right")
     for m in metrics:
         table.add_column(m, justify="right")
-    for name, entry in results["subjects"].items():
-        table.add_row(name, str(entry["n"]), *(f"{100 * entry[m]:.2f}" for m in metrics))
+    names = list(results["subjects"])
+    for i, name in enumerate(names):
+        entry = results["subjects"][name]
+        table.add_row(name, str(entry["n"]), *(f"{100 * entry[m]:.2f}" for m in metrics),
+                      end_section=i == len(names) - 1)
+    for name, entry in results.get("groups", {}).items():
+        table.add_row(f"[italic]{name}", str(entry["n"]), *(f"{100 * entry[m]:.2f}" for m in metrics),
+                      end_section=name == list(results["groups"])[-1])
     ov = results["overall"]
     table.add_row("[bold]overall (micro)", str(ov["n"]), *(f"[bold]{100 * ov[m]:.2f}" for m in metrics),
                   end_section=False)

@@ -72,10 +72,20 @@ def _pair(family: str, tmp_path: Path):
     return hf, model
 
 
+@pytest.fixture(scope="module")
+def generators(tmp_path_factory) -> dict:
+    """Per family: the HF model, ours, and one eager generator (batch 3) shared by the tests, so each
+    graph compiles once per module."""
+    out = {}
+    for family in ("llama", "qwen2-tied"):
+        hf, model = _pair(family, tmp_path_factory.mktemp("gen"))
+        out[family] = (hf, model, StaticGenerator(model, batch_size=3, max_len=MAX_LEN, backend="eager"))
+    return out
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2-tied"])
-def test_greedy_ids_equal_transformers_and_decode_compiles_once(family: str, tmp_path: Path) -> None:
-    hf, model = _pair(family, tmp_path)
-    gen = StaticGenerator(model, batch_size=3, max_len=MAX_LEN, backend="eager")
+def test_greedy_ids_equal_transformers_and_decode_compiles_once(family: str, generators: dict) -> None:
+    hf, model, gen = generators[family]
     want = hf_greedy(hf, PROMPTS, NEW)
     assert ours(gen, PROMPTS, NEW) == want
     assert ours(gen, MORE_PROMPTS, NEW) == hf_greedy(hf, MORE_PROMPTS, NEW)
@@ -86,7 +96,8 @@ def test_greedy_ids_equal_transformers_and_decode_compiles_once(family: str, tmp
     eos = want[0][NEW // 2]
     assert ours(gen, PROMPTS, NEW, eos_ids=[eos]) == hf_greedy(hf, PROMPTS, NEW, eos=eos)
     # 5 requests × 11 decode steps, yet each graph was compiled exactly once
-    assert gen.compile_counts == {"prefill[32]": 1, "decode": 1}
+    counts = gen.compile_counts
+    assert counts["prefill[32]"] == counts["decode"] == 1 and set(counts.values()) == {1}
     # both graphs went through the pass pipeline: fused norms/RoPE everywhere, fused causal attention
     # in the prefill; decode attention over the cache stays plain ops (not square causal attention)
     layers = model.config.num_hidden_layers
@@ -117,32 +128,29 @@ class _ByteTok:
         return bytes(ids).decode("utf-8", errors="replace")
 
 
-def test_stop_string_cuts_the_text_and_bad_prompts_are_refused(tmp_path: Path) -> None:
-    _, model = _pair("llama", tmp_path)
-    gen = StaticGenerator(model, batch_size=2, max_len=MAX_LEN, backend="eager")
+def test_stop_string_cuts_the_text_and_bad_prompts_are_refused(generators: dict) -> None:
+    _, model, gen = generators["llama"]
     tok = _ByteTok()
-    full = generate_text(gen, tok, [PROMPTS[0]], max_new_tokens=NEW)[0]
+    full = generate_text(gen, tok, [PROMPTS[2]], max_new_tokens=NEW)[0]  # 32-token bucket: compiled already
     assert full.finish_reason == "length" and len(full.token_ids) == NEW
     stop = full.text[4:6]
     streamed: list[str] = []
-    cut = generate_text(gen, tok, [PROMPTS[0]], max_new_tokens=NEW, stop=[stop],
+    cut = generate_text(gen, tok, [PROMPTS[2]], max_new_tokens=NEW, stop=[stop],
                         on_text=lambda i, piece: streamed.append(piece))[0]
     assert cut.finish_reason == "stop" and cut.text == full.text[: full.text.find(stop)]
     assert "".join(streamed) == cut.text
-    # graphllm eval's hook: text prompts (too long ones keep their last tokens), cut at stop strings
-    scorer = types.SimpleNamespace(model=model, tokenizer=tok, batch_size=2, max_length=MAX_LEN, backend="eager",
+    # graphllm eval's hook: text prompts, cut at stop strings
+    scorer = types.SimpleNamespace(model=model, tokenizer=tok, batch_size=3, max_length=MAX_LEN, backend="eager",
                                    _static_generator=gen)
-    prompt = tok.decode(PROMPTS[0])
-    texts = generate_until(scorer, [prompt, "x" * 200 + prompt], stop=[stop], max_new_tokens=NEW)
-    assert texts[0] == cut.text and isinstance(texts[1], str) and stop not in texts[1]
+    assert generate_until(scorer, [tok.decode(PROMPTS[2])] * 2, stop=[stop], max_new_tokens=NEW) == [cut.text] * 2
     with pytest.raises(GraphllmError, match="--max-len"):
         next(gen.run([list(range(60))], max_new_tokens=NEW))
-    with pytest.raises(GraphllmError, match="batch size 2"):
-        next(gen.run(PROMPTS, max_new_tokens=NEW))
+    with pytest.raises(GraphllmError, match="batch size 3"):
+        next(gen.run(PROMPTS + [[1]], max_new_tokens=NEW))
 
 
 def _tiny_chat_checkpoint(tmp_path: Path) -> Path:
-    """A 2-layer llama with a byte-level BPE tokenizer that has a chat template, saved as an HF dir."""
+    """A 1-layer llama with a byte-level BPE tokenizer that has a chat template, saved as an HF dir."""
     import transformers
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -154,7 +162,7 @@ def _tiny_chat_checkpoint(tmp_path: Path) -> Path:
     tok.train_from_iterator(["hello there, how are you today? I am fine.", "user assistant system"] * 4, trainer)
     fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
                                                  pad_token="<|endoftext|>", chat_template=CHAT_TEMPLATE)
-    cfg = transformers.LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+    cfg = transformers.LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                                    eos_token_id=fast.eos_token_id)
     torch.manual_seed(0)

@@ -198,3 +198,6 @@ def test_bad_input_exits_2(capsys) -> None:
     err = capsys.readouterr().err
     assert "--top-p" in err and "chat template" in err
     assert main(["generate", "--model", "/no/such/dir", "--prompt", "x"]) == EXIT_USER_ERROR
+    assert main(["generate", "--model", "tiny-llama", "--prompt", "x", "--max-new-tokens", "5000",
+                 "--backend", "eager"]) == EXIT_USER_ERROR
+    assert "--max-new-tokens must be in [1, 2047]" in capsys.readouterr().err

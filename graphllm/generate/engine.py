@@ -163,8 +163,10 @@ class StaticGenerator:
         n = len(prompts)
         if not 1 <= n <= self.batch_size:
             raise GraphllmError(f"got {n} prompts for a generator built for batch size {self.batch_size}")
-        if max_new_tokens < 1:
-            raise GraphllmError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+        if not 1 <= max_new_tokens < self.max_len:
+            raise GraphllmError(f"--max-new-tokens must be in [1, {self.max_len - 1}] for a cache of --max-len "
+                                f"{self.max_len} (the model's limit is {self.config.max_position_embeddings}), "
+                                f"got {max_new_tokens}")
         rows = [list(p) for p in prompts]
         limit = self.max_prompt_len(max_new_tokens)
         for i, r in enumerate(rows):

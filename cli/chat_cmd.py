@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     max_len = args.max_len or min(2048, net.config.max_position_embeddings)
     if args.max_new_tokens >= max_len:
         raise GraphllmError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in --max-len {max_len}")
-    gen = StaticGenerator(net, batch_size=1, max_len=max_len, backend=args.backend, amp=args.amp,
+    gen = StaticGenerator(net, batch_size=1, max_len=max_len, backend=args.backend,
                           pad_id=eos[0] if eos else 0)
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict] = []

@@ -93,6 +93,10 @@ class StaticGenerator:
             raise GraphllmError(f"--max-len {max_len} exceeds the model's sliding_window={cfg.sliding_window}; "
                                 f"only full attention is implemented: use --max-len {cfg.sliding_window} or less")
         get_backend(backend)  # unknown names fail before anything is built
+        if amp != "fp32":
+            # bf16 autocast around the decode graph fails in Dynamo ("Attempt to trace generator") on
+            # torch 2.13; refuse it rather than compile something half-working.
+            raise GraphllmError(f"generation runs in fp32 only for now, got --amp {amp}; drop --amp")
         self.model = model.eval()
         self.config = cfg
         self.batch_size = batch_size
@@ -192,7 +196,14 @@ class StaticGenerator:
         sampler = Sampler(sampling, batch=B, vocab=self.config.vocab_size, device=dev)
         sampler.observe(rows[:n])
         eos = torch.tensor(sorted(set(eos_ids)) or [-1], device=dev)
+        return self._steps(prefill, decode, ids, lengths, n, sampler, eos, max_new_tokens, stats)
 
+    def _steps(self, prefill: _Graph, decode: _Graph, ids: torch.Tensor, lengths: torch.Tensor, n: int,
+               sampler: Sampler, eos: torch.Tensor, max_new_tokens: int,
+               stats: GenerationStats) -> Iterator[list[int | None]]:
+        """The prefill and decode loop of `run` (a generator; graphs are compiled before it starts,
+        outside any generator frame, which Dynamo refuses to trace under autocast)."""
+        B, S, dev = ids.shape[0], ids.shape[1], ids.device
         with torch.no_grad():
             t0 = time.perf_counter()
             logits, k, v = prefill.fn(ids, lengths)
@@ -217,8 +228,8 @@ class StaticGenerator:
                 step_pos = pos.clamp(max=M - 1)  # finished rows keep running; their slot is irrelevant
                 logits, k, v = decode.fn(token[:, None], step_pos, self.k_cache, self.v_cache)
                 index = step_pos.view(1, B, 1, 1, 1).expand(L, B, Hkv, 1, D)
-                self.k_cache.scatter_(3, index, k)
-                self.v_cache.scatter_(3, index, v)
+                self.k_cache.scatter_(3, index, k.to(self.k_cache.dtype))  # bf16 under --amp bf16
+                self.v_cache.scatter_(3, index, v.to(self.v_cache.dtype))
                 token = torch.where(done, self.pad_id, sampler(logits))
                 stats.decode_s += time.perf_counter() - t0
                 stats.new_tokens += int((~done[:n]).sum())

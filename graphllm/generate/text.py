@@ -85,7 +85,10 @@ def generate_text(gen: StaticGenerator, tokenizer: TextTokenizer, prompts: Seque
 
 def generate_until(scorer, prompts: Sequence[str], *, stop: Sequence[str], max_new_tokens: int) -> list[str]:
     """graphllm.eval's generation hook: greedy completions on static graphs, one generator (and so one
-    decode graph) per scorer. Prompts keep their last tokens when they would not fit the cache."""
+    decode graph) per scorer. Prompts keep their last tokens when they would not fit the cache. A
+    scorer with bf16 autocast uses its own fallback (`greedy_generate`), as generation here is fp32 only."""
+    if getattr(scorer, "amp", "fp32") != "fp32":  # static generation is fp32 only (engine.py)
+        return scorer.greedy_generate(prompts, stop, max_new_tokens)
     gen = getattr(scorer, "_static_generator", None)
     if gen is None:
         gen = StaticGenerator(scorer.model, batch_size=scorer.batch_size, max_len=scorer.max_length,

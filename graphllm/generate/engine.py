@@ -103,6 +103,11 @@ class StaticGenerator:
         self.max_len = max_len
         self.backend = backend
         self.amp = amp
+        if passes is None:  # the training pipeline plus pair_rope (q/k rotations → npu_apply_rotary_pos_emb on NPU)
+            from graphllm.passes import default_passes
+            from graphllm.passes.pair_rope import pair_rope
+
+            passes = [*default_passes(), pair_rope]
         self.passes = passes
         self.min_bucket = min(min_bucket, max_len)
         self.pad_id = pad_id

@@ -64,7 +64,8 @@ def load(args: argparse.Namespace):
     return net, enc, eos_ids_of(net.source, enc)
 
 
-def report(stats, err=sys.stderr) -> None:
+def report(stats, err=None) -> None:
+    err = err or sys.stderr  # looked up per call: a default bound at import would outlive a redirected stderr
     print(f"[prompt {stats.prompt_tokens} tokens, {stats.prompt_tokens_per_s:.1f} tok/s | "
           f"decode {stats.new_tokens} tokens, {stats.decode_tokens_per_s:.1f} tok/s | "
           f"compile {stats.compile_s:.1f} s]", file=err, flush=True)

@@ -282,6 +282,12 @@ def eager_loglikelihood(model, ctx: list[int], cont: list[int]) -> tuple[float, 
     return logits.gather(-1, tgt[:, None]).sum().item(), bool((logits.argmax(-1) == tgt).all())
 
 
+def same_scores(a: list[tuple[float, bool]], b: list[tuple[float, bool]]) -> bool:
+    """(log-likelihood, is-greedy) pairs equal: scores within LOGPROB_ATOL, flags exactly (pytest.approx
+    refuses nested tuples since pytest 9.1)."""
+    return len(a) == len(b) and all(abs(x[0] - y[0]) <= LOGPROB_ATOL and x[1] == y[1] for x, y in zip(a, b))
+
+
 def test_graph_scores_equal_eager_unbatched(tiny_scorer: GraphScorer) -> None:
     requests = [("The following are multiple choice questions.\n\nQ: 2+2?\nAnswer:", " A"),
                 ("Answer:", " B"), ("", "hello world"), ("def f(x):\n    return", " x + 1"),
@@ -293,7 +299,7 @@ def test_graph_scores_equal_eager_unbatched(tiny_scorer: GraphScorer) -> None:
         want = eager_loglikelihood(tiny_scorer.model, *tiny_scorer.encode_pair(ctx, cont))
         assert score == pytest.approx(want[0], abs=LOGPROB_ATOL) and greedy == want[1], (ctx, cont)
     compiled = dict(tiny_scorer.graphs)
-    assert tiny_scorer.loglikelihood(requests[:2]) == pytest.approx(got[:2], abs=LOGPROB_ATOL)
+    assert same_scores(tiny_scorer.loglikelihood(requests[:2]), got[:2])
     assert tiny_scorer.graphs == compiled  # graphs are reused, not recompiled
 
 
@@ -400,8 +406,7 @@ def test_lm_eval_adapter_subclasses_lm(tiny_scorer: GraphScorer, monkeypatch) ->
 
         lm = GraphllmLM(scorer=tiny_scorer, device="cpu")
         assert isinstance(lm, sys.modules["lm_eval.api.model"].LM)
-        assert lm.loglikelihood([Req("Answer:", " A")]) == pytest.approx(
-            tiny_scorer.loglikelihood([("Answer:", " A")]), abs=LOGPROB_ATOL)
+        assert same_scores(lm.loglikelihood([Req("Answer:", " A")]), tiny_scorer.loglikelihood([("Answer:", " A")]))
     finally:
         sys.modules.pop("graphllm.eval.lm_eval_adapter", None)  # it may hold the stand-in LM
 

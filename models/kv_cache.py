@@ -52,11 +52,13 @@ class PrefillStep(nn.Module):
 
     def __init__(self, model: LlamaForCausalLM) -> None:
         super().__init__()
-        self.lm = model
+        # the model's own children, so parameter paths are the model's (model.layers.*, lm_head) and
+        # name-based plans (passes/tp_plan.py) apply to these graphs as to the training graph
+        self.model, self.lm_head = model.model, model.lm_head
         self.config = model.config
 
     def forward(self, ids: torch.Tensor, lengths: torch.Tensor):
-        inner = self.lm.model
+        inner = self.model
         B, S = ids.shape
         h = inner.embed_tokens(ids)  # [B, S, hidden]
         cos, sin = _rope_tables(inner.inv_freq, torch.arange(S, device=ids.device), h.dtype)  # [S, D]
@@ -72,7 +74,7 @@ class PrefillStep(nn.Module):
             h = h + attn.o_proj(out.transpose(1, 2).reshape(B, S, attn.num_heads * attn.head_dim))
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         last = h[torch.arange(B, device=ids.device), lengths - 1]  # [B, hidden]: each row's last real token
-        logits = self.lm.lm_head(inner.norm(last))  # [B, V]
+        logits = self.lm_head(inner.norm(last))  # [B, V]
         return logits, torch.stack(ks), torch.stack(vs)  # [L, B, Hkv, S, D] each
 
 
@@ -81,11 +83,13 @@ class DecodeStep(nn.Module):
 
     def __init__(self, model: LlamaForCausalLM) -> None:
         super().__init__()
-        self.lm = model
+        # the model's own children, so parameter paths are the model's (model.layers.*, lm_head) and
+        # name-based plans (passes/tp_plan.py) apply to these graphs as to the training graph
+        self.model, self.lm_head = model.model, model.lm_head
         self.config = model.config
 
     def forward(self, ids: torch.Tensor, pos: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor):
-        inner = self.lm.model
+        inner = self.model
         B = ids.shape[0]
         M = k_cache.shape[3]
         h = inner.embed_tokens(ids)  # [B, 1, hidden]
@@ -109,5 +113,5 @@ class DecodeStep(nn.Module):
             out = torch.matmul(probs[..., :M], v_cache[i]) + probs[..., M:] * v  # [B, Hkv, rep, D]
             h = h + attn.o_proj(out.reshape(B, 1, H * D))
             h = h + layer.mlp(layer.post_attention_layernorm(h))
-        logits = self.lm.lm_head(inner.norm(h[:, 0]))  # [B, V]
+        logits = self.lm_head(inner.norm(h[:, 0]))  # [B, V]
         return logits, torch.stack(ks), torch.stack(vs)  # [L, B, Hkv, 1, D] each

@@ -9,6 +9,9 @@ Both go through `graphllm.compile` (capture → model passes → lowering → ba
 same fusions as the training graph. Each compile is followed by one warm-up call on dummy inputs,
 timed as compile time, so the throughput figures are steady-state. Rows are right-padded; a batch
 with fewer prompts than `batch_size` is filled with one-token dummy rows whose output is dropped.
+
+With `tp > 1` (one process per rank, all running the same prompts) both graphs also get the
+tensor_parallel pass and each rank's cache holds only its kv heads (graphllm/generate/tp.py).
 """
 
 from __future__ import annotations
@@ -79,7 +82,7 @@ class StaticGenerator:
 
     def __init__(self, model: nn.Module, *, batch_size: int = 1, max_len: int = 512, backend: str = "inductor",
                  amp: str = "fp32", min_bucket: int = 16, passes: Sequence | None = None,
-                 pad_id: int = 0) -> None:
+                 pad_id: int = 0, tp: int = 1) -> None:
         from graphllm.backends import get_backend
         from graphllm.models.kv_cache import DecodeStep, PrefillStep
 
@@ -113,7 +116,21 @@ class StaticGenerator:
         self.pad_id = pad_id
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
-        shape = (cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.tp, self.rank = tp, 0
+        kv_heads = cfg.num_key_value_heads
+        if tp > 1:  # join the group, add the pass; the cache holds this rank's kv heads only
+            from graphllm.generate.tp import join_tp_group, local_kv_heads
+            from graphllm.plan import parallel_passes
+
+            st = join_tp_group(cfg, tp, batch_size=batch_size, max_len=max_len, device=self.device.type)
+            self.rank = st.rank
+            self.passes = [*passes, *parallel_passes(st.layout)]
+            kv_heads = local_kv_heads(kv_heads, tp)
+            self._shards: dict[str, torch.Tensor] = {}
+        elif tp < 1:
+            raise GraphllmError(f"--tp must be at least 1, got {tp}")
+        self.full_kv_heads = cfg.num_key_value_heads
+        shape = (cfg.num_hidden_layers, batch_size, kv_heads, max_len, cfg.head_dim)
         self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)  # [L, B, Hkv, M, D]
         self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self._prefill_step = PrefillStep(model)
@@ -128,10 +145,35 @@ class StaticGenerator:
         logger.info("generate: compiling the %s graph %s (%s)", what, [list(t.shape) for t in inputs], self.backend)
         t0 = time.perf_counter()
         with torch.no_grad():
-            fn = graphllm.compile(step, inputs, backend=self.backend, amp=self.amp, passes=self.passes)
+            if self.tp > 1:
+                fn = self._compile_tp(type(step), inputs)
+            else:
+                fn = graphllm.compile(step, inputs, backend=self.backend, amp=self.amp, passes=self.passes)
             _drop_export_input_check(fn)
             fn(*inputs)  # warm-up: Dynamo + the backend compile here, outside the timed calls
         return _Graph(fn=fn, compile_s=time.perf_counter() - t0)
+
+    def _compile_tp(self, step_type: type, inputs: tuple[torch.Tensor, ...]):
+        """This rank's graph of `step_type`, captured from the full weights with cache inputs at full
+        size, then sharded; it is called with `inputs` (the per-rank caches) from now on."""
+        import graphllm
+        from graphllm.generate.tp import share_shards, shallow_clone, tp_cache_inputs
+
+        cfg = self.config
+        full = [torch.zeros(t.shape[:2] + (cfg.num_key_value_heads,) + t.shape[3:], dtype=t.dtype, device=t.device)
+                if t is self.k_cache or t is self.v_cache else t for t in inputs]
+        local = {i: list(t.shape) for i, t in enumerate(inputs) if t is self.k_cache or t is self.v_cache}
+        clone = shallow_clone(self.model)
+        fn = graphllm.compile(step_type(clone), full, backend=self.backend, amp=self.amp,
+                              passes=[*self.passes, tp_cache_inputs.with_options(shapes=local)],
+                              plan={"tp": self.tp}, rank=self.rank, world_size=self.tp)
+        sharded = sum(r.counters.get("sharded parameters", 0) for r in fn.result.records if r.name == "tensor_parallel")
+        if not sharded:
+            raise GraphllmError(f"--tp {self.tp}: the tensor-parallel plan matched no parameter of "
+                                f"{type(self.model).__name__}; generation with --tp needs a Llama-family model")
+        fn.result.example_shapes = [tuple(t.shape) for t in inputs]  # the cache inputs are per-rank now
+        share_shards(clone, self._shards)
+        return fn
 
     def prefill_graph(self, length: int) -> _Graph:
         g = self._prefill.get(length)
@@ -203,6 +245,15 @@ class StaticGenerator:
         eos = torch.tensor(sorted(set(eos_ids)) or [-1], device=dev)
         return self._steps(prefill, decode, ids, lengths, n, sampler, eos, max_new_tokens, stats)
 
+    def _sample(self, sampler: Sampler, logits: torch.Tensor) -> torch.Tensor:
+        """The next token of every row; under tp, the group's first rank's choice on every rank."""
+        token = sampler(logits)
+        if self.tp > 1:
+            from graphllm.generate.tp import broadcast_tokens
+
+            token = broadcast_tokens(token)
+        return token
+
     def _steps(self, prefill: _Graph, decode: _Graph, ids: torch.Tensor, lengths: torch.Tensor, n: int,
                sampler: Sampler, eos: torch.Tensor, max_new_tokens: int,
                stats: GenerationStats) -> Iterator[list[int | None]]:
@@ -214,7 +265,7 @@ class StaticGenerator:
             logits, k, v = prefill.fn(ids, lengths)
             self.k_cache[:, :, :, :S].copy_(k)
             self.v_cache[:, :, :, :S].copy_(v)
-            token = sampler(logits)  # [B]
+            token = self._sample(sampler, logits)  # [B]
             stats.prefill_s += time.perf_counter() - t0
             stats.prompt_tokens += int(lengths[:n].sum())
             pos = lengths.clone()  # [B]: where each row's next token goes
@@ -235,7 +286,7 @@ class StaticGenerator:
                 index = step_pos.view(1, B, 1, 1, 1).expand(L, B, Hkv, 1, D)
                 self.k_cache.scatter_(3, index, k.to(self.k_cache.dtype))  # bf16 under --amp bf16
                 self.v_cache.scatter_(3, index, v.to(self.v_cache.dtype))
-                token = torch.where(done, self.pad_id, sampler(logits))
+                token = torch.where(done, self.pad_id, self._sample(sampler, logits))
                 stats.decode_s += time.perf_counter() - t0
                 stats.new_tokens += int((~done[:n]).sum())
                 pos = pos + 1

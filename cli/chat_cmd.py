@@ -4,6 +4,9 @@ Each turn renders the whole history with the template and prefills it (one prefi
 bucket, compiled once); the decode graph is compiled once for the session. `/reset` clears the
 history, `/exit` (or end of input) quits. When the history no longer fits the cache, the oldest
 turns are dropped (the system message is kept) and a note says so.
+
+With --tp N the command re-runs itself as N ranks; rank 0 reads stdin and prints, and every line it
+reads is broadcast to the other ranks, which run the same turns silently.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from graphllm.cli.generate_cmd import add_model_args, load, report, sampling_from
+from graphllm.cli.generate_cmd import add_model_args, launch_tp, load, rank_zero_output, report, sampling_from
 
 from graphllm.errors import GraphllmError
 
@@ -24,6 +27,25 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    launched = launch_tp(args, batch_size=1)
+    if launched is not None:
+        return launched
+    with rank_zero_output():
+        return _chat(args)
+
+
+def _read_line(tp: int) -> tuple[str, bool]:
+    """The next input line ("" at its end) and whether stdin is a terminal: rank 0's, on every rank."""
+    from graphllm.launch import is_rank_zero
+    from graphllm.parallel.groups import broadcast_object
+
+    if tp == 1:
+        return sys.stdin.readline(), sys.stdin.isatty()
+    got = (sys.stdin.readline(), sys.stdin.isatty()) if is_rank_zero() else None
+    return broadcast_object(got)
+
+
+def _chat(args: argparse.Namespace) -> int:
     from graphllm.generate import GenerationStats, StaticGenerator, generate_text
 
     sampling = sampling_from(args)
@@ -35,15 +57,15 @@ def run(args: argparse.Namespace) -> int:
     if args.max_new_tokens >= max_len:
         raise GraphllmError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in --max-len {max_len}")
     gen = StaticGenerator(net, batch_size=1, max_len=max_len, backend=args.backend,
-                          pad_id=eos[0] if eos else 0)
+                          pad_id=eos[0] if eos else 0, tp=args.tp)
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict] = []
-    interactive = sys.stdin.isatty()
+    interactive = sys.stdin.isatty()  # rank 0's is what counts; the others print nothing
     print(f"chatting with {args.model} ({args.backend}); /reset clears the history, /exit quits", file=sys.stderr)
     while True:
         if interactive:
             print(">>> ", end="", file=sys.stderr, flush=True)
-        line = sys.stdin.readline()
+        line, _ = _read_line(args.tp)
         if not line:
             break
         text = line.strip()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 
@@ -31,6 +32,9 @@ def add_model_args(p: argparse.ArgumentParser, *, max_new_tokens: int) -> None:
     p.add_argument("--stop", action="append", default=[], type=_unescape,
                    help="stop string (repeatable; \\n and \\t are newline and tab); not printed")
     p.add_argument("--seed", type=int, default=0, help="sampling seed, and init seed of preset models")
+    p.add_argument("--tp", type=int, default=1,
+                   help="tensor-parallel ranks: the command re-runs itself as N local processes (torchrun); "
+                        "each holds 1/N of the heads, MLP and KV cache")
 
 
 def add_parser(sub) -> None:
@@ -71,7 +75,54 @@ def report(stats, err=None) -> None:
           f"compile {stats.compile_s:.1f} s]", file=err, flush=True)
 
 
+def launch_tp(args: argparse.Namespace, *, batch_size: int) -> int | None:
+    """Under --tp N outside a launched world: check the model splits, then re-run this command as N
+    ranks and return their exit code. Otherwise None (one process, or already one of the ranks)."""
+    if args.tp < 1:
+        raise GraphllmError(f"--tp must be at least 1, got {args.tp}")
+    if args.tp == 1:
+        return None
+    from graphllm.launch import in_launched_world, relaunch
+
+    if in_launched_world():
+        return None
+    from graphllm.models import load_config
+    from graphllm.parallel import Layout
+
+    Layout(tp=args.tp).check_model(load_config(args.model), batch_size=batch_size, seq_len=2)
+    return relaunch(args.tp, args.argv)
+
+
+@contextlib.contextmanager
+def rank_zero_output():
+    """Ranks other than 0 print nothing (they run the same loop, so they would repeat rank 0's text);
+    the process group is closed at the end on every rank."""
+    from graphllm.launch import in_launched_world, is_rank_zero
+
+    if not in_launched_world():
+        yield
+        return
+    from graphllm.parallel.groups import destroy
+
+    try:
+        if is_rank_zero():
+            yield
+        else:
+            with open(os.devnull, "w") as null, contextlib.redirect_stdout(null), contextlib.redirect_stderr(null):
+                yield
+    finally:
+        destroy()
+
+
 def run(args: argparse.Namespace) -> int:
+    launched = launch_tp(args, batch_size=len(args.prompt))
+    if launched is not None:
+        return launched
+    with rank_zero_output():
+        return _generate(args)
+
+
+def _generate(args: argparse.Namespace) -> int:
     from graphllm.generate import (
         GenerationStats,
         StaticGenerator,
@@ -88,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
     max_len = args.max_len or min(bucket(max(len(r) for r in rows), min_bucket=16, max_len=limit)
                                   + args.max_new_tokens, limit)
     gen = StaticGenerator(net, batch_size=len(rows), max_len=max_len, backend=args.backend,
-                          pad_id=eos[0] if eos else 0)
+                          pad_id=eos[0] if eos else 0, tp=args.tp)
     stats = GenerationStats()
     single = len(rows) == 1
 

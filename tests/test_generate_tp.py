@@ -67,3 +67,11 @@ def test_tp_outside_launched_ranks_is_refused(tmp_path: Path) -> None:
         StaticGenerator(model, batch_size=1, max_len=MAX_LEN, backend="eager", tp=2)
     with pytest.raises(GraphllmError, match="does not divide the model's attention heads"):
         StaticGenerator(model, batch_size=1, max_len=MAX_LEN, backend="eager", tp=3)
+
+
+def test_generate_command_refuses_a_tp_that_does_not_split_the_model(capsys) -> None:
+    from graphllm.cli.main import EXIT_USER_ERROR, main
+
+    # checked before any rank is launched: tiny-llama's heads do not split 3 ways
+    assert main(["generate", "--model", "tiny-llama", "--prompt", "hi", "--backend", "eager", "--tp", "3"]) == EXIT_USER_ERROR
+    assert "--tp 3 does not divide" in capsys.readouterr().err

@@ -14,7 +14,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from graphllm.cli.generate_cmd import add_model_args, launch_tp, load, rank_zero_output, report, sampling_from
+from graphllm.cli.generate_cmd import (
+    add_model_args,
+    launch_tp,
+    load,
+    rank_zero_output,
+    report,
+    sampling_from,
+)
 
 from graphllm.errors import GraphllmError
 

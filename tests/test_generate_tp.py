@@ -7,16 +7,15 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from dist_util import run_ranks
+from graphllm.models import load_model
 from hf_parity import hf_model, save_hf_checkpoint
 from test_generate import MAX_LEN, MORE_PROMPTS, NEW, PROMPTS, ours
 
 from graphllm.errors import GraphllmError
 from graphllm.generate import StaticGenerator
-from graphllm.models import load_model
 
 TP = 2
 BATCH = 3

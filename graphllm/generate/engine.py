@@ -124,7 +124,8 @@ class StaticGenerator:
 
             st = join_tp_group(cfg, tp, batch_size=batch_size, max_len=max_len, device=self.device.type)
             self.rank = st.rank
-            self.passes = [*passes, *parallel_passes(st.layout)]
+            names = {q.name for q in passes}
+            self.passes = [*passes, *(q for q in parallel_passes(st.layout) if q.name not in names)]
             kv_heads = local_kv_heads(kv_heads, tp)
             self._shards: dict[str, torch.Tensor] = {}
         elif tp < 1:
@@ -157,7 +158,7 @@ class StaticGenerator:
         """This rank's graph of `step_type`, captured from the full weights with cache inputs at full
         size, then sharded; it is called with `inputs` (the per-rank caches) from now on."""
         import graphllm
-        from graphllm.generate.tp import share_shards, shallow_clone, tp_cache_inputs
+        from graphllm.generate.tp import shallow_clone, share_shards, tp_cache_inputs
 
         cfg = self.config
         full = [torch.zeros(t.shape[:2] + (cfg.num_key_value_heads,) + t.shape[3:], dtype=t.dtype, device=t.device)

@@ -24,8 +24,7 @@ from __future__ import annotations
 import copy
 
 import torch
-import torch.fx as fx
-from torch import nn
+from torch import fx, nn
 from torch._guards import detect_fake_mode
 
 from graphllm.errors import GraphllmError

@@ -45,9 +45,26 @@ def _worker(rank: int, world_size: int, port: int, fn, args, kwargs, queue) -> N
             dist.destroy_process_group()
 
 
+def _next_result(queue, procs, timeout: float):
+    """The next rank's report; a rank that died without one (killed, crashed in C, failed to start)
+    fails the call instead of leaving it waiting forever."""
+    import queue as queue_mod
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            return queue.get(timeout=1.0)
+        except queue_mod.Empty:
+            dead = [(r, p.exitcode) for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
+            if dead:
+                return dead[0][0], "error", f"process exited with code {dead[0][1]} without reporting"
+    return -1, "error", f"no rank reported within {timeout:.0f} s"
+
+
 def run_ranks(fn, world_size: int, *args, timeout: float = 600.0, **kwargs) -> list:
     ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
+    queue = ctx.Queue()
     port = free_port()
     procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, kwargs, queue)) for r in range(world_size)]
     for p in procs:
@@ -55,7 +72,7 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 600.0, **kwargs) -> l
     results: dict[int, object] = {}
     errors: list[str] = []
     for _ in range(world_size):
-        rank, status, value = queue.get()
+        rank, status, value = _next_result(queue, procs, timeout)
         if status == "ok":
             import torch
 

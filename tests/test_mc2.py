@@ -12,10 +12,10 @@ from dist_util import run_ranks
 from hf_parity import rel_err
 from parallel_harness import batch_at, make_plan
 
-MC2_RTOL = 1e-6
-"""The same dot products per output element as the unfused graph; the backward computes the weight
-gradient as one gᵀx over all rows instead of per chunk, and the chunked lowering's smaller matmuls block
-differently, both of which only move the rounding (measured ≤ 3e-7)."""
+MC2_RTOL = 2e-6
+"""The same dot products per output element as the unfused graph. Measured: the eager backend (reference
+kernels, graphllm's backward rules) bitwise equal; the chunked lowering up to 9.1e-7 on gradients (the
+smaller chunk matmuls block their sums differently), 0 on the loss."""
 LAYERS = 4
 
 

@@ -28,10 +28,20 @@ def node_flops(n: fx.Node) -> int:
     if n.op != "call_function":
         return 0
     t = n.target
+    gl = torch.ops.graphllm
     if t in (aten.linear.default,):
         x, w = _shape(n.args[0]), _shape(n.args[1])
         if x and w:
             return 2 * math.prod(x[:-1]) * w[0] * w[1]
+    elif t in (gl.matmul_all_reduce.default, gl.all_gather_matmul.default, gl.matmul_reduce_scatter.default):  # x [B, s, K] times w [N, K]; all_gather_matmul multiplies the gathered rows
+        x, w = _shape(n.args[0]), _shape(n.args[1])
+        if x and w:
+            rows = math.prod(x[:-1]) * (n.args[3] if t is gl.all_gather_matmul.default else 1)
+            return 2 * rows * w[0] * w[1]
+    elif t is gl.grouped_matmul.default:  # every row meets one [K, N] weight
+        x, w = _shape(n.args[0]), _shape(n.args[1])
+        if x and w:
+            return 2 * x[0] * w[1] * w[2]
     elif t in (aten.matmul.default, aten.mm.default, aten.bmm.default):
         a, out = _shape(n.args[0]), _shape(n)
         if a and out:

@@ -30,8 +30,11 @@ def loss_and_grads(layout: dict, dump: str | None):
                              description="test only: the decompose lowering table on eager aot graphs"))
     built = build(make_plan(**dict(layout)), dump_dir=f"{dump}/rank{os.environ['RANK']}" if dump else None)
     ids, labels = batch_at(0)
+    from graphllm.flops import forward_flops
+
     loss = built.engine.forward_backward(ids, labels)
-    return loss, {n: p.grad.clone() for n, p in built.engine.named_params.items()}
+    grads = {n: p.grad.clone() for n, p in built.engine.named_params.items()}
+    return loss, grads, forward_flops(built.result.model_graph)
 
 
 CASES = {
@@ -53,9 +56,10 @@ def test_mc2_equals_unfused(name, tmp_path):
     layout = CASES[name]
     ref = unfused(layout.get("sequence_parallel", False))
     got = run_ranks(loss_and_grads, 2, layout, str(tmp_path / "graphs"))
-    for (l0, g0), (l1, g1) in zip(ref, got):
+    for (l0, g0, f0), (l1, g1, f1) in zip(ref, got):
         assert abs(l1 - l0) / abs(l0) <= MC2_RTOL
         assert max(rel_err(g1[n], g0[n]) for n in g0) <= MC2_RTOL
+        assert f1 == f0  # the MC2 ops' matmuls count as the linears they replaced (MFU)
     model = next((tmp_path / "graphs" / "rank0" / "model").glob("*_mc2.py")).read_text()
     if layout.get("sequence_parallel"):
         # per layer: q (gathering for k, v too) and gate (for up); o and down

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from graphllm.errors import GraphllmError
+from graphllm.generate.engine import bucket
 
 logger = logging.getLogger("graphllm.eval")
 
@@ -51,9 +52,9 @@ class Tokenizer(Protocol):
 
 
 def bucket_length(n: int, *, min_bucket: int, max_length: int) -> int:
-    """The static sequence length for an input of n tokens: the next power of two ≥ n (≥ min_bucket), capped."""
-    size = max(min_bucket, 1 << max(n - 1, 0).bit_length())
-    return min(size, max_length)
+    """The static sequence length for an input of n tokens: the generator's prompt buckets (the next power
+    of two ≥ n, ≥ min_bucket, capped), so scoring and generation compile the same shapes."""
+    return bucket(n, min_bucket=min_bucket, max_len=max_length)
 
 
 def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:

@@ -27,7 +27,8 @@ from torch import Tensor
 c10d = torch.ops._c10d_functional
 
 
-def _name(group: str) -> str:
+def group_name_of(group: str) -> str:
+    """The c10d group name of a graphllm group kind ("tp") on this rank."""
     from graphllm.parallel.groups import group_name
 
     return group_name(group)
@@ -58,12 +59,12 @@ def tp_copy(x: Tensor, group: str) -> Tensor:
 
 @torch.library.custom_op("graphllm::tp_reduce", mutates_args=())
 def tp_reduce(x: Tensor, group: str) -> Tensor:
-    return all_reduce_decomposed(x, "sum", _name(group))
+    return all_reduce_decomposed(x, "sum", group_name_of(group))
 
 
 @torch.library.custom_op("graphllm::tp_reduce_max", mutates_args=())
 def tp_reduce_max(x: Tensor, group: str) -> Tensor:
-    return all_reduce_decomposed(x, "max", _name(group))
+    return all_reduce_decomposed(x, "max", group_name_of(group))
 
 
 def split_decomposed(x: Tensor, dim: int, size: int, rank: int) -> Tensor:
@@ -80,7 +81,7 @@ def _group_rank(group: str) -> int:
 
 @torch.library.custom_op("graphllm::tp_gather", mutates_args=())
 def tp_gather(x: Tensor, dim: int, size: int, group: str) -> Tensor:
-    return all_gather_decomposed(x, dim, size, _name(group))
+    return all_gather_decomposed(x, dim, size, group_name_of(group))
 
 
 @torch.library.custom_op("graphllm::tp_split", mutates_args=())
@@ -90,12 +91,12 @@ def tp_split(x: Tensor, dim: int, size: int, group: str) -> Tensor:
 
 @torch.library.custom_op("graphllm::sp_gather", mutates_args=())
 def sp_gather(x: Tensor, dim: int, size: int, group: str) -> Tensor:
-    return all_gather_decomposed(x, dim, size, _name(group))
+    return all_gather_decomposed(x, dim, size, group_name_of(group))
 
 
 @torch.library.custom_op("graphllm::sp_reduce_scatter", mutates_args=())
 def sp_reduce_scatter(x: Tensor, dim: int, size: int, group: str) -> Tensor:
-    return reduce_scatter_decomposed(x, dim, size, _name(group))
+    return reduce_scatter_decomposed(x, dim, size, group_name_of(group))
 
 
 def _same(x: Tensor, *_) -> Tensor:

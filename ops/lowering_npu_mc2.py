@@ -24,8 +24,8 @@ import warnings
 import torch
 from torch import Tensor
 
-from graphllm.ops.collectives import all_gather_decomposed, reduce_scatter_decomposed
-from graphllm.ops.mc2 import (all_gather_matmul_decomposed, matmul_all_reduce_decomposed,
+from graphllm.ops.collectives import all_gather_decomposed, group_name_of, reduce_scatter_decomposed
+from graphllm.ops.mc2 import (add_bias, all_gather_matmul_decomposed, matmul_all_reduce_decomposed,
                               matmul_reduce_scatter_decomposed)
 
 NPU_MC2_CONTRACT: dict[str, tuple[str, ...]] = {
@@ -47,12 +47,6 @@ def hcom_name(group: str) -> str:
     pg = group_for(group)
     # init_comm: create the communicator now, as torchair's own hcom lookup does in graph mode
     return pg._get_backend(torch.device("npu")).get_hccl_comm_name(dist.get_rank(), init_comm=True)
-
-
-def _group_name(group: str) -> str:
-    from graphllm.parallel.groups import group_name
-
-    return group_name(group)
 
 
 def _limits(x: Tensor, k: int, size: int | None) -> list[str]:
@@ -123,14 +117,14 @@ class _AllGatherMatmulNpu(torch.autograd.Function):
     def backward(ctx, g: Tensor | None, g_gathered: Tensor | None):
         gathered_rows, weight = ctx.saved_tensors
         if g is None:
-            gx = reduce_scatter_decomposed(_rows(g_gathered), 0, ctx.size, _group_name(ctx.group))
+            gx = reduce_scatter_decomposed(_rows(g_gathered), 0, ctx.size, group_name_of(ctx.group))
             return _unrows(gx, ctx.batch), None, None, None
         g_rows = _rows(g)
         if g_gathered is None and not _limits(g, g.shape[-1], ctx.size):
             gx = _mm_reduce_scatter(g_rows, weight.t(), ctx.size, ctx.group)  # (g @ w) reduce-scattered, fused
         else:
             full = g_rows.matmul(weight) + (0 if g_gathered is None else _rows(g_gathered))
-            gx = reduce_scatter_decomposed(full, 0, ctx.size, _group_name(ctx.group))
+            gx = reduce_scatter_decomposed(full, 0, ctx.size, group_name_of(ctx.group))
         return _unrows(gx, ctx.batch), _weight_grad(g_rows, gathered_rows), None, None
 
 
@@ -145,21 +139,17 @@ class _MatmulReduceScatterNpu(torch.autograd.Function):
     def backward(ctx, g: Tensor):
         x, weight = ctx.saved_tensors
         if _limits(g, g.shape[-1], ctx.size):  # the output width is the backward kernel's K
-            g_full_rows = all_gather_decomposed(_rows(g), 0, ctx.size, _group_name(ctx.group))
+            g_full_rows = all_gather_decomposed(_rows(g), 0, ctx.size, group_name_of(ctx.group))
             gx_rows = g_full_rows.matmul(weight)
         else:
             gx_rows, g_full_rows = _all_gather_mm(_rows(g), weight.t(), ctx.size, ctx.group)
         return _unrows(gx_rows, x.shape[0]), _weight_grad(g_full_rows, _rows(x)), None, None
 
 
-def _plus(y: Tensor, bias: Tensor | None) -> Tensor:
-    return y if bias is None else y + bias.to(y.dtype)
-
-
 def matmul_all_reduce_npu(x: Tensor, weight: Tensor, bias: Tensor | None, group: str, chunks: int) -> Tensor:
     if not _supported("matmul_all_reduce", x, None):
         return matmul_all_reduce_decomposed(x, weight, bias, group, chunks)
-    return _plus(_MatmulAllReduceNpu.apply(x, weight, group), bias)
+    return add_bias(_MatmulAllReduceNpu.apply(x, weight, group), bias)
 
 
 def all_gather_matmul_npu(x: Tensor, weight: Tensor, bias: Tensor | None, size: int, group: str,
@@ -167,14 +157,14 @@ def all_gather_matmul_npu(x: Tensor, weight: Tensor, bias: Tensor | None, size: 
     if not _supported("all_gather_matmul", x, size):
         return all_gather_matmul_decomposed(x, weight, bias, size, group, chunks)
     y, gathered = _AllGatherMatmulNpu.apply(x, weight, size, group)
-    return _plus(y, bias), gathered
+    return add_bias(y, bias), gathered
 
 
 def matmul_reduce_scatter_npu(x: Tensor, weight: Tensor, bias: Tensor | None, size: int, group: str,
                               chunks: int) -> Tensor:
     if not _supported("matmul_reduce_scatter", x, size):
         return matmul_reduce_scatter_decomposed(x, weight, bias, size, group, chunks)
-    return _plus(_MatmulReduceScatterNpu.apply(x, weight, size, group), bias)
+    return add_bias(_MatmulReduceScatterNpu.apply(x, weight, size, group), bias)
 
 
 def npu_mc2_lowerings() -> dict:

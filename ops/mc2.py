@@ -32,39 +32,35 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from graphllm.ops.autocast import register_autocast_policy
-from graphllm.ops.collectives import all_gather_decomposed, all_reduce_decomposed, reduce_scatter_decomposed
+from graphllm.ops.collectives import (all_gather_decomposed, all_reduce_decomposed, group_name_of,
+                                      reduce_scatter_decomposed)
 
 gl = torch.ops.graphllm
 SEQ_DIM = 1
 
 
-def _name(group: str) -> str:
-    from graphllm.parallel.groups import group_name
-
-    return group_name(group)
-
-
-def _plus(y: Tensor, bias: Optional[Tensor]) -> Tensor:
-    return y if bias is None else y + bias
+def add_bias(y: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """y + bias, once, after the collective (the MC2 ops' bias convention)."""
+    return y if bias is None else y + bias.to(y.dtype)
 
 
 # -- reference kernels (eager backend) ------------------------------------------------------------
 @torch.library.custom_op("graphllm::matmul_all_reduce", mutates_args=())
 def matmul_all_reduce(x: Tensor, weight: Tensor, bias: Optional[Tensor], group: str, chunks: int) -> Tensor:
-    return _plus(all_reduce_decomposed(F.linear(x, weight), "sum", _name(group)), bias)
+    return add_bias(all_reduce_decomposed(F.linear(x, weight), "sum", group_name_of(group)), bias)
 
 
 @torch.library.custom_op("graphllm::all_gather_matmul", mutates_args=())
 def all_gather_matmul(x: Tensor, weight: Tensor, bias: Optional[Tensor], size: int, group: str,
                       chunks: int) -> tuple[Tensor, Tensor]:
-    gathered = all_gather_decomposed(x, SEQ_DIM, size, _name(group))
+    gathered = all_gather_decomposed(x, SEQ_DIM, size, group_name_of(group))
     return F.linear(gathered, weight, bias), gathered
 
 
 @torch.library.custom_op("graphllm::matmul_reduce_scatter", mutates_args=())
 def matmul_reduce_scatter(x: Tensor, weight: Tensor, bias: Optional[Tensor], size: int, group: str,
                           chunks: int) -> Tensor:
-    return _plus(reduce_scatter_decomposed(F.linear(x, weight), SEQ_DIM, size, _name(group)), bias)
+    return add_bias(reduce_scatter_decomposed(F.linear(x, weight), SEQ_DIM, size, group_name_of(group)), bias)
 
 
 def _out_shape(x: Tensor, weight: Tensor, seq: int) -> list[int]:
@@ -144,7 +140,7 @@ def matmul_all_reduce_decomposed(x: Tensor, weight: Tensor, bias: Optional[Tenso
                                  chunks: int) -> Tensor:
     """Sequence slices, each multiplied and all-reduced on its own, concatenated."""
     parts = x.chunk(_pieces(x.shape[1], chunks), SEQ_DIM)
-    return _plus(torch.cat([gl.tp_reduce(F.linear(p, weight), group) for p in parts], SEQ_DIM), bias)
+    return add_bias(torch.cat([gl.tp_reduce(F.linear(p, weight), group) for p in parts], SEQ_DIM), bias)
 
 
 def all_gather_matmul_decomposed(x: Tensor, weight: Tensor, bias: Optional[Tensor], size: int, group: str,
@@ -172,7 +168,7 @@ def matmul_reduce_scatter_decomposed(x: Tensor, weight: Tensor, bias: Optional[T
     x5 = x.reshape(b, size, n, c, k)
     outs = [gl.sp_reduce_scatter(F.linear(x5[:, :, j].reshape(b, size * c, k), weight), SEQ_DIM, size, group)
             for j in range(n)]
-    return _plus(torch.cat(outs, SEQ_DIM), bias)
+    return add_bias(torch.cat(outs, SEQ_DIM), bias)
 
 
 MC2_OPS = {

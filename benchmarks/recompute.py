@@ -4,7 +4,7 @@ One step = forward + loss + backward (no optimizer: recompute changes neither). 
 its own copy of the same model (same seed, same batch); the policies run interleaved round-robin in
 this one process after a compiling step and a warm-up step each, and the table reports the median
 steady step. Saved bytes are what the forward hands the backward (parameters and inputs excluded),
-read off the partitioned backward graph (graphllm.backends.saved_activation_bytes).
+read off the partitioned backward graph (graphllm.planning.memory.saved_activation_bytes).
 
     python benchmarks/recompute.py --model small-llama --seq-len 512 --batch-size 1 --backend inductor
 """
@@ -24,10 +24,10 @@ from common import ensure_inductor_cache, fmt_mib, interleave, median  # noqa: E
 POLICIES = {
     "none": ("none", {}),
     "full": ("full", {"method": "uniform", "layers": 1}),
-    "selective attn": ("selective", {"ops": ["attention"]}),
-    "selective all": ("selective", {"ops": ["attention", "activation", "norm"]}),
-    "budget 0.5": ("budget", {"fraction": 0.5}),
-    "budget 0.1": ("budget", {"fraction": 0.1}),
+    "selective attn": ("selective", {"ops": ("attention",)}),
+    "selective all": ("selective", {"ops": ("attention", "activation", "norm")}),
+    "budget 0.5": ("budget", {"budget": 0.5}),
+    "budget 0.1": ("budget", {"budget": 0.1}),
 }
 
 
@@ -43,7 +43,8 @@ def main() -> int:
     if args.backend == "inductor":
         ensure_inductor_cache()
     import graphllm
-    from graphllm.backends import saved_activation_bytes
+    from graphllm.planning.memory import saved_activation_bytes
+    from graphllm.planning.recompute_config import RecomputeConfig
 
     names = [n for n in args.policies.split(",") if n]
     g = torch.Generator().manual_seed(1)
@@ -55,7 +56,7 @@ def main() -> int:
             ids = torch.randint(0, model.config.vocab_size, (args.batch_size, args.seq_len), generator=g)
             labels = torch.randint(0, model.config.vocab_size, (args.batch_size, args.seq_len), generator=g)
         compiled = graphllm.compile(model, ids, labels, backend=args.backend,
-                                    plan={"recompute": policy, "recompute_options": opts})
+                                    recompute=RecomputeConfig(policy=policy, **opts))
 
         def step(compiled=compiled, model=model) -> torch.Tensor:
             model.zero_grad(set_to_none=True)

@@ -42,7 +42,7 @@ from rich.table import Table  # noqa: E402
 from torch import nn  # noqa: E402
 
 import graphllm  # noqa: E402
-from graphllm.flops import forward_flops  # noqa: E402
+from graphllm.planning.flops import forward_flops  # noqa: E402
 from graphllm.models import PRESETS, load_model  # noqa: E402
 from graphllm.train import TrainConfig, make_optimizer  # noqa: E402
 

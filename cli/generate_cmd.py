@@ -88,7 +88,7 @@ def launch_tp(args: argparse.Namespace, *, batch_size: int) -> int | None:
         return None
     from graphllm.models import load_config
 
-    from graphllm.parallel import Layout
+    from graphllm.planning import Layout
 
     Layout(tp=args.tp).check_model(load_config(args.model), batch_size=batch_size, seq_len=2)
     return relaunch(args.tp, args.argv)

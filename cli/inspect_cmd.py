@@ -25,12 +25,30 @@ def add_parser(sub) -> None:
     p.add_argument("--in", dest="in_graph", metavar="GRAPH", help="with --find: search only this graph")
     p.add_argument("--render", metavar="GRAPH", help="draw one graph to --out FILE.html (self-contained) or FILE.svg (graphviz)")
     p.add_argument("--out", type=Path, metavar="FILE", help="with --render: where to write the drawing")
+    p.add_argument("--pipeline", action="store_true",
+                   help="the steps that made the graphs: stage, options, origin, why, nodes changed on --rank")
     p.set_defaults(func=run)
 
 
 def _count(path: Path) -> tuple[int, int]:
     rows = path.with_suffix(".tsv").read_text().splitlines()[1:]
     return len(rows), sum(1 for r in rows if r.split("\t")[2] == "call_function")
+
+
+def _print_pipeline(args: argparse.Namespace) -> int:
+    """A table on a terminal; tab-separated lines otherwise (nothing cut, easy to grep)."""
+    from graphllm.inspect_pipeline import COLUMNS, pipeline_rows
+
+    rows = pipeline_rows(args.artifact, args.rank)
+    if not sys.stdout.isatty():
+        sys.stdout.write("\n".join("\t".join(r[c] for c in COLUMNS) for r in [dict(zip(COLUMNS, COLUMNS)), *rows]))
+        sys.stdout.write("\n")
+        return 0
+    table = Table(*COLUMNS, title=f"{args.artifact} rank {args.rank}: pipeline", show_lines=True)
+    for r in rows:
+        table.add_row(*(r[c] for c in COLUMNS))
+    Console().print(table)
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
@@ -41,6 +59,8 @@ def run(args: argparse.Namespace) -> int:
         raise GraphllmError("--in GRAPH only narrows --find TEXT; add --find")
     if (args.render is None) != (args.out is None):
         raise GraphllmError("--render GRAPH and --out FILE go together (e.g. --render forward --out g.html)")
+    if args.pipeline:
+        return _print_pipeline(args)
     files = ig.list_graphs(args.artifact, args.rank)
     console = Console()
     if args.ops:

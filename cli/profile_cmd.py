@@ -36,17 +36,12 @@ def run(args: argparse.Namespace) -> int:
 
     if args.steps < 1 or args.warmup < 0:
         raise GraphllmError(f"--steps must be ≥ 1 and --warmup ≥ 0 (got {args.steps}, {args.warmup})")
-    world = CompilePlan.from_json(read_plan(args.artifact)["plan"], str(args.artifact)).layout().world_size
+    world = CompilePlan.from_json(read_plan(args.artifact)["plan"], str(args.artifact)).layout.world_size
     if world > 1 and not in_launched_world():
         return relaunch(world, args.argv)
     console = Console(stderr=True, quiet=not is_rank_zero())
     with console.status("loading artifact and compiling …"):
-        if args.by_layer:
-            from graphllm.profile_layers import layer_markers
-
-            _, built = load_artifact(args.artifact, extra_passes=[layer_markers], backend="eager")
-        else:
-            _, built = load_artifact(args.artifact)
+        _, built = load_artifact(args.artifact, purpose="profile_layers" if args.by_layer else "train")
     out = args.out or args.artifact / "profile"
     with console.status(f"profiling {args.steps} steps after {args.warmup} warm-up steps …"):
         s = profile_built(built, out, steps=args.steps, warmup=args.warmup, top=args.top)

@@ -1,7 +1,7 @@
 """The artifact directory `graphllm compile` writes and `graphllm run` / `inspect` read.
 
 Layout:
-  plan.json                        the plan, versions, model fingerprint, graph hash per rank
+  plan.json                        the plan, the pipeline that ran, versions, model fingerprint, graph hash per rank
   graphs/rank0/model/NN_<pass>.py  model graph after each model-stage pass (code with provenance)
   graphs/rank0/model/NN_<pass>.tsv the same graph as a table (one node a line)
   graphs/rank0/train/forward.py    forward graph after partitioning and the train passes (and .tsv)
@@ -22,17 +22,18 @@ from typing import Any
 
 import torch
 
-import graphllm
+from graphllm.version import __version__
 from graphllm.errors import GraphllmError
 from graphllm.plan import CompilePlan
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""plan.json's format: 2 holds the typed plan (sections layout / recompute / npu) and the pipeline that ran."""
 
 
 def versions() -> dict[str, str]:
     import transformers
 
-    return {"graphllm": graphllm.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
+    return {"graphllm": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "python": platform.python_version()}
 
 
@@ -79,11 +80,16 @@ def read_plan(root: Path) -> dict[str, Any]:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise GraphllmError(f"{path} is corrupt ({e.__class__.__name__}: {e}); recompile the artifact") from e
-    if not isinstance(data, dict) or data.get("format") != FORMAT_VERSION or "plan" not in data:
-        raise GraphllmError(f"{path} is not a graphllm plan of format {FORMAT_VERSION}; recompile the artifact")
+    if not isinstance(data, dict) or "plan" not in data:
+        raise GraphllmError(f"{path} is not a graphllm plan; recompile the artifact")
+    if data.get("format") != FORMAT_VERSION:
+        raise GraphllmError(f"artifact {root} has plan format {data.get('format')!r}, this graphllm reads format "
+                            f"{FORMAT_VERSION}; recompile it with `graphllm compile`")
+    if not isinstance(data.get("pipeline"), list):
+        raise GraphllmError(f"{path} has no pipeline record; recompile the artifact")
     made_by = data.get("versions", {}).get("graphllm")
-    if made_by != graphllm.__version__:
+    if made_by != __version__:
         raise GraphllmError(f"artifact {root} was compiled by graphllm {made_by}, this is graphllm "
-                            f"{graphllm.__version__}; recompile it with `graphllm compile`")
+                            f"{__version__}; recompile it with `graphllm compile`")
     CompilePlan.from_json(data["plan"], str(path))  # field check
     return data

@@ -1,130 +1,36 @@
 """Backends: how a post-pass model graph becomes a callable training step.
 
-Each backend is a Dynamo backend built around aot_autograd, so the model graph is split into forward
-and backward ATen graphs; graphllm's `train`-stage passes run on those graphs (`TrainStage.run`),
-then the backend compiles them. Register a new one with `register_backend`.
+Every backend is a Dynamo backend built around aot_autograd: the model graph is split into forward and
+backward ATen graphs by the plan's partition policy (recompute), graphllm's train passes run on each
+(`TrainStage.run`), then the backend compiles them. The seam is typed so that it cannot be half-wired:
 
-- eager: aot_autograd with the default partitioner and no compiler: the graphs run op by op. graphllm
-  ops are kept, so their reference kernels and autograd rules run. For debugging and fast tests.
-- inductor: `compile_fx` with graphllm's hook in its inner compiler (after partitioning, before
-  inductor's own lowering); graphllm ops are lowered to their fusable decompositions first.
-- npu: torchair's FX compiler under graphllm's aot_autograd wrapper (graphllm/npu_backend.py); needs
-  torch_npu and Ascend CANN.
+- an *aot* backend gives only `graph_compiler(stage) -> (gm, example_inputs) -> callable` for one
+  partitioned graph; graphllm's own aot_autograd wrapper (`aot_backend`) does the partitioning with
+  `stage.partition_fn()` and runs the train passes, identically for every such backend;
+- a backend that partitions the joint graph itself (inductor) gives `dynamo(stage)` and must apply the
+  stage's policy through its own hooks (`_inductor`: inductor's config patches).
+
+- eager: the partitioned graphs run op by op; graphllm ops keep their kernels and autograd rules.
+- inductor: `compile_fx`, graphllm's hook in its inner compiler (after partitioning, before inductor's
+  own lowering); graphllm ops are lowered to their fusable decompositions first.
+- npu: torchair's FX compiler per partitioned graph (graphllm/npu_backend.py); needs torch_npu + CANN.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import re
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 import torch.fx as fx
 
-from graphllm.dump import INPUT_META_KEY, write_graph
 from graphllm.errors import GraphllmError
-from graphllm.passes.manager import GraphPass, PassContext, PassRecord, run_passes
+from graphllm.train_stage import TrainStage
 
-
-@dataclass(kw_only=True)
-class TrainStage:
-    """Runs the `train` passes on each aot_autograd graph, dumps it, and keeps statistics."""
-
-    passes: Sequence[GraphPass]
-    ctx_template: PassContext
-    dump_dir: Path | None = None
-    records: list[PassRecord] = field(default_factory=list)
-    graphs: dict[str, fx.GraphModule] = field(default_factory=dict)
-    compiles: dict[str, int] = field(default_factory=dict)
-    dumps: list[dict[str, Any]] = field(default_factory=list)
-    recompute: str = "none"
-    """Activation recomputation policy (graphllm.recompute.RECOMPUTE_POLICIES); picks the partition function."""
-    recompute_options: dict[str, Any] = field(default_factory=dict)
-    """The policy's options (graphllm.recompute.check_options)."""
-    input_names: list[str] = field(default_factory=list)
-    """What each input of the compiled graph is (parameter path or argument name), in order; aot_autograd
-    names them primals_1, primals_2, ... in the same order."""
-
-    def run(self, gm: fx.GraphModule, kind: str) -> fx.GraphModule:
-        n = self.compiles.get(kind, 0)
-        self.compiles[kind] = n + 1
-        t = self.ctx_template
-        ctx = PassContext(plan=t.plan, rank=t.rank, world_size=t.world_size, config=t.config, logger=t.logger,
-                          stage="train", graph_kind=kind)  # counters: this graph's own
-        name = kind if n == 0 else f"{kind}_{n}"
-        for node in gm.graph.nodes:
-            m = _PRIMAL.fullmatch(node.name) if node.op == "placeholder" else None
-            if m and int(m.group(1)) <= len(self.input_names):
-                node.meta[INPUT_META_KEY] = self.input_names[int(m.group(1)) - 1]
-        if kind == "backward" and self.recompute != "none":
-            from graphllm.recompute import mark_recomputed
-
-            mark_recomputed(gm)  # stamp recomputed forward ops so dumps and `graphllm inspect` show them
-        dump = None
-        if self.dump_dir is not None:
-            def dump(g: fx.GraphModule, pass_name: str) -> None:
-                self.dumps.append(write_graph(g, self.dump_dir / f"{name}.after_{pass_name}", title=f"{name} after {pass_name}"))
-        gm, records = run_passes(gm, self.passes, ctx, dump=dump)
-        self.records.extend(records)
-        self.graphs[name] = gm
-        if self.dump_dir is not None:
-            self.dumps.append(write_graph(gm, self.dump_dir / name, title=f"{name} graph after partitioning",
-                                          default_pass="aot_autograd"))
-        return gm
-
-    def wrap(self, dynamo_backend: Callable) -> Callable:
-        """Record the Dynamo graph's input names before handing it to the backend."""
-        def backend(gm: fx.GraphModule, example_inputs: list):
-            self.input_names = [_source_name(n) for n in gm.graph.nodes if n.op == "placeholder"]
-            return dynamo_backend(gm, example_inputs)
-        return backend
-
-
-_PRIMAL = re.compile(r"primals_(\d+)")
-_SOURCE_PART = re.compile(r"_(?:modules|parameters|buffers)\['([^']+)'\]|L\['([^']+)'\]")
-
-
-class StageSet:
-    """Several TrainStages (one per pipeline stage and the loss) seen as one: the report and the
-    artifact read `records`, `graphs`, `dumps` and `compiles` from either."""
-
-    def __init__(self) -> None:
-        self.stages: dict[str, TrainStage] = {}
-
-    def add(self, name: str, stage: TrainStage) -> TrainStage:
-        self.stages[name] = stage
-        return stage
-
-    @property
-    def records(self) -> list[PassRecord]:
-        return [r for s in self.stages.values() for r in s.records]
-
-    @property
-    def graphs(self) -> dict[str, fx.GraphModule]:
-        return {f"{name}/{k}": g for name, s in self.stages.items() for k, g in s.graphs.items()}
-
-    @property
-    def dumps(self) -> list[dict[str, Any]]:
-        return [d for s in self.stages.values() for d in s.dumps]
-
-    @property
-    def compiles(self) -> dict[str, int]:
-        return {f"{name}/{k}": n for name, s in self.stages.items() for k, n in s.compiles.items()}
-
-
-def _source_name(node: fx.Node) -> str:
-    """`L['self']._modules['model']._parameters['weight']` → `model.weight`; `L['input_ids']` → `input_ids`."""
-    arg = node.meta.get("grapharg")
-    source = getattr(getattr(arg, "source", None), "name", None)
-    if not isinstance(source, str):
-        return node.name
-    parts = [a or b for a, b in _SOURCE_PART.findall(source)]
-    return ".".join(p for p in parts if p != "self") or node.name
-
-
-BackendFactory = Callable[[TrainStage], Callable[[fx.GraphModule, list], Callable]]
+GraphCompiler = Callable[[fx.GraphModule, list], Callable]
+"""Compiles one partitioned forward/backward graph (after the train passes) into a boxed callable."""
+DynamoBackend = Callable[[fx.GraphModule, list], Callable]
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,11 +38,37 @@ class Backend:
     name: str
     lowering: str
     """Key of this backend's table in graphllm.ops.lowering.LOWERINGS."""
-    make: BackendFactory
-    """TrainStage -> a Dynamo backend (gm, example_inputs) -> callable."""
     description: str
+    graph_compiler: Callable[[TrainStage], GraphCompiler] | None = None
+    """An aot backend: the stage → a compiler for one partitioned graph (see the module docstring)."""
+    dynamo: Callable[[TrainStage], DynamoBackend] | None = None
+    """A backend that partitions itself: the stage → a Dynamo backend honouring `stage.plan.recompute`."""
     prepare: Callable[[], None] | None = None
     """Run before lowering (e.g. load the device runtime whose kernels the lowering table checks)."""
+
+    def __post_init__(self) -> None:
+        if (self.graph_compiler is None) == (self.dynamo is None):
+            raise GraphllmError(f"backend {self.name!r}: give exactly one of graph_compiler (an aot backend) or "
+                                "dynamo (a backend that partitions the joint graph itself)")
+
+    def dynamo_backend(self, stage: TrainStage) -> DynamoBackend:
+        """The Dynamo backend compiling one captured graph under `stage`."""
+        inner = self.dynamo(stage) if self.dynamo is not None else aot_backend(stage, self.graph_compiler(stage))
+        return stage.wrap(inner)
+
+
+def aot_backend(stage: TrainStage, compile_graph: GraphCompiler) -> DynamoBackend:
+    """graphllm's aot_autograd wrapper: partition with the stage's policy, run the train passes on each
+    graph, then `compile_graph` it."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    def compiler(kind: str):
+        def compile_one(gm: fx.GraphModule, example_inputs: list) -> Callable:
+            return compile_graph(stage.run(gm, kind), example_inputs)
+        return compile_one
+
+    return aot_autograd(fw_compiler=compiler("forward"), bw_compiler=compiler("backward"),
+                        inference_compiler=compiler("inference"), partition_fn=stage.partition_fn())
 
 
 _BACKENDS: dict[str, Backend] = {}
@@ -146,34 +78,38 @@ def register_backend(backend: Backend) -> None:
     _BACKENDS[backend.name] = backend
 
 
+def unregister_backend(name: str) -> None:
+    """Remove a backend registered with `register_backend` (tests, plugins that unload)."""
+    _BACKENDS.pop(name, None)
+
+
 def backend_names() -> list[str]:
     return sorted(_BACKENDS)
 
 
-def get_backend(name: str) -> Backend:
+def lookup_backend(name: str) -> Backend:
+    """The registered backend `name` (without checking that its device runtime is installed)."""
     if name not in _BACKENDS:
         raise GraphllmError(f"unknown backend {name!r}; choose one of: {', '.join(backend_names())}")
-    if name == "npu":
-        _check_npu_available()
     return _BACKENDS[name]
 
 
-def _eager(stage: TrainStage):
+def get_backend(name: str) -> Backend:
+    """The registered backend `name`, refused with one line when its device runtime is missing."""
+    be = lookup_backend(name)
+    if name == "npu":
+        _check_npu_available()
+    return be
+
+
+def eager_graph_compiler(stage: TrainStage) -> GraphCompiler:
+    """Run each partitioned graph op by op (graphllm ops keep their kernels and autograd rules)."""
     from functorch.compile import make_boxed_func
-    from torch._dynamo.backends.common import aot_autograd
-    from graphllm.recompute import partition_fn_for
 
-    def compiler(kind: str):
-        def compile_graph(gm: fx.GraphModule, example_inputs: list) -> Callable:
-            return make_boxed_func(stage.run(gm, kind).forward)
-        return compile_graph
-
-    return aot_autograd(fw_compiler=compiler("forward"), bw_compiler=compiler("backward"),
-                        inference_compiler=compiler("inference"),
-                        partition_fn=partition_fn_for(stage.recompute, stage.recompute_options))
+    return lambda gm, example_inputs: make_boxed_func(gm.forward)
 
 
-def _inductor(stage: TrainStage):
+def _inductor(stage: TrainStage) -> DynamoBackend:
     from torch._inductor.compile_fx import compile_fx, compile_fx_inner
 
     from graphllm.recompute import inductor_config_patches
@@ -188,7 +124,7 @@ def _inductor(stage: TrainStage):
         # on: it keys on the graph after graphllm's passes.
         # Recompute policies reach inductor's own min-cut partitioner through config: the tags as a
         # joint-graph pass (it runs before partitioning), the budget as activation_memory_budget.
-        functorch_patches, inductor_patches = inductor_config_patches(stage.recompute, stage.recompute_options)
+        functorch_patches, inductor_patches = inductor_config_patches(stage.plan.recompute)
         with torch._functorch.config.patch(enable_autograd_cache=False, **functorch_patches):
             return compile_fx(gm, example_inputs, inner_compile=inner, config_patches=inductor_patches or None)
 
@@ -202,16 +138,10 @@ def _check_npu_available() -> None:
                             "'graphllm[npu]' on an Ascend machine) or choose --backend inductor or eager")
 
 
-register_backend(Backend(name="eager", lowering="eager", make=_eager,
-                         description="aot_autograd graphs run op by op (debugging, fast tests)"))
-register_backend(Backend(name="inductor", lowering="decompose", make=_inductor,
-                         description="torch inductor (CPU C++/OpenMP, CUDA Triton)"))
+def _npu_graph_compiler(stage: TrainStage) -> GraphCompiler:
+    from graphllm.npu_backend import torchair_graph_compiler  # torch_npu lives behind this import only
 
-
-def _npu(stage: TrainStage):
-    from graphllm.npu_backend import make_npu_backend  # torch_npu lives behind this import only
-
-    return make_npu_backend(stage)
+    return torchair_graph_compiler(stage)
 
 
 def _load_torch_npu() -> None:
@@ -220,31 +150,9 @@ def _load_torch_npu() -> None:
     load_torch_npu()
 
 
-register_backend(Backend(name="npu", lowering="npu", make=_npu, prepare=_load_torch_npu,
+register_backend(Backend(name="eager", lowering="eager", graph_compiler=eager_graph_compiler,
+                         description="aot_autograd graphs run op by op (debugging, fast tests)"))
+register_backend(Backend(name="inductor", lowering="decompose", dynamo=_inductor,
+                         description="torch inductor (CPU C++/OpenMP, CUDA Triton)"))
+register_backend(Backend(name="npu", lowering="npu", graph_compiler=_npu_graph_compiler, prepare=_load_torch_npu,
                          description="torchair to Ascend graph execution (needs torch_npu + CANN)"))
-
-
-def saved_activation_bytes(backward: fx.GraphModule) -> int:
-    """Bytes the forward saves for the backward, parameters and inputs excluded.
-
-    The partitioned backward graph's placeholders are the saved values plus `tangents_*` (incoming
-    gradients); saved values named `primals_*` are the step's inputs and parameters themselves.
-    """
-    total = 0
-    for node in backward.graph.nodes:
-        if node.op != "placeholder" or node.name.startswith(("tangents", "primals")):
-            continue
-        v = node.meta.get("val")
-        if isinstance(v, torch.Tensor):
-            total += _hint(v.numel()) * v.element_size()
-    return total
-
-
-def _hint(n) -> int:
-    """An element count that may be symbolic (inductor saves the CPU RNG state, a tensor of symbolic
-    size, to recompute random-capable ops such as SDPA): its size hint."""
-    try:
-        return int(n)
-    except (TypeError, RuntimeError):
-        hint = getattr(getattr(n, "node", None), "hint", None)
-        return int(hint) if hint is not None else 0

@@ -1,4 +1,4 @@
-"""`graphllm.compile`: capture → model passes → lower → backend (aot_autograd + train passes)."""
+"""`graphllm.compile`: capture → the pipeline's model steps → lowering → backend (partition + train passes)."""
 
 from __future__ import annotations
 
@@ -13,13 +13,17 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from graphllm.backends import Backend, TrainStage, get_backend
+from graphllm.backends import Backend, get_backend
 from graphllm.capture import capture
 from graphllm.dump import write_graph
 from graphllm.errors import GraphllmError
-from graphllm.ops.lowering import lowering_table
-from graphllm.passes import GraphPass, PassContext, PassRecord, default_passes, order_passes, run_passes
-from graphllm.passes.lower_ops import lower_ops
+from graphllm.ops.groups import NO_GROUPS, GroupResolver
+from graphllm.pass_pipeline import Pipeline, Purpose, build_pipeline
+from graphllm.passes import GraphPass, PassContext, PassRecord, run_passes
+from graphllm.plan import CompilePlan
+from graphllm.planning.layout import Layout
+from graphllm.planning.recompute_config import RecomputeConfig
+from graphllm.train_stage import TrainStage
 
 logger = logging.getLogger("graphllm")
 AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16}
@@ -39,8 +43,9 @@ class CompileResult:
     lowered_graph: fx.GraphModule
     records: list[PassRecord]
     dumps: list[dict[str, Any]]
-    passes: list[GraphPass]
-    train_stage: TrainStage
+    pipeline: Pipeline
+    train_stage: Any
+    """The TrainStage (a StageSet under pipeline parallelism): train-pass records, graphs, dumps."""
     backend: str
     example_shapes: list[tuple[int, ...]]
     model_graph_hash: str = ""
@@ -85,22 +90,24 @@ def compile(
     disable: Iterable[str] = (),
     amp: str = "fp32",
     dump_dir: str | Path | None = None,
-    plan: Mapping[str, Any] | None = None,
+    layout: Layout | None = None,
+    recompute: RecomputeConfig | None = None,
+    groups: GroupResolver | None = None,
     rank: int = 0,
-    world_size: int = 1,
     extra_inputs: Sequence[torch.Tensor] = (),
+    purpose: Purpose = "train",
 ) -> CompiledModel:
     """Compile `model` for inputs shaped like `example_inputs`.
 
     With `labels`, the captured graph is the training step's forward including the loss
     (`model(input_ids, labels) -> loss`), so the backend can fuse the loss with the LM head; without,
     it is `model(input_ids) -> logits`. `extra_inputs` follow the labels (`position_ids` of packed rows:
-    `model(input_ids, labels, position_ids) -> loss`). `passes` defaults to `default_passes()`; `train`-stage passes in
-    the list run on the forward/backward graphs. `dump_dir` receives one readable dump per pass.
+    `model(input_ids, labels, position_ids) -> loss`). `passes` defaults to `default_passes()`; passes
+    in it that graphllm does not define are user passes (`train`-stage ones run on the forward/backward
+    graphs). `layout` and `recompute` add the parallel and recomputation steps (graphllm.pass_pipeline);
+    under a layout of several ranks, `groups` is this rank's ParallelState. `dump_dir` receives one
+    readable dump per pass.
     """
-    be = get_backend(backend)
-    if amp not in AMP_DTYPES:
-        raise GraphllmError(f"amp must be one of {', '.join(AMP_DTYPES)}, got {amp!r}")
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     if labels is not None:
         inputs = inputs + (labels,)
@@ -108,16 +115,38 @@ def compile(
         if labels is None:
             raise GraphllmError("compile: extra_inputs follow the labels; pass labels too")
         inputs = inputs + tuple(extra_inputs)
-    prepared = prepare_graph(model, inputs, passes=passes, backend=backend, disable=disable, dump_dir=dump_dir,
-                             plan=plan, rank=rank, world_size=world_size)
+    plan = plan_for(model, inputs, backend=backend, amp=amp, disable=disable, layout=layout, recompute=recompute)
+    pipeline = build_pipeline(plan, purpose=purpose, passes=passes)
+    return compile_pipeline(model, inputs, pipeline, groups=groups, rank=rank, dump_dir=dump_dir)
+
+
+def plan_for(model: nn.Module, inputs: Sequence[torch.Tensor], *, backend: str, amp: str = "fp32",
+             disable: Iterable[str] = (), layout: Layout | None = None,
+             recompute: RecomputeConfig | None = None) -> CompilePlan:
+    """The CompilePlan of a Python-API compile: shapes and device from the inputs, the rest as given."""
+    if amp not in AMP_DTYPES:
+        raise GraphllmError(f"amp must be one of {', '.join(AMP_DTYPES)}, got {amp!r}")
+    get_backend(backend)
+    ids = inputs[0]
+    return CompilePlan(model=getattr(model, "source", type(model).__name__), batch_size=ids.shape[0],
+                       seq_len=ids.shape[-1] if ids.dim() > 1 else 1, backend=backend, amp=amp,
+                       device=ids.device.type if backend != "npu" else "npu", disable=list(disable),
+                       layout=layout or Layout(), recompute=recompute or RecomputeConfig())
+
+
+def compile_pipeline(model: nn.Module, inputs: tuple[torch.Tensor, ...], pipeline: Pipeline, *,
+                     groups: GroupResolver | None = None, rank: int = 0,
+                     dump_dir: str | Path | None = None) -> CompiledModel:
+    """Run `pipeline` on `model(*inputs)` and compile the result (one graph; see graphllm.job for pp > 1)."""
+    prepared = prepare_graph(model, inputs, pipeline, groups=groups, rank=rank, dump_dir=dump_dir)
     stage = prepared.train_stage("")
-    fn = compile_graph(prepared.gm, be, stage)
+    fn = compile_graph(prepared.gm, prepared.backend, stage)
     result = CompileResult(
         model_graph=prepared.model_graph, lowered_graph=prepared.gm, records=prepared.records, dumps=prepared.dumps,
-        passes=prepared.passes, train_stage=stage, backend=backend, example_shapes=[tuple(t.shape) for t in inputs],
-        model_graph_hash=prepared.model_hash,
+        pipeline=pipeline, train_stage=stage, backend=pipeline.plan.backend,
+        example_shapes=[tuple(t.shape) for t in inputs], model_graph_hash=prepared.model_hash,
     )
-    return CompiledModel(model, fn, result, amp)
+    return CompiledModel(model, fn, result, pipeline.plan.amp)
 
 
 @dataclass(kw_only=True)
@@ -129,38 +158,27 @@ class PreparedGraph:
     model_hash: str
     records: list[PassRecord]
     dumps: list[dict[str, Any]]
-    passes: list[GraphPass]
+    pipeline: Pipeline
     ctx: PassContext
     dump_root: Path | None
     backend: Backend
 
     def train_stage(self, name: str) -> TrainStage:
         """A TrainStage for one compiled graph; `name` ("" for the whole model, "stage1" ...) prefixes its dumps."""
-        train_passes = [p for p in self.passes if p.stage == "train"]
-        chunked = self.ctx.plan.get("coc_parallel_num", 1) > 1  # overlap needs async collectives, even eager
-        if (self.backend.lowering != "eager" or chunked) and self.ctx.world_size > 1:
-            from graphllm.passes.lower_collectives import lower_collectives
-
-            train_passes.append(lower_collectives)  # last: after user passes, as lower_ops is
         dump_dir = None
         if self.dump_root is not None:
             dump_dir = self.dump_root / "train" / name if name else self.dump_root / "train"
-        from graphllm.recompute import check_options
-
-        recompute = self.ctx.plan.get("recompute", "none")
-        options = check_options(recompute, self.ctx.plan.get("recompute_options"))
-        return TrainStage(passes=train_passes, ctx_template=self.ctx, dump_dir=dump_dir, recompute=recompute,
-                          recompute_options=options)
+        return TrainStage(plan=self.pipeline.plan, passes=self.pipeline.train_passes, ctx_template=self.ctx,
+                          dump_dir=dump_dir)
 
 
-def prepare_graph(model: nn.Module, inputs: tuple[torch.Tensor, ...], *, passes: Sequence[GraphPass] | None,
-                  backend: str, disable: Iterable[str] = (), dump_dir: str | Path | None = None,
-                  plan: Mapping[str, Any] | None = None, rank: int = 0, world_size: int = 1) -> PreparedGraph:
-    """Capture `model(*inputs)`, run the model-stage passes, adopt parameters the passes replaced
-    (sharding) into `model`, and lower graphllm ops for `backend`."""
-    be = get_backend(backend)
-    ordered = order_passes(list(default_passes() if passes is None else passes), disable=disable)
-    model_passes = [p for p in ordered if p.stage == "model"]
+def prepare_graph(model: nn.Module, inputs: tuple[torch.Tensor, ...], pipeline: Pipeline, *,
+                  groups: GroupResolver | None = None, rank: int = 0,
+                  dump_dir: str | Path | None = None) -> PreparedGraph:
+    """Capture `model(*inputs)`, run the pipeline's model steps, adopt parameters the passes replaced
+    (sharding) into `model`, and run its lowering step."""
+    plan = pipeline.plan
+    be = get_backend(plan.backend)
     dump_root = Path(dump_dir) if dump_dir is not None else None
     model_dumps = dump_root / "model" if dump_root else None
     dumps: list[dict[str, Any]] = []
@@ -172,22 +190,23 @@ def prepare_graph(model: nn.Module, inputs: tuple[torch.Tensor, ...], *, passes:
 
     gm = capture(model, inputs)
     dump(gm, "capture")
-    ctx = PassContext(plan=dict(plan or {}), rank=rank, world_size=world_size,
-                      config=getattr(model, "config", None))
-    gm, records = run_passes(gm, model_passes, ctx, dump=dump)
+    ctx = PassContext(layout=plan.layout, rank=rank, config=getattr(model, "config", None),
+                      groups=groups if groups is not None else NO_GROUPS, recompute=plan.recompute,
+                      backend=plan.backend, amp=plan.amp)
+    gm, records = run_passes(gm, pipeline.model_passes, ctx, dump=dump)
     adopt_parameters(model, gm)
     model_hash = graph_hash(gm)
     model_graph = fx.GraphModule(gm, gm.graph.__deepcopy__())  # keep the pre-lowering view
     if be.prepare is not None:
         be.prepare()
-    gm, lower_records = run_passes(gm, [lower_ops.with_options(table=lowering_table(be.lowering))], ctx, dump=dump)
+    gm, lower_records = run_passes(gm, pipeline.lowering, ctx, dump=dump)
     return PreparedGraph(gm=gm, model_graph=model_graph, model_hash=model_hash, records=records + lower_records,
-                         dumps=dumps, passes=ordered, ctx=ctx, dump_root=dump_root, backend=be)
+                         dumps=dumps, pipeline=pipeline, ctx=ctx, dump_root=dump_root, backend=be)
 
 
 def compile_graph(gm: fx.GraphModule, be: Backend, stage: TrainStage):
     """torch.compile one prepared graph through a backend, with `stage` running the train passes."""
-    return torch.compile(gm, backend=stage.wrap(be.make(stage)), fullgraph=True, dynamic=False)
+    return torch.compile(gm, backend=be.dynamo_backend(stage), fullgraph=True, dynamic=False)
 
 
 def adopt_parameters(model: nn.Module, gm: fx.GraphModule) -> None:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-import graphllm
+from graphllm.version import __version__
 from graphllm.errors import GraphllmError
 from graphllm.models import (
     LlamaForCausalLM,
@@ -51,7 +51,7 @@ from graphllm.parallel.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from graphllm.parallel.layout import Layout
+from graphllm.planning.layout import Layout
 from graphllm.resume import WEIGHTS_ONLY, weights_fingerprint
 
 HF_SUBDIR = "hf"
@@ -99,7 +99,7 @@ def hf_to_graphllm(hf_dir: str | os.PathLike[str], out: str | os.PathLike[str], 
     notes = _check_ckpt_out(root, force)
     sd = _cast(check_state_dict(_meta_model(cfg), read_hf_state_dict(hf), str(hf)), dtype)
     meta = {"kind": WEIGHTS_ONLY, "fingerprint": weights_fingerprint(cfg), "model": str(hf), "config": cfg.to_dict(),
-            "layout": layout.describe(), "dtypes": _dtype_names(sd), "graphllm": graphllm.__version__}
+            "layout": layout.describe(), "dtypes": _dtype_names(sd), "graphllm": __version__}
     carried = _present(hf, (CONFIG_FILE, GENERATION_CONFIG, *TOKENIZER_FILES))
     if not any(f in TOKENIZER_FILES for f in carried):
         notes.append(f"{hf} has no tokenizer files; graphllm-to-hf will need --tokenizer DIR to export one")

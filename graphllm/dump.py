@@ -92,3 +92,10 @@ def write_graph(gm: fx.GraphModule, stem: Path, *, title: str, default_pass: str
     lines = ["\t".join(TABLE_COLUMNS)] + ["\t".join(r[c] for c in TABLE_COLUMNS) for r in rows]
     stem.with_suffix(".tsv").write_text("\n".join(lines) + "\n")
     return {"title": title, "file": stem.name, "nodes": len(rows), "calls": len(ops)}
+
+
+def write_split(split, where: Path) -> None:
+    """Readable dumps of a pipeline split (passes/pipeline_split.py): stage<i> and loss under `where`."""
+    for k, g in enumerate(split.stages):
+        write_graph(g, Path(where) / f"stage{k}", title=f"pipeline stage {k} (layers {split.layers[k]})")
+    write_graph(split.loss, Path(where) / "loss", title="pipeline loss (last stage outputs, labels)")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,15 +12,18 @@ import torch
 
 from graphllm.artifact import (FORMAT_VERSION, commit_out_dir, graphs_dir, prepare_out_dir, read_plan, versions,
                                write_json)
-from graphllm.backends import StageSet, get_backend
-from graphllm.compile import AMP_DTYPES, CompiledModel, CompileResult, compile, compile_graph, prepare_graph
+from graphllm.backends import get_backend
+from graphllm.compile import AMP_DTYPES, CompiledModel, CompileResult, compile_graph, compile_pipeline, prepare_graph
+from graphllm.dump import write_split
 from graphllm.errors import GraphllmError
 from graphllm.models import load_model
 from graphllm.parallel import groups
 from graphllm.parallel.engine import Engine
+from graphllm.pass_pipeline import Pipeline, Purpose, build_pipeline, load_pass_spec, recorded_user_passes
 from graphllm.passes import GraphPass
-from graphllm.plan import CompilePlan, describe_passes, pipeline_for
+from graphllm.plan import CompilePlan
 from graphllm.report import build_report, report_markdown
+from graphllm.train_stage import StageSet
 
 
 @dataclass(kw_only=True)
@@ -35,6 +37,10 @@ class Built:
     """The whole-model compiled graph (None under pipeline parallelism: the engine holds the stages)."""
     compile_seconds: float = 0.0
 
+    @property
+    def pipeline(self) -> Pipeline:
+        return self.result.pipeline
+
 
 def example_batch(plan: CompilePlan, rows: int | None = None) -> tuple[torch.Tensor, ...]:
     """(input_ids, labels), and position_ids when the plan resets them at packed-sample boundaries."""
@@ -46,14 +52,15 @@ def example_batch(plan: CompilePlan, rows: int | None = None) -> tuple[torch.Ten
     return batch
 
 
-def build(plan: CompilePlan, *, extra_passes: Sequence[GraphPass] = (), dump_dir: Path | None = None,
-          warm: bool = True) -> Built:
+def build(plan: CompilePlan, *, user: Sequence[GraphPass] = (), purpose: Purpose = "train",
+          dump_dir: Path | None = None, warm: bool = True) -> Built:
     """Load the model, compile this rank's graph(s) per the plan; with `warm`, run one step so every
-    graph is compiled. Under a layout of several ranks, joins the process group first (torchrun's env)."""
+    graph is compiled. Under a layout of several ranks, joins the process group first (torchrun's env).
+    `user`: user passes (placed by graphllm.pass_pipeline)."""
     t0 = time.perf_counter()
     if plan.backend == "npu":
         get_backend("npu").prepare()  # the npu device exists only once torch_npu is loaded
-    layout = plan.layout()
+    layout = plan.layout
     st = join_world(plan)
     rank = st.rank if st is not None else 0
     model = load_model(plan.model, seed=plan.seed, attn_implementation=plan.attn_implementation).to(plan.device)
@@ -62,18 +69,16 @@ def build(plan: CompilePlan, *, extra_passes: Sequence[GraphPass] = (), dump_dir
         raise GraphllmError(f"--seq-len {plan.seq_len} exceeds the model's max_position_embeddings "
                             f"{cfg.max_position_embeddings}")
     layout.check_model(cfg, batch_size=plan.batch_size, seq_len=plan.seq_len)
-    passes = pipeline_for(plan, list(extra_passes))
-    ids, labels, *extra = example_batch(plan)
-    common = dict(passes=passes, backend=plan.backend, dump_dir=dump_dir, plan=plan.to_json(), rank=rank,
-                  world_size=layout.world_size)
+    pipeline = build_pipeline(plan, purpose=purpose, user=user)
+    inputs = example_batch(plan)
     compiled = None
-    if layout.pp == 1:
-        compiled = compile(model, ids, labels, amp=plan.amp, extra_inputs=extra, **common)
+    if not pipeline.splits:
+        compiled = compile_pipeline(model, inputs, pipeline, groups=st, rank=rank, dump_dir=dump_dir)
         result = compiled.result
         engine = Engine(layout=layout, st=st, named_params=dict(model.named_parameters()), step_fn=compiled,
                         micro_batch_size=plan.batch_size)
     else:
-        result, runner = _build_pipeline(plan, model, (ids, labels), st, common)
+        result, runner = _build_stages(pipeline, model, inputs, st, dump_dir)
         engine = Engine(layout=layout, st=st, named_params=runner.named_parameters(), pipeline=runner,
                         micro_batch_size=plan.batch_size)
     built = Built(plan=plan, model=model, result=result, engine=engine, rank=rank, compiled=compiled)
@@ -83,22 +88,22 @@ def build(plan: CompilePlan, *, extra_passes: Sequence[GraphPass] = (), dump_dir
     return built
 
 
-def _build_pipeline(plan: CompilePlan, model: torch.nn.Module, inputs, st, common) -> tuple[CompileResult, object]:
-    """Prepare the whole graph, split it into stages, compile this rank's stages (and the loss)."""
+def _build_stages(pipeline: Pipeline, model: torch.nn.Module, inputs, st, dump_dir) -> tuple[CompileResult, object]:
+    """The pipeline's split step: prepare the whole graph, split it into stages, compile this rank's
+    stages (and the loss)."""
     from graphllm.parallel.pipeline import PipelineRunner
     from graphllm.passes.pipeline_split import split_pipeline
 
-    prepared = prepare_graph(model, inputs, **common)
-    layout = plan.layout()
-    dump_dir = prepared.dump_root / "model" / "pipeline_split" if prepared.dump_root else None
-    split = split_pipeline(prepared.gm, layout, model.config.num_hidden_layers, dump_dir=dump_dir)
-    be = get_backend(plan.backend)
+    plan = pipeline.plan
+    prepared = prepare_graph(model, inputs, pipeline, groups=st, rank=st.rank, dump_dir=dump_dir)
+    split = split_pipeline(prepared.gm, plan.layout, model.config.num_hidden_layers)
+    if prepared.dump_root is not None:  # readable, beside the model graphs (not in the pass list)
+        write_split(split, prepared.dump_root / "model" / "pipeline_split")
     stages = StageSet()
-
     amp_dtype = AMP_DTYPES[plan.amp]
 
     def compile_stage(gm, name: str):
-        fn = compile_graph(gm, be, stages.add(name, prepared.train_stage(name)))
+        fn = compile_graph(gm, prepared.backend, stages.add(name, prepared.train_stage(name)))
         if amp_dtype is None:
             return fn
 
@@ -114,10 +119,10 @@ def _build_pipeline(plan: CompilePlan, model: torch.nn.Module, inputs, st, commo
             return tuple(o.to(d) for o, d in zip(out, dtypes))
         return autocast_stage
 
-    runner = PipelineRunner(split, layout, st, compile_stage=compile_stage, micro_batch_size=plan.batch_size,
+    runner = PipelineRunner(split, plan.layout, st, compile_stage=compile_stage, micro_batch_size=plan.batch_size,
                             seq_len=plan.seq_len, device=plan.device)
     result = CompileResult(model_graph=prepared.model_graph, lowered_graph=prepared.gm, records=prepared.records,
-                           dumps=prepared.dumps, passes=prepared.passes, train_stage=stages, backend=plan.backend,
+                           dumps=prepared.dumps, pipeline=pipeline, train_stage=stages, backend=plan.backend,
                            example_shapes=[tuple(t.shape) for t in inputs], model_graph_hash=prepared.model_hash)
     return result, runner
 
@@ -131,7 +136,7 @@ def warm_up(built: Built) -> None:
 
 def join_world(plan: CompilePlan):
     """This process's parallel state for the plan (joining torchrun's world when it has several ranks)."""
-    layout = plan.layout()
+    layout = plan.layout
     st = groups.state()
     if layout.world_size > 1 and (st is None or st.layout != layout):
         st = groups.init_parallel(layout, plan.device)
@@ -141,35 +146,25 @@ def join_world(plan: CompilePlan):
     return st
 
 
-def compile_artifact(plan: CompilePlan, out: Path, *, extra_passes: Sequence[GraphPass] = ()) -> tuple[Built, dict]:
+def compile_artifact(plan: CompilePlan, out: str | Path, *, user: Sequence[GraphPass] = ()) -> tuple[Built, dict]:
     """Compile per `plan` on every rank and write the artifact directory `out` (atomically, by rank 0):
-    each rank dumps its own graphs under graphs/rank<r>/; plan.json holds every rank's graph hash."""
+    each rank dumps its own graphs under graphs/rank<r>/; plan.json holds the plan, the pipeline that ran
+    and every rank's graph hash. User passes: the plan's `--pass` specs, then `user`."""
+    out = Path(out)
+    user = [load_pass_spec(s) for s in plan.passes] + list(user)
     st = join_world(plan)
     rank = st.rank if st is not None else 0
     tmp = groups.broadcast_object(prepare_out_dir(out) if rank == 0 else None)
     try:
-        built = build(plan, extra_passes=extra_passes, dump_dir=graphs_dir(tmp, rank))
+        built = build(plan, user=user, dump_dir=graphs_dir(tmp, rank))
         res = built.result
-        plan.passes = describe_passes(list(res.passes))
         report = build_report(built, plan.batch_size * plan.seq_len)
         report["compile_seconds"] = round(built.compile_seconds, 2)
         mine = {"hash": res.model_graph_hash, "graphs": {"model": res.dumps, "train": res.train_stage.dumps},
                 "report": report}
         everyone = groups.gather_objects(mine)
         if rank == 0:
-            data = {
-                "format": FORMAT_VERSION,
-                "versions": versions(),
-                "plan": plan.to_json(),
-                "model": {"source": built.model.source, "config": built.model.config.to_dict(),
-                          "fingerprint": built.model.config.fingerprint()},
-                "graph_hash": {f"rank{r}": e["hash"] for r, e in enumerate(everyone)},
-                "graphs": {f"rank{r}": e["graphs"] for r, e in enumerate(everyone)},
-            }
-            ranks = [e["report"] for e in everyone]
-            write_json(tmp / "plan.json", data)
-            write_json(tmp / "report.json", {**report, "ranks": ranks})
-            (tmp / "report.md").write_text(report_markdown(report, plan.to_json(), ranks))
+            _write_artifact(tmp, built, report, everyone)
             commit_out_dir(tmp, out)
         groups.barrier()
     except BaseException:
@@ -181,17 +176,35 @@ def compile_artifact(plan: CompilePlan, out: Path, *, extra_passes: Sequence[Gra
     return built, report
 
 
-def load_artifact(root: Path, *, extra_passes: Sequence[GraphPass] = (),
-                  backend: str | None = None) -> tuple[dict[str, Any], Built]:
+def _write_artifact(tmp: Path, built: Built, report: dict, everyone: list[dict]) -> None:
+    plan = built.plan
+    data = {
+        "format": FORMAT_VERSION,
+        "versions": versions(),
+        "plan": plan.to_json(),
+        "pipeline": built.pipeline.describe(),
+        "model": {"source": built.model.source, "config": built.model.config.to_dict(),
+                  "fingerprint": built.model.config.fingerprint()},
+        "graph_hash": {f"rank{r}": e["hash"] for r, e in enumerate(everyone)},
+        "graphs": {f"rank{r}": e["graphs"] for r, e in enumerate(everyone)},
+    }
+    ranks = [e["report"] for e in everyone]
+    write_json(tmp / "plan.json", data)
+    write_json(tmp / "report.json", {**report, "ranks": ranks})
+    (tmp / "report.md").write_text(report_markdown(report, plan.to_json(), ranks))
+
+
+def load_artifact(root: str | Path, *, purpose: Purpose = "train") -> tuple[dict[str, Any], Built]:
     """Rebuild this rank's compiled graphs from an artifact, refusing it when stale or foreign.
-    `extra_passes` (train-stage ones) and `backend` change how the same model graph is compiled
-    (`graphllm profile --by-layer` adds profiler ranges and runs them on the eager backend)."""
+    `purpose="profile_layers"` compiles the same model graph with profiler ranges on the eager backend
+    (inductor drops the ranges), for `graphllm profile --by-layer`."""
+    root = Path(root)
     data = read_plan(root)
     plan = CompilePlan.from_json(data["plan"], str(root / "plan.json"))
-    if backend is not None:
-        plan = dataclasses.replace(plan, backend=backend)
+    if purpose == "profile_layers":
+        plan = dataclasses.replace(plan, backend="eager")
     t0 = time.perf_counter()
-    built = build(plan, extra_passes=extra_passes, warm=False)  # joins the plan's world
+    built = build(plan, user=recorded_user_passes(data["pipeline"]), purpose=purpose, warm=False)  # joins the world
     fp = built.model.config.fingerprint()
     if fp != data["model"]["fingerprint"]:
         raise GraphllmError(f"artifact {root} was compiled for another model (config {data['model']['fingerprint']}, "

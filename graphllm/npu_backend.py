@@ -3,9 +3,10 @@
 Importing this module imports no torch_npu (installed without Ascend CANN, torch_npu breaks `import
 torch`); only `load_torch_npu` and `make_npu_backend` do, when `--backend npu` is chosen.
 
-graphllm keeps control of autograd: its own aot_autograd wrapper partitions (torchair's backend would
-use default_partition with no recomputation and skip graphllm's train passes), runs the train passes,
-then hands each forward/backward graph to torchair's FX compiler (`torchair.get_compiler(config)`).
+graphllm keeps control of autograd: its own aot_autograd wrapper (graphllm.backends.aot_backend)
+partitions with the plan's recompute policy (torchair's backend would use default_partition with no
+recomputation and skip graphllm's train passes), runs the train passes, then hands each forward/backward
+graph to torchair's FX compiler (`torchair.get_compiler(config)`).
 The plan's npu options map onto torchair's CompilerConfig through `compiler_config_settings`.
 COMPILER_CONFIG_FIELDS and TORCHAIR_FUNCTIONS list everything used of torchair; the contract test checks
 them against the torch_npu 2.13.0 wheel's sources.
@@ -13,12 +14,16 @@ them against the torch_npu 2.13.0 wheel's sources.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal, Mapping
 
 import torch.fx as fx
 
-from graphllm.backends import TrainStage
+from graphllm.options import check_fields, option
+
+if TYPE_CHECKING:
+    from graphllm.train_stage import TrainStage
 
 TORCHAIR_FUNCTIONS = ("CompilerConfig", "get_compiler", "get_npu_backend")
 COMPILER_CONFIG_FIELDS = (
@@ -31,17 +36,38 @@ COMPILER_CONFIG_FIELDS = (
 )
 
 
-def compiler_config_settings(plan: Mapping[str, Any], dump_dir: Path | None) -> dict[str, Any]:
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NpuOptions:
+    """The plan's npu section: torchair CompilerConfig settings (`--npu-*` flags)."""
+
+    FLAG_PREFIX: ClassVar[str] = "npu"
+
+    mode: Literal["max-autotune", "reduce-overhead"] = option(
+        "max-autotune", help="torchair CompilerConfig.mode: GE graph execution, or ACL graph capture")
+    graph_dump: Literal["none", "txt", "pbtxt", "py"] = option(
+        "none", help="torchair graph dump format (CompilerConfig.debug.graph_dump), into ARTIFACT/graphs/rank0/npu")
+    frozen_parameter: bool = option(False, help="experimental_config.frozen_parameter: fixed parameter addresses "
+                                                "(inference only)")
+    tiling_schedule_optimize: bool = option(False, help="experimental_config.tiling_schedule_optimize: tiling on "
+                                                        "AI CPU (static shapes)")
+    topology_sorting: Literal["DFS", "BFS", "RDFS", "StableRDFS"] = option(
+        "DFS", help="experimental_config.topology_sorting_strategy: GE's node order")
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+
+def compiler_config_settings(options: NpuOptions, dump_dir: Path | None) -> dict[str, Any]:
     """The CompilerConfig attributes (dotted paths) the plan's npu options set."""
     settings: dict[str, Any] = {
-        "mode": plan.get("npu_mode", "max-autotune"),
-        "experimental_config.topology_sorting_strategy": plan.get("npu_topology_sorting", "DFS"),
+        "mode": options.mode,
+        "experimental_config.topology_sorting_strategy": options.topology_sorting,
     }
-    if plan.get("npu_frozen_parameter"):
+    if options.frozen_parameter:
         settings["experimental_config.frozen_parameter"] = True
-    if plan.get("npu_tiling_schedule_optimize"):
+    if options.tiling_schedule_optimize:
         settings["experimental_config.tiling_schedule_optimize"] = True
-    dump = plan.get("npu_graph_dump", "none")
+    dump = options.graph_dump
     if dump != "none":
         settings["debug.graph_dump.type"] = dump
         if dump_dir is not None:
@@ -67,24 +93,17 @@ def load_torch_npu() -> None:
     import torch_npu  # noqa: F401  (registers the npu device and torch.ops.npu; Ascend machines only)
 
 
-def make_npu_backend(stage: TrainStage):
-    """graphllm's aot_autograd wrapper around torchair's FX compiler (see the module docstring)."""
+def torchair_graph_compiler(stage: "TrainStage") -> Callable[[fx.GraphModule, list], Callable]:
+    """torchair's FX compiler for one partitioned graph, configured from the plan's npu options. It runs
+    under graphllm's aot_autograd wrapper (graphllm.backends.aot_backend), which partitions with the plan's
+    recompute policy and runs the train passes first (torchair's own backend would partition with no
+    recomputation and skip them)."""
     load_torch_npu()
-    from torch._dynamo.backends.common import aot_autograd
-    from torch._functorch.partitioners import default_partition
     from torch_npu.dynamo import torchair
 
     dump_dir = stage.dump_dir.parent / "npu" if stage.dump_dir is not None else None
-    settings = compiler_config_settings(stage.ctx_template.plan, dump_dir)
-    npu_compile = torchair.get_compiler(apply_settings(torchair.CompilerConfig(), settings))
-
-    def compiler(kind: str):
-        def compile_graph(gm: fx.GraphModule, example_inputs: list) -> Callable:
-            return npu_compile(stage.run(gm, kind), example_inputs)
-        return compile_graph
-
-    return aot_autograd(fw_compiler=compiler("forward"), bw_compiler=compiler("backward"),
-                        inference_compiler=compiler("inference"), partition_fn=default_partition)
+    settings = compiler_config_settings(stage.plan.npu, dump_dir)
+    return torchair.get_compiler(apply_settings(torchair.CompilerConfig(), settings))
 
 
 # -- torch_npu.profiler for `graphllm profile` on an NPU --------------------------------------------

@@ -191,14 +191,14 @@ def profile_built(built, out_dir: Path, *, steps: int, warmup: int, top: int, se
 
 def _flops_per_step(built) -> int:
     """This rank's matmul FLOPs per optimizer step: its graph's forward × 3 × micro-batches."""
-    from graphllm.flops import forward_flops
+    from graphllm.planning.flops import forward_flops
 
     runner = built.engine.pipeline
     if runner is not None:  # this rank's stage graphs only
         fwd = sum(forward_flops(m.stage) for m in runner.modules)
     else:
         fwd = forward_flops(built.result.model_graph)
-    return 3 * fwd * built.plan.layout().micro_batches
+    return 3 * fwd * built.plan.layout.micro_batches
 
 
 def peak_rss_bytes() -> int:

@@ -30,12 +30,10 @@ import torch
 import torch.fx as fx
 from torch.utils.checkpoint import CheckpointPolicy
 
-from graphllm.errors import GraphllmError
+from graphllm.planning.recompute_config import RecomputeConfig
 
 logger = logging.getLogger("graphllm")
 
-RECOMPUTE_POLICIES = ("none", "full", "selective", "budget")
-SELECTIVE_OPS = ("attention", "activation", "norm")
 RECOMPUTE_PASS = "recompute"
 """`graphllm_pass` stamp on backward-graph nodes that recompute forward ops (shown by `graphllm inspect`)."""
 
@@ -51,90 +49,54 @@ _OPS_OF_KIND = {
 Partition = Callable[..., tuple[fx.GraphModule, fx.GraphModule]]
 
 
-def check_options(policy: str, options: dict[str, Any] | None) -> dict[str, Any]:
-    """Validate `policy` and its options; returns the options with defaults filled in."""
-    opts = dict(options or {})
-    if policy not in RECOMPUTE_POLICIES:
-        raise GraphllmError(f"--recompute must be one of {', '.join(RECOMPUTE_POLICIES)}, got {policy!r}")
-    allowed = {"none": set(), "full": {"method", "layers"}, "selective": {"ops", "layers"},
-               "budget": {"fraction"}}[policy]
-    unknown = set(opts) - allowed
-    if unknown:
-        raise GraphllmError(f"--recompute {policy}: unknown option(s) {', '.join(sorted(unknown))}; "
-                            f"it takes {', '.join(sorted(allowed)) or 'none'}")
-    if policy == "full":
-        opts.setdefault("method", "uniform")
-        opts.setdefault("layers", 1)
-        if opts["method"] not in ("uniform", "block"):
-            raise GraphllmError(f"--recompute full: method must be uniform or block, got {opts['method']!r}")
-    if policy == "selective":
-        ops = opts.setdefault("ops", list(SELECTIVE_OPS))
-        if isinstance(ops, str):
-            ops = opts["ops"] = [o for o in ops.split(",") if o]
-        bad = [o for o in ops if o not in SELECTIVE_OPS]
-        if bad or not ops:
-            raise GraphllmError(f"--recompute-ops must be a comma-separated subset of {','.join(SELECTIVE_OPS)}, "
-                                f"got {','.join(ops) or 'nothing'}")
-        opts.setdefault("layers", None)
-    if policy in ("full", "selective") and opts["layers"] is not None:
-        if not isinstance(opts["layers"], int) or isinstance(opts["layers"], bool) or opts["layers"] < 1:
-            raise GraphllmError(f"--recompute-layers must be an integer ≥ 1, got {opts['layers']!r}")
-    if policy == "budget":
-        f = opts.get("fraction")
-        if not isinstance(f, (int, float)) or isinstance(f, bool) or not 0.0 <= f <= 1.0:
-            raise GraphllmError(f"--recompute-budget must be a fraction in [0, 1], got {f!r}")
-    return opts
-
-
-def partition_fn_for(policy: str, options: dict[str, Any] | None = None) -> Partition:
-    """The aot_autograd partition function for `policy` (signature of `default_partition`)."""
+def partition_fn_for(cfg: RecomputeConfig) -> Partition:
+    """The aot_autograd partition function for the policy (signature of `default_partition`)."""
     from torch._functorch.partitioners import default_partition, min_cut_rematerialization_partition
 
-    opts = check_options(policy, options)
-    if policy == "none":
+    if cfg.policy == "none":
         return default_partition
 
     def partition(joint_module: fx.GraphModule, joint_inputs: Any, *, num_fwd_outputs: int,
                   **kw: Any) -> tuple[fx.GraphModule, fx.GraphModule]:
-        tagged = tag_joint_graph(joint_module.graph, policy, opts)
-        with budget_patch(policy, opts):
+        tagged = tag_joint_graph(joint_module.graph, cfg)
+        with budget_patch(cfg):
             fwd, bwd = min_cut_rematerialization_partition(joint_module, joint_inputs,
                                                            num_fwd_outputs=num_fwd_outputs, **kw)
-        logger.info("recompute %s: %d joint nodes tagged", policy, tagged)
+        logger.info("recompute %s: %d joint nodes tagged", cfg.describe(), tagged)
         return fwd, bwd
 
-    partition.__name__ = f"recompute_{policy}_partition"
+    partition.__name__ = f"recompute_{cfg.policy}_partition"
     return partition
 
 
-def inductor_config_patches(policy: str, options: dict[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any]]:
+def inductor_config_patches(cfg: RecomputeConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """(torch._functorch.config, torch._inductor.config) patches that give inductor's own min-cut
     partitioner this policy. compile_fx takes no partition function, but it runs
     `joint_custom_post_pass` on the joint graph right before partitioning."""
-    opts = check_options(policy, options)
-    if policy == "none":
+    if cfg.policy == "none":
         return {}, {}
-    if policy == "budget":
-        return {"activation_memory_budget": float(opts["fraction"])}, {}
+    if cfg.policy == "budget":
+        return {"activation_memory_budget": float(cfg.budget)}, {}
 
     def tag(graph: fx.Graph) -> None:
-        tag_joint_graph(graph, policy, opts)
+        tag_joint_graph(graph, cfg)
 
     return {}, {"joint_custom_post_pass": tag}
 
 
-def budget_patch(policy: str, opts: dict[str, Any]) -> contextlib.AbstractContextManager:
+def budget_patch(cfg: RecomputeConfig) -> contextlib.AbstractContextManager:
     """`activation_memory_budget` for the budget policy; nothing otherwise."""
-    if policy != "budget":
+    if cfg.policy != "budget":
         return contextlib.nullcontext()
-    return torch._functorch.config.patch(activation_memory_budget=float(opts["fraction"]))
+    return torch._functorch.config.patch(activation_memory_budget=float(cfg.budget))
 
 
-def tag_joint_graph(graph: fx.Graph, policy: str, opts: dict[str, Any]) -> int:
+def tag_joint_graph(graph: fx.Graph, cfg: RecomputeConfig) -> int:
     """Tag the joint graph's forward nodes with CheckpointPolicy for `full` / `selective`; returns how many."""
+    policy = cfg.policy
     if policy not in ("full", "selective"):
         return 0
-    selected = set(opts.get("ops", ()))
+    selected = set(cfg.ops or ())
     kinds = {name for k in selected for name in _OPS_OF_KIND[k]}
     forward = [n for n in graph.nodes if n.op == "call_function" and _is_forward(n)]
     layers = _layers(forward)
@@ -144,12 +106,12 @@ def tag_joint_graph(graph: fx.Graph, policy: str, opts: dict[str, Any]) -> int:
         if policy == "full":
             if layer is None:
                 continue
-            n = opts["layers"]
-            if opts["method"] == "block" and layer >= n:
+            n = cfg.layers
+            if cfg.method == "block" and layer >= n:
                 continue
-            group = layer // n if opts["method"] == "uniform" else layer
+            group = layer // n if cfg.method == "uniform" else layer
         else:
-            if opts["layers"] is not None and (layer is None or layer >= opts["layers"]):
+            if cfg.layers is not None and (layer is None or layer >= cfg.layers):
                 continue
             decomposed = _DECOMPOSED_KIND.get(_innermost_function(node))
             if _op_name(node) not in kinds and decomposed not in selected:
@@ -215,6 +177,13 @@ def mark_recomputed(backward: fx.GraphModule) -> int:
             node.meta[PASS_META_KEY] = RECOMPUTE_PASS
             n += 1
     return n
+
+
+def recomputed_nodes(backward: fx.GraphModule) -> int:
+    """How many of a backward graph's ops recompute forward ops (stamped by `mark_recomputed`)."""
+    from graphllm.passes.manager import PASS_META_KEY
+
+    return sum(1 for n in backward.graph.nodes if n.meta.get(PASS_META_KEY) == RECOMPUTE_PASS)
 
 
 def _is_forward(node: fx.Node) -> bool:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from graphllm.backends import saved_activation_bytes
-from graphllm.flops import forward_flops
-from graphllm.parallel.comm import add_into, graph_collectives
+from graphllm.planning.memory import saved_activation_bytes
+from graphllm.recompute import recomputed_nodes
+from graphllm.planning.flops import forward_flops
+from graphllm.planning.comm import add_into, graph_collectives
 
 ADAM_STATES = 2
 """AdamW keeps exp_avg and exp_avg_sq, each the size of the parameter (fp32 master weights are the
@@ -15,7 +16,7 @@ parameters themselves: graphllm trains fp32 parameters, bf16 only in autocast)."
 
 def rank_memory(built) -> dict[str, Any]:
     """Bytes this rank holds for parameters, gradients and optimizer states, and its activations."""
-    layout, params = built.plan.layout(), built.engine.params
+    layout, params = built.plan.layout, built.engine.params
     p_bytes = sum(p.numel() * p.element_size() for p in params)
     optim = ADAM_STATES * sum(p.numel() * 4 for p in params)  # fp32 states
     if layout.zero1:
@@ -35,14 +36,14 @@ def rank_memory(built) -> dict[str, Any]:
 def rank_communication(built) -> dict[str, dict[str, int]]:
     """Collectives per optimizer step: in-graph ones × micro-batches, plus data-parallel gradient
     averaging, ZeRO-1's parameter all-gather, and pipeline sends (activations and their gradients)."""
-    layout = built.plan.layout()
+    layout = built.plan.layout
     total: dict[str, dict[str, int]] = {}
+    st = built.engine.st
+    kinds = st.kinds_by_name() if st is not None else {}
     for name, g in built.result.train_stage.graphs.items():
-        add_into(total, graph_collectives(g), layout.micro_batches)
+        add_into(total, graph_collectives(g, kinds), layout.micro_batches)
     grad_bytes = sum(p.numel() * p.element_size() for p in built.engine.params)
-    from graphllm.passes.dp_grad_reduce import in_graph
-
-    if layout.dp > 1 and not in_graph(layout):  # else it is in the backward graph, counted above
+    if layout.dp > 1 and not layout.grads_reduced_in_graph:  # else it is in the backward graph, counted above
         add_into(total, {"dp all_reduce (gradients, after the step's micro-batches)": {"calls": 1, "bytes": grad_bytes}})
     if layout.zero1:
         add_into(total, {"dp all_gather (ZeRO-1 parameters)": {"calls": 1, "bytes": grad_bytes}})
@@ -62,7 +63,7 @@ def build_report(built, tokens_per_step: int) -> dict[str, Any]:
     return {
         "backend": res.backend,
         "rank": built.rank,
-        "layout": built.plan.layout().describe(),
+        "layout": built.plan.layout.describe(),
         "parameters": mem["parameters"],
         "parameter_bytes": mem["parameter_bytes"],
         "memory": mem,
@@ -77,6 +78,8 @@ def build_report(built, tokens_per_step: int) -> dict[str, Any]:
             for r in res.records + res.train_stage.records
         ],
         "train_graphs": {k: len(g.graph.nodes) for k, g in res.train_stage.graphs.items()},
+        "recomputed_nodes": {k: recomputed_nodes(g) for k, g in res.train_stage.graphs.items()
+                             if k.endswith("backward")},
         "compile_counts": dict(res.train_stage.compiles),
     }
 

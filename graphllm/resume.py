@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-import graphllm
+from graphllm.version import __version__
 from graphllm.errors import GraphllmError
 
 log = logging.getLogger(__name__)
@@ -32,7 +32,7 @@ WEIGHTS_ONLY = "weights"
 
 def _meta(built, step: int) -> dict:
     return {"fingerprint": built.model.config.fingerprint(), "model": built.plan.model, "step": step,
-            "layout": built.plan.layout().describe(), "graphllm": graphllm.__version__,
+            "layout": built.plan.layout.describe(), "graphllm": __version__,
             "config": built.model.config.to_dict()}  # lets `graphllm convert graphllm-to-hf` rebuild config.json
 
 

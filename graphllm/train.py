@@ -13,43 +13,34 @@ import torch
 from torch import nn
 
 from graphllm.errors import GraphllmError
+from graphllm.options import check_fields, option
+
+
+def _positive(value: float) -> None:
+    if not value > 0:
+        raise GraphllmError(f"--lr must be > 0, got {value}")
 
 
 @dataclass(kw_only=True, slots=True)
 class TrainConfig:
     """Optimizer and schedule; `graphllm run` flags map one-to-one onto these fields."""
 
-    steps: int = 50
-    """Optimizer steps to run."""
-    lr: float = 3e-3
-    """Peak learning rate (after warmup)."""
-    min_lr_ratio: float = 0.1
-    """The decay ends at lr * min_lr_ratio."""
-    lr_decay_style: Literal["cosine", "linear", "constant"] = "cosine"
-    """After warmup: cosine or linear from lr to lr * min_lr_ratio over the remaining steps, or constant lr."""
-    warmup_steps: int = 5
-    """Linear warmup from lr/warmup_steps to lr."""
-    weight_decay: float = 0.1
-    """AdamW decoupled weight decay (not applied to norms and biases)."""
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    grad_clip: float = 1.0
-    """Clip the global gradient norm to this (0 disables)."""
-    seed: int = 0
-    """Seed for torch's RNG and the data order."""
-    log_interval: int = 1
-    """Write a metrics line every N steps."""
+    steps: int = option(50, minimum=1, help="optimizer steps to run")
+    lr: float = option(3e-3, check=_positive, help="peak learning rate (after warmup)")
+    warmup_steps: int = option(5, minimum=0, help="linear warmup from lr/warmup-steps to lr")
+    min_lr_ratio: float = option(0.1, minimum=0, maximum=1, help="the decay ends at lr × min-lr-ratio")
+    lr_decay_style: Literal["cosine", "linear", "constant"] = option(
+        "cosine", help="after warmup: decay to lr × min-lr-ratio (cosine or linear) or keep lr")
+    weight_decay: float = option(0.1, minimum=0, help="AdamW decoupled weight decay (not on norms and biases)")
+    beta1: float = option(0.9, flag="--adam-beta1", minimum=0, maximum=1, help="AdamW β1")
+    beta2: float = option(0.95, flag="--adam-beta2", minimum=0, maximum=1, help="AdamW β2")
+    eps: float = option(1e-8, flag="--adam-eps", minimum=0, help="AdamW ε")
+    grad_clip: float = option(1.0, minimum=0, help="clip the global gradient norm to this (0 disables)")
+    seed: int = option(0, help="seed for torch's RNG and the data order")
+    log_interval: int = option(1, minimum=1, help="write a metrics line every N steps")
 
     def __post_init__(self) -> None:
-        if self.steps < 1:
-            raise GraphllmError(f"--steps must be ≥ 1, got {self.steps}")
-        if not self.lr > 0:
-            raise GraphllmError(f"--lr must be > 0, got {self.lr}")
-        if self.warmup_steps < 0:
-            raise GraphllmError(f"--warmup-steps must be ≥ 0, got {self.warmup_steps}")
-        if self.lr_decay_style not in ("cosine", "linear", "constant"):
-            raise GraphllmError(f"--lr-decay-style must be cosine, linear or constant, got {self.lr_decay_style!r}")
+        check_fields(self)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:

@@ -1,8 +1,8 @@
 """graphllm's collective ops: Megatron-Core's tensor/sequence-parallel region mappings as graph nodes.
 
-Each op names its process group by kind ("tp"), resolved to this rank's group at run time
-(graphllm.parallel.groups), so graphs are the same on every run. The autograd rule of each op is the
-conjugate collective, which is what makes the sharded model's gradients equal the unsharded ones:
+Each op names its process group by kind ("tp"), resolved to this rank's group at run time by the
+resolver the parallel runtime installs (ops/groups.py), so graphs are the same on every run. The
+autograd rule of each op is the conjugate collective, which is what makes the sharded model's gradients equal the unsharded ones:
 
 | op                               | forward                     | backward                     |
 |----------------------------------|-----------------------------|------------------------------|
@@ -24,14 +24,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from graphllm.ops.groups import resolver
+
 c10d = torch.ops._c10d_functional
 
 
 def group_name_of(group: str) -> str:
     """The c10d group name of a graphllm group kind ("tp") on this rank."""
-    from graphllm.parallel.groups import group_name
-
-    return group_name(group)
+    return resolver().name(group)
 
 
 def all_reduce_decomposed(x: Tensor, op: str, group_name: str) -> Tensor:
@@ -72,11 +72,7 @@ def split_decomposed(x: Tensor, dim: int, size: int, rank: int) -> Tensor:
 
 
 def _group_rank(group: str) -> int:
-    import torch.distributed as dist
-
-    from graphllm.parallel.groups import group_for
-
-    return dist.get_rank(group_for(group))
+    return resolver().local_rank(group)
 
 
 @torch.library.custom_op("graphllm::tp_gather", mutates_args=())

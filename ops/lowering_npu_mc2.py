@@ -42,9 +42,9 @@ def hcom_name(group: str) -> str:
     """The HCCL communicator name of a graphllm group kind, as the MC2 kernels take it."""
     import torch.distributed as dist
 
-    from graphllm.parallel.groups import group_for
+    from graphllm.ops.groups import resolver
 
-    pg = group_for(group)
+    pg = resolver().process_group(group)
     # init_comm: create the communicator now, as torchair's own hcom lookup does in graph mode
     return pg._get_backend(torch.device("npu")).get_hccl_comm_name(dist.get_rank(), init_comm=True)
 

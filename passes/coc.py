@@ -29,10 +29,10 @@ from graphllm.passes.graph_edit import TP_ROLE_KEY, emit
 from graphllm.passes.manager import PassContext, graph_pass
 from graphllm.passes.matching import is_call
 from graphllm.passes.shapes import repropagate
+from graphllm.planning.layout import CHUNK_CHOICES
 
 aten = torch.ops.aten
 gl = torch.ops.graphllm
-CHUNK_CHOICES = (1, 2, 4, 8)
 
 
 def _shape(n: fx.Node) -> list[int]:
@@ -104,11 +104,11 @@ def tp_sites(gm: fx.GraphModule):
             yield node, "all_reduce"
 
 
-@graph_pass("coc", after=("tensor_parallel", "sequence_parallel"))
+@graph_pass("coc")
 def coc(gm: fx.GraphModule, ctx: PassContext, *, chunks: int = 2) -> fx.GraphModule:
     if chunks not in CHUNK_CHOICES:
         raise GraphllmError(f"--coc-parallel-num must be one of {', '.join(map(str, CHUNK_CHOICES))}, got {chunks}")
-    tp = ctx.plan.get("tp", 1)
+    tp = ctx.layout.tp
     if chunks == 1 or tp == 1:
         return gm
     done = skipped = 0

@@ -18,8 +18,6 @@ import operator
 import torch
 import torch.fx as fx
 
-from graphllm.parallel.groups import group_name
-from graphllm.parallel.layout import Layout
 from graphllm.passes.graph_edit import emit
 from graphllm.passes.manager import PassContext, graph_pass
 from graphllm.passes.shapes import repropagate
@@ -29,15 +27,10 @@ c10d = torch.ops._c10d_functional
 DEFAULT_BUCKET_MB = 25.0
 
 
-def in_graph(layout: Layout) -> bool:
-    """Whether gradients are reduced by this pass (else by the engine after the last micro-batch)."""
-    return layout.dp > 1 and layout.pp == 1 and layout.micro_batches == 1
-
-
 @graph_pass("dp_grad_reduce", stage="train")
 def dp_grad_reduce(gm: fx.GraphModule, ctx: PassContext, *, bucket_mb: float = DEFAULT_BUCKET_MB) -> fx.GraphModule:
-    layout = Layout.from_plan(ctx.plan)
-    if ctx.graph_kind != "backward" or not in_graph(layout):
+    layout = ctx.layout
+    if ctx.graph_kind != "backward" or not layout.grads_reduced_in_graph:
         return gm
     out = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
     results = list(out.args[0])
@@ -56,7 +49,7 @@ def dp_grad_reduce(gm: fx.GraphModule, ctx: PassContext, *, bucket_mb: float = D
             size = 0
         buckets[-1].append((i, g))
         size += nbytes
-    name = group_name("dp")
+    name = ctx.groups.name("dp")
     issued = []
     for bucket in (b for b in buckets if b):
         last = max((g for _, g in bucket), key=lambda g: order[g])

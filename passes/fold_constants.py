@@ -41,7 +41,7 @@ def _foldable_call(node: fx.Node) -> bool:
     return torch.Tag.nondeterministic_seeded not in tags
 
 
-@graph_pass("fold_constants", stage="model", after=("fuse_attention",))
+@graph_pass("fold_constants", stage="model")
 def fold_constants(gm: fx.GraphModule, ctx: PassContext, *, max_elements: int = 1 << 24) -> fx.GraphModule:
     constant: dict[fx.Node, bool] = {}
     for node in gm.graph.nodes:

@@ -16,7 +16,7 @@ from graphllm.passes.manager import PassContext, graph_pass
 from graphllm.passes.matching import aten, calls_to, finish, is_call, val
 
 
-@graph_pass("fuse_add_rms_norm", stage="model", after=("fuse_rms_norm",))
+@graph_pass("fuse_add_rms_norm", stage="model")
 def fuse_add_rms_norm(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     replaced = 0
     for norm in calls_to(gm, rms_norm._opoverload):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from graphllm.parallel.groups import group_name, state
+from graphllm.ops.groups import GroupResolver
 from graphllm.passes.graph_edit import emit
 from graphllm.passes.manager import PassContext, graph_pass
 from graphllm.passes.shapes import repropagate
@@ -42,25 +42,25 @@ def _restore(gm: fx.GraphModule, y: fx.Node, back: list[int], like: fx.Node) -> 
     return emit(gm, aten.clone.default, (y,), like, kwargs={"memory_format": torch.contiguous_format})
 
 
-def _lower(gm: fx.GraphModule, n: fx.Node) -> fx.Node | None:
+def _lower(gm: fx.GraphModule, n: fx.Node, groups: GroupResolver) -> fx.Node | None:
     t, x = n.target, n.args[0]
     if t is gl.tp_copy.default:
         return x
     if t in (gl.tp_reduce.default, gl.tp_reduce_max.default):
         op = "sum" if t is gl.tp_reduce.default else "max"
-        return emit(gm, c10d.wait_tensor.default, (emit(gm, c10d.all_reduce.default, (x, op, group_name(n.args[1])), n),), n)
+        return emit(gm, c10d.wait_tensor.default, (emit(gm, c10d.all_reduce.default, (x, op, groups.name(n.args[1])), n),), n)
     ndim = x.meta["val"].dim()
     dim, size, group = n.args[1], n.args[2], n.args[3]
     if t is gl.tp_split.default:
-        rank = state().local_rank(group)
+        rank = groups.local_rank(group)
         width = x.meta["val"].shape[dim] // size
         piece = emit(gm, aten.slice.Tensor, (x, dim, rank * width, (rank + 1) * width), n)
         return emit(gm, aten.clone.default, (piece,), n, kwargs={"memory_format": torch.contiguous_format})
     moved, back = _moved(gm, x, dim, ndim, n)
     if t in (gl.tp_gather.default, gl.sp_gather.default):
-        comm = emit(gm, c10d.all_gather_into_tensor.default, (moved, size, group_name(group)), n)
+        comm = emit(gm, c10d.all_gather_into_tensor.default, (moved, size, groups.name(group)), n)
     elif t is gl.sp_reduce_scatter.default:
-        comm = emit(gm, c10d.reduce_scatter_tensor.default, (moved, "sum", size, group_name(group)), n)
+        comm = emit(gm, c10d.reduce_scatter_tensor.default, (moved, "sum", size, groups.name(group)), n)
     else:
         return None
     return _restore(gm, emit(gm, c10d.wait_tensor.default, (comm,), n), back, n)
@@ -85,7 +85,7 @@ def lower_collectives(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     lowered = 0
     for n in [n for n in gm.graph.nodes if n.op == "call_function" and n.target in LOWERED]:
         with gm.graph.inserting_before(n):
-            out = _lower(gm, n)
+            out = _lower(gm, n, ctx.groups)
         n.replace_all_uses_with(out)
         gm.graph.erase_node(n)
         lowered += 1

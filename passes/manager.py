@@ -17,6 +17,9 @@ from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
 import torch.fx as fx
 
 from graphllm.errors import GraphllmError
+from graphllm.ops.groups import NO_GROUPS, GroupResolver
+from graphllm.planning.layout import Layout
+from graphllm.planning.recompute_config import RecomputeConfig
 
 Stage = Literal["model", "train"]
 PASS_META_KEY = "graphllm_pass"  # node.meta key: the pass that created the node ("capture" for the rest)
@@ -30,16 +33,23 @@ class PassError(RuntimeError):
 
 @dataclass(kw_only=True, slots=True)
 class PassContext:
-    """What a pass may know about the compilation besides the graph."""
+    """What a pass may know about the compilation besides the graph: typed, never process-global state."""
 
-    plan: Mapping[str, Any] = field(default_factory=dict)
-    """The compile plan (model, shapes, parallel layout, backend) as plain data."""
+    layout: Layout = field(default_factory=Layout)
+    """The plan's parallel layout (tp × pp × dp and its options)."""
     rank: int = 0
-    """This process's rank in the default group."""
-    world_size: int = 1
-    """Number of ranks."""
+    """This process's rank in the layout's world (`layout.coords(rank)` is its place in each group)."""
     config: Any = None
     """The model's ModelConfig (head counts, hidden size, ...)."""
+    groups: GroupResolver = NO_GROUPS
+    """This rank's process groups by kind ("tp", "dp", "pp"): c10d names and ranks for passes that lower
+    collectives (graphllm.parallel.groups.ParallelState; NO_GROUPS in a single process)."""
+    recompute: RecomputeConfig = field(default_factory=RecomputeConfig)
+    """The plan's recomputation policy (applied when the joint graph is partitioned)."""
+    backend: str = "eager"
+    """The backend that compiles the graphs (its lowering table is already bound to `lower_ops`)."""
+    amp: Literal["fp32", "bf16"] = "fp32"
+    """fp32, or bf16 autocast around the compiled graphs."""
     logger: logging.Logger = logger
     """Where passes log what they did."""
     stage: Stage = "model"
@@ -49,6 +59,17 @@ class PassContext:
     counters: dict[str, Counter] = field(default_factory=dict)
     """Per-pass counters, filled through `count`."""
     current_pass: str = ""
+
+    @property
+    def world_size(self) -> int:
+        """Number of ranks of the layout."""
+        return self.layout.world_size
+
+    def for_graph(self, graph_kind: str) -> "PassContext":
+        """A context for the train passes of one aot graph: the same plan, fresh counters."""
+        return PassContext(layout=self.layout, rank=self.rank, config=self.config, groups=self.groups,
+                           recompute=self.recompute, backend=self.backend, amp=self.amp, logger=self.logger,
+                           stage="train", graph_kind=graph_kind)
 
     def count(self, key: str, n: int = 1) -> None:
         """Add n to this pass's counter `key` (shown in the report and by `graphllm inspect`)."""
@@ -77,7 +98,7 @@ class GraphPass:
         return replace(self, options={**self.options, **options})
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "stage": self.stage, "options": _jsonable(self.options),
+        return {"name": self.name, "stage": self.stage, "options": jsonable(self.options),
                 "changes_numerics": self.changes_numerics}
 
 
@@ -207,11 +228,12 @@ def run_passes(
     return gm, records
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
+    """Plain JSON data for pass options (anything else as its repr)."""
     if isinstance(value, (str, int, float, bool)) or value is None:
         return value
     if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     return repr(value)

@@ -21,10 +21,11 @@ import torch
 import torch.fx as fx
 
 from graphllm.errors import GraphllmError
-from graphllm.passes.coc import CHUNK_CHOICES, tp_sites
+from graphllm.passes.coc import tp_sites
 from graphllm.passes.graph_edit import emit
 from graphllm.passes.manager import PassContext, graph_pass
 from graphllm.passes.matching import is_call
+from graphllm.planning.layout import CHUNK_CHOICES
 
 aten = torch.ops.aten
 gl = torch.ops.graphllm
@@ -85,11 +86,11 @@ def _raise_reduce(gm: fx.GraphModule, r: fx.Node, chunks: int) -> bool:
     return True
 
 
-@graph_pass("mc2", after=("tensor_parallel", "sequence_parallel"))
+@graph_pass("mc2")
 def mc2(gm: fx.GraphModule, ctx: PassContext, *, chunks: int = 1) -> fx.GraphModule:
     if chunks not in CHUNK_CHOICES:
         raise GraphllmError(f"mc2: chunks must be one of {', '.join(map(str, CHUNK_CHOICES))}, got {chunks}")
-    if ctx.plan.get("tp", 1) == 1:
+    if ctx.layout.tp == 1:
         return gm
     raised = {"all_gather_matmul": 0, "matmul_reduce_scatter": 0, "matmul_all_reduce": 0}
     left = 0

@@ -27,7 +27,7 @@ def _module(n: fx.Node) -> str:
     return next(reversed(stack.values()))[0] if stack else ""
 
 
-@graph_pass("pair_rope", after=("fuse_rope",))
+@graph_pass("pair_rope")
 def pair_rope(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     ropes = calls_to(gm, gl.rope.default)
     order = {n: i for i, n in enumerate(gm.graph.nodes)}

@@ -18,14 +18,13 @@ from __future__ import annotations
 import operator
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.fx as fx
 
 from graphllm.errors import GraphllmError
-from graphllm.flops import node_flops
-from graphllm.parallel.layout import Layout
+from graphllm.planning.flops import node_flops
+from graphllm.planning.layout import Layout
 
 _LAYER = re.compile(r"\blayers\.(\d+)\b")
 _COPY = "copy"  # node kind: duplicated into every graph that reads it
@@ -173,12 +172,10 @@ def _layers_per_stage(layout: Layout, num_layers: int, eff: dict, gm: fx.GraphMo
     return _balance(costs, pre, post, s)
 
 
-def split_pipeline(gm: fx.GraphModule, layout: Layout, num_layers: int, *,
-                   dump_dir: str | Path | None = None) -> PipelineSplit:
+def split_pipeline(gm: fx.GraphModule, layout: Layout, num_layers: int) -> PipelineSplit:
     """Split `gm` into layout.num_stages stage graphs and a loss graph (see the module docstring).
 
     Layers per stage come from `layout.pp_layers`, else a FLOP-balanced contiguous split.
-    `dump_dir` receives a readable dump of each stage graph and of the loss graph.
     """
     eff = _effective_layers(gm, num_layers)
     counts = _layers_per_stage(layout, num_layers, eff, gm)
@@ -221,12 +218,6 @@ def split_pipeline(gm: fx.GraphModule, layout: Layout, num_layers: int, *,
                                     f"with {owner[pid][1]}); pp > 1 with tie_word_embeddings is not supported: use "
                                     "--pp 1 or an untied model")
             owner.setdefault(pid, (sk, name))
-    if dump_dir is not None:
-        from graphllm.dump import write_graph  # graphllm.dump imports the pass manager: import late
-
-        for k, g in enumerate(stages):
-            write_graph(g, Path(dump_dir) / f"stage{k}", title=f"pipeline stage {k} (layers {layers[k]})")
-        write_graph(loss, Path(dump_dir) / "loss", title="pipeline loss (last stage outputs, labels)")
     return PipelineSplit(stages=stages, loss=loss, layers=layers, param_names=param_names)
 
 

@@ -21,8 +21,7 @@ import torch
 import torch.fx as fx
 
 from graphllm.errors import GraphllmError
-from graphllm.parallel.layout import Layout
-from graphllm.parallel.sharding import shard_of
+from graphllm.planning.sharding import shard_of
 from graphllm.passes.graph_edit import TP_ROLE_KEY, emit, get_attr_value
 from graphllm.passes.manager import PassContext, graph_pass
 from graphllm.passes.matching import is_call
@@ -32,9 +31,9 @@ gl = torch.ops.graphllm
 SEQ_DIM = 1  # activations are [batch, sequence, hidden]
 
 
-@graph_pass("sequence_parallel", after=("tensor_parallel",))
+@graph_pass("sequence_parallel")
 def sequence_parallel(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
-    layout = Layout.from_plan(ctx.plan)
+    layout = ctx.layout
     if not layout.sequence_parallel:
         return gm
     tp = layout.tp

@@ -22,8 +22,7 @@ import torch
 import torch.fx as fx
 
 from graphllm.errors import GraphllmError
-from graphllm.parallel.layout import Layout
-from graphllm.parallel.sharding import shard_param
+from graphllm.planning.sharding import shard_param
 from graphllm.passes.graph_edit import emit, get_attr_value, set_parameter
 from graphllm.passes.manager import PassContext, graph_pass
 from graphllm.passes.matching import is_call
@@ -156,12 +155,11 @@ def _loss_consumers(logits: fx.Node) -> tuple[list[fx.Node], list[fx.Node]]:
     return losses, others
 
 
-@graph_pass("tensor_parallel", after=("fuse_rms_norm", "fuse_add_rms_norm", "fuse_swiglu", "fuse_rope",
-                                      "fuse_attention", "fold_constants"))
+@graph_pass("tensor_parallel")
 def tensor_parallel(gm: fx.GraphModule, ctx: PassContext, *, plan: str | dict[str, str] | None = None) -> fx.GraphModule:
     """`plan`: "graphllm" (default, passes/tp_plan.LLAMA_PLAN), "hf" (transformers' base_model_tp_plan for
     the model type, with vocab-parallel embedding/head), or a {module pattern: style} mapping."""
-    layout = Layout.from_plan(ctx.plan)
+    layout = ctx.layout
     if layout.tp == 1:
         return gm
     if ctx.config is None:

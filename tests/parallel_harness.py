@@ -26,10 +26,12 @@ def batch_at(step: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def make_plan(**layout):
     from graphllm.plan import CompilePlan
+    from graphllm.planning import Layout
 
     dp, micro = layout.get("dp", 1), layout.get("micro_batches", 1)
-    return CompilePlan(model="tiny-llama", batch_size=GLOBAL_BATCH // (dp * micro), seq_len=SEQ,
-                       backend=layout.pop("backend", "eager"), **layout)
+    backend, amp = layout.pop("backend", "eager"), layout.pop("amp", "fp32")
+    return CompilePlan(model="tiny-llama", batch_size=GLOBAL_BATCH // (dp * micro), seq_len=SEQ, backend=backend,
+                       amp=amp, layout=Layout(**layout))
 
 
 def train(layout: dict, steps: int = 5, lr: float = 1e-3, *, save: str | None = None, stop_after: int | None = None,
@@ -38,7 +40,7 @@ def train(layout: dict, steps: int = 5, lr: float = 1e-3, *, save: str | None = 
     checkpoint after `stop_after` steps and stop there; with `load`, resume from that checkpoint first.
     Returns the losses of the steps run and this rank's parameters."""
     from graphllm.job import build
-    from graphllm.parallel.sharding import shard_of
+    from graphllm.planning.sharding import shard_of
     from graphllm.resume import load_step, save_step
     from graphllm.train import TrainConfig, train_steps
 

@@ -32,8 +32,8 @@ def _error_line(capsys) -> str:
 def test_compile_writes_artifact(artifact: Path) -> None:
     plan = json.loads((artifact / "plan.json").read_text())
     assert plan["plan"]["model"] == "tiny-llama" and plan["plan"]["backend"] == "eager"
-    assert [p["name"] for p in plan["plan"]["passes"]] == ["fuse_rms_norm", "fuse_add_rms_norm", "fuse_swiglu",
-                                                        "fuse_rope", "fuse_attention", "fold_constants"]
+    assert [s["step"] for s in plan["pipeline"] if s["stage"] == "model"] == [
+        "fuse_rms_norm", "fuse_add_rms_norm", "fuse_swiglu", "fuse_rope", "fuse_attention", "fold_constants"]
     model_dumps = sorted(p.name for p in (artifact / "graphs/rank0/model").glob("*.py"))
     assert model_dumps[0] == "00_capture.py" and model_dumps[-1] == "07_lower_ops.py"
     for kind in ("forward", "backward"):
@@ -49,6 +49,17 @@ def test_compile_writes_artifact(artifact: Path) -> None:
     assert report["parameters"] == 7_047_424
     assert report["flops_per_step"] > 0 and report["saved_activation_bytes"] > 0
     assert "fuse_rms_norm" in (artifact / "report.md").read_text()
+
+
+def test_inspect_pipeline_prints_the_steps(artifact: Path, capsys) -> None:
+    assert main(["inspect", str(artifact), "--pipeline"]) == 0
+    header, *rows = [line.split("\t") for line in capsys.readouterr().out.splitlines()]  # not a tty: TSV
+    assert header == ["#", "step", "stage", "options", "origin", "why", "changed"]
+    assert [(r[1], r[2]) for r in rows] == [(n, "model") for n in ("fuse_rms_norm", "fuse_add_rms_norm", "fuse_swiglu",
+                                                                      "fuse_rope", "fuse_attention", "fold_constants")] \
+        + [("lower_ops", "lower"), ("partition", "partition"), ("eager", "backend")]
+    assert all(r[5] for r in rows)  # every step says why it is there
+    assert rows[0][4] == "graphllm.passes.fuse_rms_norm" and "replaced 9" in rows[0][6]
 
 
 def test_inspect_lists_shows_and_diffs(artifact: Path, capsys) -> None:
@@ -153,8 +164,10 @@ def test_custom_pass_from_cli_is_recorded_and_rerun(tmp_path: Path, monkeypatch,
     counted = next(p for p in report["passes"] if p["name"] == "count_matmuls")
     assert counted["counters"] == {"linear": 4 * 7 + 1}  # q k v o gate up down per layer + lm_head
     plan = json.loads((out / "plan.json").read_text())
-    assert plan["plan"]["passes"][-1] == {"name": "count_matmuls", "stage": "model", "options": {},
-                                          "changes_numerics": False, "origin": "mypasses"}
+    assert plan["plan"]["passes"] == ["mypasses:count_matmuls"]
+    user = [s for s in plan["pipeline"] if s["user"]]
+    assert [(s["step"], s["stage"], s["options"], s["changes_numerics"], s["origin"]) for s in user] == [
+        ("count_matmuls", "model", {}, False, "mypasses")]
     assert main(["run", str(out), "--steps", "1", "--no-progress"]) == 0
 
 

@@ -57,6 +57,9 @@ def test_bad_chunk_count_is_refused():
     from graphllm.errors import GraphllmError
     from graphllm.passes import PassContext
     from graphllm.passes.coc import coc
+    from graphllm.planning import Layout
 
     with pytest.raises(GraphllmError, match="must be one of 1, 2, 4, 8"):
-        coc.with_options(chunks=3)(None, PassContext(plan={"tp": 2}))
+        coc.with_options(chunks=3)(None, PassContext(layout=Layout(tp=2)))
+    with pytest.raises(GraphllmError, match="must be one of 1, 2, 4, 8"):  # the plan refuses it before any pass
+        Layout(tp=2, coc_parallel_num=3)

@@ -120,12 +120,14 @@ def test_bf16_both_ways(tmp_path_factory, tmp_path):
 def tp2_worker(src: str, root: str, trained: str) -> dict:
     """Build a tp=2 artifact of `src`, zero its weights, --load the converted checkpoint, train a step, save."""
     from graphllm.job import build
-    from graphllm.parallel.sharding import shard_of
     from graphllm.plan import CompilePlan
+    from graphllm.planning import Layout
+    from graphllm.planning.sharding import shard_of
     from graphllm.resume import load_step, save_step
     from graphllm.train import TrainConfig, train_steps
 
-    built = build(CompilePlan(model=src, batch_size=BATCH, seq_len=SEQ, backend="eager", tp=2), warm=False)
+    built = build(CompilePlan(model=src, batch_size=BATCH, seq_len=SEQ, backend="eager", layout=Layout(tp=2)),
+                  warm=False)
     with torch.no_grad():
         for p in built.engine.params:
             p.zero_()

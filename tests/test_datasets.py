@@ -18,7 +18,7 @@ from graphllm.data.packing import positions_from_starts, sft_row
 from graphllm.data.samplers import GlobalSampler, blend_sources
 from graphllm.errors import GraphllmError
 from graphllm.parallel.engine import Engine
-from graphllm.parallel.layout import Layout
+from graphllm.planning.layout import Layout
 
 SEQ = 16
 

@@ -22,15 +22,15 @@ LAYERS = 4
 def loss_and_grads(layout: dict, dump: str | None):
     import os
 
-    from graphllm.backends import Backend, _eager, register_backend
+    from graphllm.backends import Backend, eager_graph_compiler, register_backend
     from graphllm.job import build
 
     # inductor's lowering table on eager aot graphs: the chunked collectives without inductor's compile time
-    register_backend(Backend(name="decompose-eager", lowering="decompose", make=_eager,
+    register_backend(Backend(name="decompose-eager", lowering="decompose", graph_compiler=eager_graph_compiler,
                              description="test only: the decompose lowering table on eager aot graphs"))
     built = build(make_plan(**dict(layout)), dump_dir=f"{dump}/rank{os.environ['RANK']}" if dump else None)
     ids, labels = batch_at(0)
-    from graphllm.flops import forward_flops
+    from graphllm.planning.flops import forward_flops
 
     loss = built.engine.forward_backward(ids, labels)
     grads = {n: p.grad.clone() for n, p in built.engine.named_params.items()}
@@ -81,8 +81,7 @@ def test_mc2_equals_unfused(name, tmp_path):
 
 def test_mc2_needs_tensor_parallelism():
     from graphllm.errors import GraphllmError
-    from graphllm.parallel.layout import Layout
-    from graphllm.plan import parallel_passes
+    from graphllm.planning.layout import Layout
 
     with pytest.raises(GraphllmError, match="--mc2 needs --tp > 1"):
-        parallel_passes(Layout(dp=2), mc2=True)
+        Layout(dp=2, mc2=True)

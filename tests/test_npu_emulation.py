@@ -8,7 +8,7 @@ import torch
 
 import graphllm
 import npu_emulation  # noqa: F401  (registers torch.ops.npu.* emulations)
-from graphllm.backends import Backend, _eager, register_backend
+from graphllm.backends import Backend, eager_graph_compiler, register_backend, unregister_backend
 from graphllm.ops import lowering_npu
 from graphllm.ops.attention import attention_decomposed
 from graphllm.ops.lowering import lowering_table
@@ -17,8 +17,17 @@ from graphllm.ops.rope import rope_decomposed
 from graphllm.ops.swiglu import swiglu_decomposed
 from hf_parity import rel_err
 
-register_backend(Backend(name="npu-emulation", lowering="npu", make=_eager,
-                         description="test only: npu lowering, emulated kernels, eager aot graphs"))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def npu_emulation_backend():
+    """A test-only backend while this module runs: the npu lowering table on eager aot graphs."""
+    register_backend(Backend(name="npu-emulation", lowering="npu", graph_compiler=eager_graph_compiler,
+                             description="test only: npu lowering, emulated kernels, eager aot graphs"))
+    yield
+    unregister_backend("npu-emulation")
+
+
 # fp32: the emulated kernels reorder sums and products (e.g. softmax as exp/sum, weight applied in fp32)
 FP32_RTOL = 1e-5
 

@@ -25,7 +25,7 @@ def compare_on_rank(kind: str, dtype_name: str, N: int = 256):
     import npu_emulation  # noqa: F401  (registers torch.ops.npu.*)
     from graphllm.ops import lowering_npu_mc2 as npu
     from graphllm.parallel.groups import group_name, init_parallel
-    from graphllm.parallel.layout import Layout
+    from graphllm.planning.layout import Layout
 
     init_parallel(Layout(tp=2), "cpu")
     npu.hcom_name = group_name  # emulated kernels take the c10d group name where HCCL takes its comm name

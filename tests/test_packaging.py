@@ -26,3 +26,19 @@ def test_subpackages_live_under_one_name() -> None:
     for mod, folder in [(graphllm.passes, "passes"), (graphllm.ops, "ops"), (graphllm.models, "models"),
                         (graphllm.cli, "cli")]:
         assert mod.__file__.replace("\\", "/").endswith(f"/{folder}/__init__.py")
+
+
+def test_every_subpackage_is_listed_in_pyproject() -> None:
+    """A subpackage missing from pyproject's explicit list is left out of a regular (non-editable) install."""
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    tool = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed, dirs = set(tool["packages"]), tool["package-dir"]
+    found = set()
+    for name, folder in dirs.items():
+        for init in (root / folder).rglob("__init__.py"):
+            rel = init.parent.relative_to(root / folder).parts
+            found.add(".".join([name, *rel]))
+    assert found <= listed, f"subpackages missing from pyproject.toml [tool.setuptools] packages: {sorted(found - listed)}"

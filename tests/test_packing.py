@@ -120,7 +120,7 @@ def test_fuse_attention_refuses_other_masks() -> None:
     q = torch.randn(2, 4, S, 8)
     seg = torch.cumsum((_positions() == 0).long(), -1)
     gm = capture(Masked(), (q, q.clone(), q.clone(), seg))
-    gm, _ = run_passes(gm, [fuse_attention], PassContext(plan={}, rank=0, world_size=1, config=None))
+    gm, _ = run_passes(gm, [fuse_attention], PassContext())
     targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
     assert ops.varlen_attention.default not in targets
     assert torch.ops.aten.scaled_dot_product_attention.default in targets
@@ -163,7 +163,7 @@ def test_gradient_accumulation_over_micro_batches_with_positions(micro_ckpt) -> 
     """Engine with 2 micro-batches of 1 packed row (the compiled batch-1 graph run twice) gives the
     full batch's loss and gradients: position_ids are sliced and chunked like the rows."""
     from graphllm.parallel.engine import Engine
-    from graphllm.parallel.layout import Layout
+    from graphllm.planning.layout import Layout
 
     model = load_model(str(micro_ckpt))
     pos = _positions()

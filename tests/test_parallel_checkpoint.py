@@ -17,8 +17,8 @@ from graphllm.errors import GraphllmError
 from graphllm.parallel import checkpoint as ckpt
 from graphllm.parallel import groups
 from graphllm.parallel.groups import init_parallel
-from graphllm.parallel.layout import Layout
-from graphllm.parallel.sharding import shard_param
+from graphllm.planning.layout import Layout
+from graphllm.planning.sharding import shard_param
 
 # name -> (full shape, dtype, tp shard dim or None for a whole tensor)
 SPECS = {

@@ -11,7 +11,7 @@ import torch
 from dist_util import run_ranks
 from torch import nn
 
-from graphllm.parallel import Layout, shard_param
+from graphllm.planning import Layout, shard_param
 from graphllm.parallel.optim import (
     ZeroAdamW,
     clip_grad_norm,
@@ -131,7 +131,8 @@ def norm_worker(layout: dict):
     return out
 
 
-@pytest.mark.parametrize("layout", [{"tp": 2}, {"pp": 2}, {"tp": 2, "dp": 2}], ids=["tp2", "pp2", "tp2xdp2"])
+@pytest.mark.parametrize("layout", [{"tp": 2}, {"pp": 2, "micro_batches": 2}, {"tp": 2, "dp": 2}],
+                         ids=["tp2", "pp2", "tp2xdp2"])
 def test_clip_grad_norm_matches_torch_on_the_whole_model(layout):
     world = Layout(**layout).world_size
     for rank, per_norm in enumerate(run_ranks(norm_worker, world, layout)):

@@ -36,13 +36,15 @@ def _batch(rows: int):
 
 
 def _prepare(model, ids, labels=None):
-    from graphllm.compile import prepare_graph
+    from graphllm.compile import plan_for, prepare_graph
+    from graphllm.pass_pipeline import build_pipeline
 
-    return prepare_graph(model, (ids,) if labels is None else (ids, labels), passes=None, backend="eager")
+    inputs = (ids,) if labels is None else (ids, labels)
+    return prepare_graph(model, inputs, build_pipeline(plan_for(model, inputs, backend="eager")))
 
 
 def _layout(**kw):
-    from graphllm.parallel.layout import Layout
+    from graphllm.planning.layout import Layout
 
     return Layout(**kw)
 
@@ -127,7 +129,7 @@ def test_pp_layers_assign_contiguous_chunks(graph):
 
 def test_flop_balanced_split_minimises_largest_stage(graph):
     """pp2: the split equals a brute-force argmin over contiguous splits; pp2×vpp2: one layer per stage."""
-    from graphllm.flops import node_flops
+    from graphllm.planning.flops import node_flops
     from graphllm.passes.pipeline_split import split_pipeline
 
     _, gm, *_ = graph
@@ -169,10 +171,11 @@ def test_nodes_without_provenance_follow_their_inputs(graph):
 
 
 def test_dump_dir_gets_each_stage(graph, tmp_path):
+    from graphllm.dump import write_split
     from graphllm.passes.pipeline_split import split_pipeline
 
     _, gm, *_ = graph
-    split_pipeline(gm, _layout(pp=2, micro_batches=2), LAYERS, dump_dir=tmp_path)
+    write_split(split_pipeline(gm, _layout(pp=2, micro_batches=2), LAYERS), tmp_path)
     assert sorted(p.name for p in tmp_path.glob("*.py")) == ["loss.py", "stage0.py", "stage1.py"]
     assert "class PipelineStage1" in (tmp_path / "stage1.py").read_text()
 

@@ -10,11 +10,12 @@ import pytest
 import torch
 
 import graphllm
-from graphllm.backends import saved_activation_bytes
+from graphllm.planning.memory import saved_activation_bytes
 from graphllm.errors import GraphllmError
 from graphllm.passes.manager import PASS_META_KEY
 from graphllm.plan import CompilePlan
-from graphllm.recompute import RECOMPUTE_POLICIES, check_options, partition_fn_for
+from graphllm.planning.recompute_config import RECOMPUTE_POLICIES, RecomputeConfig
+from graphllm.recompute import partition_fn_for
 
 SEQ = 32
 POLICIES = {
@@ -23,8 +24,8 @@ POLICIES = {
     "full-uniform2": {"method": "uniform", "layers": 2},
     "full-block1": {"method": "block", "layers": 1},
     "selective": {},
-    "selective-activation": {"ops": ["activation"]},
-    "budget": {"fraction": 0.3},
+    "selective-activation": {"ops": ("activation",)},
+    "budget": {"budget": 0.3},
 }
 
 
@@ -36,7 +37,7 @@ def _step(policy: str, options: dict, backend: str = "eager"):
     ids = torch.randint(0, vocab, (2, SEQ), generator=g)
     labels = torch.randint(0, vocab, (2, SEQ), generator=g)
     compiled = graphllm.compile(model, ids, labels, backend=backend,
-                                plan={"recompute": policy.split("-")[0], "recompute_options": options})
+                                recompute=RecomputeConfig(policy=policy.split("-")[0], **options))
     loss = compiled(ids, labels)
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -95,7 +96,7 @@ def test_inductor_tags_decomposed_ops() -> None:
 def test_none_is_default_partition() -> None:
     from torch._functorch.partitioners import default_partition
 
-    assert partition_fn_for("none", {}) is default_partition
+    assert partition_fn_for(RecomputeConfig()) is default_partition
     assert set(RECOMPUTE_POLICIES) == {"none", "full", "selective", "budget"}
 
 
@@ -103,16 +104,16 @@ def test_none_is_default_partition() -> None:
     ("some", {}, "--recompute must be one of"),
     ("full", {"method": "zigzag"}, "method must be uniform or block"),
     ("full", {"layers": 0}, "--recompute-layers"),
-    ("full", {"fraction": 0.5}, "unknown option"),
-    ("selective", {"ops": ["mlp"]}, "--recompute-ops"),
+    ("full", {"budget": 0.5}, "--recompute-budget does not apply to --recompute full"),  # an option of another policy
+    ("selective", {"ops": ("mlp",)}, "--recompute-ops"),
     ("budget", {}, "--recompute-budget"),
-    ("budget", {"fraction": 1.5}, "--recompute-budget"),
+    ("budget", {"budget": 1.5}, "--recompute-budget"),
 ])
 def test_invalid_policy_or_option(policy: str, options: dict, match: str) -> None:
     with pytest.raises(GraphllmError, match=match):
-        check_options(policy, options)
-    with pytest.raises(GraphllmError, match=match):
-        CompilePlan(recompute=policy, recompute_options=options)
+        RecomputeConfig(policy=policy, **options)
+    with pytest.raises(GraphllmError, match=match):  # the same check when plan.json is read back
+        CompilePlan.from_json({"recompute": {"policy": policy, **options}}, "plan.json")
 
 
 def test_cli_rejects_bad_recompute_flags(tmp_path) -> None:

@@ -35,21 +35,18 @@ def _batch():
 def loss_and_grads(layout: dict, kv_heads: int | None, backend: str, dump: str | None):
     """One forward/backward of the compiled (sharded when layout says so) graph on this rank."""
     from graphllm.compile import compile
-    from graphllm.parallel import Layout
     from graphllm.parallel.groups import init_parallel
-    from graphllm.plan import parallel_passes
-    from graphllm.passes import default_passes
+    from graphllm.planning import Layout
 
     lay = Layout(**layout)
     st = init_parallel(lay) if lay.world_size > 1 else None
     model = _model(kv_heads)
     ids, labels = _batch()
-    c = compile(model, ids, labels, passes=default_passes() + parallel_passes(lay), backend=backend, plan=layout,
-                rank=st.rank if st else 0, world_size=lay.world_size,
+    c = compile(model, ids, labels, backend=backend, layout=lay, groups=st, rank=st.rank if st else 0,
                 dump_dir=dump if (st is None or st.rank == 0) and dump else None)
     loss = c(ids, labels)
     loss.backward()
-    from graphllm.parallel.sharding import shard_of
+    from graphllm.planning.sharding import shard_of
 
     return loss.detach(), {n: (p.grad.clone(), shard_of(p)) for n, p in model.named_parameters()}
 
@@ -108,7 +105,7 @@ def test_inductor_lowers_to_c10d_functional_collectives(tmp_path):
 def test_layout_that_does_not_divide_is_refused():
     from graphllm.errors import GraphllmError
     from graphllm.models import PRESETS
-    from graphllm.parallel import Layout
+    from graphllm.planning import Layout
 
     cfg = PRESETS["tiny-llama"]()
     with pytest.raises(GraphllmError, match="does not divide the model's attention heads"):

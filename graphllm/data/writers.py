@@ -24,7 +24,7 @@ from typing import Literal, Self
 
 import numpy as np
 
-import graphllm
+from graphllm.version import __version__
 from graphllm.data.cache import atomic_write
 from graphllm.data.indexed import IndexedWriter
 from graphllm.errors import GraphllmError
@@ -97,7 +97,7 @@ class Outputs:
                 w.abort()
             raise
         body = {**meta, "documents": summary.documents, "samples": summary.samples, "tokens": summary.tokens,
-                "trained_tokens": summary.trained_tokens, "graphllm": graphllm.__version__}
+                "trained_tokens": summary.trained_tokens, "graphllm": __version__}
         atomic_write(self.meta, (json.dumps(body, indent=2, sort_keys=True) + "\n").encode())
         summary.outputs.append(str(self.meta))
 

@@ -96,12 +96,12 @@ class GraphScorer:
         key = tuple(ids_BL.shape)
         graph = self.graphs.get(key)
         if graph is None:
-            import graphllm
+            from graphllm.compile import compile as compile_model
 
             logger.info("eval: compiling the forward for batch %d × %d tokens (%s)", key[0], key[1], self.backend)
             t0 = time.perf_counter()
             with torch.no_grad():
-                graph = graphllm.compile(self.model, ids_BL, backend=self.backend, amp=self.amp)
+                graph = compile_model(self.model, ids_BL, backend=self.backend, amp=self.amp, purpose="eval")
                 graph(ids_BL)  # the backend compiles on the first call: keep that out of run_s
             self.stats["compile_s"] += time.perf_counter() - t0
             self.graphs[key] = graph

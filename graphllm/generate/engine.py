@@ -106,26 +106,18 @@ class StaticGenerator:
         self.max_len = max_len
         self.backend = backend
         self.amp = amp
-        if passes is None:  # the training pipeline plus pair_rope (q/k rotations → npu_apply_rotary_pos_emb on NPU)
-            from graphllm.passes import default_passes
-            from graphllm.passes.pair_rope import pair_rope
-
-            passes = [*default_passes(), pair_rope]
-        self.passes = passes
+        self.passes = passes  # the fusions (None: default_passes()); the pipeline adds generation's own steps
         self.min_bucket = min(min_bucket, max_len)
         self.pad_id = pad_id
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
-        self.tp, self.rank = tp, 0
+        self.tp, self.rank, self._groups = tp, 0, None
         kv_heads = cfg.num_key_value_heads
-        if tp > 1:  # join the group, add the pass; the cache holds this rank's kv heads only
+        if tp > 1:  # join the group; the pipeline shards the graphs, the cache holds this rank's kv heads only
             from graphllm.generate.tp import join_tp_group, local_kv_heads
-            from graphllm.plan import parallel_passes
 
             st = join_tp_group(cfg, tp, batch_size=batch_size, max_len=max_len, device=self.device.type)
-            self.rank = st.rank
-            names = {q.name for q in passes}
-            self.passes = [*passes, *(q for q in parallel_passes(st.layout) if q.name not in names)]
+            self.rank, self._groups = st.rank, st
             kv_heads = local_kv_heads(kv_heads, tp)
             self._shards: dict[str, torch.Tensor] = {}
         elif tp < 1:
@@ -141,7 +133,7 @@ class StaticGenerator:
 
     # -- graphs ------------------------------------------------------------------------------------
     def _compile(self, step: nn.Module, inputs: tuple[torch.Tensor, ...], what: str) -> _Graph:
-        import graphllm
+        from graphllm.compile import compile as compile_model
 
         logger.info("generate: compiling the %s graph %s (%s)", what, [list(t.shape) for t in inputs], self.backend)
         t0 = time.perf_counter()
@@ -149,7 +141,8 @@ class StaticGenerator:
             if self.tp > 1:
                 fn = self._compile_tp(type(step), inputs)
             else:
-                fn = graphllm.compile(step, inputs, backend=self.backend, amp=self.amp, passes=self.passes)
+                fn = compile_model(step, inputs, backend=self.backend, amp=self.amp, passes=self.passes,
+                                      purpose="generate")
             _drop_export_input_check(fn)
             fn(*inputs)  # warm-up: Dynamo + the backend compile here, outside the timed calls
         return _Graph(fn=fn, compile_s=time.perf_counter() - t0)
@@ -157,17 +150,20 @@ class StaticGenerator:
     def _compile_tp(self, step_type: type, inputs: tuple[torch.Tensor, ...]):
         """This rank's graph of `step_type`, captured from the full weights with cache inputs at full
         size, then sharded; it is called with `inputs` (the per-rank caches) from now on."""
-        import graphllm
-        from graphllm.generate.tp import shallow_clone, share_shards, tp_cache_inputs
+        from graphllm.compile import compile_pipeline, plan_for
+        from graphllm.generate.tp import shallow_clone, share_shards
+        from graphllm.pass_pipeline import build_pipeline
+        from graphllm.planning import Layout
 
         cfg = self.config
         full = [torch.zeros(t.shape[:2] + (cfg.num_key_value_heads,) + t.shape[3:], dtype=t.dtype, device=t.device)
                 if t is self.k_cache or t is self.v_cache else t for t in inputs]
         local = {i: list(t.shape) for i, t in enumerate(inputs) if t is self.k_cache or t is self.v_cache}
         clone = shallow_clone(self.model)
-        fn = graphllm.compile(step_type(clone), full, backend=self.backend, amp=self.amp,
-                              passes=[*self.passes, tp_cache_inputs.with_options(shapes=local)],
-                              plan={"tp": self.tp}, rank=self.rank, world_size=self.tp)
+        step = step_type(clone)
+        plan = plan_for(step, full, backend=self.backend, amp=self.amp, layout=Layout(tp=self.tp))
+        pipeline = build_pipeline(plan, purpose="generate", passes=self.passes, cache_shapes=local)
+        fn = compile_pipeline(step, tuple(full), pipeline, groups=self._groups, rank=self.rank)
         sharded = sum(r.counters.get("sharded parameters", 0) for r in fn.result.records if r.name == "tensor_parallel")
         if not sharded:
             raise GraphllmError(f"--tp {self.tp}: the tensor-parallel plan matched no parameter of "

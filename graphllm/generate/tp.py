@@ -8,7 +8,7 @@ every rank sees the whole vocabulary). The KV cache each rank allocates holds on
 
 Three details make that work on graphs captured from the unsharded model:
 
-- `tp_cache_inputs` (a model pass, just before tensor_parallel) gives the decode graph's cache
+- `tp_cache_inputs` (passes/tp_cache_inputs.py, a model pass just before tensor_parallel) gives the decode graph's cache
   placeholders their per-rank shape, so the shape re-propagation inside tensor_parallel carries the
   smaller head count through the attention over the cache;
 - each graph is captured from a shallow clone of the model that shares its full Parameters, because
@@ -24,11 +24,9 @@ from __future__ import annotations
 import copy
 
 import torch
-from torch import fx, nn
-from torch._guards import detect_fake_mode
+from torch import nn
 
 from graphllm.errors import GraphllmError
-from graphllm.passes.manager import PassContext, graph_pass
 
 
 def local_kv_heads(kv_heads: int, tp: int) -> int:
@@ -41,7 +39,7 @@ def join_tp_group(cfg, tp: int, *, batch_size: int, max_len: int, device: str):
 
     Refuses (one line each) a --tp the model cannot be split by, and a process that was not started as
     one of `tp` ranks (torchrun / `graphllm generate --tp N`, which relaunches itself)."""
-    from graphllm.parallel import Layout
+    from graphllm.planning import Layout
     from graphllm.parallel.groups import init_parallel, launched_world, state
 
     layout = Layout(tp=tp)
@@ -67,7 +65,7 @@ def shallow_clone(model: nn.Module) -> nn.Module:
 def share_shards(module: nn.Module, shards: dict[str, torch.Tensor]) -> None:
     """Point each sharded Parameter of `module` at the storage of the same shard of an earlier graph
     (its values are equal: the same slice of the same full weight); remember the first of each."""
-    from graphllm.parallel.sharding import shard_of
+    from graphllm.planning.sharding import shard_of
 
     for name, p in module.named_parameters(remove_duplicate=False):
         if shard_of(p) is None:
@@ -86,29 +84,3 @@ def broadcast_tokens(token: torch.Tensor) -> torch.Tensor:
     pg = group_for("tp")
     dist.broadcast(token, src=dist.get_global_rank(pg, 0), group=pg)
     return token
-
-
-@graph_pass("tp_cache_inputs", before=("tensor_parallel",),
-            after=("fuse_rms_norm", "fuse_add_rms_norm", "fuse_swiglu", "fuse_rope", "fuse_attention",
-                   "fold_constants", "pair_rope"))
-def tp_cache_inputs(gm: fx.GraphModule, ctx: PassContext, *, shapes: dict[int, list[int]] | None = None) -> fx.GraphModule:
-    """Give placeholders (by position) the per-rank `shapes` of the inputs they will be called with.
-
-    Only the placeholders' metadata changes here; tensor_parallel, which runs next, re-derives every
-    other node's shape from them and from the sharded weights (passes/shapes.py)."""
-    if not shapes:
-        return gm
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    mode = detect_fake_mode([n.meta["val"] for n in placeholders if isinstance(n.meta.get("val"), torch.Tensor)])
-    if mode is None:
-        raise GraphllmError("tp_cache_inputs needs a captured graph (placeholders with fake-tensor meta['val'])")
-    for index, shape in shapes.items():
-        node = placeholders[int(index)]
-        old = node.meta["val"]
-        if len(shape) != old.dim():
-            raise GraphllmError(f"tp_cache_inputs: input {index} ({node.name}) has {old.dim()} dims, "
-                                f"the per-rank shape {list(shape)} has {len(shape)}")
-        with mode:
-            node.meta["val"] = torch.empty(tuple(shape), dtype=old.dtype, device=old.device)
-        ctx.count("resized inputs")
-    return gm

@@ -1,6 +1,3 @@
-"""Parallelism: the layout (tp × pp × dp), process groups, parameter sharding metadata, runtimes."""
-
-from graphllm.parallel.layout import Coords, Layout
-from graphllm.parallel.sharding import ParamShard, set_shard, shard_of, shard_param
-
-__all__ = ["Coords", "Layout", "ParamShard", "set_shard", "shard_of", "shard_param"]
+"""The parallel runtime: process groups, the step engine, the pipeline runner, the ZeRO-1 optimizer and
+sharded checkpoints. What a plan *means* (layout arithmetic, shards, FLOPs and bytes) is in
+graphllm.planning; this package only runs it."""

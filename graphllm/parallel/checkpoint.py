@@ -36,7 +36,7 @@ from torch.distributed.tensor import DTensor, Shard
 from graphllm.data.cache import atomic_write
 from graphllm.errors import GraphllmError
 from graphllm.parallel.groups import gather_objects
-from graphllm.parallel.sharding import ParamShard, shard_of
+from graphllm.planning.sharding import ParamShard, shard_of
 
 MARKER = "graphllm_checkpoint.json"
 FORMAT = "graphllm-dcp/1"

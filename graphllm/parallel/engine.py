@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch import nn
 
 from graphllm.parallel.groups import ParallelState
-from graphllm.parallel.layout import Layout
+from graphllm.planning.layout import Layout
 
 
 class Engine:
@@ -63,9 +63,7 @@ class Engine:
                 loss += mb_loss.detach().float() / m
         dp = self._group("dp")
         if dp is not None:
-            from graphllm.passes.dp_grad_reduce import in_graph
-
-            if not in_graph(self.layout):  # else the backward graph reduced them, overlapped
+            if not self.layout.grads_reduced_in_graph:  # else the backward graph reduced them, overlapped
                 from graphllm.parallel.optim import reduce_gradients
 
                 reduce_gradients(self.params, dp)

@@ -2,6 +2,8 @@
 
 Graphs name groups by kind only (`graphllm::tp_reduce(x, "tp")`), never by a runtime handle, so the
 same graph (and its hash) comes out on every run; the kind resolves to this rank's ProcessGroup here.
+`init_parallel` installs the ParallelState as the ops' group resolver (ops/groups.py) and is what the
+compile step hands to passes as `PassContext.groups`.
 The groups are the dimensions of one DeviceMesh ("pp", "dp", "tp"), which DTensor and
 torch.distributed.checkpoint use too. The backend follows the device: gloo (cpu), nccl (cuda), hccl (npu).
 """
@@ -15,7 +17,8 @@ import torch
 import torch.distributed as dist
 
 from graphllm.errors import GraphllmError
-from graphllm.parallel.layout import Coords, Layout
+from graphllm.ops import groups as op_groups
+from graphllm.planning.layout import Coords, Layout
 
 KINDS = ("pp", "dp", "tp")
 BACKEND_FOR_DEVICE = {"cpu": "gloo", "cuda": "nccl", "npu": "hccl"}
@@ -39,6 +42,20 @@ class ParallelState:
     def local_rank(self, kind: str) -> int:
         return getattr(self.coords, kind)
 
+    # -- the GroupResolver protocol (ops/groups.py) ----------------------------------------------------
+    def process_group(self, kind: str) -> dist.ProcessGroup:
+        pg = self.group(kind)
+        if pg is None:
+            return op_groups.NO_GROUPS.process_group(kind)  # raises the one-line error
+        return pg
+
+    def name(self, kind: str) -> str:
+        return self.process_group(kind).group_name
+
+    def kinds_by_name(self) -> dict[str, str]:
+        """c10d group name → kind, for reading lowered collectives back (graphllm.planning.comm)."""
+        return {} if self.mesh is None else {self.name(k): k for k in KINDS}
+
 
 _STATE: ParallelState | None = None
 
@@ -50,7 +67,6 @@ def launched_world() -> tuple[int, int]:
 
 def init_parallel(layout: Layout, device: str = "cpu") -> ParallelState:
     """Join the world torchrun started (or none for one process) and build the mesh for `layout`."""
-    global _STATE
     rank, world = launched_world()
     if world != layout.world_size:
         raise GraphllmError(f"the plan needs {layout.world_size} processes ({layout.describe()}) but {world} were "
@@ -62,13 +78,15 @@ def init_parallel(layout: Layout, device: str = "cpu") -> ParallelState:
         from torch.distributed.device_mesh import init_device_mesh
 
         mesh = init_device_mesh(device, (layout.pp, layout.dp, layout.tp), mesh_dim_names=KINDS)
-    _STATE = ParallelState(layout=layout, rank=rank, coords=layout.coords(rank), mesh=mesh)
+    set_state(ParallelState(layout=layout, rank=rank, coords=layout.coords(rank), mesh=mesh))
     return _STATE
 
 
 def set_state(state: ParallelState | None) -> None:
+    """Make `state` this process's parallel state and the ops' group resolver."""
     global _STATE
     _STATE = state
+    op_groups.install(state)
 
 
 def state() -> ParallelState | None:
@@ -78,22 +96,16 @@ def state() -> ParallelState | None:
 
 def group_for(kind: str) -> dist.ProcessGroup:
     """The ProcessGroup of this rank for a kind; a clear error when none was set up."""
-    st = _STATE
-    pg = st.group(kind) if st is not None else None
-    if pg is None:
-        raise GraphllmError(f"a graph with {kind} collectives ran in a process without a {kind} group; "
-                            "run it through `graphllm run` (it starts the ranks) or call init_parallel first")
-    return pg
+    return op_groups.resolver().process_group(kind)
 
 
 def group_name(kind: str) -> str:
     """The c10d name of this rank's group for a kind (what `_c10d_functional` ops take)."""
-    return group_for(kind).group_name
+    return op_groups.resolver().name(kind)
 
 
 def destroy() -> None:
-    global _STATE
-    _STATE = None
+    set_state(None)
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch import nn
 
 from graphllm.errors import GraphllmError
-from graphllm.parallel.sharding import shard_of
+from graphllm.planning.sharding import shard_of
 
 STATE_KEYS = ("exp_avg", "exp_avg_sq")
 CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_'s guard against a zero norm

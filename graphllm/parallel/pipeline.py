@@ -24,7 +24,7 @@ from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleIn
 
 from graphllm.errors import GraphllmError
 from graphllm.parallel.groups import ParallelState
-from graphllm.parallel.layout import Layout
+from graphllm.planning.layout import Layout
 
 if TYPE_CHECKING:
     from graphllm.passes.pipeline_split import PipelineSplit

@@ -8,9 +8,10 @@ so the ranks of one tensor-parallel group are neighbours (one node, the fastest 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from graphllm.errors import GraphllmError
+from graphllm.options import check_fields, option
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,31 +23,44 @@ class Coords:
     tp: int
 
 
+CHUNK_CHOICES = (1, 2, 4, 8)
+"""Chunk counts for communication/computation overlap (MindSpeed's --coc-parallel-num)."""
+
+
+def _check_pp_layers(value: tuple[int, ...] | None) -> None:
+    if value is not None and any(n < 0 for n in value):
+        raise GraphllmError("--pp-layers entries must be ≥ 0")
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Layout:
-    """tp × pp × dp ranks, plus the options that shape each kind (from the compile plan)."""
+    """tp × pp × dp ranks, plus the options that shape each kind: the plan's parallel section."""
 
-    tp: int = 1
-    pp: int = 1
-    dp: int = 1
-    vpp: int = 1
-    """Virtual pipeline stages (model chunks) per pipeline rank: interleaved 1F1B when > 1."""
-    sequence_parallel: bool = False
-    zero1: bool = False
-    """Distributed optimizer: AdamW states and master weights sharded over the data-parallel group."""
-    micro_batches: int = 1
-    """Micro-batches per step on each data-parallel rank (the pipeline's fill; gradient accumulation)."""
-    pp_layers: tuple[int, ...] | None = None
-    """Decoder layers per pipeline stage (pp*vpp entries, 0 allowed); None balances by FLOPs."""
+    tp: int = option(1, minimum=1, help="tensor-parallel ranks (Megatron column/row-parallel layers, "
+                                        "vocab-parallel embedding and loss)")
+    pp: int = option(1, minimum=1, help="pipeline-parallel ranks (the graph split into stages at layer boundaries)")
+    dp: int = option(1, minimum=1, help="data-parallel ranks (each takes batch-size × micro-batches rows of "
+                                        "every step's batch)")
+    vpp: int = option(1, minimum=1, help="virtual pipeline stages (model chunks) per pipeline rank: interleaved "
+                                         "1F1B when > 1")
+    sequence_parallel: bool = option(False, help="shard norms/residuals by sequence over the tensor-parallel group")
+    zero1: bool = option(False, help="distributed optimizer: AdamW states and master weights sharded over the "
+                                     "data-parallel group")
+    micro_batches: int = option(1, minimum=1, help="micro-batches per step per data-parallel rank (the "
+                                                   "pipeline's fill; gradient accumulation)")
+    pp_layers: tuple[int, ...] | None = option(None, metavar="N,N,...", check=_check_pp_layers,
+                                               help="decoder layers per pipeline stage (pp×vpp entries, 0 allowed), "
+                                                    "e.g. 3,3,2,2 (default: balanced by FLOPs)")
+    tp_plan: Literal["graphllm", "hf"] = option("graphllm", help="tensor-parallel plan: graphllm's per-family one, "
+                                                                 "or transformers' base_model_tp_plan")
+    coc_parallel_num: int = option(1, choices=CHUNK_CHOICES, help="chunks per tensor-parallel collective, to "
+                                                                  "overlap it with matmuls (1: off)")
+    mc2: bool = option(False, help="fuse tensor-parallel matmuls with their collectives (torch_npu MC2 kernels on "
+                                   "--backend npu; --coc-parallel-num CoC chunks elsewhere)")
 
-    @classmethod
-    def from_plan(cls, plan: Any) -> "Layout":
-        """From a CompilePlan or its plan.json dict."""
-        get = plan.get if isinstance(plan, dict) else lambda k, d=None: getattr(plan, k, d)
-        layers = get("pp_layers", None)
-        return cls(tp=get("tp", 1), pp=get("pp", 1), dp=get("dp", 1), vpp=get("vpp", 1),
-                   sequence_parallel=bool(get("sequence_parallel", False)), zero1=bool(get("zero1", False)),
-                   micro_batches=get("micro_batches", 1), pp_layers=tuple(layers) if layers else None)
+    def __post_init__(self) -> None:
+        check_fields(self)
+        self.check_options()
 
     @property
     def world_size(self) -> int:
@@ -81,6 +95,12 @@ class Layout:
         """Pipeline stage indices held by a pipeline rank: pp_rank, pp_rank + pp, ... (interleaved)."""
         return [chunk * self.pp + pp_rank for chunk in range(self.vpp)]
 
+    @property
+    def grads_reduced_in_graph(self) -> bool:
+        """Whether the backward graph averages data-parallel gradients itself (passes/dp_grad_reduce.py:
+        one backward makes one step) or the engine does after the step's last micro-batch."""
+        return self.dp > 1 and self.pp == 1 and self.micro_batches == 1
+
     def describe(self) -> str:
         parts = [f"tp{self.tp}", f"pp{self.pp}", f"dp{self.dp}"]
         if self.vpp > 1:
@@ -92,11 +112,7 @@ class Layout:
         return "×".join(parts[:3]) + ("+" + "+".join(parts[3:]) if parts[3:] else "")
 
     def check_options(self) -> None:
-        """Checks that need no model: sizes positive, options that need a dimension > 1."""
-        for name in ("tp", "pp", "dp", "vpp", "micro_batches"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
-                raise GraphllmError(f"--{name.replace('_', '-')} must be an integer ≥ 1, got {v!r}")
+        """Checks that need no model: options that need a dimension > 1, sizes that must agree."""
         if self.sequence_parallel and self.tp == 1:
             raise GraphllmError("--sequence-parallel needs --tp > 1 (it shards the tensor-parallel group's activations)")
         if self.zero1 and self.dp == 1:
@@ -111,6 +127,10 @@ class Layout:
                                 f"and {self.pp}")
         if self.pp_layers is not None and len(self.pp_layers) != self.num_stages:
             raise GraphllmError(f"--pp-layers lists {len(self.pp_layers)} stages but pp×vpp = {self.num_stages}")
+        if self.mc2 and self.tp == 1:
+            raise GraphllmError("--mc2 needs --tp > 1 (it fuses tensor-parallel matmuls with their collectives)")
+        if self.coc_parallel_num > 1 and self.tp == 1:
+            raise GraphllmError("--coc-parallel-num needs --tp > 1 (it chunks tensor-parallel collectives)")
 
     def check_model(self, cfg: Any, *, batch_size: int, seq_len: int) -> None:
         """Refuse a layout the model's shapes cannot be split by, naming the dimension and the fix."""
@@ -134,8 +154,6 @@ class Layout:
             if sum(self.pp_layers) != cfg.num_hidden_layers:
                 raise GraphllmError(f"--pp-layers {','.join(map(str, self.pp_layers))} sums to {sum(self.pp_layers)} "
                                     f"but the model has {cfg.num_hidden_layers} layers")
-            if any(n < 0 for n in self.pp_layers):
-                raise GraphllmError("--pp-layers entries must be ≥ 0")
         elif self.num_stages > cfg.num_hidden_layers:
             raise GraphllmError(f"pp×vpp = {self.num_stages} stages but the model has {cfg.num_hidden_layers} layers; "
                                 "lower --pp/--vpp or give --pp-layers with empty stages")

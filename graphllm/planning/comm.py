@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 import torch.fx as fx
@@ -21,16 +21,6 @@ def _nbytes(v: Any) -> int:
     return v.numel() * v.element_size() if isinstance(v, torch.Tensor) else 0
 
 
-def _group_kinds() -> dict[str, str]:
-    """c10d group name → "tp"/"dp"/"pp" for this rank's groups."""
-    from graphllm.parallel.groups import KINDS, state
-
-    st = state()
-    if st is None or st.mesh is None:
-        return {}
-    return {st.group(k).group_name: k for k in KINDS}
-
-
 def _mc2_payload(n: fx.Node) -> tuple[str, int]:
     """(group kind, bytes on the wire) of an MC2 op: the all-reduced output, the gathered input, or the
     full matmul output before its reduce-scatter."""
@@ -41,11 +31,12 @@ def _mc2_payload(n: fx.Node) -> tuple[str, int]:
     return n.args[-2], _nbytes(val) * size
 
 
-def graph_collectives(gm: fx.GraphModule) -> dict[str, dict[str, int]]:
+def graph_collectives(gm: fx.GraphModule, group_kinds: Mapping[str, str] | None = None) -> dict[str, dict[str, int]]:
     """{"<group> <collective>": {"calls": n, "bytes": payload bytes}} for one graph (payload: the larger
-    of input and output, i.e. the full tensor of a gather or scatter)."""
+    of input and output, i.e. the full tensor of a gather or scatter). Lowered `_c10d_functional`
+    collectives name their group by its c10d name; `group_kinds` maps those names back to "tp"/"dp"/"pp"."""
     out: dict[str, dict[str, int]] = defaultdict(lambda: {"calls": 0, "bytes": 0})
-    names = _group_kinds()
+    names = dict(group_kinds or {})
     for n in gm.graph.nodes:
         if n.op != "call_function":
             continue

@@ -1,0 +1,286 @@
+"""The pipeline of a plan: every step from the captured graph to a compiled step, in order, with why.
+
+`build_pipeline(plan)` is the one place that decides which steps run for a plan, at which stage, in
+which order — for training, generation, evaluation and profiling. Stages, in the order they run:
+
+    model      passes on the captured graph before autograd: the fusions (`default_passes()`), user
+               passes, parallel sharding (tensor_parallel, sequence_parallel) and overlap (coc, mc2)
+    lower      lower_ops: graphllm ops → the backend's lowering table
+    split      pipeline_split: the lowered graph → pp×vpp stage graphs and a loss graph (pp > 1)
+    partition  aot_autograd splits each graph into forward and backward with the recompute policy
+    train      passes on each forward/backward graph: user train passes, layer_markers (profiling),
+               dp_grad_reduce, lower_collectives
+    backend    the backend compiles each forward/backward graph
+
+Built-in steps keep the order written here; each carries a one-line reason for its place. A user pass
+goes at the end of its stage's user slot (after the fusions for `model`, first for `train`), and its
+`after=` / `before=` constraints move it — never a built-in step. `graphllm inspect ART --pipeline`
+prints the recorded pipeline.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Literal, Mapping, Sequence
+
+from graphllm.errors import GraphllmError
+from graphllm.passes import GraphPass, default_passes, order_passes
+from graphllm.passes.manager import jsonable
+from graphllm.passes.pipeline import why_default
+from graphllm.plan import CompilePlan
+
+Stage = Literal["model", "lower", "split", "partition", "train", "backend"]
+Purpose = Literal["train", "eval", "generate", "profile_layers"]
+PURPOSES = ("train", "eval", "generate", "profile_layers")
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """One step of a pipeline: a graph pass, or a step done by the compile machinery itself."""
+
+    name: str
+    stage: Stage
+    why: str
+    graph_pass: GraphPass | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)
+    """Options of a non-pass step (a pass's own options are bound on it)."""
+    user: bool = False
+    required: bool = False
+    """The plan needs it (parallel sharding, lowering): refused by --disable."""
+    origin: str = "graphllm.compile"
+
+    def describe(self) -> dict[str, Any]:
+        p = self.graph_pass
+        return {"step": self.name, "stage": self.stage, "why": self.why, "user": self.user,
+                "origin": p.fn.__module__ if p is not None else self.origin,
+                "options": jsonable(p.options if p is not None else self.options),
+                "changes_numerics": bool(p and p.changes_numerics)}
+
+
+@dataclass(frozen=True, slots=True)
+class Pipeline:
+    """The ordered steps for one plan and purpose."""
+
+    plan: CompilePlan
+    purpose: Purpose
+    steps: tuple[Step, ...]
+
+    def passes(self, stage: Stage) -> list[GraphPass]:
+        return [s.graph_pass for s in self.steps if s.stage == stage and s.graph_pass is not None]
+
+    @property
+    def model_passes(self) -> list[GraphPass]:
+        return self.passes("model")
+
+    @property
+    def lowering(self) -> list[GraphPass]:
+        return self.passes("lower")
+
+    @property
+    def train_passes(self) -> list[GraphPass]:
+        return self.passes("train")
+
+    @property
+    def splits(self) -> bool:
+        return any(s.stage == "split" for s in self.steps)
+
+    def describe(self) -> list[dict[str, Any]]:
+        """The steps as plain data (plan.json's "pipeline"; `graphllm inspect --pipeline` prints it)."""
+        return [s.describe() for s in self.steps]
+
+
+def build_pipeline(plan: CompilePlan, *, purpose: Purpose = "train", passes: Sequence[GraphPass] | None = None,
+                   user: Sequence[GraphPass] = (), cache_shapes: Mapping[int, list[int]] | None = None) -> Pipeline:
+    """The steps for `plan`. `passes`: the fusion list (default `default_passes()`); passes in it that
+    graphllm does not define count as user passes, like those in `user`. `cache_shapes`: generation
+    under tensor parallelism, the per-rank shapes of the graph's KV-cache inputs (by position)."""
+    if purpose not in PURPOSES:
+        raise GraphllmError(f"pipeline purpose must be one of {', '.join(PURPOSES)}, got {purpose!r}")
+    given = default_passes() if passes is None else list(passes)
+    users = [p for p in given if not _builtin(p)] + list(user)
+    model = [_fusion_step(p) for p in given if _builtin(p)] + _generation_steps(purpose, plan, cache_shapes)
+    model += [s for s in _parallel_steps(plan) if s.name not in {m.name for m in model}]
+    train = _train_steps(plan, purpose)
+    disabled = _check_disable(plan.disable, model + train, users)
+    model = [s for s in model if s.name not in disabled]
+    train = [s for s in train if s.name not in disabled]
+    users = order_passes([p for p in users if p.name not in disabled])
+    fusions_end = sum(1 for s in model if s.stage == "model" and not s.required)
+    model = _place(model, [p for p in users if p.stage == "model"], fusions_end)
+    train = _place(train, [p for p in users if p.stage == "train"], 0)
+    steps = model + _lowering_steps(plan) + train + _backend_steps(plan)  # the stages in the order they run
+    return Pipeline(plan=plan, purpose=purpose, steps=tuple(steps))
+
+
+def _builtin(p: GraphPass) -> bool:
+    return p.fn.__module__.startswith("graphllm.")
+
+
+def _fusion_step(p: GraphPass) -> Step:
+    return Step(p.name, "model", why_default(p.name) or "a graphllm pass the caller listed, in list order",
+                graph_pass=p)
+
+
+def _generation_steps(purpose: str, plan: CompilePlan, cache_shapes) -> list[Step]:
+    if purpose != "generate":
+        return []
+    from graphllm.passes.pair_rope import pair_rope
+
+    steps = [Step("pair_rope", "model", "after the fusions: pairs the q and k rope ops of each layer (one NPU "
+                                        "kernel for inference)", graph_pass=pair_rope)]
+    if plan.layout.tp > 1 and cache_shapes:
+        from graphllm.passes.tp_cache_inputs import tp_cache_inputs
+
+        steps.append(Step("tp_cache_inputs", "model", "right before tensor_parallel: the cache inputs' per-rank "
+                                                      "shapes must be in place when it re-derives head counts",
+                          graph_pass=tp_cache_inputs.with_options(shapes=dict(cache_shapes)), required=True))
+    return steps
+
+
+def _parallel_steps(plan: CompilePlan) -> list[Step]:
+    from graphllm.passes.coc import coc
+    from graphllm.passes.mc2 import mc2
+    from graphllm.passes.sequence_parallel import sequence_parallel
+    from graphllm.passes.tensor_parallel import tensor_parallel
+
+    lay, out = plan.layout, []
+    if lay.tp > 1:
+        tp = tensor_parallel if lay.tp_plan == "graphllm" else tensor_parallel.with_options(plan=lay.tp_plan)
+        out.append(Step("tensor_parallel", "model", "after the fusions and user passes: each fused op is "
+                                                    "sharded whole, and user passes see the unsharded model",
+                        graph_pass=tp, required=True))
+    if lay.sequence_parallel:
+        out.append(Step("sequence_parallel", "model", "right after tensor_parallel: rewrites the collectives it "
+                                                      "inserted at region borders", graph_pass=sequence_parallel,
+                        required=True))
+    if lay.mc2:
+        out.append(Step("mc2", "model", "after the TP/SP collectives exist: fuses each with its matmul (the CoC "
+                                        "chunks are its lowering off the NPU)",
+                        graph_pass=mc2.with_options(chunks=lay.coc_parallel_num), required=True))
+    elif lay.coc_parallel_num > 1:
+        out.append(Step("coc", "model", "after the TP/SP collectives exist: chunks each with its matmul",
+                        graph_pass=coc.with_options(chunks=lay.coc_parallel_num), required=True))
+    return out
+
+
+def _lowering_steps(plan: CompilePlan) -> list[Step]:
+    from graphllm.backends import lookup_backend
+    from graphllm.passes.lower_ops import lower_ops
+
+    be = lookup_backend(plan.backend)
+    steps = [Step("lower_ops", "lower", f"after every model pass (they see graphllm ops): ops → the {be.name} "
+                                        "backend's lowering table",
+                  graph_pass=lower_ops.with_options(lowering=be.lowering), required=True)]
+    if plan.layout.pp > 1:
+        lay = plan.layout
+        steps.append(Step("pipeline_split", "split", "after lowering: splits the whole lowered graph at layer "
+                                                     "boundaries into pp×vpp stages and a loss graph",
+                          options={"stages": lay.num_stages, "layers": list(lay.pp_layers or []) or "balanced by FLOPs"},
+                          origin="graphllm.passes.pipeline_split", required=True))
+    steps.append(Step("partition", "partition", "aot_autograd splits each graph into forward and backward; the "
+                                                "recompute policy picks what the backward recomputes",
+                      options={"recompute": plan.recompute.describe()}, origin="graphllm.recompute", required=True))
+    return steps
+
+
+def _train_steps(plan: CompilePlan, purpose: str) -> list[Step]:
+    from graphllm.backends import lookup_backend
+
+    lay, steps = plan.layout, []
+    if purpose == "profile_layers":
+        from graphllm.passes.layer_markers import layer_markers
+
+        steps.append(Step("layer_markers", "train", "after user train passes: profiler ranges around each "
+                                                    "layer's nodes (profile --by-layer)", graph_pass=layer_markers))
+    if lay.grads_reduced_in_graph:
+        from graphllm.passes.dp_grad_reduce import dp_grad_reduce
+
+        steps.append(Step("dp_grad_reduce", "train", "on the backward graph, once its gradients exist: bucketed "
+                                                     "all-reduces overlap the rest of the backward",
+                          graph_pass=dp_grad_reduce, required=True))
+    if lay.world_size > 1 and (lookup_backend(plan.backend).lowering != "eager" or lay.coc_parallel_num > 1):
+        from graphllm.passes.lower_collectives import lower_collectives
+
+        steps.append(Step("lower_collectives", "train", "last: graphllm collectives → _c10d_functional ones with "
+                                                        "waits at first use (async; CoC overlap needs it, even "
+                                                        "eager)", graph_pass=lower_collectives, required=True))
+    return steps
+
+
+def _backend_steps(plan: CompilePlan) -> list[Step]:
+    from graphllm.backends import lookup_backend
+    from graphllm.options import to_dict
+
+    be = lookup_backend(plan.backend)
+    options: dict[str, Any] = {"amp": plan.amp}
+    if be.name == "npu":
+        options.update(to_dict(plan.npu))
+    return [Step(be.name, "backend", f"compiles each forward/backward graph: {be.description}", options=options,
+                 origin="graphllm.backends", required=True)]
+
+
+def _check_disable(disable: Iterable[str], steps: list[Step], users: list[GraphPass]) -> set[str]:
+    disable = set(disable)
+    known = {s.name: s for s in steps if s.graph_pass is not None}
+    names = list(known) + [p.name for p in users]
+    unknown = disable - set(names)
+    if unknown:
+        raise GraphllmError(f"--disable names unknown pass(es) {', '.join(sorted(unknown))}; passes here: "
+                            f"{', '.join(names)}")
+    required = sorted(n for n in disable if n in known and known[n].required)
+    if required:
+        raise GraphllmError(f"--disable {', '.join(required)}: the plan needs it (parallel layout or lowering); "
+                            "change the plan instead")
+    return disable
+
+
+def _place(steps: list[Step], users: list[GraphPass], slot: int) -> list[Step]:
+    """Insert user passes: each at the stage's user slot (after earlier user passes), moved only as its
+    after=/before= constraints demand; built-in steps never move."""
+    out = list(steps)
+    for p in users:
+        index = {s.name: i for i, s in enumerate(out)}
+        lo = max((index[a] + 1 for a in p.after if a in index), default=0)
+        hi = min((index[b] for b in p.before if b in index), default=len(out))
+        if lo > hi:
+            raise GraphllmError(f"pass {p.name!r} must run after {', '.join(p.after)} and before "
+                                f"{', '.join(p.before)}, but the pipeline runs those the other way round")
+        at = min(max(slot, lo), hi)
+        out.insert(at, Step(p.name, p.stage, "a user pass: at the end of the user slot, moved by its own "
+                                             "after=/before=" if (p.after or p.before) else
+                            "a user pass, after the built-in passes before it", graph_pass=p, user=True))
+        if at <= slot:
+            slot += 1
+    return out
+
+
+# -- user passes: from the command line, and back from a recorded pipeline ------------------------------
+def load_pass_spec(spec: str) -> GraphPass:
+    """`module:attr` → the GraphPass object there (the CLI's --pass flag)."""
+    mod_name, _, attr = spec.partition(":")
+    if not attr:
+        raise GraphllmError(f"--pass {spec!r}: expected MODULE:NAME, e.g. mypasses:count_matmuls")
+    try:
+        obj = getattr(importlib.import_module(mod_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise GraphllmError(f"--pass {spec!r}: cannot load it ({e})") from e
+    if not isinstance(obj, GraphPass):
+        raise GraphllmError(f"--pass {spec!r} is a {type(obj).__name__}, not a function decorated with @graph_pass")
+    return obj
+
+
+def recorded_user_passes(described: Sequence[Mapping[str, Any]]) -> list[GraphPass]:
+    """The user passes of a recorded pipeline (plan.json), imported again with their options."""
+    out = []
+    for d in (d for d in described if d.get("user")):
+        try:
+            module = importlib.import_module(d["origin"])
+        except ImportError as e:
+            raise GraphllmError(f"pass {d['step']!r} comes from module {d['origin']!r}, which cannot be "
+                                f"imported ({e}); put it on PYTHONPATH or recompile without it") from e
+        found = [v for v in vars(module).values() if isinstance(v, GraphPass) and v.name == d["step"]]
+        if not found:
+            raise GraphllmError(f"module {d['origin']!r} no longer defines pass {d['step']!r}; recompile")
+        out.append(found[0].with_options(**d.get("options", {})))
+    return out

@@ -1,0 +1,252 @@
+"""graphllm.Trainer: the training loop of a compiled artifact, the same from Python and from `graphllm run`.
+
+    trainer = Trainer.from_artifact("build/tiny", RunConfig(train=TrainConfig(steps=50), save="ckpt/"))
+    result = trainer.fit()
+
+`fit` draws the data feed's batches, runs the steps, validates every `eval_interval` steps, checkpoints
+every `save_interval` steps and after the last, resumes from `load`, and writes the metrics stream (JSON
+lines; TensorBoard scalars with `tensorboard`). SIGTERM/SIGINT between steps stop the run after saving
+the last whole step (`result.stopped_by`, exit code 143/130); a step that raises is saved the same way
+on a single-rank run, then re-raised. `on_event` sees every event as it happens (the CLI draws its
+progress from it): the persisted ones ("start", step records, "eval", "checkpoint", "stopped",
+"failure") and "resumed".
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from graphllm.errors import GraphllmError
+from graphllm.run_config import RunConfig, open_feed
+
+EventFn = Callable[[dict[str, Any]], None]
+
+
+@dataclass(kw_only=True)
+class TrainResult:
+    """What `Trainer.fit` did."""
+
+    records: list[dict[str, Any]] = field(default_factory=list)
+    """One metrics dict per step run (step, loss, lr, grad_norm, step_time_s, tokens_per_s, ...)."""
+    start_step: int = 0
+    stopped_by: int | None = None
+    """The signal number that stopped the run between steps (SIGTERM 15, SIGINT 2), else None."""
+    checkpoint: Path | None = None
+    """The newest checkpoint this run wrote (None: no --save, or nothing new to save)."""
+    metrics_path: Path | None = None
+
+    @property
+    def exit_code(self) -> int:
+        """0 when all steps ran; 128 + signal number when a signal stopped the run."""
+        return 0 if self.stopped_by is None else 128 + self.stopped_by
+
+    @property
+    def losses(self) -> list[float]:
+        return [r["loss"] for r in self.records]
+
+
+def make_deterministic(threads: int | None) -> int:
+    """Deterministic kernels and a fixed intra-op thread count (reduction order depends on it)."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's condition for determinism
+    torch.use_deterministic_algorithms(True)
+    torch.set_num_threads(threads or torch.get_num_threads())
+    return torch.get_num_threads()
+
+
+def check_tensorboard(path: str | None) -> None:
+    import importlib.util
+
+    if path is not None and importlib.util.find_spec("tensorboard") is None:
+        raise GraphllmError("--tensorboard needs the tensorboard package: pip install tensorboard "
+                            "(or leave the flag out; metrics still go to the JSON-lines file)")
+
+
+class TensorBoardSink:
+    """Scalars of the step and eval events in a TensorBoard log directory."""
+
+    SCALARS = {"loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm",
+               "tokens_per_s": "train/tokens_per_s"}
+
+    def __init__(self, path: str) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self._w = SummaryWriter(log_dir=str(path))
+
+    def write(self, record: dict[str, Any]) -> None:
+        if record.get("event") == "eval":
+            self._w.add_scalar("valid/loss", record["valid_loss"], record["step"])
+        elif "event" not in record:
+            for key, tag in self.SCALARS.items():
+                self._w.add_scalar(tag, record[key], record["step"])
+
+    def close(self) -> None:
+        self._w.close()
+
+
+class Trainer:
+    """Trains one rank of a built artifact (graphllm.job.Built) under a RunConfig."""
+
+    def __init__(self, built, config: RunConfig, *, feed, artifact: Path | None = None, run_info: dict | None = None,
+                 on_event: EventFn | None = None) -> None:
+        self.built, self.config, self.feed = built, config, feed
+        self.artifact = artifact
+        self.run_info = dict(run_info or {})
+        self.on_event = on_event
+        self.valid = feed.valid_batches(config.eval_iters) if config.eval_interval > 0 else []
+        self.optimizer = built.engine.make_optimizer(config.train)
+        self._sinks: list[Any] = []
+
+    @classmethod
+    def from_artifact(cls, artifact: str | Path, config: RunConfig | None = None, *,
+                      on_event: EventFn | None = None) -> "Trainer":
+        """Open the data (checked against the artifact's plan first), then load and compile the artifact.
+        Under a plan of several ranks, call it on every rank (torchrun; `graphllm run` starts them)."""
+        from graphllm.artifact import read_plan
+        from graphllm.job import load_artifact
+        from graphllm.plan import CompilePlan
+
+        artifact, config = Path(artifact), config or RunConfig()
+        data = read_plan(artifact)
+        plan = CompilePlan.from_json(data["plan"], str(artifact / "plan.json"))
+        run_info: dict[str, Any] = {"deterministic": config.deterministic}
+        if config.deterministic:
+            run_info["threads"] = make_deterministic(config.threads)
+        elif config.threads:
+            torch.set_num_threads(config.threads)
+        check_tensorboard(config.tensorboard)
+        feed = open_feed(artifact, plan, int(data["model"]["config"]["vocab_size"]), config)
+        _, built = load_artifact(artifact)
+        return cls(built, config, feed=feed, artifact=artifact, run_info=run_info, on_event=on_event)
+
+    # -- the loop --------------------------------------------------------------------------------------
+    def fit(self) -> TrainResult:
+        """Run the configured steps (see the module docstring); returns what happened."""
+        from graphllm.resume import StopSignals
+        from graphllm.train import train_steps
+
+        cfg, plan = self.config, self.built.plan
+        result = TrainResult(metrics_path=self._metrics_path())
+        self._open_sinks(result.metrics_path)
+        status: dict[str, Any] = {}
+        try:
+            result.start_step = self._resume()
+            with StopSignals() as signals:
+                try:
+                    for rec in train_steps(self.built.engine, self._batch_at, cfg.train, optimizer=self.optimizer,
+                                           start_step=result.start_step, status=status):
+                        result.records.append(rec)
+                        self._after_step(rec, result)
+                        if (signum := signals.requested()) is not None:
+                            self._stop(result, status, signum)
+                            break
+                except Exception as exc:
+                    self._fail(result, status, exc)
+                    raise
+        finally:
+            for sink in self._sinks:
+                sink.close()
+        return result
+
+    def _batch_at(self, step: int) -> tuple[torch.Tensor, ...]:
+        return tuple(t.to(self.built.plan.device) for t in self.feed.train_batch(step))
+
+    def _metrics_path(self) -> Path | None:
+        if self.config.metrics is not None:
+            return Path(self.config.metrics)
+        return self.artifact / "runs" / "metrics.jsonl" if self.artifact is not None else None
+
+    def _open_sinks(self, metrics: Path | None) -> None:
+        from graphllm.train import MetricsWriter, config_dict
+
+        rank0 = self.built.rank == 0
+        self._sinks = []
+        if rank0 and self.config.tensorboard is not None:
+            self._sinks.append(TensorBoardSink(self.config.tensorboard))
+        self._sinks.insert(0, MetricsWriter(metrics if rank0 else None, {
+            "plan": self.built.plan.to_json(), "train": config_dict(self.config.train), "data": self.config.data,
+            "run": self.run_info}))
+        self._emit({"event": "start"}, persist=False)
+
+    def _emit(self, record: dict[str, Any], *, persist: bool = True) -> None:
+        if persist:
+            for sink in self._sinks:
+                sink.write(record)
+        if self.on_event is not None:
+            self.on_event(record)
+
+    def _resume(self) -> int:
+        if self.config.load is None:
+            return 0
+        from graphllm.resume import load_step
+
+        extra: dict = {}
+        start = load_step(Path(self.config.load), self.built, self.optimizer, extra_out=extra)
+        self.feed.resume(extra, start, f"--load {self.config.load}")
+        self._emit({"event": "resumed", "step": start, "path": str(self.config.load)}, persist=False)
+        return start
+
+    def _after_step(self, rec: dict[str, Any], result: TrainResult) -> None:
+        cfg, step = self.config, rec["step"]
+        last = step == cfg.train.steps
+        shown = dict(rec)
+        if step % cfg.train.log_interval == 0 or last:
+            self._emit(rec)
+        if self.valid and (step % cfg.eval_interval == 0 or last):
+            vloss = statistics.fmean(self.built.engine.eval_loss(*(t.to(self.built.plan.device) for t in b))
+                                     for b in self.valid)
+            self._emit({"event": "eval", "step": step, "valid_loss": vloss, "valid_ppl": math.exp(min(vloss, 50.0)),
+                        "batches": len(self.valid)})
+            shown["valid_loss"] = vloss
+        if cfg.save is not None and (last or (cfg.save_interval > 0 and step % cfg.save_interval == 0)):
+            from graphllm.resume import save_step
+
+            result.checkpoint = save_step(Path(cfg.save), self.built, self.optimizer, step, keep_last=cfg.keep_last,
+                                          extra=self.feed.state(step))
+            self._emit({"event": "checkpoint", "step": step, "path": str(result.checkpoint)})
+        if self.on_event is not None:
+            self.on_event({"event": "progress", **shown})
+
+    def _stop(self, result: TrainResult, status: dict, signum: int) -> None:
+        """Stopped by a signal between steps: save the last whole step (with `save`), say where."""
+        import signal
+
+        done = status.get("completed", result.start_step)
+        where, msg = None, "not saved (no --save)"
+        if self.config.save is not None:
+            where, msg = self._save_final(status, result.start_step, done)
+        result.stopped_by, result.checkpoint = signum, where or result.checkpoint
+        self._emit({"event": "stopped", "signal": signal.Signals(signum).name, "step": done,
+                    "checkpoint": str(where) if where else None, "message": msg})
+
+    def _fail(self, result: TrainResult, status: dict, exc: Exception) -> None:
+        """A step raised: on a single rank, save the last whole step first (other ranks would wait in
+        collectives), and record the failure."""
+        if self.config.save is None or self.built.plan.layout.world_size > 1:
+            return
+        done = status.get("completed", result.start_step)
+        where, msg = self._save_final(status, result.start_step, done)
+        self._emit({"event": "failure", "step": status.get("completed"), "error": str(exc),
+                    "checkpoint": str(where) if where else None, "message": msg})
+
+    def _save_final(self, status: dict, start: int, done: int) -> tuple[Path | None, str]:
+        from graphllm.resume import save_final
+
+        return save_final(Path(self.config.save), self.built, self.optimizer, status, start_step=start,
+                          extra=self.feed.state(done))
+
+
+def run_summary(result: TrainResult) -> str:
+    """The final console line of a run."""
+    if not result.records:
+        return "no step ran"
+    tps = statistics.median(r["tokens_per_s"] for r in result.records)
+    return (f"loss {result.records[0]['loss']:.4f} → {result.records[-1]['loss']:.4f} over {len(result.records)} "
+            f"steps, median {tps:,.0f} tok/s; metrics in {result.metrics_path}")
+

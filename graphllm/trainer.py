@@ -128,10 +128,10 @@ class Trainer:
     # -- the loop --------------------------------------------------------------------------------------
     def fit(self) -> TrainResult:
         """Run the configured steps (see the module docstring); returns what happened."""
-        from graphllm.resume import StopSignals
+        from graphllm.signals import StopSignals
         from graphllm.train import train_steps
 
-        cfg, plan = self.config, self.built.plan
+        cfg = self.config
         result = TrainResult(metrics_path=self._metrics_path())
         self._open_sinks(result.metrics_path)
         status: dict[str, Any] = {}

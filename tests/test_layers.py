@@ -29,7 +29,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("compile", ("graphllm.compile", "graphllm.pass_pipeline", "graphllm.plan", "graphllm.backends",
                  "graphllm.npu_backend", "graphllm.train_stage", "graphllm.recompute", "graphllm.capture",
                  "graphllm.dump")),
-    ("runtime", ("graphllm.parallel", "graphllm.train", "graphllm.data")),
+    ("runtime", ("graphllm.parallel", "graphllm.train", "graphllm.signals", "graphllm.data")),
     ("passes", ("graphllm.passes",)),
     ("planning", ("graphllm.planning",)),
     ("ops", ("graphllm.ops",)),

@@ -32,6 +32,9 @@ def add_parser(sub) -> None:
                     help="score these completions (jsonl: task_id, completion) instead of generating")
     he.add_argument("--timeout", type=float, default=10.0, help="seconds per program before it is killed")
     he.add_argument("--workers", type=int, default=None, help="programs run at once (default: CPUs, at most 8)")
+    he.add_argument("--allow-unsandboxed-exec", action="store_true",
+                    help="where bubblewrap (the sandbox) is not usable, run the generated programs without it "
+                         "(as this user, with a warning) instead of refusing")
     p.set_defaults(func=run)
 
 
@@ -44,11 +47,16 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = EvalConfig(task=args.task, data=args.data, shots=args.shots, limit=args.limit, split=args.split,
                      max_new_tokens=args.max_new_tokens, log_samples=args.log_samples, completions=args.completions,
-                     sandbox=SandboxLimits(timeout_s=args.timeout), workers=args.workers)
+                     sandbox=SandboxLimits(timeout_s=args.timeout), workers=args.workers,
+                     allow_unsandboxed=args.allow_unsandboxed_exec)
     if args.data is not None and not args.data.exists():
         from graphllm.errors import GraphllmError
 
         raise GraphllmError(f"--data {args.data}: no such file or directory")
+    if args.task == "humaneval":
+        from graphllm.eval.sandbox import require
+
+        require(args.allow_unsandboxed_exec, warn=False)  # refuse before loading the model
     console = Console(stderr=True)
     scorer = None
     if args.completions is None:

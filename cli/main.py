@@ -1,4 +1,10 @@
-"""The `graphllm` command: thin argument parsing over the Python API; no logic of its own."""
+"""The `graphllm` command: thin argument parsing over the Python API; no logic of its own.
+
+What reaches the user on stderr: a user error (GraphllmError, or a PassError raised in a user's own
+pass) is one line and exit code 2; SIGTERM/SIGINT that stop a command at once (before or after
+training, or a second one during it: StoppedBySignal) are one line and exit code 128 + the signal; any
+other exception is a graphllm bug and keeps its traceback (so does a user pass's error under `-v`).
+"""
 
 from __future__ import annotations
 
@@ -6,9 +12,11 @@ import argparse
 import logging
 import sys
 
-from graphllm.errors import GraphllmError
+from graphllm.errors import GraphllmError, exception_chain
 
 EXIT_USER_ERROR = 2
+STOPPED = {"run": ("before training started; nothing was saved", "after training")}
+"""What a signal that stops a command at once says, before / after its training loop (default: nothing)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -16,7 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     from graphllm.cli import chat_cmd, generate_cmd
 
     parser = argparse.ArgumentParser(prog="graphllm", description="Graph-mode LLM training: compile, run, inspect.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log what each pass does")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="log what each pass does; show the traceback of an error in a user's pass")
     sub = parser.add_subparsers(dest="command", required=True)
     for mod in (compile_cmd, run_cmd, inspect_cmd, profile_cmd, preprocess_cmd, convert_cmd, eval_cmd,
                 generate_cmd, chat_cmd):
@@ -24,23 +33,58 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _say(args: argparse.Namespace, message: str, *, user_error: bool) -> None:
+    """One line on stderr (from rank 0 only when launched), left for the launcher too if it is a user error."""
+    from graphllm.launch import in_launched_world, is_rank_zero, record_user_error
+
+    if not in_launched_world() or is_rank_zero():
+        print(f"graphllm {args.command}: {'error: ' if user_error else ''}{message}", file=sys.stderr)
+    if user_error:
+        record_user_error(message)
+
+
+def _handled(args: argparse.Namespace, exc: BaseException) -> int | None:
+    """The exit code after saying what `exc` means in one line, or None: a bug, keep the traceback."""
+    from graphllm.passes import PassError
+    from graphllm.signals import StoppedBySignal, stopped_at_once
+
+    chain = list(exception_chain(exc))
+    stop = next((e for e in chain if isinstance(e, StoppedBySignal)), None) or stopped_at_once()
+    if stop is not None:  # whatever failed after a stop signal failed because of it
+        _say(args, stop.message, user_error=False)
+        return stop.exit_code
+    if isinstance(exc, GraphllmError):
+        _say(args, str(exc), user_error=True)
+        return EXIT_USER_ERROR
+    failed = next((e for e in chain if isinstance(e, PassError)), None)
+    if failed is not None and failed.user_code and not args.verbose:
+        _say(args, f"{failed} ({failed.user_code}; `graphllm -v {args.command} ...` shows the traceback)",
+             user_error=True)
+        return EXIT_USER_ERROR
+    if isinstance(exc, KeyboardInterrupt):  # SIGINT where StopAtOnce is not installed (not the main thread)
+        _say(args, "interrupted", user_error=False)
+        return 130
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
+    from graphllm.launch import in_launched_world, rank_started
+    from graphllm.signals import StopAtOnce
+
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # to re-run the same command on each rank
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     try:
-        return args.func(args) or 0
-    except GraphllmError as e:
-        from graphllm.launch import in_launched_world, is_rank_zero, record_user_error
-
-        if not in_launched_world() or is_rank_zero():
-            print(f"graphllm {args.command}: error: {e}", file=sys.stderr)
-        record_user_error(str(e))
-        return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        print(f"graphllm {args.command}: interrupted", file=sys.stderr)
-        return 130
+        with StopAtOnce(*STOPPED.get(args.command, ("", ""))):
+            if in_launched_world():
+                rank_started()  # stop when torchrun's agent is gone (Linux); rank 0 now speaks for a stop
+            return args.func(args) or 0
+    except BaseException as e:  # noqa: BLE001 (what is not handled is re-raised)
+        code = _handled(args, e)
+        if code is None:
+            raise
+        return code
 
 
 if __name__ == "__main__":

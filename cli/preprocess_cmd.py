@@ -1,4 +1,7 @@
-"""`graphllm preprocess pretrain|alpaca|sharegpt|pairwise|prm`: raw records -> Megatron `.bin/.idx` datasets."""
+"""`graphllm preprocess pretrain|alpaca|sharegpt|pairwise|prm`: raw records -> Megatron `.bin/.idx` datasets.
+
+Exit codes: 0 written; 2 a user error (bad flag or input, malformed record under --strict, or a full disk:
+one line `no space left on device at DIR (needed about N GB)`, nothing left behind)."""
 
 from __future__ import annotations
 
@@ -94,5 +97,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {path}:{no}: {reason}")
     if s.num_skipped > SHOW_BAD_LINES:
         print(f"  ... {s.num_skipped - SHOW_BAD_LINES} more")
-    print(f"  files: {', '.join(Path(f).name for f in s.outputs)}")
+    print(f"  files: {', '.join(Path(f).name for f in s.outputs)}; tokenizer {args.tokenizer} "
+          f"(fingerprint {s.tokenizer_fingerprint}: `graphllm run --data` checks it against the model's)")
     return 0

@@ -26,6 +26,19 @@ def _s(x: float) -> str:
     return f"{x * 1e3:,.1f} ms"
 
 
+def _check_out(out: Path | None) -> None:
+    """Refuse an --out that cannot become a directory before any work (the trace is written at the end)."""
+    from graphllm.errors import GraphllmError
+
+    for p in [out, *out.parents] if out is not None else []:
+        if p.exists():
+            if not p.is_dir():
+                where = f"--out {out}" if p == out else f"--out {out}: {p}"
+                raise GraphllmError(f"{where} is a file, not a directory; the trace and summary go into a directory: "
+                                    "give a new or an existing directory")
+            return
+
+
 def run(args: argparse.Namespace) -> int:
     from graphllm.artifact import read_plan
     from graphllm.errors import GraphllmError
@@ -36,6 +49,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.steps < 1 or args.warmup < 0:
         raise GraphllmError(f"--steps must be ≥ 1 and --warmup ≥ 0 (got {args.steps}, {args.warmup})")
+    _check_out(args.out)
     world = CompilePlan.from_json(read_plan(args.artifact)["plan"], str(args.artifact)).layout.world_size
     if world > 1 and not in_launched_world():
         return relaunch(world, args.argv)

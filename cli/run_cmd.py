@@ -41,7 +41,9 @@ class ConsoleEvents:
 
     def __call__(self, e: dict) -> None:
         kind = e.get("event")
-        if kind == "resumed":
+        if kind == "note":
+            self.console.print(e["text"])
+        elif kind == "resumed":
             self.console.print(f"resumed from {e['path']} at step {e['step']}")
             self.progress.update(self.task, completed=e["step"])
         elif kind == "progress":
@@ -57,24 +59,47 @@ class ConsoleEvents:
             self.console.print(f"[red]step {(e['step'] or 0) + 1} failed[/]: {e['message']}")
 
 
+def _launch(args: argparse.Namespace, config, data: dict, world: int, console: Console) -> int:
+    """Start the ranks, holding the --save root for them: its checks, lock and clean-up happen once,
+    here, before any rank compiles."""
+    import os
+
+    from graphllm.checkpoint_root import LOCK_ENV, plan_roots, take_root
+    from graphllm.launch import relaunch
+
+    plan_roots(config.save, config.load, data["model"])
+    lock, notes = take_root(config.save)
+    for note in notes:
+        console.print(note)
+    try:
+        if lock is not None:
+            os.environ[LOCK_ENV] = str(lock.path)
+        return relaunch(world, args.argv)
+    finally:
+        if lock is not None:
+            os.environ.pop(LOCK_ENV, None)
+            lock.release()
+
+
 def run(args: argparse.Namespace) -> int:
     from graphllm.artifact import read_plan
     from graphllm.errors import GraphllmError
-    from graphllm.launch import in_launched_world, is_rank_zero, relaunch
+    from graphllm.launch import in_launched_world, is_rank_zero
     from graphllm.options import from_flags
     from graphllm.plan import CompilePlan
-    from graphllm.run_config import RunConfig
+    from graphllm.run_config import RunConfig, fine_tuning_note
     from graphllm.trainer import Trainer, run_summary
 
-    plan = CompilePlan.from_json(read_plan(args.artifact)["plan"], str(args.artifact))
+    data = read_plan(args.artifact)
+    plan = CompilePlan.from_json(data["plan"], str(args.artifact))
     world = plan.layout.world_size
     if args.nproc is not None and args.nproc != world:
         raise GraphllmError(f"--nproc {args.nproc} does not match the artifact's layout, which needs {world} ranks; "
                             f"use --nproc {world} or recompile with another layout")
-    if world > 1 and not in_launched_world():
-        return relaunch(world, args.argv)
     config = from_flags(RunConfig, args)
-    console = Console(stderr=True, quiet=not is_rank_zero())
+    console = Console(stderr=True, quiet=not is_rank_zero(), soft_wrap=True)  # lines stay whole in log files
+    if world > 1 and not in_launched_world():
+        return _launch(args, config, data, world, console)
     events = ConsoleEvents(console, plain=args.no_progress, total=config.train.steps)
     with console.status("opening the data, loading the artifact and compiling …"):
         trainer = Trainer.from_artifact(args.artifact, config, on_event=events)
@@ -82,7 +107,8 @@ def run(args: argparse.Namespace) -> int:
     source = "the built-in corpus" if config.data is None else " ".join(config.data)
     console.print(f"[green]ready[/] {plan.model} ({plan.backend}, {plan.amp}) compiled in "
                   f"{trainer.built.compile_seconds:.1f} s; training {config.train.steps} steps of "
-                  f"{plan.global_batch_size}×{plan.seq_len} tokens on {plan.layout.describe()} from {source}")
+                  f"{plan.global_batch_size}×{plan.seq_len} tokens on {plan.layout.describe()} from {source}"
+                  + (f"; {note}" if (note := fine_tuning_note(config, data["model"])) else ""))
     with events.progress:
         result = trainer.fit()
     if result.stopped_by is None and result.records:

@@ -16,9 +16,10 @@ from graphllm.plan import CompilePlan  # noqa: E402
 from graphllm.planning import Layout  # noqa: E402
 from graphllm.planning.recompute_config import RecomputeConfig  # noqa: E402
 from graphllm.run_config import RunConfig  # noqa: E402
+from graphllm.signals import StoppedBySignal  # noqa: E402
 from graphllm.train import TrainConfig  # noqa: E402
 from graphllm.trainer import Trainer, TrainResult  # noqa: E402
 
 __all__ = ["CompilePlan", "CompiledModel", "GraphllmError", "Layout", "PassContext", "Pipeline", "RecomputeConfig",
-           "RunConfig", "TrainConfig", "TrainResult", "Trainer", "__version__", "build_pipeline", "compile",
+           "RunConfig", "StoppedBySignal", "TrainConfig", "TrainResult", "Trainer", "__version__", "build_pipeline", "compile",
            "compile_artifact", "default_passes", "graph_pass", "load_artifact", "load_model"]

@@ -24,6 +24,7 @@ import torch
 
 from graphllm.version import __version__
 from graphllm.errors import GraphllmError
+from graphllm.launch import pid_alive
 from graphllm.plan import CompilePlan
 
 FORMAT_VERSION = 2
@@ -51,7 +52,12 @@ def prepare_out_dir(out: Path) -> Path:
     if out.exists() and not (out / "plan.json").exists() and any(out.iterdir()):
         raise GraphllmError(f"--out {out} exists and is not a graphllm artifact; choose an empty or new directory")
     out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    for old in out.parent.glob(f".{out.name}.tmp-*-*"):  # a failed multi-rank compile's, once its process is gone
+        pid = old.name.removeprefix(f".{out.name}.tmp-").split("-")[0]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+
 
 
 def commit_out_dir(tmp: Path, out: Path) -> None:

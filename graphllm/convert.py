@@ -14,7 +14,10 @@ generation_config.json and the tokenizer files it carries. Tensors keep their st
 so HF -> graphllm -> HF is bit-identical. A tied LM head is stored once, as transformers does.
 
 Nothing half-written is ever left under the output name: everything goes into a temp directory beside
-it, renamed into place at the end. An existing non-empty output is refused unless `force`.
+it, renamed into place at the end. An existing non-empty output is refused unless `force`. What is
+written gets the modes a plain `open`/`mkdir` would give under the user's umask (not mkstemp's/mkdtemp's
+0600/0700, nor safetensors' 0600, nor the mode of a copied source file), so a serving process under
+another uid can read an exported directory.
 """
 
 from __future__ import annotations
@@ -110,6 +113,7 @@ def hf_to_graphllm(hf_dir: str | os.PathLike[str], out: str | os.PathLike[str], 
         (step / HF_SUBDIR).mkdir()
         for name in carried:
             shutil.copy2(hf / name, step / HF_SUBDIR / name)
+        _umask_modes(step / HF_SUBDIR)
         if root.exists():
             old = root / CONVERTED_STEP
             if old.exists():  # _check_ckpt_out allowed it: a graphllm checkpoint, replaced as --force asked
@@ -177,6 +181,7 @@ def graphllm_to_hf(ckpt: str | os.PathLike[str], out: str | os.PathLike[str], *,
                                                                             "pad_token_id") if k in hf_config}}
             (tmp / GENERATION_CONFIG).write_text(json.dumps(gen, indent=2) + "\n")
         (tmp / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
+        _umask_modes(tmp)
         _install_hf(tmp, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -219,15 +224,27 @@ def _present(src: Path, names: tuple[str, ...]) -> list[str]:
     return [n for n in names if (src / n).is_file()]
 
 
+def _umask() -> int:
+    umask = os.umask(0)  # os.umask can only be read by setting it; read per call, the caller may change it
+    os.umask(umask)
+    return umask
+
+
 def _temp_dir_beside(dest: Path) -> Path:
     """A fresh hidden directory next to `dest` (same filesystem, so renames are atomic), with the
     permissions a plain mkdir would give (mkdtemp's 0700 would otherwise become the output's)."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)
+    os.chmod(tmp, 0o777 & ~_umask())
     return tmp
+
+
+def _umask_modes(root: Path) -> None:
+    """Give everything under `root` (and `root`) the mode open()/mkdir() would under the umask: safetensors
+    writes 0600, mkstemp 0600, copy2 keeps a source file's mode; an export must be readable by others."""
+    umask = _umask()
+    for path in [root, *root.rglob("*")]:
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def _nonempty_dir(path: Path, flag: str) -> bool:

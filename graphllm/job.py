@@ -23,6 +23,7 @@ from graphllm.pass_pipeline import Pipeline, Purpose, build_pipeline, load_pass_
 from graphllm.passes import GraphPass
 from graphllm.plan import CompilePlan
 from graphllm.report import build_report, report_markdown
+from graphllm.resume import weights_fingerprint
 from graphllm.train_stage import StageSet
 
 
@@ -168,8 +169,8 @@ def compile_artifact(plan: CompilePlan, out: str | Path, *, user: Sequence[Graph
             commit_out_dir(tmp, out)
         groups.barrier()
     except BaseException:
-        if rank == 0:
-            import shutil
+        if rank == 0 and plan.layout.world_size == 1:  # other ranks may still be writing their dumps into it:
+            import shutil                              # then the next compile of `out` removes it
 
             shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -177,6 +178,8 @@ def compile_artifact(plan: CompilePlan, out: str | Path, *, user: Sequence[Graph
 
 
 def _write_artifact(tmp: Path, built: Built, report: dict, everyone: list[dict]) -> None:
+    from graphllm.data.tokenizer_match import model_tokenizer
+
     plan = built.plan
     data = {
         "format": FORMAT_VERSION,
@@ -184,7 +187,11 @@ def _write_artifact(tmp: Path, built: Built, report: dict, everyone: list[dict])
         "plan": plan.to_json(),
         "pipeline": built.pipeline.describe(),
         "model": {"source": built.model.source, "config": built.model.config.to_dict(),
-                  "fingerprint": built.model.config.fingerprint()},
+                  "fingerprint": built.model.config.fingerprint(),
+                  "weights_fingerprint": weights_fingerprint(built.model.config),
+                  # what `graphllm run` checks --data against: an HF directory's own tokenizer (None without
+                  # one), the built-in tokenizer for a preset
+                  "tokenizer": model_tokenizer(built.model.source)},
         "graph_hash": {f"rank{r}": e["hash"] for r, e in enumerate(everyone)},
         "graphs": {f"rank{r}": e["graphs"] for r, e in enumerate(everyone)},
     }

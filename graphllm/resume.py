@@ -55,28 +55,75 @@ def save_step(root: Path, built, optimizer, step: int, *, keep_last: int = 0, ex
     return path
 
 
-def resolve(path: Path) -> Path:
-    """A checkpoint directory, or the newest complete `step_<N>` inside a root."""
-    from graphllm.parallel.checkpoint import MARKER, latest_checkpoint
+def resolve(path: Path) -> tuple[Path, list[tuple[str, str]]]:
+    """The checkpoint `--load PATH` names, verified against the checksums in its marker: a checkpoint
+    directory must be intact; under a root, the newest intact `step_<N>` is chosen and each damaged newer
+    one is skipped. Returns (checkpoint, [(skipped checkpoint, what is damaged)])."""
+    from graphllm.parallel.checkpoint import MARKER, complete_checkpoints
 
     path = Path(path)
     if (path / MARKER).is_file():
-        return path
-    found = latest_checkpoint(path) if path.is_dir() else None
-    if found is None:
-        raise GraphllmError(f"--load {path}: no complete graphllm checkpoint there (expected {MARKER} or step_<N>/ "
-                            "directories); point it at a checkpoint written by `graphllm run --save`")
-    return found
+        problem = damage(path)
+        if problem:
+            raise GraphllmError(f"--load {path}: the checkpoint is damaged ({problem}); load an older one, or its "
+                                "root to take the newest intact one")
+        return path, []
+    skipped = []
+    for candidate in complete_checkpoints(path) if path.is_dir() else []:
+        problem = damage(candidate)
+        if problem is None:
+            return candidate, skipped
+        skipped.append((str(candidate), problem))
+    if skipped:
+        raise GraphllmError(f"--load {path}: every checkpoint there is damaged "
+                            f"({'; '.join(f'{c}: {p}' for c, p in skipped)}); there is nothing intact to resume from")
+    raise GraphllmError(f"--load {path}: no complete graphllm checkpoint there (expected {MARKER} or step_<N>/ "
+                        "directories); point it at a checkpoint written by `graphllm run --save`")
 
 
-def load_step(path: Path, built, optimizer, *, extra_out: dict | None = None) -> int:
+def damage(checkpoint: Path) -> str | None:
+    """What is wrong with a complete checkpoint's files (None: intact, or saved without checksums)."""
+    from graphllm.parallel.checkpoint import MARKER
+    from graphllm.parallel.integrity import verify
+
+    try:
+        marker = json.loads((Path(checkpoint) / MARKER).read_text())
+    except (OSError, ValueError) as exc:
+        return f"its {MARKER} is unreadable: {exc}"
+    return verify(checkpoint, marker.get("files"))
+
+
+def resolve_on_rank0(path: Path) -> tuple[Path, list[tuple[str, str]]]:
+    """`resolve` done once, by rank 0 (which reads the files), with the answer given to every rank."""
+    from graphllm.parallel.groups import broadcast_object
+
+    answer = None
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        try:
+            answer = ("ok", *resolve(path))
+        except GraphllmError as exc:
+            answer = ("error", str(exc))
+    answer = broadcast_object(answer)
+    if answer[0] == "error":
+        raise GraphllmError(answer[1])
+    return Path(answer[1]), list(answer[2])
+
+
+def load_step(path: Path, built, optimizer, *, extra_out: dict | None = None,
+              skipped: list[tuple[str, str]] | None = None) -> int:
     """Load parameters, optimizer state and RNG into this rank's layout; returns the step to resume after.
-    `extra_out` receives the checkpoint's extra state (the sampler position; nothing for weights-only)."""
+    `path` is a checkpoint or a root (its newest intact checkpoint; `skipped` receives (checkpoint, damage)
+    for each damaged newer one, and `extra_out["checkpoint"]` the one loaded). `extra_out` receives the
+    checkpoint's extra state (the sampler position; nothing for weights-only)."""
     from graphllm.parallel.checkpoint import MARKER, load_checkpoint
     from graphllm.parallel.optim import load_optimizer_state
 
     named = built.engine.named_params
-    path = resolve(path)
+    path, damaged = resolve_on_rank0(path)
+    if skipped is not None:
+        skipped.extend(damaged)
+    if extra_out is not None:
+        extra_out["checkpoint"] = str(path)
     try:
         kind = json.loads((path / MARKER).read_text()).get("kind")
     except (OSError, ValueError):

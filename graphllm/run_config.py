@@ -2,18 +2,26 @@
 
 `RunConfig` is declared once (graphllm/options.py): the `graphllm run` flags and docs/options.md come
 from it, and `graphllm.Trainer` takes it. `open_feed` turns its data fields into the run's batch source,
-checked against the compiled graph from the artifact's plan alone, so bad data fails before compiling.
+checked against the compiled graph from the artifact's plan alone, so bad data fails before compiling:
+among the checks, that `--data` was tokenized with the tokenizer the model reads (plan.json's
+"model" -> "tokenizer"). Without `--data` the built-in corpus is encoded with that tokenizer: the
+model's own for an HF checkpoint, the built-in one for a preset. `with_model_defaults` fills the
+defaults that depend on the model (the fine-tuning lr for pretrained weights).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from graphllm.errors import GraphllmError
 from graphllm.options import check_fields, option, section
 from graphllm.plan import CompilePlan
-from graphllm.train import TrainConfig
+from graphllm.train import FINETUNE_LR, TrainConfig
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -54,30 +62,107 @@ class RunConfig:
         return self.reset_position_ids
 
 
-def open_feed(artifact: Path, plan: CompilePlan, vocab: int, cfg: RunConfig):
-    """The run's batch source, checked against the compiled graph (vocab, seq_len, EOD-reset)."""
-    from graphllm.data.datasets import DEFAULT_SPLIT, open_data
+def open_feed(artifact: Path, plan: CompilePlan, vocab: int, cfg: RunConfig, *, model: dict | None = None):
+    """The run's batch source, checked against the compiled graph (vocab, seq_len, EOD-reset, tokenizer, a
+    valid split for --eval-interval). `model`: plan.json's "model" section (read from `artifact` when not
+    given). Warnings (a match that cannot be checked) are logged only once every check has passed, so a
+    refused run prints its one line alone."""
+    from graphllm.data.datasets import DEFAULT_SPLIT, open_data, parse_data_args, read_meta
     from graphllm.data.feed import BuiltinFeed, DatasetFeed
+    from graphllm.data.tokenizer_match import check_data_tokenizer
 
-    seed = cfg.train.seed
+    model_tok = _model_tokenizer(artifact, model)
     if cfg.reset and not plan.eod_reset:
         raise GraphllmError(f"--reset-position-ids needs an artifact compiled with --eod-reset (its graph takes "
                             f"position ids); recompile {artifact} with --eod-reset")
+    warnings: list[str] = []
     if cfg.data is None:
-        from graphllm.data import BatchSpec, TokenBatches, builtin_token_ids, builtin_tokenizer
-
         if cfg.split is not None or cfg.reset:
             raise GraphllmError("--split and --reset-position-ids apply to --data datasets; give --data PREFIX")
+        feed = BuiltinFeed(_corpus_batches(artifact, plan, vocab, model_tok, cfg.train.seed, warnings),
+                           with_positions=plan.eod_reset)
+    else:
+        warnings += filter(None, (check_data_tokenizer(prefix, read_meta(prefix), model_tok, plan.model)
+                                  for prefix in parse_data_args(cfg.data)[1]))
+        splits = open_data(cfg.data, seq_len=plan.seq_len, split=cfg.split or DEFAULT_SPLIT, reset=cfg.reset,
+                           vocab_size=vocab)
+        if splits.packed and not plan.eod_reset:
+            raise GraphllmError(f"--data {' '.join(cfg.data)} is packed (several samples per row), which needs "
+                                f"position ids that restart per sample: recompile {artifact} with --eod-reset")
+        feed = DatasetFeed(splits, global_batch_size=plan.global_batch_size, seed=cfg.train.seed,
+                           with_positions=plan.eod_reset)
+    if cfg.eval_interval > 0:
+        feed.valid_batches(cfg.eval_iters)  # raises when there is no valid split; the trainer asks again
+    for warning in warnings:
+        log.warning("%s", warning)
+    return feed
+
+
+def _model_tokenizer(artifact: Path, model: dict | None) -> dict | None:
+    """plan.json's record of the model's tokenizer; for an artifact compiled before graphllm recorded it,
+    the tokenizer the model's source holds now."""
+    from graphllm.data.tokenizer_match import model_tokenizer
+
+    if model is None:
+        from graphllm.artifact import read_plan
+
+        model = read_plan(artifact)["model"]
+    if "tokenizer" in model:
+        return model["tokenizer"]
+    return model_tokenizer(str(model.get("source", "")))
+
+
+def _corpus_batches(artifact: Path, plan: CompilePlan, vocab: int, model_tok: dict | None, seed: int,
+                    warnings: list[str]):
+    """The built-in corpus as TokenBatches, encoded with the model's tokenizer (the built-in one for presets
+    and, with a warning added to `warnings`, for an HF directory without a tokenizer)."""
+    from graphllm.data import BatchSpec, TokenBatches, builtin_token_ids, builtin_tokenizer, corpus_token_ids
+    from graphllm.data.encoders import BUILTIN, load_encoder
+
+    if model_tok is not None and model_tok["spec"] != BUILTIN:
+        enc = load_encoder(model_tok["spec"])
+        if enc.fingerprint() != model_tok["fingerprint"]:
+            raise GraphllmError(f"the tokenizer in {model_tok['spec']} changed since {artifact} was compiled "
+                                f"(fingerprint {enc.fingerprint()}, recorded {model_tok['fingerprint']}); recompile it")
+        ids, what = corpus_token_ids(enc), f"{plan.model}'s tokenizer"
+    else:
+        if model_tok is None:
+            warnings.append(f"{plan.model} has no tokenizer files: the built-in corpus is encoded with graphllm's "
+                            "built-in tokenizer, whose ids mean nothing to pretrained weights; save the model's "
+                            "tokenizer into it (tokenizer.save_pretrained) or pass --data")
         tok = builtin_tokenizer()
         if tok.vocab_size > vocab:
             raise GraphllmError(f"the built-in tokenizer has {tok.vocab_size} tokens but {plan.model} has a "
                                 f"vocabulary of {vocab}; use a model with a larger vocab_size")
-        batches = TokenBatches(builtin_token_ids(tok), BatchSpec(batch_size=plan.global_batch_size,
-                                                                 seq_len=plan.seq_len, seed=seed))
-        return BuiltinFeed(batches, with_positions=plan.eod_reset)
-    splits = open_data(cfg.data, seq_len=plan.seq_len, split=cfg.split or DEFAULT_SPLIT, reset=cfg.reset,
-                       vocab_size=vocab)
-    if splits.packed and not plan.eod_reset:
-        raise GraphllmError(f"--data {' '.join(cfg.data)} is packed (several samples per row), which needs "
-                            f"position ids that restart per sample: recompile {artifact} with --eod-reset")
-    return DatasetFeed(splits, global_batch_size=plan.global_batch_size, seed=seed, with_positions=plan.eod_reset)
+        ids, what = builtin_token_ids(tok), "the built-in tokenizer"
+    if len(ids) and int(ids.max()) >= vocab:
+        raise GraphllmError(f"the built-in corpus encoded with {what} holds token id {int(ids.max())} but {plan.model} "
+                            f"has a vocabulary of {vocab}; give --data preprocessed for this model")
+    return TokenBatches(ids, BatchSpec(batch_size=plan.global_batch_size, seq_len=plan.seq_len, seed=seed))
+
+
+# -- defaults that depend on the model ----------------------------------------------------------------
+def pretrained_source(model: dict) -> str | None:
+    """The HF checkpoint directory the artifact's weights are loaded from (plan.json's "model" section);
+    None for a preset (random init)."""
+    from graphllm.models import PRESETS
+
+    source = str(model.get("source", ""))
+    return source if source not in PRESETS and Path(source).is_dir() else None
+
+
+def with_model_defaults(cfg: RunConfig, model: dict) -> RunConfig:
+    """`cfg` with the defaults that depend on the model: without --lr, pretrained weights train at the
+    fine-tuning lr (graphllm.train.FINETUNE_LR) instead of the random-init one."""
+    if not cfg.train.lr_auto or pretrained_source(model) is None:
+        return cfg
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lr=FINETUNE_LR, lr_auto=True))
+
+
+def fine_tuning_note(cfg: RunConfig, model: dict) -> str | None:
+    """For `graphllm run`'s ready line: which default lr pretrained weights get, and how to change it; None
+    when --lr was given or the model is a preset."""
+    source = pretrained_source(model)
+    if not cfg.train.lr_auto or source is None:
+        return None
+    return f"pretrained weights from {source}: fine-tuning lr {FINETUNE_LR:g} (--lr to change)"

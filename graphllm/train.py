@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Literal, Protocol
 
@@ -21,12 +21,23 @@ def _positive(value: float) -> None:
         raise GraphllmError(f"--lr must be > 0, got {value}")
 
 
+RANDOM_INIT_LR = 3e-3
+"""The default peak lr for a randomly initialised model (the presets): graphllm's tiny models learn fast at it."""
+FINETUNE_LR = 1e-5
+"""The default peak lr for pretrained weights (an HF checkpoint directory). 3e-3 wrecks a pretrained model in a
+few steps; full-parameter SFT recipes use 1e-6..5e-5: LLaMA-Factory examples/train_full/llama3_full_sft.yaml and
+ms-swift's full-SFT examples 1e-5, MindSpeed-LLM examples/mcore/qwen25/tune_qwen25_7b_4k_full_ptd.sh 1.25e-6
+(--min-lr 1.25e-7), Stanford Alpaca 2e-5, transformers' TrainingArguments default 5e-5. 1e-5 is the middle."""
+
+
 @dataclass(kw_only=True, slots=True)
 class TrainConfig:
     """Optimizer and schedule; `graphllm run` flags map one-to-one onto these fields."""
 
     steps: int = option(50, minimum=1, help="optimizer steps to run")
-    lr: float = option(3e-3, check=_positive, help="peak learning rate (after warmup)")
+    lr: float | None = option(None, check=_positive, help=(
+        f"peak learning rate (after warmup); default: {RANDOM_INIT_LR:g} for a randomly initialised preset, "
+        f"{FINETUNE_LR:g} (fine-tuning) for pretrained weights from an HF checkpoint directory"))
     warmup_steps: int = option(5, minimum=0, help="linear warmup from lr/warmup-steps to lr")
     min_lr_ratio: float = option(0.1, minimum=0, maximum=1, help="the decay ends at lr × min-lr-ratio")
     lr_decay_style: Literal["cosine", "linear", "constant"] = option(
@@ -38,9 +49,14 @@ class TrainConfig:
     grad_clip: float = option(1.0, minimum=0, help="clip the global gradient norm to this (0 disables)")
     seed: int = option(0, help="seed for torch's RNG and the data order")
     log_interval: int = option(1, minimum=1, help="write a metrics line every N steps")
+    lr_auto: bool = field(default=False, repr=False)
+    """True when `lr` is a default rather than the user's (lr=None was given): `graphllm run` may then pick
+    the fine-tuning default for pretrained weights (graphllm.run_config.with_model_defaults). Not an option."""
 
     def __post_init__(self) -> None:
         check_fields(self)
+        if self.lr is None:  # "not given": the random-init default until the model says otherwise
+            self.lr, self.lr_auto = RANDOM_INIT_LR, True
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:

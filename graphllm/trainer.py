@@ -14,6 +14,7 @@ progress from it): the persisted ones ("start", step records, "eval", "checkpoin
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import statistics
@@ -23,8 +24,8 @@ from typing import Any, Callable
 
 import torch
 
-from graphllm.errors import GraphllmError
-from graphllm.run_config import RunConfig, open_feed
+from graphllm.errors import GraphllmError, exception_chain
+from graphllm.run_config import RunConfig, open_feed, with_model_defaults
 
 EventFn = Callable[[dict[str, Any]], None]
 
@@ -94,11 +95,19 @@ class Trainer:
     """Trains one rank of a built artifact (graphllm.job.Built) under a RunConfig."""
 
     def __init__(self, built, config: RunConfig, *, feed, artifact: Path | None = None, run_info: dict | None = None,
-                 on_event: EventFn | None = None) -> None:
+                 on_event: EventFn | None = None, resume_from: Path | None | str = "config.load",
+                 lock=None) -> None:
+        """`resume_from`: a checkpoint or root to resume from, None to start at step 0 (default: `config.load`,
+        as given; `from_artifact` decides it from the roots); `lock`: the --save root's RootLock this trainer
+        releases when `fit` ends."""
         self.built, self.config, self.feed = built, config, feed
         self.artifact = artifact
         self.run_info = dict(run_info or {})
         self.on_event = on_event
+        if resume_from == "config.load":
+            resume_from = Path(config.load) if config.load else None
+        self.resume_from = resume_from
+        self._lock = lock
         self.valid = feed.valid_batches(config.eval_iters) if config.eval_interval > 0 else []
         self.optimizer = built.engine.make_optimizer(config.train)
         self._sinks: list[Any] = []
@@ -106,14 +115,18 @@ class Trainer:
     @classmethod
     def from_artifact(cls, artifact: str | Path, config: RunConfig | None = None, *,
                       on_event: EventFn | None = None) -> "Trainer":
-        """Open the data (checked against the artifact's plan first), then load and compile the artifact.
-        Under a plan of several ranks, call it on every rank (torchrun; `graphllm run` starts them)."""
+        """Settle the checkpoint roots (checked, locked, left-overs removed, auto-resume decided) and open
+        the data (checked against the artifact's plan), then load and compile the artifact: nothing is
+        compiled for a run that cannot save or read its data. Under a plan of several ranks, call it on
+        every rank (torchrun; `graphllm run` starts them)."""
         from graphllm.artifact import read_plan
+        from graphllm.checkpoint_root import plan_roots, take_root
         from graphllm.job import load_artifact
         from graphllm.plan import CompilePlan
 
         artifact, config = Path(artifact), config or RunConfig()
         data = read_plan(artifact)
+        config = with_model_defaults(config, data["model"])  # pretrained weights: the fine-tuning lr unless given
         plan = CompilePlan.from_json(data["plan"], str(artifact / "plan.json"))
         run_info: dict[str, Any] = {"deterministic": config.deterministic}
         if config.deterministic:
@@ -121,9 +134,20 @@ class Trainer:
         elif config.threads:
             torch.set_num_threads(config.threads)
         check_tensorboard(config.tensorboard)
-        feed = open_feed(artifact, plan, int(data["model"]["config"]["vocab_size"]), config)
-        _, built = load_artifact(artifact)
-        return cls(built, config, feed=feed, artifact=artifact, run_info=run_info, on_event=on_event)
+        roots = plan_roots(config.save, config.load, data["model"])
+        feed = open_feed(artifact, plan, int(data["model"]["config"]["vocab_size"]), config, model=data["model"])
+        lock, notes = take_root(config.save)
+        try:
+            for note in roots.notes + notes:
+                if on_event is not None:
+                    on_event({"event": "note", "text": note})
+            _, built = load_artifact(artifact)
+        except BaseException:
+            if lock is not None:
+                lock.release()
+            raise
+        return cls(built, config, feed=feed, artifact=artifact, run_info=run_info, on_event=on_event,
+                   resume_from=roots.resume, lock=lock)
 
     # -- the loop --------------------------------------------------------------------------------------
     def fit(self) -> TrainResult:
@@ -152,6 +176,8 @@ class Trainer:
         finally:
             for sink in self._sinks:
                 sink.close()
+            if self._lock is not None:
+                self._lock.release()
         return result
 
     def _batch_at(self, step: int) -> tuple[torch.Tensor, ...]:
@@ -182,14 +208,23 @@ class Trainer:
             self.on_event(record)
 
     def _resume(self) -> int:
-        if self.config.load is None:
+        if self.resume_from is None:
             return 0
         from graphllm.resume import load_step
 
+        from graphllm.checkpoint_root import set_aside
+
         extra: dict = {}
-        start = load_step(Path(self.config.load), self.built, self.optimizer, extra_out=extra)
-        self.feed.resume(extra, start, f"--load {self.config.load}")
-        self._emit({"event": "resumed", "step": start, "path": str(self.config.load)}, persist=False)
+        skipped: list[tuple[str, str]] = []
+        start = load_step(self.resume_from, self.built, self.optimizer, extra_out=extra, skipped=skipped)
+        self.feed.resume(extra, start, f"--load {self.resume_from}")
+        for ckpt, damage in skipped:
+            note = f"skipped {ckpt}: damaged ({damage})"
+            if self.config.save is not None and self.built.rank == 0:
+                note += set_aside(Path(ckpt), Path(self.config.save))
+            self._emit({"event": "note", "text": note}, persist=False)
+        self._emit({"event": "resumed", "step": start, "path": extra.get("checkpoint", str(self.resume_from))},
+                   persist=False)
         return start
 
     def _after_step(self, rec: dict[str, Any], result: TrainResult) -> None:
@@ -205,13 +240,32 @@ class Trainer:
                         "batches": len(self.valid)})
             shown["valid_loss"] = vloss
         if cfg.save is not None and (last or (cfg.save_interval > 0 and step % cfg.save_interval == 0)):
-            from graphllm.resume import save_step
-
-            result.checkpoint = save_step(Path(cfg.save), self.built, self.optimizer, step, keep_last=cfg.keep_last,
-                                          extra=self.feed.state(step))
-            self._emit({"event": "checkpoint", "step": step, "path": str(result.checkpoint)})
+            self._save_interval(step, last, result)
         if self.on_event is not None:
             self.on_event({"event": "progress", **shown})
+
+    def _save_interval(self, step: int, last: bool, result: TrainResult) -> None:
+        """Save `step`. Out of disk space: say so and where; at an interval training goes on (the state is
+        still in memory), after the last step the run fails."""
+        from graphllm.resume import save_step
+
+        try:
+            result.checkpoint = save_step(Path(self.config.save), self.built, self.optimizer, step,
+                                          keep_last=self.config.keep_last, extra=self.feed.state(step))
+        except Exception as exc:
+            if not disk_full(exc):
+                raise
+            msg = self._disk_full_message()
+            self._emit({"event": "failure", "step": step, "error": msg, "checkpoint": None,
+                        "message": msg + ("" if last else "; training goes on")})
+            if last:
+                raise DiskFull(msg + f"; step {step} was not saved") from exc
+            return
+        self._emit({"event": "checkpoint", "step": step, "path": str(result.checkpoint)})
+
+    def _disk_full_message(self) -> str:
+        needed = checkpoint_bytes(self.built)
+        return f"no space left on device at {self.config.save} (a checkpoint needs about {needed / 2**30:,.2f} GB)"
 
     def _stop(self, result: TrainResult, status: dict, signum: int) -> None:
         """Stopped by a signal between steps: save the last whole step (with `save`), say where."""
@@ -228,7 +282,7 @@ class Trainer:
     def _fail(self, result: TrainResult, status: dict, exc: Exception) -> None:
         """A step raised: on a single rank, save the last whole step first (other ranks would wait in
         collectives), and record the failure."""
-        if self.config.save is None or self.built.plan.layout.world_size > 1:
+        if self.config.save is None or self.built.plan.layout.world_size > 1 or isinstance(exc, DiskFull):
             return
         done = status.get("completed", result.start_step)
         where, msg = self._save_final(status, result.start_step, done)
@@ -238,8 +292,37 @@ class Trainer:
     def _save_final(self, status: dict, start: int, done: int) -> tuple[Path | None, str]:
         from graphllm.resume import save_final
 
-        return save_final(Path(self.config.save), self.built, self.optimizer, status, start_step=start,
-                          extra=self.feed.state(done))
+        try:
+            return save_final(Path(self.config.save), self.built, self.optimizer, status, start_step=start,
+                              extra=self.feed.state(done))
+        except Exception as exc:
+            if not disk_full(exc):
+                raise
+            msg = self._disk_full_message() + f"; step {done} was not saved"
+            self._emit({"event": "failure", "step": done, "error": msg, "checkpoint": None, "message": msg})
+            raise DiskFull(msg) from exc
+
+
+class DiskFull(GraphllmError):
+    """A save found no space left on device (reported, with a failure event, where it happened)."""
+
+
+def disk_full(exc: BaseException) -> bool:
+    """Whether `exc`, its causes, or the per-rank failures DCP collects are "no space left on device"."""
+    return any((isinstance(e, OSError) and e.errno == errno.ENOSPC) or "No space left on device" in str(e)
+               for e in exception_chain(exc))
+
+
+def checkpoint_bytes(built) -> int:
+    """About how many bytes one checkpoint takes: every full parameter, and AdamW's two fp32 states."""
+    from graphllm.planning.sharding import shard_of
+
+    total = 0
+    for p in built.model.parameters():
+        shard = shard_of(p)
+        numel = math.prod(shard.full_shape) if shard is not None else p.numel()
+        total += numel * (p.element_size() + 8)
+    return total
 
 
 def run_summary(result: TrainResult) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+import traceback
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
@@ -28,7 +29,37 @@ logger = logging.getLogger("graphllm.passes")
 
 
 class PassError(RuntimeError):
-    """A pass failed or broke the graph; the message names it and the passes that ran before it."""
+    """A pass failed or broke the graph; the message names it and the passes that ran before it.
+
+    `origin`: the failing pass's module. `user_code`: for a pass that is not graphllm's own (a user
+    pass), where in its code it failed ("raised at FILE:LINE in FN", or "the pass is defined at FILE:LINE"),
+    so that the CLI can show that one line instead of a traceback; None for graphllm's passes, whose
+    failure is a graphllm bug and keeps its traceback."""
+
+    def __init__(self, message: str, *, origin: str | None = None, user_code: str | None = None) -> None:
+        super().__init__(message)
+        self.origin, self.user_code = origin, user_code
+
+
+def is_graphllm_module(name: str) -> bool:
+    return name == "graphllm" or name.startswith("graphllm.")
+
+
+def _user_code(p: "GraphPass", tb) -> str | None:
+    """Where a user pass failed: the innermost frame of `tb` in the pass's own package (its module's
+    top-level name: a helper module beside the pass counts, torch and graphllm do not), else where the
+    pass is defined. None for graphllm's own passes."""
+    origin = getattr(p.fn, "__module__", None) or ""
+    if is_graphllm_module(origin):
+        return None
+    top = origin.split(".")[0]
+    frames = [(f, line) for f, line in traceback.walk_tb(tb)
+              if str(f.f_globals.get("__name__", "")).split(".")[0] == top]
+    if frames:
+        frame, line = frames[-1]
+        return f"raised at {frame.f_code.co_filename}:{line} in {frame.f_code.co_name}"
+    code = getattr(p.fn, "__code__", None)
+    return f"the pass is defined at {code.co_filename}:{code.co_firstlineno}" if code else None
 
 
 @dataclass(kw_only=True, slots=True)
@@ -196,20 +227,23 @@ def run_passes(
         ctx.current_pass = p.name
         t0 = time.perf_counter()
         where = f"(passes before it: {', '.join(ran) or 'none'})"
+        origin = getattr(p.fn, "__module__", None)
         try:
             out = p(gm, ctx)
         except (GraphllmError, PassError):
             raise
-        except Exception as e:  # a bug in a pass: name it, keep the cause chained
-            raise PassError(f"pass {p.name!r} failed on the {ctx.graph_kind} graph {where}: "
-                            f"{type(e).__name__}: {e}") from e
+        except Exception as e:  # a bug in a pass: name it (and where, for a user pass), keep the cause chained
+            raise PassError(f"pass {p.name!r} failed on the {ctx.graph_kind} graph {where}: {type(e).__name__}: {e}",
+                            origin=origin, user_code=_user_code(p, e.__traceback__)) from e
         if not isinstance(out, fx.GraphModule):
-            raise PassError(f"pass {p.name!r} returned {type(out).__name__}, not a GraphModule {where}")
+            raise PassError(f"pass {p.name!r} returned {type(out).__name__}, not a GraphModule {where}",
+                            origin=origin, user_code=_user_code(p, None))
         try:
             out.graph.lint()
             out.recompile()
         except Exception as e:
-            raise PassError(f"pass {p.name!r} left an invalid graph {where}: {e}") from e
+            raise PassError(f"pass {p.name!r} left an invalid graph {where}: {e}", origin=origin,
+                            user_code=_user_code(p, None)) from e
         after_nodes = set(out.graph.nodes)
         added = [n for n in out.graph.nodes if n not in before_nodes]
         for n in added:

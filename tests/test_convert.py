@@ -292,3 +292,30 @@ def test_bad_input_one_line_exit_2_nothing_written(tmp_path_factory, tmp_path, c
     assert (out / "README.md").read_text() == "model card"
     assert_same_tensors(read_hf_state_dict(out), read_hf_state_dict(src))
     assert no_temp_left(tmp_path)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_written_files_follow_the_umask(tmp_path_factory, tmp_path, umask):
+    """A serving process under another uid reads the export: every file and directory convert writes gets the
+    mode open()/mkdir() give under the user's umask, not mkstemp's or safetensors' 0600, mkdtemp's 0700, or the
+    mode of a private source file it copies."""
+    import os
+    import shutil
+    import stat
+
+    src = tmp_path / "src"
+    shutil.copytree(hf_dir(tmp_path_factory, "llama"), src)
+    os.chmod(src / "tokenizer.json", 0o600)
+    old = os.umask(umask)
+    try:
+        assert convert("hf-to-graphllm", "--hf", src, "--out", tmp_path / "ckpt") == 0
+        out = tmp_path / "out"
+        assert convert("graphllm-to-hf", "--ckpt", tmp_path / "ckpt", "--out", out,
+                       "--max-shard-size", SMALL_SHARD) == 0
+    finally:
+        os.umask(old)
+    written = [out, *out.rglob("*"), *(tmp_path / "ckpt" / "step_0" / "hf").rglob("*")]
+    modes = {p.relative_to(tmp_path).as_posix(): oct(stat.S_IMODE(p.stat().st_mode)) for p in written}
+    want = {p.relative_to(tmp_path).as_posix(): oct((0o777 if p.is_dir() else 0o666) & ~umask) for p in written}
+    assert (out / "model.safetensors.index.json").is_file() and "ckpt/step_0/hf/tokenizer.json" in modes
+    assert modes == want

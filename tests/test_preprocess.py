@@ -160,3 +160,152 @@ def test_parquet_input(tok, jsonl: Path, tmp_path: Path) -> None:
     s = preprocess_pretrain(PretrainConfig(inputs=[tmp_path / "d.parquet"], tokenizer="builtin", out=tmp_path / "p"))
     assert _docs(tmp_path / "p") == [tok.encode(t) + [tok.eos_id] for t in GOOD]
     assert s.skipped == {"not_string": 1} and s.bad_lines[0][1] == 5  # parquet rows count from 1
+
+
+# -- a full disk --------------------------------------------------------------------------------------------
+class FullDisk:
+    """`os.fdopen(fd, "wb")` on a disk with `free` bytes left: the raw write past them raises ENOSPC, under
+    the usual buffered writer (which keeps what did not fit and tries again on close, as a real full disk
+    makes it do)."""
+
+    def __init__(self, free: int) -> None:
+        import os
+
+        self.free, self._fdopen = free, os.fdopen
+
+    def fdopen(self, fd, mode="r", *args, **kwargs):
+        import errno
+        import io
+
+        if "w" not in mode:
+            return self._fdopen(fd, mode, *args, **kwargs)
+        disk = self
+
+        class Raw(io.FileIO):
+            def write(self, b) -> int:
+                n = memoryview(b).nbytes
+                if n > disk.free:
+                    disk.free = 0
+                    raise OSError(errno.ENOSPC, "No space left on device")
+                disk.free -= n
+                return super().write(b)
+
+        return io.BufferedWriter(Raw(fd, "wb"))
+
+
+@pytest.fixture(scope="module")
+def big(tmp_path_factory) -> dict:
+    """~1 MB of built-in corpus text as jsonl, and the files a complete run writes from it."""
+    from graphllm.data.corpus import builtin_documents
+
+    root = tmp_path_factory.mktemp("big")
+    docs, size = [], 0
+    for doc in builtin_documents()[2000:]:
+        docs.append(json.dumps({"text": doc}) + "\n")
+        size += len(docs[-1])
+        if size > 1_000_000:
+            break
+    src = root / "big.jsonl"
+    src.write_text("".join(docs))
+    assert _cli("--input", str(src), "--tokenizer", "builtin", "--out", str(root / "ref")) == 0
+    files = [root / f"ref{ext}" for ext in (".bin", ".idx", "_meta.json")]
+    return {"input": src, "bytes": {f.name[3:]: f.stat().st_size for f in files}}
+
+
+def _needed_mb(err: str) -> float:
+    import re
+
+    found = re.search(r"\(needed about ([0-9.]+) MB\)", err)
+    assert found, err
+    return float(found.group(1))
+
+
+@pytest.mark.parametrize("where", ["streaming", "finishing"])
+def test_disk_full_is_one_line_leaves_nothing_and_estimates_the_need(tok, jsonl, big, tmp_path, capsys, monkeypatch,
+                                                                      where) -> None:
+    import os
+
+    prefix = tmp_path / "keep"
+    assert _cli("--input", str(jsonl), "--tokenizer", "builtin", "--out", str(prefix)) == 0
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    need = sum(big["bytes"].values())
+    # streaming: the disk fills a third of the way through the tokens; finishing: every dataset byte fits, the
+    # meta file does not (the last write, after .bin and .idx are complete under their temp names)
+    free = need // 3 if where == "streaming" else big["bytes"][".bin"] + big["bytes"][".idx"] + 10
+    monkeypatch.setattr(os, "fdopen", FullDisk(free).fdopen)
+    capsys.readouterr()
+    assert _cli("--input", str(big["input"]), "--tokenizer", "builtin", "--out", str(prefix)) == 2
+    err = _error_line(capsys)
+    assert f"error: no space left on device at {tmp_path} (needed about " in err and "another --out" in err
+    assert 0.7 * need / 1e6 <= _needed_mb(err) <= 1.4 * need / 1e6, (err, need)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no temp file; old outputs as they were
+
+
+def test_disk_full_on_a_real_tmpfs(tok, jsonl, big, tmp_path, capsys) -> None:
+    import os
+    import subprocess
+
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        assert _cli("--input", str(jsonl), "--tokenizer", "builtin", "--out", str(mnt / "keep")) == 0
+        before = {p.name: p.read_bytes() for p in mnt.iterdir()}
+        capsys.readouterr()
+        assert _cli("--input", str(big["input"]), "--tokenizer", "builtin", "--out", str(mnt / "keep")) == 2
+        err = _error_line(capsys)
+        assert f"error: no space left on device at {mnt} (needed about " in err
+        need = sum(big["bytes"].values())
+        assert 0.7 * need / 1e6 <= _needed_mb(err) <= 1.4 * need / 1e6, (err, need)
+        assert {p.name: p.read_bytes() for p in mnt.iterdir()} == before
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+
+
+WORKER_STUCK = """
+import signal, sys, time
+from pathlib import Path
+from graphllm.data.records import SkipLog, map_records
+
+class Job:  # record "slow" keeps its worker busy; the others are instant
+    def setup(self):
+        pass
+
+    def run(self, kind, payload):
+        if b"slow" in payload:
+            time.sleep(600)
+        return payload
+
+signal.signal(signal.SIGTERM, lambda *a: None)  # like a training loop's handler: only notes the signal
+for result in map_records(Job(), [Path(sys.argv[1])], workers=2, log=SkipLog()):
+    break  # the run stops early (a full disk, --strict) while the other worker is busy: terminate the pool
+print("stopped")
+"""
+
+
+def test_workers_end_when_the_parent_handles_sigterm(tmp_path: Path) -> None:
+    """Pool workers inherit the parent's Python-level SIGTERM handler (the CLI installs one; a training loop's
+    only sets a flag): a run that stops early must still end a busy worker with `Pool.terminate()`, or the
+    parent waits in join() forever."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from graphllm.data.records import CHUNKSIZE
+
+    src = tmp_path / "r.jsonl"
+    src.write_text("".join(json.dumps({"text": "fast"}) + "\n" for _ in range(CHUNKSIZE)) + '{"text": "slow"}\n')
+    proc = subprocess.Popen([sys.executable, "-c", WORKER_STUCK, str(src)], start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the run and its stuck worker
+        proc.communicate()
+        pytest.fail("the run hung: its busy worker outlived Pool.terminate()'s SIGTERM")
+    assert proc.returncode == 0 and out.strip() == "stopped", err

@@ -62,7 +62,8 @@ def test_pretrain_blend_with_reset_eval_and_tensorboard(setup, tmp_path) -> None
     argv = ["run", str(setup["art"]), "--data", "0.7", str(setup["a"]), "0.3", str(setup["b"]), "--split", "90,10,0",
             "--reset-position-ids", "--reset-attention-mask", "--steps", "6", "--warmup-steps", "2",
             "--lr-decay-style", "linear", "--eval-interval", "3", "--eval-iters", "2", "--no-progress",
-            "--metrics", str(metrics), "--tensorboard", str(tb), "--threads", "1"]
+            "--metrics", str(metrics), "--tensorboard", str(tb), "--threads", "1",
+            "--lr", "3e-3"]  # the micro model is an HF directory: its default would be the fine-tuning lr
     have_tb = shutil.which("tensorboard") is not None or _has_module("tensorboard")
     if not have_tb:  # optional dependency: then the flag must be refused with the fix
         assert main(argv) == EXIT_USER_ERROR

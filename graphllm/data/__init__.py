@@ -8,6 +8,7 @@ from graphllm.data.batches import (
            BatchSpec,
            TokenBatches,
            builtin_token_ids,
+           corpus_token_ids,
            encode_documents,
 )
 from graphllm.data.cache import atomic_write, cache_dir
@@ -16,5 +17,5 @@ from graphllm.data.indexed import DTYPE_CODES, IndexedReader, IndexedWriter, bes
 from graphllm.data.tokenizer import Tokenizer, builtin_tokenizer, load_tokenizer
 
 __all__ = ["DTYPE_CODES", "BatchSpec", "IndexedReader", "IndexedWriter", "TokenBatches", "Tokenizer", "atomic_write",
-           "best_dtype", "builtin_documents", "builtin_token_ids", "builtin_tokenizer", "cache_dir", "encode_documents",
-           "load_tokenizer"]
+           "best_dtype", "builtin_documents", "builtin_token_ids", "builtin_tokenizer", "cache_dir", "corpus_token_ids",
+           "encode_documents", "load_tokenizer"]

@@ -1,9 +1,11 @@
 """Token streams and the (input, label) batches a training loop consumes.
 
 `builtin_token_ids` encodes the built-in corpus once (EOS after every document) and caches it as an
-`.npy` file next to the tokenizer. `TokenBatches` cuts a token stream into a train part and a valid
-part (the last `valid_fraction`) and serves windows of `seq_len + 1` tokens: inputs are the first
-`seq_len`, labels the last `seq_len` (the next token for each input position).
+`.npy` file next to the tokenizer; `corpus_token_ids` does the same with any encoder (a model's own
+Hugging Face tokenizer), cached under `cache_dir("tokens")` by the encoder's fingerprint. `TokenBatches`
+cuts a token stream into a train part and a valid part (the last `valid_fraction`) and serves windows of
+`seq_len + 1` tokens: inputs are the first `seq_len`, labels the last `seq_len` (the next token for each
+input position).
 
 Train window starts are a pure function of (seed, step, row) — a splitmix64 hash, not a stateful RNG
 and not numpy's Generator, whose streams may change between numpy versions — so batch k is the same
@@ -42,29 +44,45 @@ def builtin_token_ids_path(tokenizer: Tokenizer) -> Path:
 
 def encode_documents(tokenizer: Tokenizer, documents: list[str]) -> np.ndarray:
     """All documents encoded, each followed by EOS, as one int32 stream."""
-    encoded = tokenizer.encode_batch(documents, num_threads=TRAIN_THREADS)
-    lengths = np.fromiter((len(ids) + 1 for ids in encoded), dtype=np.int64, count=len(encoded))
-    out = np.full(int(lengths.sum()), tokenizer.eos_id, dtype=np.int32)
+    return _join(tokenizer.encode_batch(documents, num_threads=TRAIN_THREADS), tokenizer.eos_id)
+
+
+def _join(encoded: list[list[int]], eos: int | None) -> np.ndarray:
+    """Documents' ids back to back as one int32 stream, each followed by `eos` (None: nothing between)."""
+    sep = 0 if eos is None else 1
+    lengths = np.fromiter((len(ids) + sep for ids in encoded), dtype=np.int64, count=len(encoded))
+    out = np.full(int(lengths.sum()), 0 if eos is None else eos, dtype=np.int32)
     pos = 0
     for ids, n in zip(encoded, lengths):
-        out[pos:pos + n - 1] = ids
+        out[pos:pos + n - sep] = ids
         pos += n
     return out
 
 
-def builtin_token_ids(tokenizer: Tokenizer) -> np.ndarray:
-    """The built-in corpus encoded with `tokenizer` (int32, EOS after each document); cached."""
-    path = builtin_token_ids_path(tokenizer)
+def _cached(path: Path, build) -> np.ndarray:
     if path.exists():
         try:
             return np.load(path, allow_pickle=False)
         except (ValueError, OSError, EOFError):
             pass  # unreadable cache (written by hand or a foreign tool): rebuild below, atomically
-    ids = encode_documents(tokenizer, builtin_documents())
+    ids = build()
     buf = io.BytesIO()
     np.save(buf, ids, allow_pickle=False)
     atomic_write(path, buf.getvalue())
     return ids
+
+
+def builtin_token_ids(tokenizer: Tokenizer) -> np.ndarray:
+    """The built-in corpus encoded with `tokenizer` (int32, EOS after each document); cached."""
+    return _cached(builtin_token_ids_path(tokenizer), lambda: encode_documents(tokenizer, builtin_documents()))
+
+
+def corpus_token_ids(encoder) -> np.ndarray:
+    """The built-in corpus encoded with `encoder` (a graphllm.data.encoders.Encoder, e.g. a model's own
+    Hugging Face tokenizer): int32, its EOS after each document (nothing between documents when it has
+    none). Cached under `cache_dir("tokens")`, keyed by the corpus tag and the encoder's fingerprint."""
+    path = cache_dir("tokens") / f"stdlib-tokens-{corpus_tag()}-fp{encoder.fingerprint()}.npy"
+    return _cached(path, lambda: _join(encoder.encode_batch(builtin_documents()), encoder.eos_id))
 
 
 @dataclass(kw_only=True, slots=True)

@@ -55,6 +55,19 @@ def atomic_write(path: Path | str, content: bytes | Callable[[Path], None]) -> P
     (for writers that want a filename, such as `np.save` or sentencepiece). Returns `path`.
     """
     path = Path(path)
+    tmp = write_temp(path, content)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_temp(path: Path | str, content: bytes | Callable[[Path], None]) -> Path:
+    """`atomic_write`'s first half: `content` complete and fsynced in a temp file beside `path` (with
+    the umask's mode), returned for the caller to `os.replace` onto `path`; on failure nothing is left."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=path.name + TMP_MARKER, dir=path.parent)
     tmp = Path(tmp_name)
@@ -70,8 +83,7 @@ def atomic_write(path: Path | str, content: bytes | Callable[[Path], None]) -> P
             with open(tmp, "rb+") as f:  # fsync what the callback wrote before it becomes visible
                 os.fsync(f.fileno())
         os.chmod(tmp, FILE_MODE)
-        os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return path
+    return tmp

@@ -17,7 +17,10 @@ A document is one or more consecutive sequences; document k spans sequences
 The writer streams tokens to `.bin` as they arrive and keeps only the per-sequence lengths and the
 per-document boundaries, so memory grows with the number of sequences, never with the number of
 tokens. Both files are written under temporary names and renamed into place by `finalize()`, so an
-interrupted write never leaves a `.idx` that looks complete.
+interrupted write never leaves a `.idx` that looks complete. `finalize()` is `prepare()` (everything that
+needs disk space: flush, fsync, the `.idx` temp file) then `commit()` (renames only), so a caller finishing
+several datasets together can prepare them all before moving any into place. A failed write (a full disk:
+ENOSPC) or `abort()` always removes the temp files, even when closing the `.bin` cannot flush its buffer.
 """
 
 from __future__ import annotations
@@ -107,7 +110,9 @@ class IndexedWriter:
         # The only state that grows: one int32 per sequence and one int64 per document.
         self._lengths = array("i")
         self._doc_ends = array("q", [0])
+        self._bin_bytes = 0
         self._closed = False
+        self._prepared = False
 
     # -- writing ------------------------------------------------------------------------------
     def add_document(self, tokens: Sequence[int] | np.ndarray, lengths: Sequence[int] | None = None) -> None:
@@ -126,6 +131,7 @@ class IndexedWriter:
         if int(lens.sum()) != arr.size:
             raise GraphllmError(f"IndexedWriter: lengths sum to {int(lens.sum())} but the document has {arr.size} "
                                 f"tokens ({self.bin_path}); make sum(lengths) == len(tokens)")
+        self._bin_bytes += arr.nbytes  # counted before the write: what a full disk refused counts too
         self._bin.write(arr.tobytes(order="C"))
         self._lengths.extend(lens.astype(np.int32).tolist())
         self._doc_ends.append(len(self._lengths))
@@ -155,9 +161,20 @@ class IndexedWriter:
     def num_documents(self) -> int:
         return len(self._doc_ends) - 1
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of `.bin` and `.idx` once finalized, for what was added so far."""
+        return self._bin_bytes + HEADER_BYTES + 12 * len(self._lengths) + 8 * len(self._doc_ends)
+
     # -- finishing ----------------------------------------------------------------------------
     def finalize(self) -> None:
         """Flush `.bin`, write `.idx`, and move both into place (the `.idx` last)."""
+        self.prepare()
+        self.commit()
+
+    def prepare(self) -> None:
+        """Everything of `finalize` that writes: `.bin` flushed and fsynced, `.idx` complete under its temp
+        name. Nothing at the prefix changes yet; on failure the temp files are removed."""
         if self._closed:
             raise GraphllmError(f"IndexedWriter: {self.idx_path} is already finalized or aborted; open a new writer")
         self._closed = True
@@ -179,10 +196,22 @@ class IndexedWriter:
                 f.write(doc_ends.astype("<i8").tobytes())
                 f.flush()
                 os.fsync(f.fileno())
-            # Drop any old .idx first so that no moment pairs an old .idx with the new .bin.
-            self.idx_path.unlink(missing_ok=True)
             for tmp in (self._bin_tmp, self._idx_tmp):
                 os.chmod(tmp, FILE_MODE)  # mkstemp's 0o600 would hide a dataset from other users
+        except BaseException:
+            self._discard()
+            raise
+        self._prepared = True
+
+    def commit(self) -> None:
+        """Move the prepared files into place (renames only, no new data), the `.idx` last."""
+        if not self._prepared:
+            raise GraphllmError(f"IndexedWriter: {self.idx_path} is not prepared (or already committed); "
+                                "call prepare()")
+        self._prepared = False
+        try:
+            # Drop any old .idx first so that no moment pairs an old .idx with the new .bin.
+            self.idx_path.unlink(missing_ok=True)
             os.replace(self._bin_tmp, self.bin_path)
             os.replace(self._idx_tmp, self.idx_path)
         except BaseException:
@@ -190,17 +219,21 @@ class IndexedWriter:
             raise
 
     def abort(self) -> None:
-        """Discard the temporary files; files already at the prefix are left as they were."""
-        if not self._closed:
-            self._closed = True
+        """Discard the temporary files (also after `prepare`); files already at the prefix are left as they were."""
+        if not self._closed or self._prepared:
+            self._closed, self._prepared = True, False
             self._discard()
 
     def _discard(self) -> None:
-        if not self._bin.closed:
-            self._bin.close()
-        for tmp in (self._bin_tmp, self._idx_tmp):
-            if tmp is not None:
-                tmp.unlink(missing_ok=True)
+        try:
+            if not self._bin.closed:
+                self._bin.close()  # flushes the buffer: on a full disk that raises again (the fd is closed anyway)
+        except OSError:
+            pass  # the temp file is removed below; the error that led here is the one to report
+        finally:
+            for tmp in (self._bin_tmp, self._idx_tmp):
+                if tmp is not None:
+                    tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> Self:
         return self
@@ -213,8 +246,8 @@ class IndexedWriter:
             self.finalize()
 
     def __del__(self) -> None:
-        # An unfinalized writer that is garbage-collected leaves no temp files behind.
-        if not getattr(self, "_closed", True):
+        # An unfinalized (or prepared, uncommitted) writer that is garbage-collected leaves no temp files behind.
+        if not getattr(self, "_closed", True) or getattr(self, "_prepared", False):
             self.abort()
 
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from graphllm.data.encoders import load_encoder, resolve_spec
+from graphllm.data.encoders import load_encoder, resolve_spec, tokenizer_meta
 from graphllm.data.indexed import best_dtype
 from graphllm.data.records import SkipLog, check_inputs, map_records, record_text
 from graphllm.data.sft import ChatDataConfig, preprocess_chat
@@ -91,7 +91,7 @@ def preprocess_pretrain(cfg: PretrainConfig, progress: Callable[[int], None] | N
     log = SkipLog(strict=cfg.strict)
     with Outputs(cfg.out, {"tokens": (cfg.out, best_dtype(job.encoder.vocab_size))}) as out:
         writer = out["tokens"]
-        for ids in map_records(job, inputs, workers=cfg.workers, log=log, progress=progress):
+        for ids in map_records(job, inputs, workers=cfg.workers, log=log, progress=progress, read=out.read):
             writer.add_document(ids)
             summary.documents += 1
             summary.tokens += len(ids)
@@ -101,6 +101,6 @@ def preprocess_pretrain(cfg: PretrainConfig, progress: Callable[[int], None] | N
             first = f"; first: {':'.join(map(str, log.bad_lines[0]))}" if log.bad_lines else ""
             raise GraphllmError(f"no documents written from {', '.join(map(str, inputs))}: every record was "
                                 f"malformed ({summary.num_skipped}){first}; fix the records or --json-key")
-        out.finalize(summary, {"kind": "pretrain", "tokenizer": cfg.tokenizer, "packed": False, "seq_len": None,
-                               "append_eod": cfg.append_eod, "json_key": cfg.json_key})
+        out.finalize(summary, {"kind": "pretrain", **tokenizer_meta(job.encoder, cfg.tokenizer), "packed": False,
+                               "seq_len": None, "append_eod": cfg.append_eod, "json_key": cfg.json_key})
     return summary

@@ -29,7 +29,8 @@ from typing import Any, Protocol
 
 from graphllm.errors import GraphllmError
 
-__all__ = ["Malformed", "Record", "Skip", "SkipLog", "check_inputs", "map_records", "record_object", "record_text"]
+__all__ = ["InputProgress", "Malformed", "Record", "Skip", "SkipLog", "check_inputs", "map_records", "record_object",
+           "record_text"]
 
 JSON_SUFFIXES = (".jsonl", ".json")
 TEXT_SUFFIXES = (".txt",)
@@ -72,6 +73,22 @@ class SkipLog:
         self.skipped[skip.reason] += 1
         if len(self.bad_lines) < MAX_BAD_LINES:
             self.bad_lines.append((str(path), no, skip.detail))
+
+
+@dataclass(kw_only=True, slots=True)
+class InputProgress:
+    """How much of the input `map_records` has turned into results, for estimates (the disk space a run
+    needs). Lines and paragraphs count as they finish; JSON arrays and parquet files only when whole."""
+
+    total: int = 0
+    """Bytes of all input files."""
+    done: int = 0
+    """Bytes of the records whose results were yielded (whole files once finished)."""
+
+    @property
+    def fraction(self) -> float | None:
+        """Share of the input done; None before anything measurable is done."""
+        return min(1.0, self.done / self.total) if self.total > 0 and self.done > 0 else None
 
 
 def check_inputs(inputs: list[Path], *, allow_text: bool) -> None:
@@ -242,35 +259,53 @@ def _init_worker(job: Job) -> None:
     job.setup()
 
 
-def _apply(record: Record) -> tuple[int, Any]:
+def _init_pool_worker(job: Job) -> None:
+    """A forked worker inherits the parent's Python-level SIGTERM/SIGINT handlers (the CLI's StopAtOnce). Run
+    only between bytecodes, such a handler can miss `Pool.terminate()`'s SIGTERM when it lands just before the
+    worker blocks on the task queue's lock, and the parent then waits in join() forever. Workers die on
+    SIGTERM as processes do, and leave SIGINT (Ctrl-C reaches the whole process group) to the parent, which
+    stops the pool."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _init_worker(job)
+
+
+def _apply(record: Record) -> tuple[int, Any, int]:
     no, kind, payload = record
+    size = len(payload) if isinstance(payload, bytes) else 0  # parsed objects: counted when their file ends
     try:
-        return no, _JOB.run(kind, payload)
+        return no, _JOB.run(kind, payload), size
     except Malformed as m:
-        return no, Skip(m.reason, m.detail)
+        return no, Skip(m.reason, m.detail), size
 
 
 def map_records(job: Job, inputs: list[Path], *, workers: int, log: SkipLog,
-                progress: Callable[[int], None] | None = None) -> Iterator[Any]:
-    """Yield `job.run`'s result for every good record of `inputs`, in order; malformed ones go to `log`.
+                progress: Callable[[int], None] | None = None, read: InputProgress | None = None) -> Iterator[Any]:
+    """Yield `job.run`'s result for every good record of `inputs`, in order; malformed ones go to `log`;
+    `read` (optional) is kept current with the input bytes behind what was yielded.
 
     An input file without a single record raises GraphllmError (an empty file is a mistake, not data).
     """
+    read = read if read is not None else InputProgress()
+    sizes = [Path(p).stat().st_size if Path(p).is_file() else 0 for p in inputs]
+    read.total, read.done = sum(sizes), 0
     if workers < 1:
         raise GraphllmError(f"--workers must be at least 1, got {workers}")
     pool = None
     if workers > 1:
-        pool = multiprocessing.get_context().Pool(workers, initializer=_init_worker, initargs=(job,))
+        pool = multiprocessing.get_context().Pool(workers, initializer=_init_pool_worker, initargs=(job,))
     else:
         _init_worker(job)
     try:
-        for path in inputs:
-            path = Path(path)
+        for i, path in enumerate(map(Path, inputs)):
             results = (pool.imap(_apply, read_records(path), chunksize=CHUNKSIZE) if pool
                        else map(_apply, read_records(path)))
             seen = 0
-            for no, out in results:
+            for no, out, size in results:
                 seen += 1
+                read.done += size
                 if isinstance(out, Skip):
                     log.add(path, no, out)
                 else:
@@ -279,6 +314,7 @@ def map_records(job: Job, inputs: list[Path], *, workers: int, log: SkipLog,
                     progress(1)
             if not seen:
                 raise GraphllmError(f"--input {path}: the file holds no records (it is empty); remove it from --input")
+            read.done = sum(sizes[:i + 1])
     finally:
         if pool is not None:
             pool.terminate()

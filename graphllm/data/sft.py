@@ -26,7 +26,7 @@ from graphllm.data.conversations import (
     pairwise_messages,
     sharegpt_messages,
 )
-from graphllm.data.encoders import Encoder, load_encoder, resolve_spec
+from graphllm.data.encoders import Encoder, load_encoder, resolve_spec, tokenizer_meta
 from graphllm.data.indexed import best_dtype
 from graphllm.data.prm import PrmTokens, encode_prm
 from graphllm.data.records import SkipLog, check_inputs, map_records, record_object
@@ -153,7 +153,7 @@ def preprocess_chat(cfg: ChatDataConfig, progress: Callable[[int], None] | None 
     with Outputs(cfg.out, datasets) as out:
         sinks = [SampleSink(out[f"{side}input_ids"], out[f"{side}labels"], parts[side],
                             pack_len=cfg.seq_len if cfg.pack else None, ignore_index=IGNORE_INDEX) for side in sides]
-        for result in map_records(job, inputs, workers=cfg.workers, log=log, progress=progress):
+        for result in map_records(job, inputs, workers=cfg.workers, log=log, progress=progress, read=out.read):
             samples = result if cfg.kind == "pairwise" else (result,)
             fitted = [fit_sample(ids, labels, cfg.seq_len, cfg.overlong, IGNORE_INDEX) for ids, labels in samples]
             if any(f is None for f in fitted):
@@ -171,7 +171,7 @@ def preprocess_chat(cfg: ChatDataConfig, progress: Callable[[int], None] | None 
         summary.skipped, summary.bad_lines = dict(log.skipped), log.bad_lines
         if not summary.samples:
             raise GraphllmError(f"no samples written from {', '.join(map(str, inputs))}: {_why_empty(summary)}")
-        meta = {"kind": META_KIND[cfg.kind], "format": cfg.kind, "tokenizer": cfg.tokenizer,
+        meta = {"kind": META_KIND[cfg.kind], "format": cfg.kind, **tokenizer_meta(job.encoder, cfg.tokenizer),
                 "packed": cfg.pack, "seq_len": cfg.seq_len, "template": job.template.name,
                 "label_ignore_index": IGNORE_INDEX, "labels_shifted": False,
                 "input_ids_dtype": np.dtype(ids_dtype).name, "overlong": summary.overlong_policy,

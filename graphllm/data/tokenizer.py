@@ -77,6 +77,16 @@ class Tokenizer:
         """-1 when the model has no pad piece (sentencepiece's default); the built-in one has 3."""
         return self._sp.pad_id()
 
+    def pieces(self) -> list[str]:
+        """Every piece, by id (`pieces()[i]` is id i's piece)."""
+        return self._sp.id_to_piece(list(range(self.vocab_size)))
+
+    def special_tokens(self) -> dict[str, tuple[int, str] | None]:
+        """bos/eos/pad/unk as (id, piece); None for one the model does not define (id -1)."""
+        sp = self._sp
+        ids = {"bos": sp.bos_id(), "eos": sp.eos_id(), "pad": sp.pad_id(), "unk": sp.unk_id()}
+        return {name: (i, sp.id_to_piece(i)) if i >= 0 else None for name, i in ids.items()}
+
     def encode(self, text: str) -> list[int]:
         if self._mark_ids is None or SPACE_MARK not in text:
             return self._sp.encode(text)

@@ -1,9 +1,13 @@
 """The output side of preprocessing: a set of indexed datasets finished together, then `PREFIX_meta.json`.
 
-`Outputs` opens one `IndexedWriter` per dataset. On success it removes any old meta file, finalizes
-every dataset (each atomically, `.idx` last) and writes `PREFIX_meta.json` last, atomically: a prefix
-whose meta file exists is complete, and a meta file never describes other data than the files
-beside it. On failure every writer is aborted and files already at the prefix stay as they were.
+`Outputs` opens one `IndexedWriter` per dataset. On success it first writes everything that needs disk
+space (every dataset's `.bin`/`.idx` and the meta file, under temp names), then removes any old meta
+file, moves the datasets into place (each `.idx` last) and `PREFIX_meta.json` last: a prefix whose meta
+file exists is complete, and a meta file never describes other data than the files beside it. On
+failure every writer is aborted (temp files removed) and files already at the prefix stay as they
+were. A full disk (ENOSPC) becomes one GraphllmError naming the directory and the space the whole run
+needs, estimated from the bytes written and the share of the input read (`out.read`, kept current by
+`map_records`).
 
 `SampleSink` writes (input_ids, labels) samples into a pair of datasets with the same layout:
 one document per sample, or, with `pack_len`, samples packed next-fit in input order into documents
@@ -14,6 +18,7 @@ first-fit would fill documents a little better but must hold every open document
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import time
@@ -25,8 +30,9 @@ from typing import Literal, Self
 import numpy as np
 
 from graphllm.version import __version__
-from graphllm.data.cache import atomic_write
+from graphllm.data.cache import write_temp
 from graphllm.data.indexed import IndexedWriter
+from graphllm.data.records import InputProgress
 from graphllm.errors import GraphllmError
 
 __all__ = ["Outputs", "SampleSink", "Summary", "fit_sample", "meta_path", "sample_arrays"]
@@ -52,6 +58,8 @@ class Summary:
     seconds: float = 0.0
     outputs: list[str] = field(default_factory=list)
     """Files written, the meta file last."""
+    tokenizer_fingerprint: str | None = None
+    """The fingerprint recorded in the meta file (graphllm.data.encoders)."""
 
     @property
     def num_skipped(self) -> int:
@@ -70,13 +78,18 @@ class Outputs:
     """Named indexed datasets under one prefix, finished together, then the meta file."""
 
     def __init__(self, prefix: Path | str, datasets: dict[str, tuple[Path | str, np.dtype]]) -> None:
+        self.prefix = Path(prefix)
         self.meta = meta_path(prefix)
+        self.read = InputProgress()
+        """Pass to `map_records(read=...)`: the input share behind what was written, for the ENOSPC estimate."""
         self.writers: dict[str, IndexedWriter] = {}
         try:
             for name, (path, dtype) in datasets.items():
                 self.writers[name] = IndexedWriter(path, dtype)
-        except BaseException:
+        except BaseException as exc:
             self.abort()
+            if _no_space(exc):
+                raise self.no_space_error() from exc
             raise
         self._started = time.perf_counter()
 
@@ -85,25 +98,37 @@ class Outputs:
 
     def finalize(self, summary: Summary, meta: dict) -> None:
         summary.seconds = time.perf_counter() - self._started
-        self.meta.unlink(missing_ok=True)  # no moment pairs an old meta file with new data
-        pending = list(self.writers.values())
-        try:
-            while pending:
-                pending[0].finalize()
-                summary.outputs += [str(pending[0].bin_path), str(pending[0].idx_path)]
-                pending.pop(0)
-        except BaseException:
-            for w in pending:
-                w.abort()
-            raise
         body = {**meta, "documents": summary.documents, "samples": summary.samples, "tokens": summary.tokens,
                 "trained_tokens": summary.trained_tokens, "graphllm": __version__}
-        atomic_write(self.meta, (json.dumps(body, indent=2, sort_keys=True) + "\n").encode())
+        meta_tmp = None
+        try:  # first everything that needs disk space, so a full disk changes nothing at the prefix
+            for w in self.writers.values():
+                w.prepare()
+            meta_tmp = write_temp(self.meta, (json.dumps(body, indent=2, sort_keys=True) + "\n").encode())
+            self.meta.unlink(missing_ok=True)  # no moment pairs an old meta file with new data
+            for w in self.writers.values():
+                w.commit()
+                summary.outputs += [str(w.bin_path), str(w.idx_path)]
+            os.replace(meta_tmp, self.meta)
+        except BaseException:
+            self.abort()
+            if meta_tmp is not None:
+                meta_tmp.unlink(missing_ok=True)
+            raise
         summary.outputs.append(str(self.meta))
+        summary.tokenizer_fingerprint = meta.get("tokenizer_fingerprint")
 
     def abort(self) -> None:
         for w in self.writers.values():
             w.abort()
+
+    def no_space_error(self) -> GraphllmError:
+        """The one line for a full disk: where, and about how much the whole run needs there."""
+        written = sum(w.nbytes for w in self.writers.values())
+        share = self.read.fraction
+        need = f"about {_size(written / share)}" if share and written else f"at least {_size(written)}"
+        return GraphllmError(f"no space left on device at {self.prefix.parent.absolute()} (needed {need}); "
+                             "free space there or pass another --out")
 
     def __enter__(self) -> Self:
         return self
@@ -112,6 +137,19 @@ class Outputs:
                  tb: TracebackType | None) -> None:
         if exc_type is not None:
             self.abort()
+            if _no_space(exc):
+                raise self.no_space_error() from exc
+
+
+def _no_space(exc: BaseException | None) -> bool:
+    return isinstance(exc, OSError) and exc.errno == errno.ENOSPC
+
+
+def _size(nbytes: float) -> str:
+    """Bytes as `df -H` counts free space: GB from 0.1 GB up, else MB to two significant digits."""
+    if nbytes >= 1e8:
+        return f"{nbytes / 1e9:.1f} GB"
+    return f"{nbytes / 1e6:.2g} MB"
 
 
 def sample_arrays(ids: list[int], labels: list[int]) -> tuple[np.ndarray, np.ndarray]:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from graphllm.errors import GraphllmError
-from graphllm.eval import humaneval
+from graphllm.eval import humaneval, sandbox
 from graphllm.eval.runner import (SubjectScore, Timer, group_scores, limited, results_dict, score_choices,
                                   score_generation)
 from graphllm.eval.scorer import GraphScorer, Scorer
@@ -35,6 +35,9 @@ class EvalConfig:
     sandbox: humaneval.SandboxLimits | None = None
     workers: int | None = None
     """humaneval: programs run at once (default: CPU count, at most 8)."""
+    allow_unsandboxed: bool = False
+    """humaneval: where bubblewrap is not usable, run the generated programs without it (with a warning)
+    instead of refusing: they then run as this user, contained only by rlimits and an audit hook."""
 
 
 def evaluate(scorer: Scorer | None, cfg: EvalConfig) -> dict[str, Any]:
@@ -45,6 +48,8 @@ def evaluate(scorer: Scorer | None, cfg: EvalConfig) -> dict[str, Any]:
         raise GraphllmError(f"--shots must be ≥ 0 and --limit ≥ 1 (got {cfg.shots}, {cfg.limit})")
     if cfg.completions is not None and cfg.task != "humaneval":
         raise GraphllmError("--completions applies to --task humaneval only")
+    if cfg.allow_unsandboxed and cfg.task != "humaneval":
+        raise GraphllmError("--allow-unsandboxed-exec applies to --task humaneval only")
     with Timer() as t:
         if cfg.task == "humaneval":
             scores = [score_humaneval(scorer, cfg)]
@@ -85,6 +90,7 @@ def score_humaneval(scorer: Scorer | None, cfg: EvalConfig) -> SubjectScore:
     problems = humaneval.load_problems(cfg.data)[: cfg.limit]
     if cfg.shots:
         raise GraphllmError("--shots does not apply to humaneval (zero-shot: the prompt is the function header)")
+    sandbox.require(cfg.allow_unsandboxed, warn=False)  # refuse before generating, not after
     by_id = {p["task_id"]: p for p in problems}
     if cfg.completions is not None:
         from graphllm.eval.formats import read_jsonl
@@ -100,7 +106,8 @@ def score_humaneval(scorer: Scorer | None, cfg: EvalConfig) -> SubjectScore:
         texts = scorer.generate_until([p["prompt"] for p in problems], list(humaneval.STOP), budget)
         pairs = [(p["task_id"], t) for p, t in zip(problems, texts)]
     results = humaneval.run_programs([humaneval.check_program(by_id[tid], c) for tid, c in pairs],
-                                     cfg.sandbox or humaneval.SandboxLimits(), workers=cfg.workers)
+                                     cfg.sandbox or humaneval.SandboxLimits(), workers=cfg.workers,
+                                     allow_unsandboxed=cfg.allow_unsandboxed)
     per_task: dict[str, list[bool]] = {}
     samples = []
     for (tid, completion), res in zip(pairs, results):

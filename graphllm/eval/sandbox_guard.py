@@ -1,18 +1,22 @@
 """Run one untrusted program under limits: `python -I sandbox_guard.py PROGRAM ROOT CPU_S MEM_BYTES FSIZE_BYTES`.
 
-This file is executed as a script in the child process (never imported by graphllm). Before the
-program's first line it
+This file is executed as a script in the child process (never imported by graphllm), normally inside
+bubblewrap (graphllm/eval/sandbox.py), which is the boundary: namespaces, no capabilities, a read-only
+view of the host with only ROOT writable. This guard is a second layer inside it. Before the program's
+first line it
 - sets resource limits: CPU seconds, address space, size of any file written (stdout/stderr files
-  included), no core dumps;
+  included), no core dumps (inside the sandbox the program cannot raise them again: no capabilities);
 - installs an audit hook (PEP 578) that refuses sockets, process creation (fork/exec/spawn/system/
   Popen), signals to other processes, ctypes, and raising the limits again; refuses opening a file
   outside ROOT (the program's fresh temp directory) except read-only opens of Python code
   (`.py`/`.pyc`/`.so`/...) under the interpreter's import path, which `import` needs; and confines
   listing, creating, renaming, removing and chmod-ing paths to ROOT.
 
-An audit hook is not a security boundary against hostile native code (hence ctypes and the
-subprocess internals are refused); with the parent's wall-clock timeout, stripped environment and
-fresh working directory it is what an unprivileged process can do to contain generated code.
+The hook is not a security boundary: the program runs in this same interpreter and can switch it off
+(rebind DENIED_EVENTS through `sys.modules["__main__"]`, rewrite the hook's closure found with `gc`),
+and it misses what it has no rule for (`sqlite3.connect` creates files anywhere; `pidfd_send_signal`
+has no audit event). It turns the usual mistakes of generated code into a clear `sandbox: ...` error;
+only under --allow-unsandboxed-exec is it all there is.
 """
 
 import os

@@ -11,8 +11,11 @@ Keys: "model/<fqn>", "optim/<fqn>/<state name>" (sharded like the parameter when
 DCP pickles them whole instead of flattening dicts into keys.
 
 Atomic: DCP writes into a hidden temp sibling chosen by rank 0; after every rank has written, rank 0
-writes the json marker last and renames the temp directory onto `path`. A crash before the rename
-leaves nothing at `path`; readers require the marker. All ranks must see `path` on one filesystem.
+writes the json marker last — with the size and checksum of every file (graphllm/parallel/integrity.py),
+which loading verifies — and renames the temp directory onto `path`. A crash before the rename leaves
+nothing at `path` (only a `.step_<N>.tmp-*` sibling, which the next run on the root removes); readers
+require the marker. All ranks must see `path` on one filesystem. The directory gets the user's umask
+(not mkdtemp's 0700), so a process under another uid can read it.
 """
 
 from __future__ import annotations
@@ -36,11 +39,24 @@ from torch.distributed.tensor import DTensor, Shard
 from graphllm.data.cache import atomic_write
 from graphllm.errors import GraphllmError
 from graphllm.parallel.groups import gather_objects
+from graphllm.parallel.integrity import file_records
 from graphllm.planning.sharding import ParamShard, shard_of
 
 MARKER = "graphllm_checkpoint.json"
 FORMAT = "graphllm-dcp/1"
 STEP_DIR = re.compile(r"step_(\d+)")
+TMP_DIR = re.compile(r"\.step_\d+\.tmp-.+")
+"""The temp directory of an unfinished save (`.step_<N>.tmp-<random>`)."""
+
+
+def _dir_mode() -> int:
+    """0o777 less the umask: a directory's mode as mkdir would make it (mkdtemp makes 0700)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o777 & ~umask
+
+
+DIR_MODE = _dir_mode()  # read once at import: os.umask can only be read by setting it
 
 
 @dataclass(slots=True)
@@ -129,14 +145,34 @@ def save_checkpoint(path: Path, *, step: int, named_params: dict[str, torch.nn.P
         else:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    proposals = gather_objects((error, tmp))
-    error = next((e for e, _ in proposals if e), None)
-    if error:
-        if tmp:
+            os.chmod(tmp, DIR_MODE)
+    try:  # from here on, anything that stops the save (a second SIGTERM included) removes the temp dir
+        proposals = gather_objects((error, tmp))
+        error = next((e for e, _ in proposals if e), None)
+        if error:
+            raise GraphllmError(error)
+        state = _state_to_save(named_params, optim_state, extra, st)
+        _dcp(dcp.save, state, storage_writer=FileSystemWriter(proposals[0][1]))  # collective: every rank wrote
+        failure = None
+        if _rank() == 0:
+            try:
+                _publish(Path(tmp), path, {**meta, "format": FORMAT, "step": int(step)})
+            except Exception as exc:  # noqa: BLE001 (re-raised below, after telling the other ranks)
+                failure = exc
+        reports = gather_objects(repr(failure) if failure else None)
+        if failure is not None:
+            raise failure
+        if reports[0]:
+            raise GraphllmError(f"checkpoint {path} was not saved: rank 0 failed to publish it ({reports[0]})")
+    except BaseException:
+        if _rank() == 0 and tmp:
             shutil.rmtree(tmp, ignore_errors=True)
-        raise GraphllmError(error)
-    tmp = Path(proposals[0][1])
+        raise
+    return path
 
+
+def _state_to_save(named_params: dict, optim_state: dict | None, extra: dict, st) -> dict:
+    """The DCP state dict of a save: parameters, optimizer states (sharded like their parameter), rank 0's extras."""
     state: dict = {f"model/{fqn}": _for_save(p, _shard(p), st) for fqn, p in named_params.items()}
     if optim_state is not None:
         state["optim/step"] = (int(optim_state["step"]),)
@@ -148,29 +184,13 @@ def save_checkpoint(path: Path, *, step: int, named_params: dict[str, torch.nn.P
                 state[f"optim/{fqn}/{name}"] = _for_save(t, _shard(p) if like_param else None, st)
     if _rank() == 0:
         state.update({f"extra/{k}": _for_save(v, None, st) for k, v in extra.items()})
-    marker = {**meta, "format": FORMAT, "step": int(step)}
-    try:
-        _dcp(dcp.save, state, storage_writer=FileSystemWriter(tmp))  # collective; returns after every rank wrote
-        failure = None
-        if _rank() == 0:
-            try:
-                _publish(tmp, path, marker)
-            except Exception as exc:  # noqa: BLE001 (re-raised below, after telling the other ranks)
-                failure = exc
-        reports = gather_objects(repr(failure) if failure else None)
-        if failure is not None:
-            raise failure
-        if reports[0]:
-            raise GraphllmError(f"checkpoint {path} was not saved: rank 0 failed to publish it ({reports[0]})")
-    except BaseException:
-        if _rank() == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
+    return state
 
 
 def _publish(tmp: Path, path: Path, marker: dict) -> None:
-    """Write the marker (last file), then rename the temp directory onto `path` (rank 0)."""
+    """Write the marker (last file, with every file's checksum), then rename the temp directory onto
+    `path` (rank 0)."""
+    marker = {**marker, "files": file_records(tmp, skip=(MARKER,))}
     atomic_write(tmp / MARKER, (json.dumps(marker, indent=1, sort_keys=True) + "\n").encode())
     if path.exists():
         raise GraphllmError(f"{path} appeared while the checkpoint was being written; refusing to overwrite it: "
@@ -256,7 +276,11 @@ def load_checkpoint(path: Path, *, named_params: dict[str, torch.nn.Parameter], 
             state[key] = torch.empty(entry.size, dtype=entry.properties.dtype) if tensor else None
     _agree(error)
 
-    _dcp(dcp.load, state, storage_reader=FileSystemReader(path))
+    try:
+        _dcp(dcp.load, state, storage_reader=FileSystemReader(path))
+    except Exception as exc:  # noqa: BLE001 (torch's text can suggest unsafe loading: never repeat it)
+        raise GraphllmError(f"checkpoint {path} could not be read ({type(exc).__name__}: {_first_line(exc)}); "
+                            "it is damaged: load an older checkpoint") from exc
     with torch.no_grad():
         for key, local, shard in fills:
             got = state[key]
@@ -274,12 +298,22 @@ def load_checkpoint(path: Path, *, named_params: dict[str, torch.nn.Parameter], 
     return LoadedCheckpoint(step=int(marker["step"]), optim_state=optim_state, extra=extra, meta=marker)
 
 
+def _first_line(exc: BaseException) -> str:
+    lines = [ln for ln in str(exc).splitlines() if ln.strip() and "weights_only" not in ln]
+    return lines[0].strip()[:200] if lines else "no detail"
+
+
 def _complete_steps(root: Path) -> list[tuple[int, Path]]:
     if not Path(root).is_dir():
         return []
     found = [(int(m.group(1)), d) for d in Path(root).iterdir()
              if (m := STEP_DIR.fullmatch(d.name)) and (d / MARKER).is_file()]
     return sorted(found)
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """The complete `step_<N>` directories under `root`, newest first."""
+    return [d for _, d in reversed(_complete_steps(root))]
 
 
 def latest_checkpoint(root: Path) -> Path | None:

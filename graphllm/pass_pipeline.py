@@ -31,8 +31,10 @@ from graphllm.passes.pipeline import why_default
 from graphllm.plan import CompilePlan
 
 Stage = Literal["model", "lower", "split", "partition", "train", "backend"]
-Purpose = Literal["train", "eval", "generate", "profile_layers"]
-PURPOSES = ("train", "eval", "generate", "profile_layers")
+Purpose = Literal["train", "eval", "generate", "profile_layers", "reference"]
+PURPOSES = ("train", "eval", "generate", "profile_layers", "reference")
+"""reference: the frozen reference model of a preference task (DPO): the plan's graph without its adapter
+steps, so with LoRA the reference is the base model itself (the same Parameters, adapters off)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +102,7 @@ def build_pipeline(plan: CompilePlan, *, purpose: Purpose = "train", passes: Seq
     given = default_passes() if passes is None else list(passes)
     users = [p for p in given if not _builtin(p)] + list(user)
     model = [_fusion_step(p) for p in given if _builtin(p)] + _generation_steps(purpose, plan, cache_shapes)
+    model += _adapter_steps(plan) if purpose != "reference" else []
     model += [s for s in _parallel_steps(plan) if s.name not in {m.name for m in model}]
     train = _train_steps(plan, purpose)
     disabled = _check_disable(plan.disable, model + train, users)
@@ -136,6 +139,16 @@ def _generation_steps(purpose: str, plan: CompilePlan, cache_shapes) -> list[Ste
                                                       "shapes must be in place when it re-derives head counts",
                           graph_pass=tp_cache_inputs.with_options(shapes=dict(cache_shapes)), required=True))
     return steps
+
+
+def _adapter_steps(plan: CompilePlan) -> list[Step]:
+    if not plan.lora.enabled:
+        return []
+    from graphllm.passes.lora import lora
+
+    return [Step("lora", "model", "after the fusions, before sharding: each target linear becomes one LoRA op with "
+                                  "its base frozen, so tensor_parallel shards base and adapters together",
+                 graph_pass=lora.with_options(config=plan.lora), required=True)]
 
 
 def _parallel_steps(plan: CompilePlan) -> list[Step]:

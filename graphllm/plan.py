@@ -14,7 +14,9 @@ from graphllm.errors import GraphllmError
 from graphllm.npu_backend import NpuOptions
 from graphllm.options import check_fields, from_dict, option, section, to_dict
 from graphllm.planning.layout import Layout
+from graphllm.planning.lora_config import LoraConfig
 from graphllm.planning.recompute_config import RecomputeConfig
+from graphllm.planning.task_config import TaskConfig
 
 
 def _backend_names() -> list[str]:
@@ -50,6 +52,8 @@ class CompilePlan:
     disable: list[str] = option([], metavar="PASS[,PASS]", help="pass names to leave out of the pipeline")
     passes: list[str] = option([], flag="--pass", repeat=True, metavar="MODULE:NAME",
                                help="append a @graph_pass from an importable module (repeatable)")
+    task: TaskConfig = section(TaskConfig, title="training objective (graphllm/tasks/)")
+    lora: LoraConfig = section(LoraConfig, title="low-rank adapters: LoRA, QLoRA (passes/lora.py)")
     layout: Layout = section(Layout, title="parallelism (ranks = tp × pp × dp; several ranks start through torchrun)")
     recompute: RecomputeConfig = section(RecomputeConfig, title="activation recomputation (graphllm/recompute.py)")
     npu: NpuOptions = section(NpuOptions, title="npu (torchair) options")
@@ -61,6 +65,10 @@ class CompilePlan:
         if (self.device == "npu") != (self.backend == "npu"):
             raise GraphllmError(f"--device {self.device} does not fit --backend {self.backend}: the npu backend runs "
                                 "on --device npu, and only there")
+        self.task.check_shapes(batch_size=self.batch_size)
+        if self.task.kind != "lm" and self.layout.pp > 1:
+            raise GraphllmError(f"--task {self.task.kind} with --pp > 1 is not supported yet (the pipeline's last stage "
+                                "computes next-token cross-entropy only); use --pp 1")
         if self.eod_reset and self.layout.pp > 1:
             raise GraphllmError("--eod-reset with --pp > 1 is not supported yet (pipeline stages take no position "
                                 "ids); use --pp 1")

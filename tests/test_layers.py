@@ -26,7 +26,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
              "graphllm.resume", "graphllm.profile", "graphllm.profile_layers", "graphllm.inspect_graphs",
              "graphllm.inspect_pipeline", "graphllm.convert", "graphllm.launch", "graphllm.eval",
              "graphllm.generate")),
-    ("compile", ("graphllm.compile", "graphllm.pass_pipeline", "graphllm.plan", "graphllm.backends",
+    ("compile", ("graphllm.compile", "graphllm.pass_pipeline", "graphllm.plan", "graphllm.tasks", "graphllm.backends",
                  "graphllm.npu_backend", "graphllm.train_stage", "graphllm.recompute", "graphllm.capture",
                  "graphllm.dump")),
     ("runtime", ("graphllm.parallel", "graphllm.train", "graphllm.signals", "graphllm.data")),

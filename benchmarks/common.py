@@ -77,6 +77,29 @@ class MatmulProbe:
         return self.flops / median(self.times)
 
 
+def run_rounds(contenders: dict, batches, args) -> dict[str, list[dict]]:
+    """Each contender's first (compiling) step and `args.warmup` warm-up steps, then `args.rounds` rounds of
+    `args.steps_per_round` steps in rotated order (`interleave`); returns each contender's steady steps."""
+    names = list(contenders)
+    for name in names:
+        contenders[name].step(batches, "first")
+    for _ in range(args.warmup):
+        for name in names:
+            contenders[name].step(batches, "warmup")
+    for r, order in enumerate(interleave(names, args.rounds)):
+        for name in order:
+            for _ in range(args.steps_per_round):
+                contenders[name].step(batches, f"round{r}")
+    return {n: [s for s in c.steps if s["tag"].startswith("round")] for n, c in contenders.items()}
+
+
+def round_ratios(steady: dict[str, list[dict]], num: str, den: str, rounds: int) -> list[float]:
+    """Per round: `num`'s median step time over `den`'s (the spread of a ratio on a noisy machine)."""
+    def med(name: str, r: int) -> float:
+        return median([s["total"] for s in steady[name] if s["tag"] == f"round{r}"])
+    return [med(num, r) / med(den, r) for r in range(rounds)]
+
+
 def current_rss_bytes() -> int:
     """Resident set size now (Linux /proc/self/statm, second field, in pages)."""
     with open("/proc/self/statm") as f:
@@ -129,3 +152,63 @@ def fmt_rate(x: float, unit: str = "FLOP/s") -> str:
 
 def fmt_mib(b: float) -> str:
     return f"{b / 2**20:,.0f} MiB"
+
+
+# -- the adapter benchmarks' shared driver (lora_step.py, qlora_memory.py) --------------------------------
+def adapter_parser(description: str, *, presets, rounds: int, warmup: int, contenders):
+    """The flags both adapter benchmarks take: model, shape, LoRA rank/alpha, rounds, RSS subprocesses, JSON."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--model", choices=sorted(presets), default="small-llama")
+    p.add_argument("--batch", type=int, default=None, help="default: train_step.py's shape for the model")
+    p.add_argument("--seq", type=int, default=None)
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--alpha", type=float, default=32.0)
+    p.add_argument("--rounds", type=int, default=rounds)
+    p.add_argument("--steps-per-round", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=warmup)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-rss", action="store_true", help="skip the per-contender peak-RSS subprocesses")
+    p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--rss-child", choices=contenders, default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def rss_in_subprocess(script: str, name: str, args, *, timeout: int = 1800) -> dict:
+    """One contender alone in a fresh process (`--rss-child NAME`): its peak and steady RSS growth."""
+    import json
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, str(Path(script).resolve()), "--rss-child", name, "--model", args.model,
+           "--batch", str(args.batch), "--seq", str(args.seq), "--rank", str(args.rank), "--alpha", str(args.alpha),
+           "--seed", str(args.seed)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+    if proc.returncode != 0:
+        return {"error": (proc.stderr.strip().splitlines() or ["?"])[-1]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run_adapter_benchmark(args, shapes, *, script: str, bench, report, rss_child, contenders, width: int) -> None:
+    """Shape defaults, the RSS child, the interleaved rounds, the RSS subprocesses, the report and the JSON."""
+    import gc
+    import json
+    import sys
+
+    from rich.console import Console
+
+    b, s = shapes.get(args.model, (1, 512))
+    args.batch, args.seq = args.batch or b, args.seq or s
+    if args.rss_child:
+        return rss_child(args)
+    console = Console(width=None if sys.stdout.isatty() else width)
+    res = bench(args, console)
+    gc.collect()
+    if not args.no_rss:
+        res["rss"] = {n: rss_in_subprocess(script, n, args) for n in contenders}
+    report(res, console)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"argv": sys.argv, "result": res}, indent=1))
+

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 from pathlib import Path
 
 
@@ -25,6 +26,9 @@ def add_parser(sub) -> None:
     p.add_argument("--tokenizer", default=None,
                    help="tokenizer (.model file or HF dir); default: the checkpoint's own, builtin for presets")
     p.add_argument("--seed", type=int, default=0, help="init seed for preset models")
+    p.add_argument("--lora", default=None, metavar="CKPT_OR_ADAPTER",
+                   help="LoRA adapters merged into --model before compiling: a graphllm LoRA checkpoint or a PEFT "
+                        "adapter directory (docs/lora.md)")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     p.add_argument("--log-samples", action="store_true", help="keep every document's prediction in --out")
     he = p.add_argument_group("humaneval")
@@ -41,9 +45,8 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from graphllm.eval import EvalConfig, build_scorer, evaluate
+    from graphllm.eval import EvalConfig, build_scorer
     from graphllm.eval.humaneval import SandboxLimits
-    from graphllm.eval.runner import print_table, write_results
 
     cfg = EvalConfig(task=args.task, data=args.data, shots=args.shots, limit=args.limit, split=args.split,
                      max_new_tokens=args.max_new_tokens, log_samples=args.log_samples, completions=args.completions,
@@ -59,10 +62,38 @@ def run(args: argparse.Namespace) -> int:
         require(args.allow_unsandboxed_exec, warn=False)  # refuse before loading the model
     console = Console(stderr=True)
     scorer = None
-    if args.completions is None:
-        with console.status(f"loading {args.model} …"):
-            scorer = build_scorer(args.model, tokenizer=args.tokenizer, batch_size=args.batch_size,
-                                  backend=args.backend, max_length=args.max_length, seed=args.seed, amp=args.amp)
+    with contextlib.ExitStack() as stack:
+        if args.completions is None:
+            with console.status(f"loading {args.model} …"):
+                model, tokenizer = _with_lora(args, stack)
+                scorer = build_scorer(model, tokenizer=tokenizer, batch_size=args.batch_size, backend=args.backend,
+                                      max_length=args.max_length, seed=args.seed, amp=args.amp)
+        return _evaluate(args, cfg, scorer, console)
+
+
+def _with_lora(args: argparse.Namespace, stack: contextlib.ExitStack) -> tuple[str, str | None]:
+    """(model, tokenizer) for build_scorer: as given, or with --lora the base with the adapters merged, saved as
+    an HF directory in a temporary directory (build_scorer loads models by path) and the base's tokenizer."""
+    if not args.lora:
+        return args.model, args.tokenizer
+    import os
+    import tempfile
+
+    from graphllm.lora_io import merged_model
+    from graphllm.models.weights import save_hf
+
+    net = merged_model(args.model, args.lora, seed=args.seed)
+    tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="graphllm-lora-"))
+    save_hf(net, net.config, os.path.join(tmp, "merged"))
+    return os.path.join(tmp, "merged"), args.tokenizer or (args.model if os.path.isdir(args.model) else "builtin")
+
+
+def _evaluate(args: argparse.Namespace, cfg, scorer, console) -> int:
+    from rich.console import Console
+
+    from graphllm.eval import evaluate
+    from graphllm.eval.runner import print_table, write_results
+
     what = f"evaluating {args.model} on {args.task} ({args.backend})"
     with console.status(f"{what} …") as status:
         if scorer is not None:

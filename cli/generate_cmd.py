@@ -32,6 +32,9 @@ def add_model_args(p: argparse.ArgumentParser, *, max_new_tokens: int) -> None:
     p.add_argument("--stop", action="append", default=[], type=_unescape,
                    help="stop string (repeatable; \\n and \\t are newline and tab); not printed")
     p.add_argument("--seed", type=int, default=0, help="sampling seed, and init seed of preset models")
+    p.add_argument("--lora", default=None, metavar="CKPT_OR_ADAPTER",
+                   help="LoRA adapters to merge into --model before compiling: a graphllm LoRA checkpoint (step_<N> "
+                        "or its root) or a PEFT adapter directory (docs/lora.md)")
     p.add_argument("--tp", type=int, default=1,
                    help="tensor-parallel ranks: the command re-runs itself as N local processes (torchrun); "
                         "each holds 1/N of the heads, MLP and KV cache")
@@ -59,7 +62,12 @@ def load(args: argparse.Namespace):
     from graphllm.data.encoders import load_encoder, resolve_spec
     from graphllm.generate import eos_ids_of
 
-    net = load_model(args.model, seed=args.seed)
+    if getattr(args, "lora", None):
+        from graphllm.lora_io import merged_model
+
+        net = merged_model(args.model, args.lora, seed=args.seed)  # merged: the graphs stay plain linears
+    else:
+        net = load_model(args.model, seed=args.seed)
     spec = args.tokenizer or (args.model if os.path.isdir(args.model) else "builtin")
     enc = load_encoder(resolve_spec(spec), name=spec)
     if enc.vocab_size > net.config.vocab_size:

@@ -28,16 +28,27 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
+SHOWN_METRICS = {"rewards/accuracies": "acc", "rewards/margins": "margin", "accuracy": "acc", "margin": "margin"}
+"""A task's step metrics shown on the console (short name): DPO/SimPO's TRL names, rm's and prm's own."""
+
+
+def metric_text(e: dict, prefix: str = "") -> str:
+    """`acc 0.750 margin 0.123` from a step record's task metrics (`prefix` "valid_": an eval's)."""
+    return " ".join(f"{prefix.replace('_', ' ')}{short} {e[prefix + key]:.3f}" for key, short in SHOWN_METRICS.items()
+                    if prefix + key in e)
+
+
 class ConsoleEvents:
     """Draws the Trainer's events: a progress bar (or plain lines), evaluations, checkpoints, stops."""
 
     def __init__(self, console: Console, *, plain: bool, total: int) -> None:
         self.console, self.plain = console, plain
         self.progress = Progress(TextColumn("[bold]step {task.completed}/{task.total}"), BarColumn(),
-                                 TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[val]}"),
+                                 TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[metrics]}"),
+                                 TextColumn("{task.fields[val]}"),
                                  TextColumn("{task.fields[tps]:,.0f} tok/s"), TimeElapsedColumn(), TextColumn("eta"),
                                  TimeRemainingColumn(), console=console, disable=plain or console.quiet)
-        self.task = self.progress.add_task("train", total=total, loss=float("nan"), val="", tps=0.0)
+        self.task = self.progress.add_task("train", total=total, loss=float("nan"), metrics="", val="", tps=0.0)
 
     def __call__(self, e: dict) -> None:
         kind = e.get("event")
@@ -47,12 +58,14 @@ class ConsoleEvents:
             self.console.print(f"resumed from {e['path']} at step {e['step']}")
             self.progress.update(self.task, completed=e["step"])
         elif kind == "progress":
-            val = f"val {e['valid_loss']:.4f}" if "valid_loss" in e else ""
-            self.progress.update(self.task, completed=e["step"], loss=e["loss"], tps=e["tokens_per_s"],
+            val = " ".join(filter(None, (f"val {e['valid_loss']:.4f}", metric_text(e, "valid_")))) \
+                if "valid_loss" in e else ""
+            metrics = metric_text(e)
+            self.progress.update(self.task, completed=e["step"], loss=e["loss"], tps=e["tokens_per_s"], metrics=metrics,
                                  **({"val": val} if val else {}))
             if self.plain:
-                self.console.print(f"step {e['step']:>5} loss {e['loss']:.4f} lr {e['lr']:.2e} "
-                                   f"{e['tokens_per_s']:,.0f} tok/s {val}".rstrip())
+                self.console.print(" ".join(filter(None, (f"step {e['step']:>5} loss {e['loss']:.4f}", metrics,
+                                                          f"lr {e['lr']:.2e} {e['tokens_per_s']:,.0f} tok/s", val))))
         elif kind == "stopped":
             self.console.print(f"[yellow]{e['signal']}[/] after step {e['step']}: {e['message']}")
         elif kind == "failure":

@@ -195,6 +195,10 @@ def prepare_graph(model: nn.Module, inputs: tuple[torch.Tensor, ...], pipeline: 
                       backend=plan.backend, amp=plan.amp)
     gm, records = run_passes(gm, pipeline.model_passes, ctx, dump=dump)
     adopt_parameters(model, gm)
+    if plan.lora.qlora:
+        from graphllm.passes.quantize_base import release_quantized_base
+
+        release_quantized_base(model, gm)  # QLoRA: the model drops the fp32 base the graph no longer reads
     model_hash = graph_hash(gm)
     model_graph = fx.GraphModule(gm, gm.graph.__deepcopy__())  # keep the pre-lowering view
     if be.prepare is not None:
@@ -218,5 +222,6 @@ def adopt_parameters(model: nn.Module, gm: fx.GraphModule) -> None:
             owner = model.get_submodule(owner_name) if owner_name else model
         except AttributeError:
             continue
-        if getattr(owner, attr, None) is not p and isinstance(getattr(owner, attr, None), nn.Parameter):
-            setattr(owner, attr, p)
+        current = getattr(owner, attr, None)
+        if current is not p and (isinstance(current, nn.Parameter) or not hasattr(owner, attr)):
+            setattr(owner, attr, p)  # a replaced parameter (a shard), or a new one (LoRA's lora_A / lora_B)

@@ -10,7 +10,10 @@ step 0 with a fresh optimizer, and `--save ROOT` then puts `step_<N>/` beside it
 `graphllm_to_hf(CKPT, OUT)` reads the parameters of any graphllm checkpoint (a converted one or one of
 `graphllm run --save`; a root means its newest complete step) and writes what transformers'
 `from_pretrained` reads: config.json, model.safetensors (or shards + index above `max_shard_size`),
-generation_config.json and the tokenizer files it carries. Tensors keep their stored dtype unless asked,
+generation_config.json and the tokenizer files it carries. A reward-model checkpoint (`--task rm`: a
+`score.weight` and no LM head) becomes a `*ForSequenceClassification` directory with `num_labels` 1 and a
+`pad_token_id` (transformers reads the reward at each row's last token that is not padding; see
+graphllm.tasks.reward_model.sequence_classification_config). Tensors keep their stored dtype unless asked,
 so HF -> graphllm -> HF is bit-identical. A tied LM head is stored once, as transformers does.
 
 Nothing half-written is ever left under the output name: everything goes into a temp directory beside
@@ -56,6 +59,7 @@ from graphllm.parallel.checkpoint import (
 )
 from graphllm.planning.layout import Layout
 from graphllm.resume import WEIGHTS_ONLY, weights_fingerprint
+from graphllm.tasks.reward_model import REWARD_HEAD, sequence_classification_config
 
 HF_SUBDIR = "hf"
 """Where a converted checkpoint keeps the HF directory's non-weight files."""
@@ -151,7 +155,8 @@ def graphllm_to_hf(ckpt: str | os.PathLike[str], out: str | os.PathLike[str], *,
     md = FileSystemReader(path).read_metadata().state_dict_metadata
     stored = {k.removeprefix("model/"): torch.empty(e.size, dtype=e.properties.dtype, device="meta")
               for k, e in md.items() if k.startswith("model/") and isinstance(e, TensorStorageMetadata)}
-    sd = _cast(check_state_dict(_meta_model(cfg), stored, str(path)), dtype)  # meta: names, shapes, dtypes
+    reward = REWARD_HEAD in stored and "lm_head.weight" not in stored  # a --task rm checkpoint
+    sd = _cast(check_state_dict(_meta_model(cfg, reward=reward), stored, str(path)), dtype)  # meta: names, shapes
 
     def materialize(names: list[str]) -> dict[str, torch.Tensor]:
         """One shard's tensors read from the checkpoint (DCP reads only their bytes), cast as asked."""
@@ -161,6 +166,8 @@ def graphllm_to_hf(ckpt: str | os.PathLike[str], out: str | os.PathLike[str], *,
 
     notes: list[str] = []
     hf_config = json.loads((aux / CONFIG_FILE).read_text()) if aux and (aux / CONFIG_FILE).is_file() else cfg.to_hf()
+    if reward:
+        notes += sequence_classification_config(hf_config, cfg.model_type)
     names = _dtype_names(sd)
     hf_config["dtype"] = max(names, key=lambda n: sum(t.numel() for t in sd.values() if _name(t.dtype) == n))
     if "torch_dtype" in hf_config:  # transformers < 5 spelling, kept in step
@@ -190,10 +197,16 @@ def graphllm_to_hf(ckpt: str | os.PathLike[str], out: str | os.PathLike[str], *,
                          notes=notes)
 
 
-def _meta_model(cfg: ModelConfig) -> LlamaForCausalLM:
-    """The model's names and shapes, without allocating its weights."""
+def _meta_model(cfg: ModelConfig, *, reward: bool = False) -> torch.nn.Module:
+    """The model's names and shapes, without allocating its weights; `reward`: the reward model's (the
+    decoder and `score` [1, hidden], transformers' *ForSequenceClassification, graphllm.tasks.reward_model)."""
     with torch.device("meta"):
-        return LlamaForCausalLM(cfg)
+        lm = LlamaForCausalLM(cfg)
+        if not reward:
+            return lm
+        head = torch.nn.Module()
+        head.model, head.score = lm.model, torch.nn.Linear(cfg.hidden_size, 1, bias=False)
+        return head
 
 
 def _name(dtype: torch.dtype) -> str:

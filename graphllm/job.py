@@ -24,6 +24,8 @@ from graphllm.passes import GraphPass
 from graphllm.plan import CompilePlan
 from graphllm.report import build_report, report_markdown
 from graphllm.resume import weights_fingerprint
+from graphllm.tasks import batch_example, build_task, graph_inputs, uses_reference_graph
+from graphllm.tasks.reference import reference_target
 from graphllm.train_stage import StageSet
 
 
@@ -36,6 +38,9 @@ class Built:
     rank: int
     compiled: CompiledModel | None = None
     """The whole-model compiled graph (None under pipeline parallelism: the engine holds the stages)."""
+    reference: CompiledModel | None = None
+    """DPO's compiled reference graph (graphllm.tasks.reference): the engine runs it under `--reference graph`;
+    under `--reference precompute` the trainer runs it once over the data, then drops it."""
     compile_seconds: float = 0.0
 
     @property
@@ -44,13 +49,10 @@ class Built:
 
 
 def example_batch(plan: CompilePlan, rows: int | None = None) -> tuple[torch.Tensor, ...]:
-    """(input_ids, labels), and position_ids when the plan resets them at packed-sample boundaries."""
-    shape = (rows or plan.batch_size, plan.seq_len)
-    batch = (torch.zeros(shape, dtype=torch.long, device=plan.device),
-             torch.zeros(shape, dtype=torch.long, device=plan.device))
-    if plan.eod_reset:
-        batch += (torch.arange(plan.seq_len, device=plan.device).expand(shape).contiguous(),)
-    return batch
+    """A step's batch of zeros (what Engine.forward_backward takes): (input_ids, labels), the task's columns
+    (graphllm.tasks: DPO's precomputed reference log-probs, PRM's reward token ids), and position_ids when the
+    plan resets them at packed-sample boundaries."""
+    return batch_example(plan, rows)
 
 
 def build(plan: CompilePlan, *, user: Sequence[GraphPass] = (), purpose: Purpose = "train",
@@ -70,23 +72,39 @@ def build(plan: CompilePlan, *, user: Sequence[GraphPass] = (), purpose: Purpose
         raise GraphllmError(f"--seq-len {plan.seq_len} exceeds the model's max_position_embeddings "
                             f"{cfg.max_position_embeddings}")
     layout.check_model(cfg, batch_size=plan.batch_size, seq_len=plan.seq_len)
+    task = build_task(plan, model)
+    # before the policy: compiling adopts tensor-parallel shards into the modules it captured
+    reference = _build_reference(plan, model, st, rank, dump_dir, user) if plan.task.kind == "dpo" else None
     pipeline = build_pipeline(plan, purpose=purpose, user=user)
-    inputs = example_batch(plan)
+    inputs = graph_inputs(plan)
     compiled = None
     if not pipeline.splits:
-        compiled = compile_pipeline(model, inputs, pipeline, groups=st, rank=rank, dump_dir=dump_dir)
+        compiled = compile_pipeline(task.target, inputs, pipeline, groups=st, rank=rank, dump_dir=dump_dir)
         result = compiled.result
-        engine = Engine(layout=layout, st=st, named_params=dict(model.named_parameters()), step_fn=compiled,
-                        micro_batch_size=plan.batch_size)
+        engine = Engine(layout=layout, st=st, named_params=dict(task.trained.named_parameters()), step_fn=compiled,
+                        micro_batch_size=plan.batch_size, metric_names=task.metrics,
+                        reference=reference if uses_reference_graph(plan) else None)
     else:
         result, runner = _build_stages(pipeline, model, inputs, st, dump_dir)
         engine = Engine(layout=layout, st=st, named_params=runner.named_parameters(), pipeline=runner,
                         micro_batch_size=plan.batch_size)
-    built = Built(plan=plan, model=model, result=result, engine=engine, rank=rank, compiled=compiled)
+    built = Built(plan=plan, model=task.trained, result=result, engine=engine, rank=rank, compiled=compiled,
+                  reference=reference)
     if warm:
         warm_up(built)
     built.compile_seconds = time.perf_counter() - t0
     return built
+
+
+def _build_reference(plan: CompilePlan, model: torch.nn.Module, st, rank: int, dump_dir: Path | None,
+                     user: Sequence[GraphPass]) -> CompiledModel:
+    """DPO's forward-only reference graph: the plan's pipeline for purpose "reference" (no adapter steps) on
+    graphllm.tasks.reference's target; dumps under `dump_dir`/reference/."""
+    target = reference_target(plan, model)
+    pipeline = build_pipeline(plan, purpose="reference", user=user)
+    with torch.no_grad():
+        return compile_pipeline(target, graph_inputs(plan)[:2], pipeline, groups=st, rank=rank,
+                                dump_dir=dump_dir / "reference" if dump_dir is not None else None)
 
 
 def _build_stages(pipeline: Pipeline, model: torch.nn.Module, inputs, st, dump_dir) -> tuple[CompileResult, object]:
@@ -133,6 +151,9 @@ def warm_up(built: Built) -> None:
     built.engine.forward_backward(*example_batch(built.plan, built.plan.global_batch_size))
     for p in built.engine.params:
         p.grad = None
+    if built.reference is not None and built.engine.reference is None:  # --reference precompute: its graph too
+        with torch.no_grad():
+            built.reference(*graph_inputs(built.plan)[:2])
 
 
 def join_world(plan: CompilePlan):

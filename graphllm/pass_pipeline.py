@@ -21,7 +21,7 @@ prints the recorded pipeline.
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Literal, Mapping, Sequence
 
 from graphllm.errors import GraphllmError
@@ -34,7 +34,8 @@ Stage = Literal["model", "lower", "split", "partition", "train", "backend"]
 Purpose = Literal["train", "eval", "generate", "profile_layers", "reference"]
 PURPOSES = ("train", "eval", "generate", "profile_layers", "reference")
 """reference: the frozen reference model of a preference task (DPO): the plan's graph without its adapter
-steps, so with LoRA the reference is the base model itself (the same Parameters, adapters off)."""
+steps, so with LoRA the reference is the base model itself (the same Parameters, adapters off); with QLoRA the
+adapter and quantize steps run and `adapters_off` then removes the adapters, so it reads the policy's NF4 base."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,8 +103,9 @@ def build_pipeline(plan: CompilePlan, *, purpose: Purpose = "train", passes: Seq
     given = default_passes() if passes is None else list(passes)
     users = [p for p in given if not _builtin(p)] + list(user)
     model = [_fusion_step(p) for p in given if _builtin(p)] + _generation_steps(purpose, plan, cache_shapes)
-    model += _adapter_steps(plan) if purpose != "reference" else []
+    model += _adapter_steps(plan, purpose)
     model += [s for s in _parallel_steps(plan) if s.name not in {m.name for m in model}]
+    model += _quantize_steps(plan, purpose)
     train = _train_steps(plan, purpose)
     disabled = _check_disable(plan.disable, model + train, users)
     model = [s for s in model if s.name not in disabled]
@@ -141,14 +143,32 @@ def _generation_steps(purpose: str, plan: CompilePlan, cache_shapes) -> list[Ste
     return steps
 
 
-def _adapter_steps(plan: CompilePlan) -> list[Step]:
-    if not plan.lora.enabled:
-        return []
+def _adapter_steps(plan: CompilePlan, purpose: str) -> list[Step]:
+    if not plan.lora.enabled or (purpose == "reference" and not plan.lora.qlora):
+        return []  # the reference of a LoRA plan is the base model: the Parameters the policy's adapters sit on
     from graphllm.passes.lora import lora
 
+    config = replace(plan.lora, dropout=0.0) if purpose == "reference" else plan.lora
     return [Step("lora", "model", "after the fusions, before sharding: each target linear becomes one LoRA op with "
                                   "its base frozen, so tensor_parallel shards base and adapters together",
-                 graph_pass=lora.with_options(config=plan.lora), required=True)]
+                 graph_pass=lora.with_options(config=config, seed=plan.seed), required=True)]
+
+
+def _quantize_steps(plan: CompilePlan, purpose: str) -> list[Step]:
+    if not plan.lora.qlora:
+        return []
+    from graphllm.passes.quantize_base import quantize_base
+
+    steps = [Step("quantize_base", "model", "after lora and sharding: each adapted linear's frozen base → NF4 buffers, "
+                                            "dequantised where read (each rank quantises its own shard)",
+                  graph_pass=quantize_base, required=True)]
+    if purpose == "reference":
+        from graphllm.passes.lora import adapters_off
+
+        steps.append(Step("adapters_off", "model", "after quantize_base: the reference is the policy's NF4 base with "
+                                                   "the adapters removed (the same rounded weights, no fp32 copy)",
+                          graph_pass=adapters_off, required=True))
+    return steps
 
 
 def _parallel_steps(plan: CompilePlan) -> list[Step]:

@@ -29,9 +29,14 @@ WEIGHTS_ONLY = "weights"
 
 
 def _meta(built, step: int) -> dict:
-    return {"fingerprint": built.model.config.fingerprint(), "model": built.plan.model, "step": step,
+    meta = {"fingerprint": built.model.config.fingerprint(), "model": built.plan.model, "step": step,
             "layout": built.plan.layout.describe(), "graphllm": __version__,
             "config": built.model.config.to_dict()}  # lets `graphllm convert graphllm-to-hf` rebuild config.json
+    if built.plan.lora.enabled:  # lets `convert lora-to-peft` / `merge-lora` write the adapter's config
+        from graphllm.options import to_dict
+
+        meta["lora"] = to_dict(built.plan.lora)
+    return meta
 
 
 def weights_fingerprint(cfg) -> str:

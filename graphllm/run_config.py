@@ -67,30 +67,42 @@ def open_feed(artifact: Path, plan: CompilePlan, vocab: int, cfg: RunConfig, *, 
     valid split for --eval-interval). `model`: plan.json's "model" section (read from `artifact` when not
     given). Warnings (a match that cannot be checked) are logged only once every check has passed, so a
     refused run prints its one line alone."""
-    from graphllm.data.datasets import DEFAULT_SPLIT, open_data, parse_data_args, read_meta
+    from graphllm.data.datasets import DEFAULT_SPLIT, check_kind, open_data, parse_data_args, read_meta
     from graphllm.data.feed import BuiltinFeed, DatasetFeed
     from graphllm.data.tokenizer_match import check_data_tokenizer
 
     model_tok = _model_tokenizer(artifact, model)
+    task = plan.task.kind
     if cfg.reset and not plan.eod_reset:
         raise GraphllmError(f"--reset-position-ids needs an artifact compiled with --eod-reset (its graph takes "
                             f"position ids); recompile {artifact} with --eod-reset")
     warnings: list[str] = []
     if cfg.data is None:
+        if task != "lm":
+            raise GraphllmError(f"{artifact} trains --task {task}, which needs --data: "
+                                + ("pairs from `graphllm preprocess pairwise`" if plan.task.pairwise else
+                                   "step-labelled data from `graphllm preprocess prm`")
+                                + " (the built-in corpus is plain text)")
         if cfg.split is not None or cfg.reset:
             raise GraphllmError("--split and --reset-position-ids apply to --data datasets; give --data PREFIX")
         feed = BuiltinFeed(_corpus_batches(artifact, plan, vocab, model_tok, cfg.train.seed, warnings),
                            with_positions=plan.eod_reset)
     else:
-        warnings += filter(None, (check_data_tokenizer(prefix, read_meta(prefix), model_tok, plan.model)
-                                  for prefix in parse_data_args(cfg.data)[1]))
+        prefixes = parse_data_args(cfg.data)[1]
+        metas = [read_meta(prefix) for prefix in prefixes]
+        check_kind(prefixes, metas, task)  # the kind first: one line naming it, whatever else is wrong
+        warnings += filter(None, (check_data_tokenizer(prefix, meta, model_tok, plan.model)
+                                  for prefix, meta in zip(prefixes, metas)))
         splits = open_data(cfg.data, seq_len=plan.seq_len, split=cfg.split or DEFAULT_SPLIT, reset=cfg.reset,
-                           vocab_size=vocab)
+                           vocab_size=vocab, task=task)
         if splits.packed and not plan.eod_reset:
             raise GraphllmError(f"--data {' '.join(cfg.data)} is packed (several samples per row), which needs "
                                 f"position ids that restart per sample: recompile {artifact} with --eod-reset")
+        if splits.overlong:
+            warnings.append(f"--data {' '.join(cfg.data)}: {splits.overlong} pairs have a side longer than --seq-len "
+                            f"{plan.seq_len}, cut to it (preprocess with --seq-len {plan.seq_len} to skip them)")
         feed = DatasetFeed(splits, global_batch_size=plan.global_batch_size, seed=cfg.train.seed,
-                           with_positions=plan.eod_reset)
+                           with_positions=plan.eod_reset, reward_ids=splits.reward_ids)
     if cfg.eval_interval > 0:
         feed.valid_batches(cfg.eval_iters)  # raises when there is no valid split; the trainer asks again
     for warning in warnings:

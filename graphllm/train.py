@@ -90,18 +90,22 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
 class StepEngine(Protocol):
     """What the loop needs from a rank's step (graphllm.parallel.engine.Engine)."""
 
+    metrics: dict[str, float]
+    """The last forward_backward's task metrics by name (DPO's rewards/accuracies, ...); empty for lm."""
+
     def forward_backward(self, input_ids: torch.Tensor, labels: torch.Tensor, *extra: torch.Tensor) -> float: ...
     def clip_grad_norm(self, max_norm: float) -> float: ...
     def make_optimizer(self, cfg: TrainConfig) -> Any: ...
 
 
 BatchFn = Callable[[int], tuple[torch.Tensor, ...]]
-"""step → (input_ids, labels[, position_ids]), each [global batch, seq_len]."""
+"""step → (input_ids, labels[, a task's columns][, position_ids]), each with [global batch] rows."""
 
 
 def train_steps(engine: StepEngine, batch_at: BatchFn, cfg: TrainConfig, *, optimizer: Any = None,
                 start_step: int = 0, status: dict | None = None) -> Iterator[dict]:
-    """Run steps start_step..cfg.steps-1; yield one metrics dict per step (loss, lr, grad norm, tokens/s).
+    """Run steps start_step..cfg.steps-1; yield one metrics dict per step (loss, lr, grad norm, tokens/s, and
+    the task's metrics, e.g. DPO's "rewards/accuracies", averaged over the step's rows like the loss).
 
     The generator pauses after each optimizer step, so a caller can checkpoint between steps. `status`
     (optional) is kept current: "completed" (optimizer steps done) and "updating" (True while the
@@ -121,6 +125,7 @@ def train_steps(engine: StepEngine, batch_at: BatchFn, cfg: TrainConfig, *, opti
         batch = batch_at(step)
         input_ids = batch[0]
         loss_value = engine.forward_backward(*batch)
+        task_metrics = dict(getattr(engine, "metrics", {}))
         if not math.isfinite(loss_value):  # before the update: parameters stay those of the last good step
             opt.zero_grad(set_to_none=True)
             raise GraphllmError(f"loss became {loss_value} at step {step + 1}; lower --lr or check the data")
@@ -133,7 +138,7 @@ def train_steps(engine: StepEngine, batch_at: BatchFn, cfg: TrainConfig, *, opti
         tokens_done += input_ids.numel()
         yield {"step": step + 1, "loss": loss_value, "lr": opt.param_groups[0]["lr"], "grad_norm": float(norm),
                "step_time_s": dt, "tokens_per_s": input_ids.numel() / dt,
-               "elapsed_s": time.perf_counter() - t_start, "tokens": tokens_done}
+               "elapsed_s": time.perf_counter() - t_start, "tokens": tokens_done, **task_metrics}
 
 
 class MetricsWriter:

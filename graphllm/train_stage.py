@@ -49,7 +49,12 @@ class TrainStage:
         """The aot_autograd partition function of the plan's recompute policy (every aot backend uses it)."""
         from graphllm.recompute import partition_fn_for
 
-        return partition_fn_for(self.plan.recompute)
+        partition = partition_fn_for(self.plan.recompute)
+        if not self.plan.lora.qlora:
+            return partition
+        from graphllm.passes.quantize_base import recomputing_dequantized
+
+        return recomputing_dequantized(partition)  # casts/views of NF4 weights are recomputed with them
 
     def run(self, gm: fx.GraphModule, kind: str) -> fx.GraphModule:
         """The train passes on one partitioned graph (`kind`: forward, backward, inference), with dumps."""

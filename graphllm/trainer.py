@@ -75,17 +75,25 @@ class TensorBoardSink:
     SCALARS = {"loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm",
                "tokens_per_s": "train/tokens_per_s"}
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, metric_names: tuple[str, ...] = ()) -> None:
+        """`metric_names`: the task's metrics (train/rewards/accuracies, valid/rewards/accuracies, ...)."""
         from torch.utils.tensorboard import SummaryWriter
 
         self._w = SummaryWriter(log_dir=str(path))
+        self.metric_names = metric_names
 
     def write(self, record: dict[str, Any]) -> None:
         if record.get("event") == "eval":
             self._w.add_scalar("valid/loss", record["valid_loss"], record["step"])
+            for key in self.metric_names:
+                if f"valid_{key}" in record:
+                    self._w.add_scalar(f"valid/{key}", record[f"valid_{key}"], record["step"])
         elif "event" not in record:
             for key, tag in self.SCALARS.items():
                 self._w.add_scalar(tag, record[key], record["step"])
+            for key in self.metric_names:
+                if key in record:
+                    self._w.add_scalar(f"train/{key}", record[key], record["step"])
 
     def close(self) -> None:
         self._w.close()
@@ -161,6 +169,7 @@ class Trainer:
         status: dict[str, Any] = {}
         try:
             result.start_step = self._resume()
+            self._precompute_reference()
             with StopSignals() as signals:
                 try:
                     for rec in train_steps(self.built.engine, self._batch_at, cfg.train, optimizer=self.optimizer,
@@ -194,7 +203,7 @@ class Trainer:
         rank0 = self.built.rank == 0
         self._sinks = []
         if rank0 and self.config.tensorboard is not None:
-            self._sinks.append(TensorBoardSink(self.config.tensorboard))
+            self._sinks.append(TensorBoardSink(self.config.tensorboard, self.built.engine.metric_names))
         self._sinks.insert(0, MetricsWriter(metrics if rank0 else None, {
             "plan": self.built.plan.to_json(), "train": config_dict(self.config.train), "data": self.config.data,
             "run": self.run_info}))
@@ -234,15 +243,47 @@ class Trainer:
         if step % cfg.train.log_interval == 0 or last:
             self._emit(rec)
         if self.valid and (step % cfg.eval_interval == 0 or last):
-            vloss = statistics.fmean(self.built.engine.eval_loss(*(t.to(self.built.plan.device) for t in b))
-                                     for b in self.valid)
+            vloss, vmetrics = self._validate()
             self._emit({"event": "eval", "step": step, "valid_loss": vloss, "valid_ppl": math.exp(min(vloss, 50.0)),
-                        "batches": len(self.valid)})
-            shown["valid_loss"] = vloss
+                        "batches": len(self.valid), **vmetrics})
+            shown.update(valid_loss=vloss, **vmetrics)
         if cfg.save is not None and (last or (cfg.save_interval > 0 and step % cfg.save_interval == 0)):
             self._save_interval(step, last, result)
         if self.on_event is not None:
             self.on_event({"event": "progress", **shown})
+
+    def _validate(self) -> tuple[float, dict[str, float]]:
+        """Mean loss over the validation batches, and the task's metrics averaged the same way ("valid_<name>")."""
+        engine, losses, metrics = self.built.engine, [], []
+        for batch in self.valid:
+            losses.append(engine.eval_loss(*(t.to(self.built.plan.device) for t in batch)))
+            metrics.append(dict(engine.metrics))
+        return statistics.fmean(losses), {f"valid_{k}": statistics.fmean(m[k] for m in metrics) for k in metrics[0]}
+
+    def _precompute_reference(self) -> None:
+        """DPO `--reference precompute`: the reference graph's log-probs of every train and valid pair, once,
+        before the first step; the feed serves them with each batch, and the graph (with its frozen weights)
+        is dropped. Every data-parallel rank computes its share of the micro-batches."""
+        built = self.built
+        if built.reference is None or built.engine.reference is not None:
+            return
+        import time
+
+        from graphllm.tasks.reference import precompute_reference
+
+        plan, st = built.plan, built.engine.st
+        dp = plan.layout.dp
+        share = {"dp_rank": st.coords.dp, "dp": dp, "group": st.group("dp")} if st is not None and dp > 1 else {}
+        t0, pairs = time.perf_counter(), 0
+        for split, ds in self.feed.datasets().items():
+            self.feed.references[split] = precompute_reference(built.reference, ds, micro_batch=plan.batch_size,
+                                                               device=plan.device, **share)
+            pairs += len(ds)
+        built.reference = None
+        if self.config.eval_interval > 0:
+            self.valid = self.feed.valid_batches(self.config.eval_iters)  # now with their reference column
+        self._emit({"event": "note", "text": f"reference log-probs of {pairs} pairs precomputed in "
+                                             f"{time.perf_counter() - t0:.1f} s"}, persist=False)
 
     def _save_interval(self, step: int, last: bool, result: TrainResult) -> None:
         """Save `step`. Out of disk space: say so and where; at an interval training goes on (the state is

@@ -8,10 +8,11 @@ from graphllm.ops.attention import attention, varlen_attention
 from graphllm.ops.collectives import (sp_gather, sp_reduce_scatter, tp_copy, tp_gather, tp_reduce, tp_reduce_max,
                                       tp_split)
 from graphllm.ops.grouped_matmul import grouped_matmul, grouped_matmul_weight_grad
+from graphllm.ops.lora import lora_linear
 from graphllm.ops.mc2 import all_gather_matmul, matmul_all_reduce, matmul_reduce_scatter
 from graphllm.ops.rms_norm import rms_norm
 from graphllm.ops.rope import rope
 from graphllm.ops.swiglu import swiglu
 
-__all__ = ["add_rms_norm", "all_gather_matmul", "attention", "grouped_matmul", "grouped_matmul_weight_grad", "matmul_all_reduce", "matmul_reduce_scatter", "rms_norm", "rope", "sp_gather", "sp_reduce_scatter", "swiglu", "tp_copy",
+__all__ = ["add_rms_norm", "all_gather_matmul", "attention", "grouped_matmul", "grouped_matmul_weight_grad", "lora_linear", "matmul_all_reduce", "matmul_reduce_scatter", "rms_norm", "rope", "sp_gather", "sp_reduce_scatter", "swiglu", "tp_copy",
            "tp_gather", "tp_reduce", "tp_reduce_max", "tp_split", "varlen_attention"]

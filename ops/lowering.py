@@ -5,7 +5,8 @@ replaces each op call in the model graph by a call of that function, which the b
 (Dynamo inlines it, so inductor sees ATen ops it can fuse and autograd derives the backward). An op
 absent from a backend's table stays an opaque op with its own kernel and autograd rule.
 
-The `npu` table calls the torch_npu kernels (ops/lowering_npu.py); NPU_KERNELS documents the mapping.
+The `npu` table calls the torch_npu kernels (ops/lowering_npu.py); NPU_KERNELS documents the mapping. An op
+with no entry there (lora_linear: see ops/lowering_npu.py) runs as its decomposition on the NPU.
 """
 
 import warnings
@@ -16,9 +17,11 @@ import torch
 
 from graphllm.ops.add_rms_norm import add_rms_norm_decomposed
 from graphllm.ops.attention import attention_decomposed, varlen_attention_decomposed
+from graphllm.ops.lora import lora_linear_decomposed
 from graphllm.ops.lowering_npu import npu_lowerings
 from graphllm.ops.mc2 import (all_gather_matmul_decomposed, matmul_all_reduce_decomposed,
                               matmul_reduce_scatter_decomposed)
+from graphllm.ops.nf4 import nf4_dequantize_recomputed
 from graphllm.ops.rms_norm import rms_norm_decomposed
 from graphllm.ops.rope import rope_decomposed, rope_qk_decomposed
 from graphllm.ops.swiglu import swiglu_decomposed
@@ -47,6 +50,11 @@ LOWERINGS: dict[str, dict[torch._ops.OpOverload, Callable]] = {
         ops.rope_qk.default: rope_qk_decomposed,
         ops.attention.default: attention_decomposed,
         ops.varlen_attention.default: varlen_attention_decomposed,  # SDPA, block-diagonal causal mask
+        # NF4 → gathers + multiply-add in a checkpoint region: recomputed in the backward, never saved
+        ops.nf4_dequantize.default: nf4_dequantize_recomputed,
+        # three GEMMs and an add; autograd through them asks no gradient of the frozen base (requires_grad
+        # False), and inductor folds the scale and the add into the GEMM epilogues
+        ops.lora_linear.default: lora_linear_decomposed,
         # MC2 → CoC: chunks along the sequence, each with its own graphllm collective (lower_collectives
         # then makes those asynchronous), which is the overlap MC2's fused kernels do on the NPU
         ops.matmul_all_reduce.default: matmul_all_reduce_decomposed,

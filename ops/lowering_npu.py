@@ -144,6 +144,19 @@ def grouped_matmul_npu(x: Tensor, weight: Tensor, group_sizes: Tensor) -> Tensor
     return _GroupedMatmulNpu.apply(x, weight, group_sizes)
 
 
+# graphllm::nf4_dequantize has no entry either: torch_npu 2.13's npu_weight_quant_batchmatmul dequantises affinely
+# ((w + antiquant_offset)·antiquant_scale; int8/int4/FP4 weights; groups of 32k along K) and has no backward; NF4's
+# 16 levels are not equally spaced (gaps 0.080–0.304) and each FP4 type has 15 distinct values, so it runs as its
+# decomposition (ops/nf4.py NPU_WEIGHT_QUANT_MATMUL; its ATen ops' GE converters are checked in
+# tests/test_npu_contract.py).
+# graphllm::lora_linear has no entry here on purpose: torch_npu 2.13 has no LoRA kernel (its fused matmuls are
+# the quantised-weight ones, npu_weight_quant_batchmatmul / npu_quant_matmul, and the MC2 matmul+collective
+# ones), so lowering_table("npu") keeps the decomposition from the decompose table: three aten.linear calls and
+# an add, which torchair converts to the Cube unit's MatMulV2 (the rank-r pair is tiny next to the base GEMM).
+# MindSpeed's CCLoRA fuses LoRA's *communication* with its matmuls under TP; in graphllm that overlap belongs
+# to the mc2/coc passes (which match plain linears today, not lora_linear), not to a device kernel.
+
+
 def npu_lowerings() -> dict:
     ops = torch.ops.graphllm
     return {

@@ -10,8 +10,11 @@ the linear/embedding using it is rewritten —
     vocab LM head     local logits; cross-entropy becomes vocab-parallel (passes/vocab_parallel.py);
                       logits the graph returns are all-gathered (tp_gather)
 
-tp_copy / tp_reduce are graphllm ops whose autograd rules are the conjugate collectives, so the
-backward graph gets its all-reduces from autograd. Sizes that spell head counts (`view(q, [B, S, H, D])`)
+LoRA (graphllm.lora_linear, passes/lora.py) is sharded with its base: a column-parallel base shards B along
+the output (A stays whole, wrapped in tp_copy: every rank's dA is a partial sum over its output rows), a
+row-parallel base shards A along the input (B stays whole in tp_copy: each rank's dB sees a partial h = x Aᵀ),
+and the reduce after the op is the plain linear's. tp_copy / tp_reduce are graphllm ops whose autograd rules
+are the conjugate collectives, so the backward graph gets its all-reduces from autograd. Sizes that spell head counts (`view(q, [B, S, H, D])`)
 are rewritten by shape re-propagation (passes/shapes.py). The pass is legal because each rewrite
 computes the same sums as the unsplit op, split over ranks: results change only by reduction order.
 """
@@ -22,6 +25,7 @@ import torch
 import torch.fx as fx
 
 from graphllm.errors import GraphllmError
+from graphllm.ops.lora import lora_linear
 from graphllm.planning.sharding import shard_param
 from graphllm.passes.graph_edit import emit, get_attr_value, set_parameter
 from graphllm.passes.manager import PassContext, graph_pass
@@ -32,6 +36,8 @@ from graphllm.passes.vocab_parallel import vocab_parallel_cross_entropy, vocab_p
 
 aten = torch.ops.aten
 gl = torch.ops.graphllm
+_LINEARS = (aten.linear.default, lora_linear._opoverload)  # ops a linear plan style rewrites
+_LORA_A, _LORA_B, _LORA_MASK = 3, 4, 7  # lora_linear's argument positions of A [r, in], B [out, r], dropout mask
 _TRANSPARENT = (aten.flatten.using_ints, aten.view.default, aten.reshape.default, aten._to_copy.default,
                 aten.to.dtype, aten._unsafe_view.default)
 
@@ -57,6 +63,29 @@ class _Rewriter:
             self.ctx.count("copy (backward all-reduce)")
         return self.copies[x]
 
+    def adapter(self, lin: fx.Node, index: int, shard_dim: int | None) -> None:
+        """A LoRA factor of `lin` (args[index]): this rank's shard along `shard_dim`, or (None) kept whole and
+        read through tp_copy, whose backward all-reduces its gradient (partial on each rank)."""
+        if not is_call(lin, lora_linear._opoverload):
+            return
+        node = lin.args[index]
+        if shard_dim is not None:
+            self.shard(node, shard_dim)
+            return
+        with self.gm.graph.inserting_before(lin):
+            copy = emit(self.gm, gl.tp_copy.default, (node, "tp"), lin, "weight")
+        lin.args = tuple(copy if i == index else a for i, a in enumerate(lin.args))
+        self.ctx.count("whole LoRA factors (gradient all-reduce)")
+
+    def copy_input(self, lin: fx.Node, role: str) -> None:
+        """`lin`'s input through tp_copy; a LoRA dropout mask drawn from that input follows it (under sequence
+        parallelism the copy becomes the all-gather, and the mask must have the gathered shape)."""
+        x = lin.args[0]
+        lin.args = (self.copy_in(x, lin, role), *lin.args[1:])
+        mask = lin.args[_LORA_MASK] if is_call(lin, lora_linear._opoverload) and len(lin.args) > _LORA_MASK else None
+        if is_call(mask, aten.ge.Scalar) and is_call(mask.args[0], aten.rand_like.default):
+            mask.args[0].replace_input_with(x, lin.args[0])
+
     def users(self, node: fx.Node, *targets) -> list[fx.Node]:
         found = list(node.users)
         for u in found:
@@ -70,8 +99,10 @@ class _Rewriter:
         self.shard(node, 0)
         if kind == "bias":
             return
-        for lin in self.users(node, aten.linear.default):
-            lin.args = (self.copy_in(lin.args[0], lin, "col_in"), *lin.args[1:])
+        for lin in self.users(node, *_LINEARS):
+            self.copy_input(lin, "col_in")
+            self.adapter(lin, _LORA_B, 0)
+            self.adapter(lin, _LORA_A, None)
 
     def colwise_kv(self, node: fx.Node, kind: str) -> None:
         cfg = self.ctx.config
@@ -88,16 +119,30 @@ class _Rewriter:
                 mine = emit(self.gm, aten.slice.Tensor, (shared, 0, head * hd, (head + 1) * hd), user)
             user.replace_input_with(node, mine)
             if kind == "weight":
-                user.args = (self.copy_in(user.args[0], user, "col_in"), *user.args[1:])
+                self.copy_input(user, "col_in")
+                if is_call(user, lora_linear._opoverload):  # B's rows of this head, as W's; A whole
+                    self.kv_rows(user, _LORA_B, head * hd, (head + 1) * hd)
+                    self.adapter(user, _LORA_A, None)
         self.ctx.count("replicated kv projections")
+
+    def kv_rows(self, lin: fx.Node, index: int, start: int, end: int) -> None:
+        """A whole projection factor (kv heads fewer than ranks): tp_copy, then this rank's head's rows."""
+        node = lin.args[index]
+        with self.gm.graph.inserting_before(lin):
+            shared = emit(self.gm, gl.tp_copy.default, (node, "tp"), lin, "weight")
+            mine = emit(self.gm, aten.slice.Tensor, (shared, 0, start, end), lin)
+        lin.args = tuple(mine if i == index else a for i, a in enumerate(lin.args))
 
     def rowwise(self, node: fx.Node, kind: str) -> None:
         if kind == "bias":
             return  # added after the reduction by the weight's rewrite; stays whole
         self.shard(node, 1)
-        for lin in self.users(node, aten.linear.default):
+        for lin in self.users(node, *_LINEARS):
             bias = lin.args[2] if len(lin.args) > 2 else lin.kwargs.get("bias")
-            lin.args, lin.kwargs = (lin.args[0], lin.args[1]), {}
+            rest = (None, *lin.args[3:]) if is_call(lin, lora_linear._opoverload) else ()  # LoRA: A, B, scale, ...
+            lin.args, lin.kwargs = (lin.args[0], lin.args[1], *rest), {}
+            self.adapter(lin, _LORA_A, 1)
+            self.adapter(lin, _LORA_B, None)
             with self.gm.graph.inserting_after(lin):
                 red = emit(self.gm, gl.tp_reduce.default, (lin, "tp"), lin, "row_out")
             lin.replace_all_uses_with(red, delete_user_cb=lambda u: u is not red)
@@ -124,8 +169,10 @@ class _Rewriter:
         self.shard(node, 0)
         if kind == "bias":
             return
-        for lin in self.users(node, aten.linear.default):
-            lin.args = (self.copy_in(lin.args[0], lin, "head_in"), *lin.args[1:])
+        for lin in self.users(node, *_LINEARS):
+            self.copy_input(lin, "head_in")
+            self.adapter(lin, _LORA_B, 0)
+            self.adapter(lin, _LORA_A, None)
             losses, others = _loss_consumers(lin)
             for ce in losses:
                 out = vocab_parallel_cross_entropy(self.gm, ce, self.rank * cols, cols)

@@ -59,6 +59,27 @@ def train(layout: dict, steps: int = 5, lr: float = 1e-3, *, save: str | None = 
     return {"losses": losses, "params": params, "dp": st.coords.dp if st else 0}
 
 
+def save_and_resume(plan, root) -> tuple[str, list[float], list[float]]:
+    """3 steps of `plan` saving step 2 under `root`, then a rebuild resumed from it: (checkpoint path, the
+    first run's losses, the resumed run's losses) — a resume must give losses[2:]."""
+    from graphllm.job import build
+    from graphllm.resume import load_step, save_step
+    from graphllm.train import TrainConfig, train_steps
+
+    cfg = TrainConfig(steps=3, lr=1e-2, warmup_steps=1)
+    built = build(plan)
+    opt = built.engine.make_optimizer(cfg)
+    losses, path = [], None
+    for r in train_steps(built.engine, batch_at, cfg, optimizer=opt):
+        losses.append(r["loss"])
+        if r["step"] == 2:
+            path = save_step(root, built, opt, 2)
+    again = build(plan)
+    opt2 = again.engine.make_optimizer(cfg)
+    start = load_step(path, again, opt2)
+    return path, losses, [r["loss"] for r in train_steps(again.engine, batch_at, cfg, optimizer=opt2, start_step=start)]
+
+
 def assemble(results: list[dict]) -> dict[str, torch.Tensor]:
     """Full parameters from the ranks' pieces (data-parallel rank 0's copies)."""
     pieces: dict[str, dict[int, torch.Tensor]] = {}

@@ -141,7 +141,7 @@ def test_bad_data_is_one_clear_error(tmp_path) -> None:
     with pytest.raises(GraphllmError, match="weight/prefix pairs"):
         open_data(["0.5", str(tmp_path / "p"), "0.5"], seq_len=SEQ)
     (tmp_path / "d_meta.json").write_text(json.dumps({"kind": "pairwise", "packed": False, "seq_len": None}))
-    with pytest.raises(GraphllmError, match="preference training is not implemented"):
+    with pytest.raises(GraphllmError, match="is pairwise data, which --task lm does not train on"):
         open_data([str(tmp_path / "d")], seq_len=SEQ)
     write_sft(tmp_path / "m", [1, 1], vocab=50, seq_len=None, packed=False)
     write_sft(tmp_path / "m2", [2], vocab=50, seq_len=None, packed=False)

@@ -146,3 +146,42 @@ def test_graphllm_never_imports_torch_npu():
     count, npu_modules = proc.stdout.strip().split(" ", 1)
     assert int(count) > 10 and npu_modules == "[]", proc.stdout
     assert "torch_npu" not in sys.modules and "torchair" not in sys.modules
+
+
+def _ge_converters() -> set[str]:
+    """ATen overloads (`aten.mul.Tensor`) with a torchair GE converter in the wheel whose body is not just a raise
+    (about a third of the generated converter files are `raise NotImplementedError` stubs)."""
+    import ast
+
+    from npu_wheel import TORCHAIR_DIR, npu_wheel_root
+
+    working = set()
+    for path in (npu_wheel_root() / TORCHAIR_DIR / "_ge_concrete_graph" / "ge_converter" / "aten").glob("*.py"):
+        for fn in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(fn, ast.FunctionDef):
+                continue
+            body = [s for s in fn.body if not (isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant))]
+            for dec in fn.decorator_list:
+                if (isinstance(dec, ast.Call) and getattr(dec.func, "id", "") == "register_fx_node_ge_converter"
+                        and isinstance(dec.args[0], ast.Attribute) and not isinstance(body[0], ast.Raise)):
+                    working.add(ast.unparse(dec.args[0]).removeprefix("torch.ops."))
+    return working
+
+
+def test_nf4_dequantize_runs_on_torchair_as_its_decomposition():
+    """NF4 has no torch_npu kernel (ops/nf4.py NPU_WEIGHT_QUANT_MATMUL: the weight-quant matmul's antiquant is
+    affine, NF4's levels are not), so the NPU runs nf4_dequantize's decomposition: every ATen op it traces to must
+    have a working GE converter, and the kernel the reasoning cites must still have the arguments it names."""
+    import torch
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from graphllm.ops.nf4 import NPU_NF4_CONTRACT, code_pairs, dynamic_map, nf4_dequantize_decomposed, quantize_nf4
+
+    assert kernel_problems(NPU_NF4_CONTRACT, npu_schemas()) == []
+    q = quantize_nf4(torch.randn(96, 64))
+    traced = make_fx(lambda *t: nf4_dequantize_decomposed(*t, list(q.shape), q.dtype))(
+        q.codes, q.qscales, q.scales2, q.offset, code_pairs(), dynamic_map())
+    used = {str(n.target) for n in traced.graph.nodes if n.op == "call_function"}
+    working = _ge_converters()
+    assert "aten.index_select.default" in used and "aten.bitwise_right_shift.Tensor_Scalar" not in working
+    assert sorted(used - working) == [], f"ATen ops of the NF4 decomposition without a GE converter in {WHEEL}"

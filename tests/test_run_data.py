@@ -22,17 +22,7 @@ from graphllm.cli.main import EXIT_USER_ERROR, main
 VOCAB, SEQ = 512, 16
 KILL_STEPS = 40  # SIGTERM lands a few steps after KILL_AFTER_STEP (polled every 10 ms; a step takes ≥ 5 ms)
 KILL_AFTER_STEP = 3  # send SIGTERM once the metrics file shows this step
-
-
-@pytest.fixture(autouse=True)
-def _restore_torch_threads():
-    """In-process runs take --threads 1 (a tiny model gains nothing from more, and a busy machine's
-    oversubscribed threads make steps 30x slower); give the next test torch's count back."""
-    import torch
-
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
+# in-process runs take --threads 1; tests/conftest.py gives the next test torch's thread count back
 
 
 @pytest.fixture(scope="module")

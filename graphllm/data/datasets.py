@@ -10,6 +10,11 @@ where no loss) and position_ids (0..S-1, or restarting at each sample boundary u
 - SFT (`PREFIX_input_ids_document` + `PREFIX_labels_document`, labels aligned with the inputs): each
   Megatron document is one row — one sample, or several packed samples — shifted per sample, padded or
   truncated to seq_len (graphllm.data.packing.sft_row). Packed rows always restart positions per sample.
+- Pairwise (`PREFIX_{chosen,rejected}_{input_ids,labels}_document`, `graphllm preprocess pairwise`): sample i
+  is pair i, two SFT rows (chosen, rejected) made as above; `collate` interleaves them, so a batch of n
+  pairs is 2n rows (chosen_0, rejected_0, chosen_1, ...) and slicing rows keeps pairs whole. A side
+  longer than seq_len loses its tail, as an SFT row does (preprocess --seq-len avoids it); the pairs
+  that do are counted (`DataSplits.overlong`).
 - Split (`--split 949,50,1`): Megatron's get_train_valid_test_split_ over each prefix's documents.
 - Blend (`--data 0.7 A 0.3 B`): each split of each prefix, mixed by graphllm.data.samplers.blend_sources.
 """
@@ -31,7 +36,11 @@ from graphllm.errors import GraphllmError
 
 SPLITS = ("train", "valid", "test")
 DEFAULT_SPLIT = "969,30,1"  # Megatron's default --split
-TRAINABLE_KINDS = ("pretrain", "sft", "prm")  # prm rows are SFT rows whose labels sit on the step tags
+TRAINABLE_KINDS = ("pretrain", "sft", "prm")  # --task lm; prm rows are SFT rows whose labels sit on the step tags
+TASK_KINDS = {"lm": TRAINABLE_KINDS, "dpo": ("pairwise",), "simpo": ("pairwise",), "rm": ("pairwise",),
+              "prm": ("prm",)}
+"""The dataset kinds each training objective (`--task`, graphllm.planning.task_config) trains on."""
+PAIR_SIDES = ("chosen", "rejected")
 Row = tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
@@ -117,6 +126,29 @@ class SFTDataset:
         return ids, lab, pos  # a row longer than seq_len loses its tail (preprocess --seq-len avoids that)
 
 
+class PairwiseDataset:
+    """One sample per pair: arrays [2, seq_len], row 0 the chosen response's SFT row, row 1 the rejected's."""
+
+    def __init__(self, sides: list[tuple[IndexedReader, IndexedReader]], docs: tuple[int, int], seq_len: int, *,
+                 pad_id: int = 0) -> None:
+        self.sides, self.seq_len, self.pad_id = sides, seq_len, pad_id
+        self.lo, self.hi = docs
+
+    def __len__(self) -> int:
+        return self.hi - self.lo
+
+    def row(self, i: int) -> Row:
+        k = self.lo + i
+        rows = [sft_row(ids.document(k), labels.document(k), self.seq_len, self.pad_id)[:3]
+                for ids, labels in self.sides]
+        return tuple(np.stack([r[j] for r in rows]) for j in range(3))  # type: ignore[return-value]
+
+    def overlong(self) -> int:
+        """Pairs with a side longer than seq_len (their tail is cut)."""
+        lengths = [ids.sequence_lengths[self.lo:self.hi] for ids, _ in self.sides]  # one sequence per document
+        return int(np.count_nonzero(np.maximum(*lengths) > self.seq_len))
+
+
 class BlendedDataset:
     """Several datasets mixed by weight; sample i is source[i]'s sample index[i] (wrapping around)."""
 
@@ -134,9 +166,11 @@ class BlendedDataset:
 
 
 def collate(ds: Dataset, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Rows `indices` of `ds` as (input_ids, labels, position_ids), each LongTensor [len(indices), S]."""
+    """Samples `indices` of `ds` as (input_ids, labels, position_ids), each LongTensor [rows, S]: one row per
+    sample, two per pair (interleaved: chosen_0, rejected_0, chosen_1, ...)."""
     rows = [ds.row(int(i)) for i in indices]
-    return tuple(torch.from_numpy(np.stack([r[j] for r in rows])) for j in range(3))  # type: ignore[return-value]
+    out = (np.stack([r[j] for r in rows]) for j in range(3))
+    return tuple(torch.from_numpy(a.reshape(-1, a.shape[-1])) for a in out)  # type: ignore[return-value]
 
 
 # -- opening ------------------------------------------------------------------------------------------
@@ -168,6 +202,8 @@ def read_meta(prefix: str) -> dict:
         return meta
     if Path(prefix + "_input_ids_document.idx").is_file():
         return {"kind": "sft", "packed": False, "seq_len": None}
+    if Path(prefix + "_chosen_input_ids_document.idx").is_file():
+        return {"kind": "pairwise", "packed": False, "seq_len": None}
     if Path(prefix + ".idx").is_file():
         return {"kind": "pretrain", "packed": False, "seq_len": None}
     raise GraphllmError(f"--data {prefix}: no {prefix}.idx, {prefix}_input_ids_document.idx or {prefix}_meta.json; "
@@ -183,50 +219,32 @@ def _max_token(reader: IndexedReader) -> int:
 @dataclass(kw_only=True)
 class DataSplits:
     kind: str
-    """pretrain, sft or prm (every prefix of a blend must agree)."""
+    """pretrain, sft, prm or pairwise (every prefix of a blend must agree)."""
     packed: bool
     """Rows hold several samples (position ids restart inside them)."""
     train: Dataset
     valid: Dataset | None
     test: Dataset | None
+    overlong: int = 0
+    """Pairwise: pairs with a side longer than seq_len (cut to it, as SFT rows are)."""
+    reward_ids: tuple[int, int] | None = None
+    """prm: the (good, bad) label token ids the meta files record (every prefix must agree)."""
 
 
 def open_data(values: list[str], *, seq_len: int, split: str = DEFAULT_SPLIT, reset: bool = False,
-              vocab_size: int | None = None) -> DataSplits:
+              vocab_size: int | None = None, task: str = "lm") -> DataSplits:
     """Open `--data` prefixes, split each by documents, blend each split; check them against the model.
 
     `reset`: EOD-reset for pretrain data (packed SFT always resets). `vocab_size`: refuse data whose
-    token ids the model cannot embed."""
+    token ids the model cannot embed. `task`: the artifact's objective, which decides the kinds it trains
+    on (TASK_KINDS)."""
     weights, prefixes = parse_data_args(values)
     metas = [read_meta(p) for p in prefixes]
-    kinds = {m["kind"] for m in metas}
-    if len(kinds) > 1:
-        raise GraphllmError(f"--data mixes dataset kinds {sorted(kinds)}; blend datasets of one kind")
-    kind = kinds.pop()
-    if kind not in TRAINABLE_KINDS:
-        raise GraphllmError(f"--data {prefixes[0]} is {kind} data; graphllm run trains on pretrain, sft and prm "
-                            "data (preference training is not implemented)")
-    packed = any(bool(m.get("packed")) for m in metas)
+    kind = check_kind(prefixes, metas, task)
     parts: dict[str, list[Dataset]] = {s: [] for s in SPLITS}
     for prefix, meta in zip(prefixes, metas):
-        if kind == "pretrain":
-            readers = [IndexedReader(prefix)]
-        else:
-            readers = [IndexedReader(prefix + "_input_ids_document"), IndexedReader(prefix + "_labels_document")]
-            _check_sft_pair(prefix, *readers)
-            if meta.get("packed") and meta.get("seq_len") not in (None, seq_len):
-                raise GraphllmError(f"--data {prefix} was packed for seq_len {meta['seq_len']} but the artifact was "
-                                    f"compiled for --seq-len {seq_len}; repack with --seq-len {seq_len} or recompile")
-        if vocab_size is not None:
-            top = _max_token(readers[0])
-            if top >= vocab_size:
-                raise GraphllmError(f"--data {prefix} holds token id {top} but the model's vocabulary has {vocab_size} "
-                                    "entries; preprocess with the model's tokenizer or use a model with a larger vocab")
-        for name, docs in zip(SPLITS, split_ranges(split, readers[0].num_documents)):
-            if kind == "pretrain":
-                ds: Dataset = PretrainDataset(readers[0], docs, seq_len, reset=reset)
-            else:
-                ds = SFTDataset(readers[0], readers[1], docs, seq_len, pad_id=int(meta.get("pad_id", 0)))
+        for name, ds in zip(SPLITS, _open_prefix(prefix, meta, kind, seq_len=seq_len, split=split, reset=reset,
+                                                 vocab_size=vocab_size)):
             parts[name].append(ds)
 
     def blend(name: str) -> Dataset | None:
@@ -241,7 +259,84 @@ def open_data(values: list[str], *, seq_len: int, split: str = DEFAULT_SPLIT, re
     if train is None:
         raise GraphllmError(f"--data {' '.join(values)} gives no training samples of seq_len {seq_len} with --split "
                             f"{split}; use more data, a larger train share or a shorter --seq-len")
-    return DataSplits(kind=kind, packed=packed, train=train, valid=blend("valid"), test=blend("test"))
+    overlong = sum(d.overlong() for ds in parts.values() for d in ds if isinstance(d, PairwiseDataset))
+    return DataSplits(kind=kind, packed=any(bool(m.get("packed")) for m in metas), train=train, valid=blend("valid"),
+                      test=blend("test"), overlong=overlong,
+                      reward_ids=_reward_ids(prefixes, metas) if task == "prm" else None)
+
+
+def check_kind(prefixes: list[str], metas: list[dict], task: str) -> str:
+    """The blend's one dataset kind, refused (one line naming it) when `--task task` does not train on it."""
+    kinds = {m["kind"] for m in metas}
+    if len(kinds) > 1:
+        raise GraphllmError(f"--data mixes dataset kinds {sorted(kinds)}; blend datasets of one kind")
+    kind = kinds.pop()
+    accepted = TASK_KINDS.get(task, TRAINABLE_KINDS)
+    if kind not in accepted:
+        if kind == "pairwise":
+            fix = "compile the artifact with --task dpo, simpo or rm to train on pairs"
+        elif accepted == ("pairwise",):
+            fix = "give pairs from `graphllm preprocess pairwise`"
+        elif accepted == ("prm",):
+            fix = "give step-labelled data from `graphllm preprocess prm`"
+        else:
+            fix = "give pretrain, sft or prm data"
+        takes = " or ".join(filter(None, (", ".join(accepted[:-1]), accepted[-1])))
+        raise GraphllmError(f"--data {prefixes[0]} is {kind} data, which --task {task} does not train on "
+                            f"(it takes {takes} data); {fix}")
+    return kind
+
+
+def _open_prefix(prefix: str, meta: dict, kind: str, *, seq_len: int, split: str, reset: bool,
+                 vocab_size: int | None) -> list[Dataset]:
+    """One prefix's train, valid and test datasets."""
+    if kind == "pretrain":
+        readers = [IndexedReader(prefix)]
+    elif kind == "pairwise":
+        readers = [IndexedReader(f"{prefix}_{side}_{what}_document") for side in PAIR_SIDES
+                   for what in ("input_ids", "labels")]
+        _check_sft_pair(prefix, *readers[:2])
+        _check_sft_pair(prefix, *readers[2:])
+        if readers[0].num_documents != readers[2].num_documents:
+            raise GraphllmError(f"--data {prefix}: {readers[0].num_documents} chosen but {readers[2].num_documents} "
+                                "rejected samples; the pairs are not aligned, rerun graphllm preprocess pairwise")
+    else:
+        readers = [IndexedReader(prefix + "_input_ids_document"), IndexedReader(prefix + "_labels_document")]
+        _check_sft_pair(prefix, *readers)
+        if meta.get("packed") and meta.get("seq_len") not in (None, seq_len):
+            raise GraphllmError(f"--data {prefix} was packed for seq_len {meta['seq_len']} but the artifact was "
+                                f"compiled for --seq-len {seq_len}; repack with --seq-len {seq_len} or recompile")
+    if vocab_size is not None:
+        top = max(_max_token(r) for r in readers[::2])  # the input_ids files (pairwise: both sides)
+        if top >= vocab_size:
+            raise GraphllmError(f"--data {prefix} holds token id {top} but the model's vocabulary has {vocab_size} "
+                                "entries; preprocess with the model's tokenizer or use a model with a larger vocab")
+    pad_id = int(meta.get("pad_id", 0))
+    out: list[Dataset] = []
+    for docs in split_ranges(split, readers[0].num_documents):
+        if kind == "pretrain":
+            out.append(PretrainDataset(readers[0], docs, seq_len, reset=reset))
+        elif kind == "pairwise":
+            out.append(PairwiseDataset([(readers[0], readers[1]), (readers[2], readers[3])], docs, seq_len,
+                                       pad_id=pad_id))
+        else:
+            out.append(SFTDataset(readers[0], readers[1], docs, seq_len, pad_id=pad_id))
+    return out
+
+
+def _reward_ids(prefixes: list[str], metas: list[dict]) -> tuple[int, int]:
+    """The (good, bad) token ids of prm data, from each prefix's meta "prm" entry (all must agree)."""
+    found = set()
+    for prefix, meta in zip(prefixes, metas):
+        prm = meta.get("prm")
+        if not isinstance(prm, dict) or not {"good_id", "bad_id"} <= prm.keys():
+            raise GraphllmError(f"--data {prefix}: its meta file records no prm good/bad token ids, which --task prm "
+                                "needs; rerun graphllm preprocess prm")
+        found.add((int(prm["good_id"]), int(prm["bad_id"])))
+    if len(found) > 1:
+        raise GraphllmError(f"--data blends prm datasets with different good/bad tokens {sorted(found)}; "
+                            "preprocess them with the same --good-token and --bad-token")
+    return found.pop()
 
 
 def _check_sft_pair(prefix: str, ids: IndexedReader, labels: IndexedReader) -> None:

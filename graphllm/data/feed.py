@@ -2,8 +2,12 @@
 
 Two sources: indexed datasets (`--data`, graphllm.data.datasets) ordered by a GlobalSampler, or the
 built-in corpus (TokenBatches, whose batch for step k is a function of (seed, k)). Either way a batch
-is (input_ids, labels) — plus position_ids when the compiled graph takes them (plan.eod_reset) —
-each LongTensor [global batch, seq_len], the same on every rank.
+is (input_ids, labels) — then the task's columns (graphllm.tasks: DPO's precomputed reference
+log-probs [rows] float32, PRM's reward token ids [rows, 2]), then position_ids when the compiled graph
+takes them (plan.eod_reset) — each with [global batch] rows, the same on every rank.
+
+Pairwise data: the sampler orders pairs, a global batch of G rows holds G/2 pairs, interleaved
+(chosen_0, rejected_0, chosen_1, ...), and the sampler state counts pairs.
 """
 
 from __future__ import annotations
@@ -17,26 +21,48 @@ from graphllm.errors import GraphllmError
 
 
 class DatasetFeed:
-    """Batches from `--data`: global batch k = sampler positions [consumed_at_start + (k - start)·G, ...)."""
+    """Batches from `--data`: global batch k = sampler positions [consumed_at_start + (k - start)·n, ...) for n
+    samples a batch (its G rows, or G/2 pairs)."""
 
-    def __init__(self, splits: DataSplits, *, global_batch_size: int, seed: int, with_positions: bool) -> None:
-        self.splits, self.with_positions = splits, with_positions
+    def __init__(self, splits: DataSplits, *, global_batch_size: int, seed: int, with_positions: bool,
+                 reward_ids: tuple[int, int] | None = None) -> None:
+        """`global_batch_size`: rows per step. `reward_ids`: --task prm, the (good, bad) token ids every row
+        carries as a column."""
+        self.splits, self.with_positions, self.reward_ids = splits, with_positions, reward_ids
         self.global_batch_size = global_batch_size
-        self.sampler = GlobalSampler(len(splits.train), global_batch_size, seed=seed)
+        rows_per_sample = 2 if splits.kind == "pairwise" else 1
+        if global_batch_size % rows_per_sample:
+            raise GraphllmError(f"pairwise data needs an even global batch, got {global_batch_size} rows; recompile "
+                                "with an even --batch-size")
+        self.samples_per_batch = global_batch_size // rows_per_sample
+        self.sampler = GlobalSampler(len(splits.train), self.samples_per_batch, seed=seed)
         self.start_step, self.consumed_at_start = 0, 0
+        self.references: dict[str, np.ndarray] = {}
+        """DPO --reference precompute: per split ("train", "valid"), the reference log-probs [pairs, 2]."""
 
-    def _rows(self, ds, indices: np.ndarray) -> tuple[torch.Tensor, ...]:
+    def datasets(self) -> dict[str, object]:
+        """The splits a run reads: train, and valid when there is one."""
+        return {name: ds for name, ds in (("train", self.splits.train), ("valid", self.splits.valid))
+                if ds is not None}
+
+    def _rows(self, split: str, indices: np.ndarray) -> tuple[torch.Tensor, ...]:
+        ds = self.splits.train if split == "train" else self.splits.valid
         ids, labels, pos = collate(ds, indices)
-        return (ids, labels, pos) if self.with_positions else (ids, labels)
+        out: tuple[torch.Tensor, ...] = (ids, labels)
+        if split in self.references:  # [pairs, 2] -> [rows], interleaved like the rows
+            out += (torch.from_numpy(np.ascontiguousarray(self.references[split][indices].reshape(-1))),)
+        if self.reward_ids is not None:
+            out += (torch.tensor(self.reward_ids, dtype=torch.long).expand(ids.shape[0], 2).contiguous(),)
+        return out + (pos,) if self.with_positions else out
 
     def train_batch(self, step: int) -> tuple[torch.Tensor, ...]:
         """Global batch of 0-based `step`."""
-        return self._rows(self.splits.train, self.sampler.batch(step, consumed_at_start=self.consumed_at_start,
-                                                                start_step=self.start_step))
+        return self._rows("train", self.sampler.batch(step, consumed_at_start=self.consumed_at_start,
+                                                      start_step=self.start_step))
 
     def consumed(self, steps_done: int) -> int:
-        """Samples consumed once `steps_done` optimizer steps are complete."""
-        return self.consumed_at_start + (steps_done - self.start_step) * self.global_batch_size
+        """Samples (pairs, for pairwise data) consumed once `steps_done` optimizer steps are complete."""
+        return self.consumed_at_start + (steps_done - self.start_step) * self.samples_per_batch
 
     def state(self, steps_done: int) -> dict:
         return {"sampler": self.sampler.state(self.consumed(steps_done))}
@@ -46,7 +72,7 @@ class DatasetFeed:
         self.start_step = step
         state = extra.get("sampler")
         self.consumed_at_start = (self.sampler.check_state(state, source) if isinstance(state, dict)
-                                  else step * self.global_batch_size)
+                                  else step * self.samples_per_batch)
 
     def valid_batches(self, iters: int) -> list[tuple[torch.Tensor, ...]]:
         """The first `iters` global batches of the valid split, in file order (wrapping when it is short):
@@ -55,8 +81,8 @@ class DatasetFeed:
         if valid is None:
             raise GraphllmError("--eval-interval needs a valid split, but --split gives it no samples; use e.g. "
                                 "--split 949,50,1 and enough documents")
-        g = self.global_batch_size
-        return [self._rows(valid, np.arange(i * g, (i + 1) * g) % len(valid)) for i in range(iters)]
+        g = self.samples_per_batch
+        return [self._rows("valid", np.arange(i * g, (i + 1) * g) % len(valid)) for i in range(iters)]
 
 
 class BuiltinFeed:

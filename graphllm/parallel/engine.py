@@ -11,7 +11,7 @@ micro-batch, exactly the single-process full-batch loss.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -25,12 +25,19 @@ class Engine:
     """Training-step driver for one rank; `step_fn` is the compiled graph, `pipeline` a PipelineRunner."""
 
     def __init__(self, *, layout: Layout, st: ParallelState | None, named_params: dict[str, nn.Parameter],
-                 step_fn: Any = None, pipeline: Any = None, micro_batch_size: int):
+                 step_fn: Any = None, pipeline: Any = None, micro_batch_size: int,
+                 metric_names: Sequence[str] = (), reference: Callable | None = None):
+        """`metric_names`: the entries of the metrics vector `step_fn` returns beside the loss (a task's;
+        none: it returns a bare loss). `reference`: DPO's reference graph, run on each micro-batch's
+        (input_ids, labels) to give the step its third input (graphllm.tasks.reference)."""
         self.layout, self.st = layout, st
         self.named_params = named_params
         self.params = list(named_params.values())
         self.step_fn, self.pipeline = step_fn, pipeline
         self.micro_batch_size = micro_batch_size
+        self.metric_names, self.reference = tuple(metric_names), reference
+        self.metrics: dict[str, float] = {}
+        """The last forward_backward / eval_loss's metrics (by name), averaged like the loss."""
 
     def _group(self, kind: str):
         return self.st.group(kind) if self.st is not None and getattr(self.layout, kind) > 1 else None
@@ -49,49 +56,61 @@ class Engine:
 
     def forward_backward(self, input_ids: torch.Tensor, labels: torch.Tensor, *extra: torch.Tensor) -> float:
         """Forward and backward of one step's global batch; gradients left averaged in `.grad`.
-        `extra`: further per-row graph inputs (position_ids of packed rows), sliced like the rows."""
-        ids, lab = self.local_rows(input_ids), self.local_rows(labels)
-        extra = tuple(self.local_rows(t) for t in extra)
+        `extra`: further per-row graph inputs (position_ids of packed rows, a task's columns), sliced like
+        the rows. Returns the loss; a graph returning (loss, metrics) leaves the metrics, averaged like the
+        loss, in `self.metrics`."""
         if self.pipeline is not None:
-            loss = self.pipeline.forward_backward(ids, lab).detach()
+            ids, lab = self.local_rows(input_ids), self.local_rows(labels)
+            totals = self.pipeline.forward_backward(ids, lab).detach().float().reshape(1)
         else:
-            m = self.layout.micro_batches
-            loss = torch.zeros((), dtype=torch.float32)
-            for ids_mb, lab_mb, *extra_mb in zip(ids.chunk(m), lab.chunk(m), *(t.chunk(m) for t in extra)):
-                mb_loss = self.step_fn(ids_mb, lab_mb, *extra_mb)
-                (mb_loss / m).backward()
-                loss += mb_loss.detach().float() / m
+            totals = self._micro_batches((input_ids, labels, *extra), backward=True)
         dp = self._group("dp")
-        if dp is not None:
-            if not self.layout.grads_reduced_in_graph:  # else the backward graph reduced them, overlapped
-                from graphllm.parallel.optim import reduce_gradients
+        if dp is not None and not self.layout.grads_reduced_in_graph:  # else the backward graph reduced them
+            from graphllm.parallel.optim import reduce_gradients
 
-                reduce_gradients(self.params, dp)
-            loss = loss.clone()
-            dist.all_reduce(loss, group=dp)
-            loss /= self.layout.dp
-        return float(loss)
+            reduce_gradients(self.params, dp)
+        return self._finish(totals)
 
     def eval_loss(self, input_ids: torch.Tensor, labels: torch.Tensor, *extra: torch.Tensor) -> float:
-        """Mean loss of one global batch without touching gradients (validation). Runs the training graph's
-        forward (grad mode stays on, so no second graph is compiled) and drops its result; under pipeline
-        parallelism the schedule runs forward and backward, and the gradients are discarded."""
+        """Mean loss of one global batch without touching gradients (validation); metrics as in
+        `forward_backward`. Runs the training graph's forward (grad mode stays on, so no second graph is
+        compiled) and drops its result; under pipeline parallelism the schedule runs forward and backward,
+        and the gradients are discarded."""
         if self.pipeline is not None:
             loss = self.forward_backward(input_ids, labels, *extra)
             for p in self.params:
                 p.grad = None
             return loss
-        ids, lab = self.local_rows(input_ids), self.local_rows(labels)
-        extra = tuple(self.local_rows(t) for t in extra)
+        return self._finish(self._micro_batches((input_ids, labels, *extra), backward=False))
+
+    def _micro_batches(self, batch: tuple[torch.Tensor, ...], *, backward: bool) -> torch.Tensor:
+        """Run this rank's rows through the compiled graph, micro-batch by micro-batch (backward: accumulating
+        gradients of loss / M); returns [loss, *metrics] averaged over the micro-batches (float32)."""
         m = self.layout.micro_batches
-        loss = torch.zeros((), dtype=torch.float32)
-        for ids_mb, lab_mb, *extra_mb in zip(ids.chunk(m), lab.chunk(m), *(t.chunk(m) for t in extra)):
-            loss += self.step_fn(ids_mb, lab_mb, *extra_mb).detach().float() / m
+        totals = None
+        for mb in zip(*(self.local_rows(t).chunk(m) for t in batch)):
+            if self.reference is not None:  # DPO --reference graph: the frozen model's log-probs of these rows
+                with torch.no_grad():
+                    mb = (*mb[:2], self.reference(mb[0], mb[1]), *mb[2:])
+            out = self.step_fn(*mb)
+            loss, metrics = (out[0], out[1]) if isinstance(out, (tuple, list)) else (out, None)
+            if backward:
+                (loss / m).backward()
+            row = loss.detach().float().reshape(1)  # stays on the device: no sync per micro-batch
+            if metrics is not None:
+                row = torch.cat((row, metrics.detach().float().reshape(-1)))
+            totals = row / m if totals is None else totals + row / m
+        return totals
+
+    def _finish(self, totals: torch.Tensor) -> float:
+        """Average [loss, *metrics] over the data-parallel group; keep the metrics, return the loss."""
         dp = self._group("dp")
         if dp is not None:
-            dist.all_reduce(loss, group=dp)
-            loss /= self.layout.dp
-        return float(loss)
+            totals = totals.clone()
+            dist.all_reduce(totals, group=dp)  # on the loss's device (nccl/hccl reduce device tensors)
+            totals /= self.layout.dp
+        self.metrics = dict(zip(self.metric_names, totals[1:].tolist()))
+        return float(totals[0])
 
     def clip_grad_norm(self, max_norm: float) -> float:
         """Clip by the global norm of the whole model's gradient (across tensor and pipeline ranks)."""

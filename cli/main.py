@@ -19,17 +19,55 @@ STOPPED = {"run": ("before training started; nothing was saved", "after training
 """What a signal that stops a command at once says, before / after its training loop (default: nothing)."""
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """`--help` shows each flag's default where its help text does not already say it (flags declared in
+    graphllm/options.py say it themselves); None, False and empty defaults are not shown."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        hidden = default is None or default is False or default is argparse.SUPPRESS or default in ([], ())
+        if "default" in text.lower() or hidden or not action.option_strings:
+            return text
+        shown = ",".join(map(str, default)) if isinstance(default, (list, tuple)) else default
+        return f"{text} (default: {str(shown).replace('%', '%%')})"
+
+
+def all_parsers(parser: argparse.ArgumentParser):
+    """`parser` and every sub-command's parser below it."""
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in dict.fromkeys(action.choices.values()):  # aliases map to the same parser
+                yield from all_parsers(sub)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    from graphllm.version import __version__
+
+    try:
+        torch = version("torch")
+    except PackageNotFoundError:
+        torch = "not installed"
+    return f"graphllm {__version__} (torch {torch}, Python {sys.version.split()[0]})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     from graphllm.cli import compile_cmd, convert_cmd, eval_cmd, inspect_cmd, preprocess_cmd, profile_cmd, run_cmd
     from graphllm.cli import chat_cmd, generate_cmd
 
     parser = argparse.ArgumentParser(prog="graphllm", description="Graph-mode LLM training: compile, run, inspect.")
+    parser.add_argument("--version", action="version", version=_version(), help="print the version and exit")
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="log what each pass does; show the traceback of an error in a user's pass")
     sub = parser.add_subparsers(dest="command", required=True)
     for mod in (compile_cmd, run_cmd, inspect_cmd, profile_cmd, preprocess_cmd, convert_cmd, eval_cmd,
                 generate_cmd, chat_cmd):
         mod.add_parser(sub)
+    for p in all_parsers(parser):
+        p.formatter_class = DefaultsHelpFormatter
     return parser
 
 

@@ -26,7 +26,7 @@ def render() -> str:
         markdown_table(CompilePlan),
         "## `graphllm run ARTIFACT` (graphllm.RunConfig, graphllm.TrainConfig)",
         "",
-        "`--nproc N`: local ranks to start (default: the plan's tp × pp × dp). `--no-progress`: plain log lines.",
+        "`--nproc N`: local ranks to start (default: the plan's tp × pp × dp). `--no-progress`: plain log lines (automatic when stderr is not a terminal).",
         "",
         markdown_table(RunConfig),
     ])

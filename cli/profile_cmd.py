@@ -5,13 +5,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from rich.console import Console
+from graphllm.cli.console import make_console, print_table
 from rich.table import Table
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("profile", help="profile an artifact's training step (torch.profiler): where the time goes")
-    p.add_argument("artifact", type=Path)
+    p.add_argument("artifact", type=Path, help="the directory `graphllm compile --out` wrote")
     p.add_argument("--steps", type=int, default=3, help="profiled steps")
     p.add_argument("--warmup", type=int, default=2, help="steps run before profiling (compilation, allocator)")
     p.add_argument("--top", type=int, default=15, help="rows in the top-ops table")
@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     world = CompilePlan.from_json(read_plan(args.artifact)["plan"], str(args.artifact)).layout.world_size
     if world > 1 and not in_launched_world():
         return relaunch(world, args.argv)
-    console = Console(stderr=True, quiet=not is_rank_zero())
+    console = make_console(stderr=True, quiet=not is_rank_zero())
     with console.status("loading artifact and compiling …"):
         _, built = load_artifact(args.artifact, purpose="profile_layers" if args.by_layer else "train")
     out = args.out or args.artifact / "profile"
@@ -65,14 +65,14 @@ def run(args: argparse.Namespace) -> int:
     for r in s["top_ops"]:
         table.add_row(r["op"], str(r["calls"]), _s(r["self_s"]), f"{100 * r['self_s'] / s['self_time_s']:.1f}%",
                       f"{r['flops'] / 1e9:,.2f}" if r["flops"] else "", f"{r['flop_per_s'] / 1e9:,.1f}" if r["flops"] else "")
-    console.print(table)
+    print_table(console, table)
     origin = Table(title="self time by the pass that introduced the op")
     origin.add_column("origin")
     origin.add_column("self time", justify="right")
     origin.add_column("share", justify="right")
     for name, t in s["by_origin_s"].items():
         origin.add_row(name, _s(t), f"{100 * t / s['self_time_s']:.1f}%")
-    console.print(origin)
+    print_table(console, origin)
     if s["by_layer_s"]:
         layers = Table(title="self time by layer (eager kernels of the same graphs)")
         for col in ("module", "forward", "backward", "share"):
@@ -80,11 +80,11 @@ def run(args: argparse.Namespace) -> int:
         for name, t in s["by_layer_s"].items():
             both = t["forward"] + t["backward"]
             layers.add_row(name, _s(t["forward"]), _s(t["backward"]), f"{100 * both / s['self_time_s']:.1f}%")
-        console.print(layers)
+        print_table(console, layers)
     console.print(
         f"step {_s(s['median_step_s'])} (median) · compute {_s(s['compute_s'] / args.steps)}/step · communication "
         f"{_s(s['communication_s'] / args.steps)}/step, exposed {_s(s['exposed_communication_s'] / args.steps)}/step · "
-        f"{s['achieved_flop_per_s'] / 1e9:,.1f} GFLOP/s = MFU {100 * s['mfu']:.1f}% of the measured "
+        f"{s['achieved_flop_per_s'] / 1e9:,.1f} GFLOP/s = MFU {100 * s['mfu']:.1f}% of the cached "
         f"{s['measured_peak_flop_per_s'] / 1e9:,.0f} GFLOP/s matmul peak · peak RSS {s['peak_rss_bytes'] / 2**20:,.0f} MiB")
     console.print(f"trace (chrome://tracing, ui.perfetto.dev) and summary in {out}/")
     return 0

@@ -20,10 +20,11 @@ def add_parser(sub) -> None:
 
     p = sub.add_parser("run", help="train an artifact's compiled graph (on --data, or the built-in corpus)",
                        description="Flags are the fields of graphllm.RunConfig and its TrainConfig (docs/options.md).")
-    p.add_argument("artifact", type=Path)
+    p.add_argument("artifact", type=Path, help="the directory `graphllm compile --out` wrote")
     p.add_argument("--nproc", type=int, default=None,
                    help="local ranks to start (default: the plan's tp × pp × dp); under torchrun, leave it out")
-    p.add_argument("--no-progress", action="store_true", help="plain log lines instead of a progress bar")
+    p.add_argument("--no-progress", action="store_true",
+                   help="plain log lines instead of a progress bar (automatic when stderr is not a terminal)")
     add_flags(p, RunConfig)
     p.set_defaults(func=run)
 
@@ -39,10 +40,11 @@ def metric_text(e: dict, prefix: str = "") -> str:
 
 
 class ConsoleEvents:
-    """Draws the Trainer's events: a progress bar (or plain lines), evaluations, checkpoints, stops."""
+    """Draws the Trainer's events: a progress bar (or, with `plain`, a line per logged step: see
+    graphllm.step_log), evaluations, checkpoints, stops."""
 
     def __init__(self, console: Console, *, plain: bool, total: int) -> None:
-        self.console, self.plain = console, plain
+        self.console, self.plain, self.total = console, plain, total
         self.progress = Progress(TextColumn("[bold]step {task.completed}/{task.total}"), BarColumn(),
                                  TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[metrics]}"),
                                  TextColumn("{task.fields[val]}"),
@@ -63,9 +65,13 @@ class ConsoleEvents:
             metrics = metric_text(e)
             self.progress.update(self.task, completed=e["step"], loss=e["loss"], tps=e["tokens_per_s"], metrics=metrics,
                                  **({"val": val} if val else {}))
-            if self.plain:
-                self.console.print(" ".join(filter(None, (f"step {e['step']:>5} loss {e['loss']:.4f}", metrics,
-                                                          f"lr {e['lr']:.2e} {e['tokens_per_s']:,.0f} tok/s", val))))
+            if self.plain and e.get("logged", True):
+                from graphllm.step_log import step_line
+
+                self.console.print(step_line(e, self.total, " ".join(filter(None, (metrics, val)))), highlight=False)
+        elif kind == "checkpoint":
+            size = f", {e['bytes'] / 1e6:,.1f} MB" if e.get("bytes") is not None else ""
+            self.console.print(f"saved step {e['step']} at {e['path']}{size}, {e['seconds']:.1f} s", highlight=False)
         elif kind == "stopped":
             self.console.print(f"[yellow]{e['signal']}[/] after step {e['step']}: {e['message']}")
         elif kind == "failure":
@@ -113,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
     console = Console(stderr=True, quiet=not is_rank_zero(), soft_wrap=True)  # lines stay whole in log files
     if world > 1 and not in_launched_world():
         return _launch(args, config, data, world, console)
-    events = ConsoleEvents(console, plain=args.no_progress, total=config.train.steps)
+    events = ConsoleEvents(console, plain=args.no_progress or not console.is_terminal, total=config.train.steps)
     with console.status("opening the data, loading the artifact and compiling …"):
         trainer = Trainer.from_artifact(args.artifact, config, on_event=events)
     plan = trainer.built.plan
@@ -125,5 +131,5 @@ def run(args: argparse.Namespace) -> int:
     with events.progress:
         result = trainer.fit()
     if result.stopped_by is None and result.records:
-        console.print(f"[green]done[/]: {run_summary(result)}")
+        console.print(f"[green]done[/]: {run_summary(result, config.save)}")
     return result.exit_code

@@ -7,7 +7,8 @@ Layout:
   graphs/rank0/train/forward.py    forward graph after partitioning and the train passes (and .tsv)
   graphs/rank0/train/backward.py   backward graph likewise
   report.json, report.md           nodes changed per pass, parameters, FLOPs, activation memory
-  runs/metrics.jsonl               what `graphllm run` measured, one JSON object per step
+  runs/<run name>/metrics.jsonl    what each `graphllm run` measured, one JSON object per step (--run-name, or
+                                   the start time); runs/ and profile/ survive a recompile into the same --out
 """
 
 from __future__ import annotations
@@ -60,15 +61,27 @@ def prepare_out_dir(out: Path) -> Path:
 
 
 
-def commit_out_dir(tmp: Path, out: Path) -> None:
-    """Atomically replace `out` by `tmp` (the old artifact is removed only after the new one is whole)."""
+KEPT_ON_RECOMPILE = ("runs", "profile")
+"""What a recompile into the same --out carries over from the old artifact: the runs' metrics and the profiles
+(measurements of earlier graphs, which a user compares against the new ones)."""
+
+
+def commit_out_dir(tmp: Path, out: Path) -> list[str]:
+    """Atomically replace `out` by `tmp` (the old artifact is removed only after the new one is whole),
+    keeping the old artifact's KEPT_ON_RECOMPILE folders; returns those kept."""
     old = None
     if out.exists():
         old = out.with_name(f".{out.name}.old.{os.getpid()}")
         out.rename(old)
     tmp.rename(out)
+    kept = []
     if old is not None:
+        for name in KEPT_ON_RECOMPILE:
+            if (old / name).is_dir() and not (out / name).exists():
+                (old / name).rename(out / name)
+                kept.append(name)
         shutil.rmtree(old, ignore_errors=True)
+    return kept
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -4,7 +4,7 @@ Per rank: the top ops by self time with their FLOPs and achieved FLOP/s; time by
 introduced each op (attributed by op name from the rank's graphs: a graphllm op to the pass that
 created it, ATen ops to capture, inductor's fused kernels to "inductor (fused)"); compute vs
 communication vs exposed communication; peak memory; model FLOP utilisation against this machine's
-measured matmul peak. Writes a Chrome/Perfetto trace and a JSON summary per rank under
+matmul peak (graphllm.step_log.device_peak: measured once per machine and cached). Writes a Chrome/Perfetto trace and a JSON summary per rank under
 ARTIFACT/profile/. On an NPU the same number of steps then run under torch_npu.profiler, whose device
 trace (CANN kernels, HCCL, AI Core utilisation) lands in ARTIFACT/profile/npu_rank<r>/.
 
@@ -26,14 +26,13 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from graphllm.passes.manager import PASS_META_KEY
+from graphllm.step_log import device_peak, flops_per_step, peak_rss_bytes
 
 COMM_MARKERS = ("c10d", "all_reduce", "allreduce", "all_gather", "allgather", "reduce_scatter", "reducescatter",
                 "gloo", "nccl", "hccl", "wait_tensor", "record_param_comms", "broadcast", "send", "recv")
 WAIT_MARKERS = ("wait_tensor", "wait", "gloo:all_reduce", "gloo:all_gather", "gloo:reduce_scatter")
 GRAPH_REGIONS = ("CompiledFunction", "Torch-Compiled Region", "## Call CompiledFxGraph", "PipelineStage", "stage")
 """Profiler ranges that enclose the compiled graphs' execution."""
-PEAK_SHAPE = 1024
-"""The matmul whose speed is "peak": [1024, 1024] @ [1024, 1024] in the step's dtype."""
 
 
 def is_communication(name: str) -> bool:
@@ -44,20 +43,6 @@ def is_communication(name: str) -> bool:
 def is_wait(name: str) -> bool:
     low = name.lower()
     return any(m in low for m in WAIT_MARKERS)
-
-
-def measured_matmul_peak(dtype: torch.dtype = torch.float32, reps: int = 20) -> float:
-    """Median FLOP/s of a square linear on this machine, now (the MFU denominator)."""
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(PEAK_SHAPE, PEAK_SHAPE, generator=g).to(dtype)
-    w = torch.randn(PEAK_SHAPE, PEAK_SHAPE, generator=g).to(dtype)
-    torch.nn.functional.linear(x, w)
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        torch.nn.functional.linear(x, w)
-        times.append(time.perf_counter() - t0)
-    return 2 * PEAK_SHAPE**3 / statistics.median(times)
 
 
 def _op_key(target: Any) -> str:
@@ -175,8 +160,8 @@ def profile_built(built, out_dir: Path, *, steps: int, warmup: int, top: int, se
         with npu_profile(out_dir / f"npu_rank{built.rank}"):
             for _ in range(steps):
                 one_step()
-    summary = summarize(prof, steps=steps, step_times=times, flops_per_step=_flops_per_step(built),
-                        peak=measured_matmul_peak(torch.bfloat16 if plan.amp == "bf16" else torch.float32),
+    summary = summarize(prof, steps=steps, step_times=times, flops_per_step=flops_per_step(built),
+                        peak=device_peak(plan.device, torch.bfloat16 if plan.amp == "bf16" else torch.float32),
                         origins=op_origins(built), top=top)
     from graphllm.profile_layers import by_layer
 
@@ -189,28 +174,3 @@ def profile_built(built, out_dir: Path, *, steps: int, warmup: int, top: int, se
     return summary
 
 
-def _flops_per_step(built) -> int:
-    """This rank's matmul FLOPs per optimizer step: its graph's forward × 3 × micro-batches."""
-    from graphllm.planning.flops import forward_flops
-
-    runner = built.engine.pipeline
-    if runner is not None:  # this rank's stage graphs only
-        fwd = sum(forward_flops(m.stage) for m in runner.modules)
-    else:
-        fwd = forward_flops(built.result.model_graph)
-    return 3 * fwd * built.plan.layout.micro_batches
-
-
-def peak_rss_bytes() -> int:
-    """Peak resident set size of this process so far: Linux VmHWM (the new address space's own
-    high-water mark; getrusage's ru_maxrss in a subprocess starts at the parent's peak), else ru_maxrss."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024  # kB
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -24,6 +24,15 @@ from graphllm.train import FINETUNE_LR, TrainConfig
 log = logging.getLogger(__name__)
 
 
+RUN_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+
+
+def _check_run_name(value: str) -> None:
+    if not value or value.startswith(".") or not set(value) <= RUN_NAME_CHARS:
+        raise GraphllmError(f"--run-name {value!r} must be a folder name of letters, digits, '.', '_' or '-' "
+                            "(not starting with '.')")
+
+
 @dataclass(kw_only=True, slots=True)
 class RunConfig:
     """A training run of an artifact; `graphllm run` flags map one-to-one onto these fields."""
@@ -44,7 +53,11 @@ class RunConfig:
     save_interval: int = option(0, minimum=0, help="save every N steps (and always after the last)")
     keep_last: int = option(0, minimum=0, help="keep only the newest N checkpoints (0: keep all)")
     load: str | None = option(None, metavar="PATH", help="resume from a checkpoint dir, or the newest under a root")
-    metrics: str | None = option(None, metavar="FILE", help="JSON-lines metrics (default ARTIFACT/runs/metrics.jsonl)")
+    run_name: str | None = option(None, metavar="NAME", check=_check_run_name,
+                                  help="this run's folder ARTIFACT/runs/NAME/ (default: its start time, "
+                                       "YYYYmmdd-HHMMSS); runs never overwrite each other's metrics")
+    metrics: str | None = option(None, metavar="FILE",
+                                 help="JSON-lines metrics (default ARTIFACT/runs/<run name>/metrics.jsonl)")
     tensorboard: str | None = option(None, metavar="DIR", help="also write TensorBoard scalars to DIR (needs the "
                                                                 "tensorboard package)")
     deterministic: bool = option(False, help="torch.use_deterministic_algorithms and a fixed thread count: two runs "

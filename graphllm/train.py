@@ -34,7 +34,8 @@ ms-swift's full-SFT examples 1e-5, MindSpeed-LLM examples/mcore/qwen25/tune_qwen
 class TrainConfig:
     """Optimizer and schedule; `graphllm run` flags map one-to-one onto these fields."""
 
-    steps: int = option(50, minimum=1, help="optimizer steps to run")
+    steps: int = option(50, minimum=1, help="the run's total optimizer steps: resumed (--load, or an auto-resume) "
+                                            "at step K it runs steps K+1..N")
     lr: float | None = option(None, check=_positive, help=(
         f"peak learning rate (after warmup); default: {RANDOM_INIT_LR:g} for a randomly initialised preset, "
         f"{FINETUNE_LR:g} (fine-tuning) for pretrained weights from an HF checkpoint directory"))

@@ -18,6 +18,7 @@ import errno
 import math
 import os
 import statistics
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -161,9 +162,11 @@ class Trainer:
     def fit(self) -> TrainResult:
         """Run the configured steps (see the module docstring); returns what happened."""
         from graphllm.signals import StopSignals
+        from graphllm.step_log import StepFigures
         from graphllm.train import train_steps
 
         cfg = self.config
+        figures = StepFigures(self.built)  # tokens/s per rank, TFLOP/s, MFU, peak memory, time
         result = TrainResult(metrics_path=self._metrics_path())
         self._open_sinks(result.metrics_path)
         status: dict[str, Any] = {}
@@ -174,6 +177,7 @@ class Trainer:
                 try:
                     for rec in train_steps(self.built.engine, self._batch_at, cfg.train, optimizer=self.optimizer,
                                            start_step=result.start_step, status=status):
+                        rec = figures(rec)
                         result.records.append(rec)
                         self._after_step(rec, result)
                         if (signum := signals.requested()) is not None:
@@ -193,9 +197,19 @@ class Trainer:
         return tuple(t.to(self.built.plan.device) for t in self.feed.train_batch(step))
 
     def _metrics_path(self) -> Path | None:
+        """--metrics, else ARTIFACT/runs/<--run-name or the start time>/metrics.jsonl (a new folder per run:
+        a name that exists gets a -2, -3, … suffix; only rank 0 writes it)."""
         if self.config.metrics is not None:
             return Path(self.config.metrics)
-        return self.artifact / "runs" / "metrics.jsonl" if self.artifact is not None else None
+        if self.artifact is None:
+            return None
+        runs = self.artifact / "runs"
+        name = self.config.run_name or time.strftime("%Y%m%d-%H%M%S")
+        folder, n = runs / name, 1
+        while self.built.rank == 0 and folder.exists():
+            n += 1
+            folder = runs / f"{name}-{n}"
+        return folder / "metrics.jsonl"
 
     def _open_sinks(self, metrics: Path | None) -> None:
         from graphllm.train import MetricsWriter, config_dict
@@ -239,18 +253,19 @@ class Trainer:
     def _after_step(self, rec: dict[str, Any], result: TrainResult) -> None:
         cfg, step = self.config, rec["step"]
         last = step == cfg.train.steps
-        shown = dict(rec)
-        if step % cfg.train.log_interval == 0 or last:
+        logged = step % cfg.train.log_interval == 0 or last
+        shown = {**rec, "logged": logged}
+        if logged:
             self._emit(rec)
         if self.valid and (step % cfg.eval_interval == 0 or last):
             vloss, vmetrics = self._validate()
             self._emit({"event": "eval", "step": step, "valid_loss": vloss, "valid_ppl": math.exp(min(vloss, 50.0)),
                         "batches": len(self.valid), **vmetrics})
             shown.update(valid_loss=vloss, **vmetrics)
-        if cfg.save is not None and (last or (cfg.save_interval > 0 and step % cfg.save_interval == 0)):
-            self._save_interval(step, last, result)
         if self.on_event is not None:
             self.on_event({"event": "progress", **shown})
+        if cfg.save is not None and (last or (cfg.save_interval > 0 and step % cfg.save_interval == 0)):
+            self._save_interval(step, last, result)
 
     def _validate(self) -> tuple[float, dict[str, float]]:
         """Mean loss over the validation batches, and the task's metrics averaged the same way ("valid_<name>")."""
@@ -267,8 +282,6 @@ class Trainer:
         built = self.built
         if built.reference is None or built.engine.reference is not None:
             return
-        import time
-
         from graphllm.tasks.reference import precompute_reference
 
         plan, st = built.plan, built.engine.st
@@ -289,7 +302,9 @@ class Trainer:
         """Save `step`. Out of disk space: say so and where; at an interval training goes on (the state is
         still in memory), after the last step the run fails."""
         from graphllm.resume import save_step
+        from graphllm.step_log import dir_bytes
 
+        t0 = time.perf_counter()
         try:
             result.checkpoint = save_step(Path(self.config.save), self.built, self.optimizer, step,
                                           keep_last=self.config.keep_last, extra=self.feed.state(step))
@@ -302,7 +317,10 @@ class Trainer:
             if last:
                 raise DiskFull(msg + f"; step {step} was not saved") from exc
             return
-        self._emit({"event": "checkpoint", "step": step, "path": str(result.checkpoint)})
+        seconds = time.perf_counter() - t0
+        size = dir_bytes(result.checkpoint) if self.built.rank == 0 else None  # all ranks' files, once
+        self._emit({"event": "checkpoint", "step": step, "path": str(result.checkpoint), "bytes": size,
+                    "seconds": seconds})
 
     def _disk_full_message(self) -> str:
         needed = checkpoint_bytes(self.built)
@@ -366,11 +384,13 @@ def checkpoint_bytes(built) -> int:
     return total
 
 
-def run_summary(result: TrainResult) -> str:
-    """The final console line of a run."""
+def run_summary(result: TrainResult, save: str | Path | None = None) -> str:
+    """The final console line of a run: losses, median throughput, where the metrics and the weights are."""
+    kept = (f"last checkpoint {result.checkpoint}" if result.checkpoint is not None
+            else "no --save: weights not kept" if save is None else f"nothing new saved under {save}")
     if not result.records:
-        return "no step ran"
+        return f"no step ran; {kept}"
     tps = statistics.median(r["tokens_per_s"] for r in result.records)
     return (f"loss {result.records[0]['loss']:.4f} → {result.records[-1]['loss']:.4f} over {len(result.records)} "
-            f"steps, median {tps:,.0f} tok/s; metrics in {result.metrics_path}")
+            f"steps, median {tps:,.0f} tok/s; metrics in {result.metrics_path}; {kept}")
 

@@ -53,7 +53,9 @@ def test_compile_writes_artifact(artifact: Path) -> None:
 
 def test_inspect_pipeline_prints_the_steps(artifact: Path, capsys) -> None:
     assert main(["inspect", str(artifact), "--pipeline"]) == 0
-    header, *rows = [line.split("\t") for line in capsys.readouterr().out.splitlines()]  # not a tty: TSV
+    title, *lines = capsys.readouterr().out.splitlines()  # not a tty: a `# title` line, then TSV
+    assert title.startswith("# ") and title.endswith("rank 0: pipeline")
+    header, *rows = [line.split("\t") for line in lines]
     assert header == ["#", "step", "stage", "options", "origin", "why", "changed"]
     assert [(r[1], r[2]) for r in rows] == [(n, "model") for n in ("fuse_rms_norm", "fuse_add_rms_norm", "fuse_swiglu",
                                                                       "fuse_rope", "fuse_attention", "fold_constants")] \

@@ -435,6 +435,28 @@ def test_cli_eval_mmlu_writes_json(tiny_scorer: GraphScorer, tmp_path: Path, cap
     assert "abstract_algebra" in capsys.readouterr().out
 
 
+def test_cli_eval_needs_a_model_and_names_it(tmp_path: Path, capsys) -> None:
+    """No --model used to score a random tiny-llama and exit 0."""
+    assert main(["eval", "--task", "mmlu", "--data", str(make_mmlu(tmp_path / "mmlu"))]) == EXIT_USER_ERROR
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--model is required" in err, err
+
+
+def test_cli_eval_warns_how_many_inputs_max_length_cut(tiny_scorer: GraphScorer, tmp_path: Path, capsys,
+                                                      monkeypatch) -> None:
+    from graphllm.eval import build_scorer
+
+    short = build_scorer("tiny-llama", batch_size=4, backend="eager", max_length=8)
+    short.model = tiny_scorer.model  # the same weights; its own 8-token graphs
+    monkeypatch.setattr("graphllm.eval.build_scorer", lambda model, **kw: short)
+    assert main(["eval", "--model", "tiny-llama", "--task", "mmlu", "--data", str(make_mmlu(tmp_path / "mmlu")),
+                 "--limit", "1", "--max-length", "8"]) == 0
+    captured = capsys.readouterr()
+    assert short.stats["truncated"] == 8  # 2 questions × 4 choices, every one longer than 8 tokens
+    assert "8 input(s) longer than --max-length 8 kept only their last tokens" in captured.err, captured.err
+    assert captured.out.startswith("# tiny-llama: mmlu (0-shot)"), captured.out
+
+
 @pytest.mark.parametrize("argv, needle", [
     (["--task", "mmlu", "--data", "{tmp}/nonexistent"], "/nonexistent: no such file or directory"),
     (["--task", "bbh", "--data", "{tmp}"], "no <task>.json files"),
@@ -443,6 +465,6 @@ def test_cli_eval_mmlu_writes_json(tiny_scorer: GraphScorer, tmp_path: Path, cap
 ])
 def test_cli_bad_data_is_one_line_exit_2(argv, needle, tmp_path: Path, capsys, monkeypatch) -> None:
     monkeypatch.setattr("graphllm.eval.build_scorer", lambda *a, **k: KeyScorer({}))  # no model needed
-    assert main(["eval", *(a.format(tmp=tmp_path) for a in argv)]) == EXIT_USER_ERROR
+    assert main(["eval", "--model", "tiny-llama", *(a.format(tmp=tmp_path) for a in argv)]) == EXIT_USER_ERROR
     err = capsys.readouterr().err.strip()
     assert needle in err and len(err.splitlines()) == 1

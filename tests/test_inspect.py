@@ -53,19 +53,22 @@ def test_ops_histogram_counts_match_the_graph(artifact: Path, capsys) -> None:
     out = capsys.readouterr().out
     counts = Counter(r["target"] for r in _rows(artifact, "07_lower_ops") if r["op"] == "call_function")
     assert counts["graphllm.attention.default"] == 4  # one per layer of tiny-llama
-    for target, n in counts.items():
-        line = next(line for line in out.splitlines() if f" {target} " in line)
-        assert line.split("│")[2].strip() == str(n), line
-    rows = [line.split("│")[1].strip() for line in out.splitlines() if line.startswith("│")]
-    assert rows[0] == "aten.linear.default"  # most frequent first: 4 layers x 7 projections + lm_head
+    table = _tsv(out)  # not a terminal: tab-separated lines (cli/console.py)
+    assert table[0] == ["op", "count"]
+    assert dict(table[1:]) == {target: str(n) for target, n in counts.items()}
+    assert table[1][0] == "aten.linear.default"  # most frequent first: 4 layers x 7 projections + lm_head
     assert main(["inspect", str(artifact), "--ops", "backward"]) == 0
     assert "aten.mm.default" in capsys.readouterr().out
 
 
+def _tsv(out: str) -> list[list[str]]:
+    """A redirected table's rows, its header first (the `# title` line left out)."""
+    return [line.split("\t") for line in out.splitlines() if "\t" in line and not line.startswith("# ")]
+
+
 def _find(artifact: Path, capsys, *args: str) -> list[list[str]]:
     assert main(["inspect", str(artifact), "--find", *args]) == 0
-    out = capsys.readouterr().out
-    return [[c.strip() for c in line.split("│")[1:-1]] for line in out.splitlines() if line.startswith("│")]
+    return _tsv(capsys.readouterr().out)[1:]
 
 
 def test_find_by_op_module_and_source_line(artifact: Path, capsys) -> None:

@@ -23,7 +23,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("cli", ("graphllm.cli", "graphllm.__main__")),
     ("api", ("graphllm",)),
     ("app", ("graphllm.trainer", "graphllm.run_config", "graphllm.checkpoint_root", "graphllm.job", "graphllm.artifact", "graphllm.report",
-             "graphllm.resume", "graphllm.profile", "graphllm.profile_layers", "graphllm.inspect_graphs",
+             "graphllm.resume", "graphllm.profile", "graphllm.profile_layers", "graphllm.step_log", "graphllm.inspect_graphs",
              "graphllm.inspect_pipeline", "graphllm.convert", "graphllm.lora_io", "graphllm.launch", "graphllm.eval",
              "graphllm.generate")),
     ("compile", ("graphllm.compile", "graphllm.pass_pipeline", "graphllm.plan", "graphllm.tasks", "graphllm.backends",

@@ -42,3 +42,24 @@ def test_every_subpackage_is_listed_in_pyproject() -> None:
             rel = init.parent.relative_to(root / folder).parts
             found.add(".".join([name, *rel]))
     assert found <= listed, f"subpackages missing from pyproject.toml [tool.setuptools] packages: {sorted(found - listed)}"
+
+
+def test_one_version_source_and_the_package_metadata() -> None:
+    """graphllm/version.py is the version (pyproject reads it); `graphllm --version` prints it; the
+    distribution carries its license, and py.typed marks the package as typed."""
+    import tomllib
+    from importlib.metadata import metadata
+    from pathlib import Path
+
+    from graphllm.version import __version__
+
+    root = Path(__file__).resolve().parents[1]
+    project = tomllib.loads((root / "pyproject.toml").read_text())
+    assert "version" not in project["project"] and project["project"]["dynamic"] == ["version"]
+    assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "graphllm.version.__version__"}
+    proc = subprocess.run([sys.executable, "-m", "graphllm", "--version"], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.startswith(f"graphllm {__version__} (torch "), proc.stdout
+    assert metadata("graphllm")["Version"] == __version__
+    assert project["project"]["license"] == "BSD-3-Clause" and (root / "LICENSE").read_text().startswith("BSD 3-Clause")
+    assert (root / "graphllm" / "py.typed").is_file()
+    assert "py.typed" in project["tool"]["setuptools"]["package-data"]["graphllm"]

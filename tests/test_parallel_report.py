@@ -77,13 +77,15 @@ def test_cli_compiles_runs_saves_and_resumes_in_another_layout(tmp_path):
     ranks = json.loads((tp2 / "report.json").read_text())["ranks"]
     assert [r["rank"] for r in ranks] == [0, 1]
     ckpt = tmp_path / "ckpt"
-    assert main(["run", str(tp2), "--steps", "3", "--no-progress", "--save", str(ckpt), "--save-interval", "2"]) == 0
+    assert main(["run", str(tp2), "--steps", "3", "--no-progress", "--save", str(ckpt), "--save-interval", "2",
+                 "--run-name", "first"]) == 0
     assert sorted(p.name for p in ckpt.iterdir()) == ["step_2", "step_3"]
-    metrics = [json.loads(line) for line in (tp2 / "runs" / "metrics.jsonl").read_text().splitlines()]
+    metrics = [json.loads(line) for line in (tp2 / "runs" / "first" / "metrics.jsonl").read_text().splitlines()]
     losses = {m["step"]: m["loss"] for m in metrics if "loss" in m}
     assert main(["compile", *common, "--batch-size", "2", "--out", str(one)]) == 0
     assert main(["run", str(one), "--steps", "3", "--no-progress", "--load", str(ckpt / "step_2")]) == 0
-    resumed = [json.loads(line) for line in (one / "runs" / "metrics.jsonl").read_text().splitlines()]
+    (run,) = (one / "runs").iterdir()  # the default name: the start time
+    resumed = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     step3 = [m["loss"] for m in resumed if m.get("step") == 3]
     assert step3 and abs(step3[0] - losses[3]) / losses[3] < 1e-5
 

@@ -115,14 +115,13 @@ def results_dict(task: str, scores: Sequence[SubjectScore], *, config: dict[str,
     return out
 
 
-def print_table(results: dict[str, Any], console=None) -> None:
-    """Per-subject rows and an overall row, as a rich table."""
-    from rich.console import Console
+def results_table(results: dict[str, Any]):
+    """Per-subject rows, group rows and the overall rows, as a rich table."""
     from rich.table import Table
 
-    console = console or Console()
     metrics = [k for k in results["overall"] if k != "n" and not k.endswith("_macro")]
-    table = Table(title=f"{results['task']} ({results['config'].get('shots', 0)}-shot)")
+    model = results["config"].get("model")
+    table = Table(title=f"{model + ': ' if model else ''}{results['task']} ({results['config'].get('shots', 0)}-shot)")
     table.add_column("subject")
     table.add_column("n", justify="right")
     for m in metrics:
@@ -140,7 +139,7 @@ def print_table(results: dict[str, Any], console=None) -> None:
                   end_section=False)
     if len(results["subjects"]) > 1:
         table.add_row("overall (macro)", "", *(f"{100 * ov[m + '_macro']:.2f}" for m in metrics))
-    console.print(table)
+    return table
 
 
 def write_results(results: dict[str, Any], path: Path) -> None:

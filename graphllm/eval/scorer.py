@@ -83,9 +83,10 @@ class GraphScorer:
         self.min_bucket = min(min_bucket, self.max_length)
         self.pad_id = tokenizer.eos_id if tokenizer.eos_id is not None and tokenizer.eos_id >= 0 else 0
         self.graphs: dict[tuple[int, int], nn.Module] = {}
-        self.stats: dict[str, float] = {"rows": 0, "calls": 0, "compile_s": 0.0, "run_s": 0.0}
+        self.stats: dict[str, float] = {"rows": 0, "calls": 0, "compile_s": 0.0, "run_s": 0.0, "truncated": 0}
         """Log-likelihood rows scored (pad rows excluded), graph calls made (fallback generation included),
-        seconds spent compiling graphs (first call included) and running them."""
+        seconds spent compiling graphs (first call included) and running them, and inputs (a request's context +
+        continuation, or a prompt) longer than max_length that kept only their last tokens."""
         self.on_batch: Callable[[int, int], None] | None = None
         """Progress callback: (rows done, rows) after each log-likelihood batch."""
         self.device = next(model.parameters()).device
@@ -147,6 +148,7 @@ class GraphScorer:
                 raise GraphllmError("a continuation encodes to no tokens; cannot score an empty answer")
             if len(cont) > self.max_length:
                 raise GraphllmError(f"a continuation of {len(cont)} tokens exceeds --max-length {self.max_length}")
+            self.stats["truncated"] += len(ctx) + len(cont) > self.max_length + 1
             full = (ctx + cont)[-(self.max_length + 1):]
             readers.setdefault(tuple(full[:-1]), []).append((i, cont))
         # longest first: each batch's bucket fits its rows tightly, and the largest graph compiles first
@@ -199,7 +201,9 @@ class GraphScorer:
         """Fallback greedy decoding: per step, the compiled forward over each batch of unfinished rows
         (rows grow into larger buckets as needed; no KV cache, so it costs O(length²) per row)."""
         keep = max(self.max_length - max_new_tokens, 1)
-        rows = [self.tokenizer.encode(p)[-keep:] or [self.pad_id] for p in prompts]
+        encoded = [self.tokenizer.encode(p) for p in prompts]
+        self.stats["truncated"] += sum(len(e) > keep for e in encoded)
+        rows = [e[-keep:] or [self.pad_id] for e in encoded]
         new: list[list[int]] = [[] for _ in prompts]
         texts = ["" for _ in prompts]
         live = list(range(len(prompts)))

@@ -97,6 +97,9 @@ def generate_until(scorer, prompts: Sequence[str], *, stop: Sequence[str], max_n
         scorer._static_generator = gen
     n_new = min(max_new_tokens, gen.max_len - 1)
     keep = gen.max_prompt_len(n_new)
-    rows = [scorer.tokenizer.encode(p)[-keep:] or [gen.pad_id] for p in prompts]
+    encoded = [scorer.tokenizer.encode(p) for p in prompts]
+    if hasattr(scorer, "stats"):
+        scorer.stats["truncated"] = scorer.stats.get("truncated", 0) + sum(len(e) > keep for e in encoded)
+    rows = [e[-keep:] or [gen.pad_id] for e in encoded]
     done = generate_text(gen, scorer.tokenizer, rows, max_new_tokens=n_new, stop=stop)
     return [c.text for c in done]

@@ -317,9 +317,11 @@ def test_choices_of_one_question_share_a_row(tiny_scorer: GraphScorer) -> None:
 def test_rolling_loglikelihood_windows(tiny_scorer: GraphScorer) -> None:
     text = "graph mode evaluation " * 20
     toks = tiny_scorer.tokenizer.encode(text)
-    assert len(toks) > tiny_scorer.max_length  # two windows
-    want = eager_loglikelihood(tiny_scorer.model, [tiny_scorer.pad_id], toks[:64])[0]
-    want += eager_loglikelihood(tiny_scorer.model, [toks[63]], toks[64:])[0]
+    assert tiny_scorer.max_length == 64 < len(toks) <= 128  # two windows
+    # the harness's windows: the first 64 tokens from the prefix token (BOS, else EOS); the rest from as much
+    # of the text before them as fills max_length + 1 (lm_eval.utils.get_rolling_token_windows, made disjoint)
+    want = eager_loglikelihood(tiny_scorer.model, [tiny_scorer.prefix_id], toks[:64])[0]
+    want += eager_loglikelihood(tiny_scorer.model, toks[len(toks) - 65: 64], toks[64:])[0]
     assert tiny_scorer.loglikelihood_rolling([text]) == pytest.approx([want], abs=LOGPROB_ATOL)
 
 
@@ -387,9 +389,11 @@ def test_harness_methods_on_duck_typed_requests() -> None:
 
 def test_lm_eval_adapter_subclasses_lm(tiny_scorer: GraphScorer, monkeypatch) -> None:
     """With lm_eval installed, the real LM base; without it, a stand-in module with the same two names."""
+    stand_in = False
     try:
         import lm_eval.api.model  # noqa: F401
     except ImportError:
+        stand_in = True
         lm_eval = types.ModuleType("lm_eval")
         api = types.ModuleType("lm_eval.api")
         model_mod = types.ModuleType("lm_eval.api.model")
@@ -400,7 +404,8 @@ def test_lm_eval_adapter_subclasses_lm(tiny_scorer: GraphScorer, monkeypatch) ->
         for name, mod in [("lm_eval", lm_eval), ("lm_eval.api", api), ("lm_eval.api.model", model_mod),
                           ("lm_eval.api.registry", registry)]:
             monkeypatch.setitem(sys.modules, name, mod)
-    sys.modules.pop("graphllm.eval.lm_eval_adapter", None)
+    if stand_in:  # import the adapter against the stand-in (the real registry refuses a second registration)
+        sys.modules.pop("graphllm.eval.lm_eval_adapter", None)
     try:
         from graphllm.eval.lm_eval_adapter import GraphllmLM
 
@@ -408,7 +413,8 @@ def test_lm_eval_adapter_subclasses_lm(tiny_scorer: GraphScorer, monkeypatch) ->
         assert isinstance(lm, sys.modules["lm_eval.api.model"].LM)
         assert same_scores(lm.loglikelihood([Req("Answer:", " A")]), tiny_scorer.loglikelihood([("Answer:", " A")]))
     finally:
-        sys.modules.pop("graphllm.eval.lm_eval_adapter", None)  # it may hold the stand-in LM
+        if stand_in:
+            sys.modules.pop("graphllm.eval.lm_eval_adapter", None)  # it holds the stand-in LM
 
 
 # ---- CLI ---------------------------------------------------------------------------------------

@@ -44,6 +44,7 @@ class Encoder(Protocol):
     """The tokenizer as the user named it (for messages)."""
     vocab_size: int
     eos_id: int | None
+    bos_id: int | None
     chat_template: str | None
     """The tokenizer's Jinja chat template; None when it has none (sentencepiece models never do)."""
 
@@ -76,8 +77,9 @@ class SentencePieceEncoder:
         self.spec = str(path)
         self._tok = load_tokenizer(path)
         self.vocab_size = self._tok.vocab_size
-        eos = self._tok.eos_id
+        eos, bos = self._tok.eos_id, self._tok.bos_id
         self.eos_id = eos if eos >= 0 else None
+        self.bos_id = bos if bos >= 0 else None
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text)
@@ -104,6 +106,7 @@ class HuggingFaceEncoder:
                                 f"({type(exc).__name__}: {exc}); point to a folder written by save_pretrained") from exc
         self.vocab_size = len(self._tok)
         self.eos_id = self._tok.eos_token_id
+        self.bos_id = self._tok.bos_token_id
         self.chat_template = getattr(self._tok, "chat_template", None) or None
 
     def encode(self, text: str) -> list[int]:

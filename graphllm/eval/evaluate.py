@@ -118,9 +118,11 @@ def score_humaneval(scorer: Scorer | None, cfg: EvalConfig) -> SubjectScore:
 
 
 def build_scorer(model: str, *, tokenizer: str | None = None, batch_size: int = 8, backend: str = "eager",
-                 max_length: int | None = None, seed: int = 0, amp: str = "fp32") -> GraphScorer:
+                 max_length: int | None = None, seed: int = 0, amp: str = "fp32",
+                 prefix_token_id: int | None = None) -> GraphScorer:
     """A GraphScorer for a preset (random weights from `seed`, graphllm's built-in tokenizer) or an HF
-    checkpoint directory (its own tokenizer); `tokenizer` overrides (a .model file or HF tokenizer dir)."""
+    checkpoint directory (its own tokenizer); `tokenizer` overrides (a .model file or HF tokenizer dir);
+    `prefix_token_id` overrides the token an empty context is (default: BOS, else EOS)."""
     from graphllm.backends import get_backend
     from graphllm.data.encoders import load_encoder, resolve_spec
     from graphllm.models import load_model
@@ -132,4 +134,5 @@ def build_scorer(model: str, *, tokenizer: str | None = None, batch_size: int = 
     if enc.vocab_size > net.config.vocab_size:
         raise GraphllmError(f"tokenizer {spec} has {enc.vocab_size} tokens but {model} has vocab_size="
                             f"{net.config.vocab_size}; pass --tokenizer with the model's own tokenizer")
-    return GraphScorer(net, enc, batch_size=batch_size, backend=backend, max_length=max_length, amp=amp)
+    return GraphScorer(net, enc, batch_size=batch_size, backend=backend, max_length=max_length, amp=amp,
+                       prefix_token_id=prefix_token_id)

@@ -38,7 +38,9 @@ class GraphllmLM(HarnessMethods, LM):
 
     def __init__(self, model: str = "tiny-llama", *, backend: str = "eager", batch_size: int | str = 8,
                  max_length: int | str | None = None, tokenizer: str | None = None, amp: str = "fp32",
-                 scorer: GraphScorer | None = None, **ignored) -> None:
+                 scorer: GraphScorer | None = None, prefix_token_id: int | str | None = None, **ignored) -> None:
+        """`prefix_token_id`: the token an empty context is, as HFLM's argument of that name (default: the
+        tokenizer's BOS, else EOS)."""
         super().__init__()
         if ignored:  # the harness passes device/max_batch_size/... to every model
             logger.info("graphllm lm_eval adapter: ignoring %s", ", ".join(f"{k}={v}" for k, v in ignored.items()))
@@ -47,7 +49,9 @@ class GraphllmLM(HarnessMethods, LM):
             batch_size = 8
         self.scorer = scorer or build_scorer(str(model), tokenizer=tokenizer, batch_size=int(batch_size),
                                              backend=backend, max_length=int(max_length) if max_length else None,
-                                             amp=amp)
+                                             amp=amp,
+                                             prefix_token_id=int(prefix_token_id) if prefix_token_id is not None
+                                             else None)
 
     @property
     def tokenizer_name(self) -> str:

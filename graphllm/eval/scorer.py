@@ -45,6 +45,7 @@ class Scorer(Protocol):
 
 class Tokenizer(Protocol):
     eos_id: int | None
+    bos_id: int | None
 
     def encode(self, text: str) -> list[int]: ...
 
@@ -63,11 +64,30 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
     return (text[: min(cuts)], True) if cuts else (text, False)
 
 
+def rolling_windows(tokens: list[int], prefix: int, max_length: int) -> list[tuple[list[int], list[int]]]:
+    """(context, continuation) pairs covering `tokens` once, as lm-evaluation-harness scores a text for
+    perplexity (`get_rolling_token_windows` with context_len 1, then `make_disjoint_window`): the first window
+    predicts up to `max_length` tokens from `prefix`; each later one predicts the next `max_length` tokens (the
+    last: what is left) from the tokens before it, so that context + continuation fill `max_length` + 1."""
+    if not tokens:
+        return []
+    first = min(max_length, len(tokens))
+    out = [([prefix], tokens[:first])]
+    done = first
+    while done < len(tokens):
+        n = min(len(tokens) - done, max_length)
+        end = done + n
+        out.append((tokens[end - max_length - 1: end - n], tokens[done:end]))
+        done = end
+    return out
+
+
 class GraphScorer:
     """The scorer protocol on compiled static graphs of `model`'s forward (see the module docstring)."""
 
     def __init__(self, model: nn.Module, tokenizer: Tokenizer, *, batch_size: int = 8, backend: str = "eager",
-                 max_length: int | None = None, min_bucket: int = 32, amp: str = "fp32") -> None:
+                 max_length: int | None = None, min_bucket: int = 32, amp: str = "fp32",
+                 prefix_token_id: int | None = None) -> None:
         if batch_size < 1:
             raise GraphllmError(f"--batch-size must be at least 1, got {batch_size}")
         cfg = getattr(model, "config", None)
@@ -82,6 +102,10 @@ class GraphScorer:
         self.amp = amp
         self.min_bucket = min(min_bucket, self.max_length)
         self.pad_id = tokenizer.eos_id if tokenizer.eos_id is not None and tokenizer.eos_id >= 0 else 0
+        bos = getattr(tokenizer, "bos_id", None)
+        self.prefix_id = prefix_token_id if prefix_token_id is not None else bos if bos is not None else self.pad_id
+        """What an empty context is: the token the first token of a text is predicted from. lm-evaluation-harness's
+        rule (HFLM.prefix_token_id): its override, else the tokenizer's BOS, else EOS."""
         self.graphs: dict[tuple[int, int], nn.Module] = {}
         self.stats: dict[str, float] = {"rows": 0, "calls": 0, "compile_s": 0.0, "run_s": 0.0, "truncated": 0}
         """Log-likelihood rows scored (pad rows excluded), graph calls made (fallback generation included),
@@ -128,7 +152,7 @@ class GraphScorer:
             continuation = context[-n_spaces:] + continuation
             context = context[:-n_spaces]
         if not context:
-            return [self.pad_id], self.tokenizer.encode(continuation)
+            return [self.prefix_id], self.tokenizer.encode(continuation)
         whole = self.tokenizer.encode(context + continuation)
         ctx = self.tokenizer.encode(context)
         return ctx, whole[len(ctx):]
@@ -170,15 +194,15 @@ class GraphScorer:
         return out
 
     def loglikelihood_rolling(self, texts: Sequence[str]) -> list[float]:
-        """Log-likelihood of each whole text (perplexity), in disjoint windows of `max_length` tokens,
-        each predicted from the token before it (the first from EOS), as the harness's rolling windows do."""
+        """Log-likelihood of each whole text (perplexity) over lm-evaluation-harness's rolling windows
+        (`rolling_windows`): the first token is predicted from the prefix token, every other from the text
+        before it, at most `max_length` tokens of input per window."""
         pairs: list[tuple[list[int], list[int]]] = []
         owner: list[int] = []
         for t, text in enumerate(texts):
-            toks = self.tokenizer.encode(text)
-            for s in range(0, len(toks), self.max_length):
-                pairs.append(([toks[s - 1]] if s else [self.pad_id], toks[s: s + self.max_length]))
-                owner.append(t)
+            windows = rolling_windows(self.tokenizer.encode(text), self.prefix_id, self.max_length)
+            pairs += windows
+            owner += [t] * len(windows)
         totals = [0.0] * len(texts)
         for t, (score, _) in zip(owner, self.loglikelihood_tokens(pairs)):
             totals[t] += score

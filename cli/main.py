@@ -108,9 +108,11 @@ def _handled(args: argparse.Namespace, exc: BaseException) -> int | None:
 def main(argv: list[str] | None = None) -> int:
     from graphllm.launch import in_launched_world, rank_started
     from graphllm.signals import StopAtOnce
+    from graphllm.slurm_env import adopt_slurm_env
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    adopt_slurm_env()  # under a multi-task `srun`: each task is a rank, as under torchrun
     args.argv = list(sys.argv[1:] if argv is None else argv)  # to re-run the same command on each rank
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     try:

@@ -26,6 +26,7 @@ from typing import Any, Callable
 import torch
 
 from graphllm.errors import GraphllmError, exception_chain
+from graphllm.data.feed import to_device
 from graphllm.run_config import RunConfig, open_feed, with_model_defaults
 
 EventFn = Callable[[dict[str, Any]], None]
@@ -194,7 +195,7 @@ class Trainer:
         return result
 
     def _batch_at(self, step: int) -> tuple[torch.Tensor, ...]:
-        return tuple(t.to(self.built.plan.device) for t in self.feed.train_batch(step))
+        return to_device(self.feed.train_batch(step), self.built.plan.device)
 
     def _metrics_path(self) -> Path | None:
         """--metrics, else ARTIFACT/runs/<--run-name or the start time>/metrics.jsonl (a new folder per run:
@@ -271,7 +272,7 @@ class Trainer:
         """Mean loss over the validation batches, and the task's metrics averaged the same way ("valid_<name>")."""
         engine, losses, metrics = self.built.engine, [], []
         for batch in self.valid:
-            losses.append(engine.eval_loss(*(t.to(self.built.plan.device) for t in batch)))
+            losses.append(engine.eval_loss(*to_device(batch, self.built.plan.device)))
             metrics.append(dict(engine.metrics))
         return statistics.fmean(losses), {f"valid_{k}": statistics.fmean(m[k] for m in metrics) for k in metrics[0]}
 

@@ -24,7 +24,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("api", ("graphllm",)),
     ("app", ("graphllm.trainer", "graphllm.run_config", "graphllm.checkpoint_root", "graphllm.job", "graphllm.artifact", "graphllm.report",
              "graphllm.resume", "graphllm.profile", "graphllm.profile_layers", "graphllm.step_log", "graphllm.inspect_graphs",
-             "graphllm.inspect_pipeline", "graphllm.convert", "graphllm.lora_io", "graphllm.launch", "graphllm.eval",
+             "graphllm.inspect_pipeline", "graphllm.convert", "graphllm.lora_io", "graphllm.launch", "graphllm.slurm_env", "graphllm.eval",
              "graphllm.generate")),
     ("compile", ("graphllm.compile", "graphllm.pass_pipeline", "graphllm.plan", "graphllm.tasks", "graphllm.backends",
                  "graphllm.npu_backend", "graphllm.train_stage", "graphllm.recompute", "graphllm.capture",

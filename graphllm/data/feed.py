@@ -108,3 +108,11 @@ class BuiltinFeed:
 
     def valid_batches(self, iters: int) -> list[tuple[torch.Tensor, ...]]:
         return [self._add_positions(b) for b in self.batches.valid_batches(iters)]
+
+
+def to_device(batch, device: str) -> tuple[torch.Tensor, ...]:
+    """A batch's tensors on `device`; to an accelerator through pinned memory, asynchronously (the copy overlaps
+    the host's work until the graph reads it)."""
+    if torch.device(device).type == "cpu":
+        return tuple(t.to(device) for t in batch)
+    return tuple(t.pin_memory().to(device, non_blocking=True) for t in batch)

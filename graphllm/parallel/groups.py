@@ -21,7 +21,9 @@ from graphllm.ops import groups as op_groups
 from graphllm.planning.layout import Coords, Layout
 
 KINDS = ("pp", "dp", "tp")
-BACKEND_FOR_DEVICE = {"cpu": "gloo", "cuda": "nccl", "npu": "hccl"}
+BACKEND_FOR_DEVICE = {"cpu": "gloo", "cuda": "cpu:gloo,cuda:nccl", "npu": "cpu:gloo,npu:hccl"}
+"""Process-group backends per device: on an accelerator, its collective library for device tensors and gloo for
+the CPU tensors some host-side exchanges use (checkpoint state gathers, objects)."""
 
 
 @dataclass(slots=True)
@@ -71,15 +73,30 @@ def init_parallel(layout: Layout, device: str = "cpu") -> ParallelState:
     if world != layout.world_size:
         raise GraphllmError(f"the plan needs {layout.world_size} processes ({layout.describe()}) but {world} were "
                             f"started; run with --nproc {layout.world_size}")
+    use_local_device(device)
     mesh = None
     if world > 1:
         if not dist.is_initialized():
-            dist.init_process_group(BACKEND_FOR_DEVICE[device])
+            dist.init_process_group(BACKEND_FOR_DEVICE[torch.device(device).type])
         from torch.distributed.device_mesh import init_device_mesh
 
         mesh = init_device_mesh(device, (layout.pp, layout.dp, layout.tp), mesh_dim_names=KINDS)
     set_state(ParallelState(layout=layout, rank=rank, coords=layout.coords(rank), mesh=mesh))
     return _STATE
+
+
+def use_local_device(device: str) -> None:
+    """One accelerator per local rank: make device LOCAL_RANK (torchrun's, or Slurm's SLURM_LOCALID read by
+    graphllm.slurm_env) the current one, so tensors made on "cuda"/"npu" land on this rank's own device."""
+    kind = torch.device(device).type
+    if kind not in ("cuda", "npu") or "LOCAL_RANK" not in os.environ:
+        return
+    module = getattr(torch, kind)
+    local = int(os.environ["LOCAL_RANK"])
+    if local >= module.device_count():
+        raise GraphllmError(f"LOCAL_RANK {local} but this node has {module.device_count()} {kind} device(s); start "
+                            f"at most that many ranks per node")
+    module.set_device(local)
 
 
 def set_state(state: ParallelState | None) -> None:

@@ -73,7 +73,8 @@ def reduce_gradients(params: Sequence[nn.Parameter], group: dist.ProcessGroup | 
         buckets.append((dtype, bucket))
     pending = []
     for dtype, bucket in buckets:
-        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros(p.shape, dtype=dtype)).reshape(-1)
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros(p.shape, dtype=dtype, device=p.device))
+                          .reshape(-1)
                           for p in bucket])  # [sum of the bucket's numels]
         pending.append((bucket, flat, dist.all_reduce(flat, group=group, async_op=True)))
     for bucket, flat, work in pending:
@@ -95,10 +96,13 @@ def _group(st, kind: str) -> dist.ProcessGroup | None:
 
 
 def grad_norm(named_params: dict[str, nn.Parameter], st) -> torch.Tensor:
-    """Global L2 norm (fp32 scalar) of the whole model's gradient, the same on every rank."""
-    sharded = torch.zeros((), dtype=torch.float32)
-    whole = torch.zeros((), dtype=torch.float32)
-    for p in _unique(named_params.values()):
+    """Global L2 norm (fp32 scalar, on the parameters' device) of the whole model's gradient, the same on every
+    rank."""
+    params = _unique(named_params.values())
+    device = params[0].device if params else torch.device("cpu")  # nccl/hccl reduce device tensors only
+    sharded = torch.zeros((), dtype=torch.float32, device=device)
+    whole = torch.zeros((), dtype=torch.float32, device=device)
+    for p in params:
         if p.grad is None:
             continue
         sq = p.grad.detach().float().pow(2).sum()
@@ -161,6 +165,7 @@ class ZeroAdamW:
         self.start, self.end = min(self.total, rank * self.shard), min(self.total, (rank + 1) * self.shard)
         dtypes = {p.dtype for p in self.params}
         self.dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32  # of the all-gathered buffer
+        self.device = self.params[0].device  # the ranges and the all-gather buffer live beside the parameters
         self.pieces: list[_Piece] = []
         for p, offset in zip(self.params, self.offsets):
             lo, hi = max(self.start, offset) - offset, min(self.end, offset + p.numel()) - offset
@@ -175,7 +180,8 @@ class ZeroAdamW:
                   {"params": [x.tensor for x in self.pieces if x.param.dim() < 2], "weight_decay": 0.0}]
         defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}
         if self.pieces:
-            self.inner: torch.optim.AdamW | None = torch.optim.AdamW(groups, **defaults, fused=True)
+            fused = self.device.type != "meta"  # the fused kernel exists for real devices (meta: device tests)
+            self.inner: torch.optim.AdamW | None = torch.optim.AdamW(groups, **defaults, fused=fused)
             self.param_groups = self.inner.param_groups
         else:  # this rank's range is empty (fewer elements than ranks): nothing to update, lr still settable
             self.inner = None
@@ -189,13 +195,13 @@ class ZeroAdamW:
             x.tensor.grad = None if g is None else g.reshape(-1)[x.lo:x.hi].to(torch.float32)
         if self.inner is not None:
             self.inner.step()
-        local = torch.zeros(self.shard, dtype=self.dtype)  # this rank's range, updated
+        local = torch.zeros(self.shard, dtype=self.dtype, device=self.device)  # this rank's range, updated
         for x in self.pieces:
             x.tensor.grad = None
             local[x.at:x.at + x.hi - x.lo] = x.tensor
         full = local
         if self.group is not None:
-            full = torch.empty(self.shard * self.world, dtype=self.dtype)
+            full = torch.empty(self.shard * self.world, dtype=self.dtype, device=self.device)
             _all_gather(full, local, group=self.group)
         chunks = full[:self.total].split([p.numel() for p in self.params])
         torch._foreach_copy_(self.params, [c.view(p.shape).to(p.dtype) for c, p in zip(chunks, self.params)])

@@ -1,5 +1,5 @@
 """`graphllm inspect ARTIFACT`: list the dumped graphs, show one, diff two, count its ops, find nodes,
-render one to HTML/SVG. The reading and drawing live in graphllm.inspect_graphs."""
+render one to HTML/SVG/dot/Model Explorer JSON. The reading and drawing live in graphllm.inspect_graphs."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ from rich.table import Table
 
 
 def add_parser(sub) -> None:
+    from graphllm.graph_layout import AUTO_OPEN_MAX_NODES  # no torch: cheap at parser time
+
     p = sub.add_parser("inspect", help="list an artifact's graphs per pass, show one, diff two")
     p.add_argument("artifact", type=Path, help="the directory `graphllm compile --out` wrote")
     p.add_argument("--rank", type=int, default=0, help="which rank's graphs (default 0)")
@@ -23,8 +25,14 @@ def add_parser(sub) -> None:
     p.add_argument("--find", metavar="TEXT", help="nodes whose target, module path or source contains TEXT "
                    "(any case), in all the rank's graphs")
     p.add_argument("--in", dest="in_graph", metavar="GRAPH", help="with --find: search only this graph")
-    p.add_argument("--render", metavar="GRAPH", help="draw one graph to --out FILE.html (self-contained) or FILE.svg (graphviz)")
+    p.add_argument("--render", metavar="GRAPH", help="draw one graph to --out FILE: .html (a self-contained page: "
+                   "layers as boxes to open, search, zoom), .svg (graphviz), .dot (graphviz clusters by module) or "
+                   ".json (Google Model Explorer's graph JSON)")
     p.add_argument("--out", type=Path, metavar="FILE", help="with --render: where to write the drawing")
+    p.add_argument("--expand", choices=("auto", "all", "layers"), default=None,
+                   help="with --render to .html: the page's first view: every node (all), each layer a box "
+                   f"and identical layers folded (layers), or all up to {AUTO_OPEN_MAX_NODES} nodes, else layers "
+                   "(auto, the default)")
     p.add_argument("--pipeline", action="store_true",
                    help="the steps that made the graphs: stage, options, origin, why, nodes changed on --rank")
     p.set_defaults(func=run)
@@ -54,6 +62,8 @@ def run(args: argparse.Namespace) -> int:
         raise GraphllmError("--in GRAPH only narrows --find TEXT; add --find")
     if (args.render is None) != (args.out is None):
         raise GraphllmError("--render GRAPH and --out FILE go together (e.g. --render forward --out g.html)")
+    if args.expand is not None and (args.out is None or args.out.suffix.lower() not in (".html", ".htm")):
+        raise GraphllmError(f"--expand {args.expand} only sets the first view of an --out FILE.html page")
     if args.pipeline:
         return _print_pipeline(args)
     files = ig.list_graphs(args.artifact, args.rank)
@@ -80,7 +90,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.render:
         g = ig.find_graph(files, args.render)
-        out = ig.render(g, args.out, title=f"{args.artifact.name} rank {args.rank}: {g.name}")
+        out = ig.render(g, args.out, title=f"{args.artifact.name} rank {args.rank}: {g.name}",
+                        expand=args.expand or "auto")
         console.print(f"wrote {out}")
         return 0
     if args.diff:
@@ -108,5 +119,5 @@ def run(args: argparse.Namespace) -> int:
         prev = nodes if stage == "model" else prev
     print_table(console, table)
     console.print("show one: --show NAME [--table]; compare: --diff A B; ops: --ops NAME; "
-                  "search: --find TEXT [--in NAME]; draw: --render NAME --out FILE.html")
+                  "search: --find TEXT [--in NAME]; draw: --render NAME --out FILE.html|.dot|.json")
     return 0

@@ -14,3 +14,15 @@ def _restore_torch_threads():
     n = torch.get_num_threads()
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact(tmp_path_factory) -> Path:
+    """tiny-llama compiled once for the session (eager, batch 2 × 32): for tests that run an artifact and write
+    only under their own paths or runs/<their own --run-name>."""
+    from graphllm.job import compile_artifact
+    from graphllm.plan import CompilePlan
+
+    out = tmp_path_factory.mktemp("tiny_artifact") / "tiny"
+    compile_artifact(CompilePlan(model="tiny-llama", backend="eager", batch_size=2, seq_len=32), out)
+    return out

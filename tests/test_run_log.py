@@ -24,19 +24,15 @@ from rich.console import Console
 from rich.table import Table
 
 from graphllm.cli.main import main
-from graphllm.job import compile_artifact
-from graphllm.plan import CompilePlan
 
 STEP_LINE = re.compile(
     r"^step +(\d+)/(\d+) loss [\d.]+ lr [\d.e+-]+ grad [\d.e+-]+ [\d,]+ ms [\d,]+ tok/s \([\d,]+/rank\) "
     r"[\d.e+-]+ TFLOP/s/rank MFU [\d.]+% mem [\d.]+ (KiB|MiB|GiB) \d\d:\d\d:\d\d$")
 
 
-@pytest.fixture(scope="module")
-def artifact(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("run_log") / "tiny"
-    compile_artifact(CompilePlan(model="tiny-llama", backend="eager", batch_size=2, seq_len=32), out)
-    return out
+@pytest.fixture()
+def artifact(tiny_artifact) -> Path:
+    return tiny_artifact  # tests/conftest.py: compiled once for the session
 
 
 def _steps_logged(err: str) -> list[int]:

@@ -15,18 +15,14 @@ from pathlib import Path
 import pytest
 
 from graphllm.cli.main import main
-from graphllm.job import compile_artifact
-from graphllm.plan import CompilePlan
 from graphllm.run_config import RunConfig
 from graphllm.train import TrainConfig
 from graphllm.trainer import Trainer
 
 
-@pytest.fixture(scope="module")
-def artifact(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("trainer") / "tiny"
-    compile_artifact(CompilePlan(model="tiny-llama", backend="eager", batch_size=2, seq_len=32), out)
-    return out
+@pytest.fixture()
+def artifact(tiny_artifact) -> Path:
+    return tiny_artifact  # tests/conftest.py: compiled once for the session
 
 
 def _rows(path: Path) -> list[dict]:

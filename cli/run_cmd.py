@@ -132,4 +132,7 @@ def run(args: argparse.Namespace) -> int:
         result = trainer.fit()
     if result.stopped_by is None and result.records:
         console.print(f"[green]done[/]: {run_summary(result, config.save)}")
+    elif result.stopped_by is None:
+        console.print(f"nothing to run: resumed at step {result.start_step} and --steps {config.train.steps} is the "
+                      "run's total; give a larger --steps to train further")
     return result.exit_code

@@ -66,6 +66,15 @@ def test_without_save_the_final_line_says_the_weights_are_not_kept(artifact, cap
     assert err.rstrip().endswith("no --save: weights not kept"), err
 
 
+def test_resuming_at_the_total_says_there_is_nothing_to_run(artifact, tmp_path, capsys):
+    ckpt = tmp_path / "ckpt"
+    assert main(["run", str(artifact), "--steps", "2", "--save", str(ckpt), "--run-name", "to2"]) == 0
+    capsys.readouterr()
+    assert main(["run", str(artifact), "--steps", "2", "--load", str(ckpt), "--run-name", "again"]) == 0
+    assert capsys.readouterr().err.rstrip().endswith("nothing to run: resumed at step 2 and --steps 2 is the run's "
+                                                     "total; give a larger --steps to train further")
+
+
 def test_runs_are_kept_apart_and_survive_a_recompile(tmp_path, capsys):
     art = tmp_path / "art"
     args = ["compile", "--model", "tiny-llama", "--backend", "eager", "--batch-size", "2", "--seq-len", "32",

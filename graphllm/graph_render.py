@@ -167,4 +167,4 @@ def render_html(view: GraphView, *, title: str, created: str = "", expand: Expan
         title=_esc(title), nodes=len(view.rows), edges=sum(len(i) for i in view.inputs), groups=len(view.groups) - 1,
         runs=len(view.runs), shown=shown, boxes=boxes, legend=legend, made=made_html, w=scene.width,
         h=scene.height, markup=svg_markup(data, scene), script=script,
-        data=json.dumps(data, separators=(",", ":")).replace("</", "<\\/"))
+        data=json.dumps(data, separators=(",", ":")).replace("<", "\\u003c"))  # no "</script" or "<!--" in the data

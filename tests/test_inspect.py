@@ -374,3 +374,25 @@ def test_render_model_explorer_json(artifact: Path, tmp_path: Path) -> None:
     assert sorted(spaces) == ["0", "1", "2", "3"]
     mm = next(n for n in graph["nodes"] if n["label"] == "mm")
     assert mm["outputsMetadata"][0]["attrs"][0]["key"] == "tensor_shape"
+
+
+def test_hostile_names_and_source_lines_stay_text(tmp_path: Path) -> None:
+    """A user's model or pass decides node names, targets and source lines; the page shows them as text: no
+    markup they carry becomes an element, and none ends or re-opens the inline data or script."""
+    from graphllm.graph_render import render_html
+    from graphllm.graph_view import build_view
+
+    hostile = '</script><!--<script>alert(1)</script><img src=x onerror="alert(2)">'
+    rows = _llama_like_rows(2)
+    for r in rows:
+        if r["op"] == "call_function":
+            r["source"] = f"models/evil.py:1 {hostile}"
+    rows[-2]["target"] = f"aten.linear.default{hostile}"
+    for expand in ("auto", "all"):
+        page = render_html(build_view(rows), title=f"t{hostile}", expand=expand)
+        tags = Counter(t.lower() for t in re.findall(r"<\s*([a-zA-Z]+)", page))
+        assert tags["script"] == 2 and tags["img"] == 0, tags  # the data and the code, nothing the names carry
+        assert page.lower().count("</script") == 2 and "<!--" not in page
+        data = json.loads(re.search(r'<script type="application/json" id="graph-data">(.*?)</script>', page,
+                                    re.S).group(1))
+        assert f"models/evil.py:1 {hostile}" in data["strings"]  # kept whole, as text

@@ -116,6 +116,9 @@ def test_device_peak_is_measured_once_and_cached(tmp_path, monkeypatch):
     (tmp_path / step_log.PEAK_FILE).write_text("{not json")
     assert step_log.device_peak("cpu", torch.float32, tmp_path) == 1e11 and len(calls) == 3  # damaged: measured
     assert step_log.peak_key("cpu", torch.float32) in json.loads((tmp_path / step_log.PEAK_FILE).read_text())
+    blocked = tmp_path / "not_a_dir"
+    blocked.write_text("")  # an unwritable cache (here: a file where the folder should be): measured, not fatal
+    assert step_log.device_peak("cpu", torch.float32, blocked) == 1e11 and len(calls) == 4
 
 
 def test_tables_are_tab_separated_when_redirected_and_drawn_at_a_terminal(monkeypatch):

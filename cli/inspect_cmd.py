@@ -35,6 +35,9 @@ def add_parser(sub) -> None:
                    "(auto, the default)")
     p.add_argument("--pipeline", action="store_true",
                    help="the steps that made the graphs: stage, options, origin, why, nodes changed on --rank")
+    p.add_argument("--npu-coverage", action="store_true",
+                   help="the Ascend pre-flight of an npu artifact: every op of every graph with its torchair status "
+                        "(fused kernel, converter, conditional, stub, no converter, not capturable)")
     p.set_defaults(func=run)
 
 
@@ -66,6 +69,12 @@ def run(args: argparse.Namespace) -> int:
         raise GraphllmError(f"--expand {args.expand} only sets the first view of an --out FILE.html page")
     if args.pipeline:
         return _print_pipeline(args)
+    if args.npu_coverage:
+        from graphllm.cli.npu_coverage import print_ops
+        from graphllm.npu_preflight import read_preflight
+
+        print_ops(make_console(), read_preflight(args.artifact))
+        return 0
     files = ig.list_graphs(args.artifact, args.rank)
     console = make_console()
     if args.ops:

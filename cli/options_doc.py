@@ -21,7 +21,9 @@ def render() -> str:
         HEADER,
         "## `graphllm compile` (graphllm.plan.CompilePlan)",
         "",
-        "`--out DIR` (required): the artifact directory to write.",
+        "`--out DIR` (required): the artifact directory to write. `--dry-run` (with `--backend npu`, no NPU needed): "
+        "build every graph with torch_npu's kernels emulated on CPU and check each op against torchair "
+        "(docs/ascend.md); `--torch-npu-wheel PATH`: the torch_npu wheel or unpacked folder it reads.",
         "",
         markdown_table(CompilePlan),
         "## `graphllm run ARTIFACT` (graphllm.RunConfig, graphllm.TrainConfig)",

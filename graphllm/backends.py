@@ -150,9 +150,19 @@ def _load_torch_npu() -> None:
     load_torch_npu()
 
 
+def _load_npu_emulation() -> None:
+    from graphllm.preflight.emulation import load_emulated_kernels  # the wheel's schemas, CPU kernels
+
+    load_emulated_kernels()
+
+
 register_backend(Backend(name="eager", lowering="eager", graph_compiler=eager_graph_compiler,
                          description="aot_autograd graphs run op by op (debugging, fast tests)"))
 register_backend(Backend(name="inductor", lowering="decompose", dynamo=_inductor,
                          description="torch inductor (CPU C++/OpenMP, CUDA Triton)"))
 register_backend(Backend(name="npu", lowering="npu", graph_compiler=_npu_graph_compiler, prepare=_load_torch_npu,
                          description="torchair to Ascend graph execution (needs torch_npu + CANN)"))
+register_backend(Backend(name="npu-emulated", lowering="npu", graph_compiler=eager_graph_compiler,
+                         prepare=_load_npu_emulation,
+                         description="the npu lowering on CPU, torch_npu's kernels emulated with their exact schemas "
+                                     "(what `graphllm compile --backend npu --dry-run` checks)"))

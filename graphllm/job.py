@@ -168,25 +168,37 @@ def join_world(plan: CompilePlan):
     return st
 
 
-def compile_artifact(plan: CompilePlan, out: str | Path, *, user: Sequence[GraphPass] = ()) -> tuple[Built, dict]:
+def compile_artifact(plan: CompilePlan, out: str | Path, *, user: Sequence[GraphPass] = (),
+                     dry_run: bool = False) -> tuple[Built, dict]:
     """Compile per `plan` on every rank and write the artifact directory `out` (atomically, by rank 0):
     each rank dumps its own graphs under graphs/rank<r>/; plan.json holds the plan, the pipeline that ran
-    and every rank's graph hash. User passes: the plan's `--pass` specs, then `user`."""
+    and every rank's graph hash. User passes: the plan's `--pass` specs, then `user`. A plan for the npu
+    backend also gets preflight.json (graphllm.npu_preflight); `dry_run` builds it on CPU with the
+    kernels emulated, and the artifact still holds the npu plan."""
+    from graphllm import npu_preflight
+
     out = Path(out)
     user = [load_pass_spec(s) for s in plan.passes] + list(user)
-    st = join_world(plan)
+    built_plan = npu_preflight.emulated_plan(plan) if dry_run else plan
+    st = join_world(built_plan)
     rank = st.rank if st is not None else 0
     tmp = groups.broadcast_object(prepare_out_dir(out) if rank == 0 else None)
     try:
-        built = build(plan, user=user, dump_dir=graphs_dir(tmp, rank))
+        built = build(built_plan, user=user, dump_dir=graphs_dir(tmp, rank))
         res = built.result
         report = build_report(built, plan.batch_size * plan.seq_len)
         report["compile_seconds"] = round(built.compile_seconds, 2)
         mine = {"hash": res.model_graph_hash, "graphs": {"model": res.dumps, "train": res.train_stage.dumps},
                 "report": report}
+        if plan.backend == "npu":
+            mine["preflight"] = npu_preflight.rank_preflight(built, plan, generation=dry_run and rank == 0)
         everyone = groups.gather_objects(mine)
         if rank == 0:
-            _write_artifact(tmp, built, report, everyone)
+            pipeline = build_pipeline(plan, user=user).describe() if dry_run else built.pipeline.describe()
+            _write_artifact(tmp, built, report, everyone, plan=plan, pipeline=pipeline)
+            if plan.backend == "npu":
+                report["preflight"] = npu_preflight.merge([e["preflight"] for e in everyone], dry_run=dry_run)
+                write_json(tmp / npu_preflight.PREFLIGHT_FILE, report["preflight"])
             commit_out_dir(tmp, out)
         groups.barrier()
     except BaseException:
@@ -198,15 +210,15 @@ def compile_artifact(plan: CompilePlan, out: str | Path, *, user: Sequence[Graph
     return built, report
 
 
-def _write_artifact(tmp: Path, built: Built, report: dict, everyone: list[dict]) -> None:
+def _write_artifact(tmp: Path, built: Built, report: dict, everyone: list[dict], *, plan: CompilePlan,
+                    pipeline: list) -> None:
     from graphllm.data.tokenizer_match import model_tokenizer
 
-    plan = built.plan
     data = {
         "format": FORMAT_VERSION,
         "versions": versions(),
         "plan": plan.to_json(),
-        "pipeline": built.pipeline.describe(),
+        "pipeline": pipeline,
         "model": {"source": built.model.source, "config": built.model.config.to_dict(),
                   "fingerprint": built.model.config.fingerprint(),
                   "weights_fingerprint": weights_fingerprint(built.model.config),

@@ -97,13 +97,22 @@ def torchair_graph_compiler(stage: "TrainStage") -> Callable[[fx.GraphModule, li
     """torchair's FX compiler for one partitioned graph, configured from the plan's npu options. It runs
     under graphllm's aot_autograd wrapper (graphllm.backends.aot_backend), which partitions with the plan's
     recompute policy and runs the train passes first (torchair's own backend would partition with no
-    recomputation and skip them)."""
+    recomputation and skip them). Each graph is checked against torchair's converters first
+    (graphllm.preflight.check.guarded): an op GE cannot build is refused in one line naming it."""
     load_torch_npu()
     from torch_npu.dynamo import torchair
 
+    from graphllm.preflight.check import guarded
+    from graphllm.preflight.converters import converter_index
+    from graphllm.preflight.wheel import sources_version, torch_npu_sources
+
     dump_dir = stage.dump_dir.parent / "npu" if stage.dump_dir is not None else None
     settings = compiler_config_settings(stage.plan.npu, dump_dir)
-    return torchair.get_compiler(apply_settings(torchair.CompilerConfig(), settings))
+    compiler = torchair.get_compiler(apply_settings(torchair.CompilerConfig(), settings))
+    root = torch_npu_sources()  # the installed torch_npu's own sources (read, as on a CPU machine)
+    return guarded(compiler, index=converter_index(root), wheel=f"torch_npu {sources_version(root)}",
+                   rank=stage.ctx_template.rank, capture=stage.plan.npu.mode == "reduce-overhead",
+                   graph_name=lambda: next(reversed(stage.graphs), "graph"))
 
 
 # -- torch_npu.profiler for `graphllm profile` on an NPU --------------------------------------------

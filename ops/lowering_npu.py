@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from graphllm.ops.lowering_npu_mc2 import NPU_MC2_CONTRACT, npu_mc2_lowerings
+from graphllm.ops.rope import rope_decomposed
 
 # npu_fusion_attention's sparse_mode 2 (leftUpCausal: query i sees keys 0..i, as SDPA's is_causal) takes
 # this fixed, compressed mask: 2048×2048 bool, True = masked (the upper triangle).
@@ -68,8 +69,23 @@ def swiglu_npu(gate: Tensor, up: Tensor) -> Tensor:
     return torch.ops.npu.npu_swiglu(torch.cat([gate, up], dim=-1), dim=-1)
 
 
+ROTARY_GRAD_LAST_DIM, ROTARY_GRAD_MAX_BROADCAST = 64, 1024
+"""torchair's GE converter of npu_rotary_mul_backward on A2/A3 raises NotImplementedError unless the last dim is
+a multiple of 64 and the product of the dims r1 broadcasts over (B·N for 11SD) is at most 1024
+(graphllm.preflight.conditions checks the same on every backward graph)."""
+
+
+def rotary_grad_converts(x_shape: tuple[int, ...], r_shape: tuple[int, ...]) -> bool:
+    broadcast = 1
+    for n, r in zip(x_shape, r_shape):  # a loop, not math.prod over a generator: Dynamo traces this
+        broadcast *= n if n != r else 1
+    return x_shape[-1] % ROTARY_GRAD_LAST_DIM == 0 and broadcast <= ROTARY_GRAD_MAX_BROADCAST
+
+
 def rope_npu(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     # 'half' mode is rotate_half: x * r1 + cat(-x2, x1) * r2; x is BNSD and r1/r2 are 11SD
+    if x.requires_grad and not rotary_grad_converts(tuple(x.shape), tuple(cos.shape)):
+        return rope_decomposed(x, cos, sin)  # its backward would be a kernel GE cannot build: ATen ops instead
     return torch.ops.npu.npu_rotary_mul(x, cos.to(x.dtype), sin.to(x.dtype), rotary_mode="half")
 
 

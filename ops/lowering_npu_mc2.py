@@ -38,9 +38,22 @@ DTYPES = (torch.float16, torch.bfloat16)
 K_RANGE = (256, 65535)  # the gather/scatter kernels' contraction size, half-open
 
 
+_EMULATED_HCOM = False
+"""Set by graphllm.preflight.emulation: the CPU-emulated kernels take the c10d group name instead."""
+
+
+def emulate_hcom() -> None:
+    """The MC2 kernels are CPU emulations (graphllm.preflight.emulation): pass them c10d group names."""
+    global _EMULATED_HCOM
+    _EMULATED_HCOM = True
+
+
 def hcom_name(group: str) -> str:
     """The HCCL communicator name of a graphllm group kind, as the MC2 kernels take it."""
     import torch.distributed as dist
+
+    if _EMULATED_HCOM:
+        return group_name_of(group)
 
     from graphllm.ops.groups import resolver
 
@@ -61,12 +74,28 @@ def _limits(x: Tensor, k: int, size: int | None) -> list[str]:
     return reasons
 
 
+# The lowering runs while Dynamo traces the lowered graph: a warning there must be one Dynamo moves out of
+# the graph (it replays it after the compiled call) rather than a graph break, which fullgraph refuses.
+torch._dynamo.config.reorderable_logging_functions.add(warnings.warn)
+
+
 def _supported(kind: str, x: Tensor, size: int | None) -> bool:
     reasons = _limits(x, x.shape[-1], size)
     if reasons:
         warnings.warn(f"{kind}: {'; '.join(reasons)}: runs as CoC chunks on the NPU, not the fused kernel",
                       stacklevel=3)
     return not reasons
+
+
+def _autocast(x: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Under autocast (`--amp bf16`) the weights (and some activations) are fp32 and autocast casts each
+    matmul's inputs; the fused kernels are not on autocast's lists, so the lowering casts them as autocast
+    would cast the matmul, and the kernels (fp16/bf16 only) run instead of the fp32 fallback."""
+    device = x.device.type
+    if not torch.is_autocast_enabled(device):
+        return x, weight, bias
+    dtype = torch.get_autocast_dtype(device)
+    return x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
 
 
 def _rows(x: Tensor) -> Tensor:
@@ -147,6 +176,7 @@ class _MatmulReduceScatterNpu(torch.autograd.Function):
 
 
 def matmul_all_reduce_npu(x: Tensor, weight: Tensor, bias: Tensor | None, group: str, chunks: int) -> Tensor:
+    x, weight, bias = _autocast(x, weight, bias)
     if not _supported("matmul_all_reduce", x, None):
         return matmul_all_reduce_decomposed(x, weight, bias, group, chunks)
     return add_bias(_MatmulAllReduceNpu.apply(x, weight, group), bias)
@@ -154,6 +184,7 @@ def matmul_all_reduce_npu(x: Tensor, weight: Tensor, bias: Tensor | None, group:
 
 def all_gather_matmul_npu(x: Tensor, weight: Tensor, bias: Tensor | None, size: int, group: str,
                           chunks: int) -> tuple[Tensor, Tensor]:
+    x, weight, bias = _autocast(x, weight, bias)
     if not _supported("all_gather_matmul", x, size):
         return all_gather_matmul_decomposed(x, weight, bias, size, group, chunks)
     y, gathered = _AllGatherMatmulNpu.apply(x, weight, size, group)
@@ -162,6 +193,7 @@ def all_gather_matmul_npu(x: Tensor, weight: Tensor, bias: Tensor | None, size: 
 
 def matmul_reduce_scatter_npu(x: Tensor, weight: Tensor, bias: Tensor | None, size: int, group: str,
                               chunks: int) -> Tensor:
+    x, weight, bias = _autocast(x, weight, bias)
     if not _supported("matmul_reduce_scatter", x, size):
         return matmul_reduce_scatter_decomposed(x, weight, bias, size, group, chunks)
     return add_bias(_MatmulReduceScatterNpu.apply(x, weight, size, group), bias)

@@ -17,6 +17,8 @@ softmax(z) - onehot(t) for its slice: the same gradient as the unsplit cross-ent
 
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.fx as fx
 
@@ -58,7 +60,8 @@ def vocab_parallel_cross_entropy(gm: fx.GraphModule, ce: fx.Node, start: int, co
             return emit(gm, target_op, args, ce, role)
 
         frozen = e(aten.detach.default, logits)
-        local_max = e(aten.amax.default, frozen, [-1], True)
+        # max.dim, not amax: torchair's GE converter for aten.amax is a stub (graphllm.preflight finds it)
+        local_max = e(operator.getitem, e(aten.max.dim, frozen, -1, True), 0)
         gmax = e(gl.tp_reduce_max.default, local_max, "tp", role="loss")
         z = e(aten.sub.Tensor, logits, gmax)
         sumexp = e(gl.tp_reduce.default, e(aten.sum.dim_IntList, e(aten.exp.default, z), [-1]), "tp", role="loss")

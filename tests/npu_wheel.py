@@ -1,157 +1,39 @@
-"""The torch_npu 2.13.0 wheel as data: its op schemas and its torchair API, read without importing it.
+"""The torch_npu 2.13.0 wheel as data for the contract tests: its op schemas and its torchair API, read
+without importing it (installed without Ascend CANN, torch_npu breaks `import torch`).
 
-graphllm's Ascend backend lowers ops to torch_npu kernels and configures torchair, but no NPU exists
-in CI and torch_npu must never be imported or installed there (installed without Ascend CANN it breaks
-`import torch`). So the contract tests download the wheel once with pip (`pip download` only fetches
-the file), unzip just its `*.py` and `*.yaml` files into the graphllm cache, and parse them:
+Where the sources come from (an explicit wheel, `$GRAPHLLM_TORCH_NPU_WHEEL`, an installed torch_npu, or
+torch_npu 2.13.0 downloaded once into `$GRAPHLLM_CACHE/npu-wheel/`) and the schema parsing live in
+graphllm.preflight.wheel, which the product's Ascend pre-flight uses too; this module re-exports them:
 
+- `npu_wheel_root()`: the folder holding the sources' `torch_npu/` (`torch_npu_sources()`);
 - `npu_schemas()`: kernel name -> schema, from `torch_npu/csrc/aten/npu_native_functions_by_codegen.yaml`;
 - `schema_arg_names(schema)`: the argument names of one schema, keyword-only ones included;
+
+and adds two readers only tests need:
+
 - `compiler_config_fields()`: every dotted attribute path on `torchair.CompilerConfig()`, from an `ast`
   walk of `torch_npu/dynamo/torchair/configs/*.py`;
 - `torchair_exports()`: the names `torch_npu/dynamo/torchair/__init__.py` defines or imports.
-
-The extracted tree is `$GRAPHLLM_CACHE/npu-wheel/torch_npu-2.13.0/` (default cache `~/.cache/graphllm`).
-It is built in a temp folder beside it and `os.replace`d into place, so a crash never leaves a half
-tree under the real name, and two processes building it at once both end with the same complete tree.
 """
 
 from __future__ import annotations
 
 import ast
 import functools
-import os
-import re
-import shutil
-import subprocess
-import sys
-import tempfile
-import zipfile
 from pathlib import Path
 
-from graphllm.data.cache import TMP_MARKER, cache_dir
+from graphllm.preflight.wheel import (SCHEMA_YAML, TORCH_NPU_VERSION, TORCHAIR_DIR, npu_schemas, schema_arg_names,
+                                      torch_npu_sources)
 
-TORCH_NPU_VERSION = "2.13.0"
-# The x86_64 CPython 3.11 wheel, whatever machine runs the tests: the yaml and torchair sources are
-# the same in every build, and pinning the platform makes every run parse the same files.
-_PIP_PLATFORM = ("--platform", "manylinux_2_28_x86_64", "--python-version", "3.11",
-                 "--implementation", "cp", "--abi", "cp311")
-_EXTRACT_SUFFIXES = (".py", ".yaml")
-SCHEMA_YAML = "torch_npu/csrc/aten/npu_native_functions_by_codegen.yaml"
-TORCHAIR_DIR = "torch_npu/dynamo/torchair"
+__all__ = ["SCHEMA_YAML", "TORCH_NPU_VERSION", "TORCHAIR_DIR", "compiler_config_fields", "npu_schemas",
+           "npu_wheel_root", "schema_arg_names", "torchair_exports"]
+
 _TORCHAIR_PACKAGE = "torchair"  # torchair's sources import themselves as `torchair.*`
 
 
-def _download_wheel(wheels: Path) -> Path:
-    """The torch_npu wheel in `wheels`, fetched with `pip download` if not already there. Never installed."""
-    pattern = f"torch_npu-{TORCH_NPU_VERSION}-*.whl"
-    found = sorted(wheels.glob(pattern))
-    if not found:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               *_PIP_PLATFORM, "--no-cache-dir", "--disable-pip-version-check",
-               f"torch_npu=={TORCH_NPU_VERSION}", "-d", str(wheels)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        found = sorted(wheels.glob(pattern))
-        if proc.returncode != 0 or not found:
-            raise RuntimeError(f"could not download torch_npu=={TORCH_NPU_VERSION} "
-                               f"(exit {proc.returncode}): {' '.join(cmd)}\n{proc.stdout}\n{proc.stderr}")
-    return found[-1]
-
-
-def _extract_sources(wheel: Path, dest: Path) -> None:
-    """Unzip only the `*.py` and `*.yaml` members of `wheel` into `dest` (no binaries: nothing here runs)."""
-    root = dest.resolve()
-    with zipfile.ZipFile(wheel) as zf:
-        for info in zf.infolist():
-            if info.is_dir() or not info.filename.endswith(_EXTRACT_SUFFIXES):
-                continue
-            target = (root / info.filename).resolve()
-            if not target.is_relative_to(root):  # a hostile member name such as "../x.py"
-                raise RuntimeError(f"{wheel.name}: member {info.filename!r} escapes the extract folder")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with zf.open(info) as src, open(target, "wb") as dst:
-                shutil.copyfileobj(src, dst)
-
-
-@functools.cache
 def npu_wheel_root() -> Path:
-    """The folder holding the extracted wheel's `torch_npu/` (only its .py and .yaml files)."""
-    base = cache_dir("npu-wheel")
-    final = base / f"torch_npu-{TORCH_NPU_VERSION}"
-    if (final / SCHEMA_YAML).is_file():
-        return final
-    wheel = _download_wheel(base / "wheels")
-    tmp = Path(tempfile.mkdtemp(prefix=final.name + TMP_MARKER, dir=base))
-    try:
-        _extract_sources(wheel, tmp)
-        if not (tmp / SCHEMA_YAML).is_file():
-            raise RuntimeError(f"{wheel.name} has no {SCHEMA_YAML}")
-        try:
-            os.replace(tmp, final)
-        except OSError:
-            if not (final / SCHEMA_YAML).is_file():  # not a concurrent builder that got there first
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # gone already if os.replace moved it
-    return final
-
-
-# --- op schemas -------------------------------------------------------------------------------------
-
-_FUNC_LINE = re.compile(r"^(?:- |\s+)func:\s*(\S.*?)\s*$")  # "- func: ..." or "  func: ..."
-
-
-@functools.cache
-def npu_schemas() -> dict[str, str]:
-    """Op name (overloads keep their full name, e.g. `npu_grouped_matmul.List`) -> schema string,
-    e.g. `npu_rms_norm(Tensor self, Tensor gamma, float epsilon=1e-06) -> (Tensor, Tensor)`."""
-    schemas: dict[str, str] = {}
-    for line in (npu_wheel_root() / SCHEMA_YAML).read_text().splitlines():
-        m = _FUNC_LINE.match(line)
-        if not m or "(" not in m.group(1):  # "- func: clone" style entries name an op, give no schema
-            continue
-        schema = m.group(1)
-        name = schema.split("(", 1)[0].strip()
-        if schemas.setdefault(name, schema) != schema:
-            raise ValueError(f"{SCHEMA_YAML}: two schemas for {name}:\n{schemas[name]}\n{schema}")
-    return schemas
-
-
-def _split_top_level(text: str) -> list[str]:
-    """Split on commas outside brackets and quotes (`int[2] k=[1, 1]`, `str mode="a,b"`)."""
-    parts, depth, quote, start = [], 0, None, 0
-    for i, ch in enumerate(text):
-        if quote:
-            quote = None if ch == quote else quote
-        elif ch in "'\"":
-            quote = ch
-        elif ch in "([":
-            depth += 1
-        elif ch in ")]":
-            depth -= 1
-        elif ch == "," and depth == 0:
-            parts.append(text[start:i])
-            start = i + 1
-    parts.append(text[start:])
-    return [p.strip() for p in parts if p.strip()]
-
-
-def schema_arg_names(schema: str) -> list[str]:
-    """Argument names of `schema` in order, keyword-only ones (after `*`) included."""
-    open_at = schema.index("(")
-    depth = 0
-    for close_at in range(open_at, len(schema)):
-        depth += {"(": 1, ")": -1}.get(schema[close_at], 0)
-        if depth == 0:
-            break
-    else:
-        raise ValueError(f"unbalanced parentheses in schema {schema!r}")
-    names = []
-    for arg in _split_top_level(schema[open_at + 1:close_at]):
-        if arg == "*":
-            continue
-        names.append(arg.split("=", 1)[0].split()[-1])  # "Tensor? pse=None" -> "pse"
-    return names
+    """The folder holding the torch_npu sources' `torch_npu/` (only its .py and .yaml files)."""
+    return torch_npu_sources()
 
 
 # --- torchair ---------------------------------------------------------------------------------------

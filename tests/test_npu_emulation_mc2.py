@@ -66,3 +66,20 @@ def test_mc2_npu_lowering_falls_back_outside_the_kernels_limits():
     for errs, fell_back in run_ranks(compare_on_rank, 2, "all_gather_matmul", "float32"):
         assert fell_back
         assert max(errs) <= 1e-6, errs
+
+
+MC2_AMP_LOSS_RTOL = 2e-2
+"""bf16 autocast on both sides; the fused kernels (emulated) round each matmul's inputs to bf16 as autocast does,
+but sum the [S·B, K] rows in another order than the CoC chunks, so losses agree to bf16's ~3 significant digits."""
+
+
+def test_mc2_under_bf16_autocast_trains_like_the_coc_path():
+    """`--mc2 --amp bf16` on the npu lowering: the kernels get bf16 inputs (the lowering casts as autocast would),
+    and three training steps match the eager backend's CoC decomposition of the same MC2 ops."""
+    from parallel_harness import train
+
+    layout = {"tp": 2, "sequence_parallel": True, "mc2": True, "amp": "bf16"}
+    eager = run_ranks(train, 2, {**layout, "backend": "eager"}, 3)
+    npu = run_ranks(train, 2, {**layout, "backend": "npu-emulated"}, 3)
+    for a, b in zip(npu[0]["losses"], eager[0]["losses"]):
+        assert abs(a - b) <= MC2_AMP_LOSS_RTOL * abs(b), (npu[0]["losses"], eager[0]["losses"])

@@ -42,7 +42,7 @@ def test_help_shows_defaults_and_choices(capsys) -> None:
     with pytest.raises(SystemExit):
         build_parser().parse_args(["compile", "--help"])
     out = " ".join(capsys.readouterr().out.split())
-    assert "--backend {eager,inductor,npu}" in out and "(default: inductor)" in out
+    assert "--backend {eager,inductor,npu,npu-emulated}" in out and "(default: inductor)" in out
     assert "--recompute {none,full,selective,budget}" in out and "--tp N" in out
 
 

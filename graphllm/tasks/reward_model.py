@@ -56,8 +56,10 @@ class RewardModel(nn.Module):
 
     def rewards(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         hidden = self.model(input_ids)  # [B, S, H]
-        rows = torch.arange(input_ids.shape[0], device=input_ids.device)
-        last = hidden[rows, last_token_index(labels)]  # [B, H]
+        # gather, not hidden[rows, index]: advanced indexing's backward is aten.index_put, whose torchair GE
+        # converter is a stub (graphllm.preflight); gather's backward (scatter_add) converts
+        index = last_token_index(labels)[:, None, None].expand(-1, 1, hidden.shape[-1])  # [B, 1, H]
+        last = hidden.gather(1, index).squeeze(1)  # [B, H]
         return self.score(last).squeeze(-1).float()  # [B]
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor):

@@ -17,7 +17,7 @@ def add_parser(sub) -> None:
 
     p = sub.add_parser("inspect", help="list an artifact's graphs per pass, show one, diff two")
     p.add_argument("artifact", type=Path, help="the directory `graphllm compile --out` wrote")
-    p.add_argument("--rank", type=int, default=0, help="which rank's graphs (default 0)")
+    p.add_argument("--rank", type=int, default=None, help="which rank's graphs (default 0; with --npu-coverage, all)")
     p.add_argument("--show", "--pass", dest="show", metavar="GRAPH", help="print one graph: a pass name, its number, forward or backward")
     p.add_argument("--table", action="store_true", help="with --show: the node table instead of the code")
     p.add_argument("--diff", nargs=2, metavar=("A", "B"), help="unified diff of two graphs' code")
@@ -68,13 +68,20 @@ def run(args: argparse.Namespace) -> int:
     if args.expand is not None and (args.out is None or args.out.suffix.lower() not in (".html", ".htm")):
         raise GraphllmError(f"--expand {args.expand} only sets the first view of an --out FILE.html page")
     if args.pipeline:
+        args.rank = 0 if args.rank is None else args.rank
         return _print_pipeline(args)
     if args.npu_coverage:
         from graphllm.cli.npu_coverage import print_ops
         from graphllm.npu_preflight import read_preflight
 
-        print_ops(make_console(), read_preflight(args.artifact))
+        pre = read_preflight(args.artifact)
+        ranks = sorted({c["rank"] for c in pre["checks"]})
+        if args.rank is not None and args.rank not in ranks:
+            raise GraphllmError(f"--rank {args.rank}: {args.artifact} has the pre-flight of ranks "
+                                f"{', '.join(map(str, ranks))}")
+        print_ops(make_console(), pre, rank=args.rank)
         return 0
+    args.rank = 0 if args.rank is None else args.rank
     files = ig.list_graphs(args.artifact, args.rank)
     console = make_console()
     if args.ops:

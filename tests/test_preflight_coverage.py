@@ -135,6 +135,8 @@ def test_cli_dry_run_writes_an_npu_artifact_and_inspect_shows_every_op(tmp_path,
     assert kinds[("forward", "npu.npu_fusion_attention.default")] == "fused kernel"
     assert kinds[("backward", "npu.npu_fusion_attention_grad.default")] == "fused kernel"
     assert kinds[("generate/decode", "aten.mm.default")] == "converter"
+    assert main(["inspect", str(out), "--npu-coverage", "--rank", "1"]) == EXIT_USER_ERROR
+    assert "has the pre-flight of ranks 0" in capsys.readouterr().err
 
 
 def test_a_user_pass_inserting_a_stub_op_fails_the_dry_run(tmp_path, monkeypatch, capsys):

@@ -26,6 +26,8 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+from graphllm.preflight.check import BLOCKING, CONDITIONAL, GraphCheck, worst_statuses
+
 BASE = ["--backend", "npu", "--batch-size", "2", "--seq-len", "32"]
 TINY = ["--model", "tiny-llama"]
 CONFIGS: dict[str, list[str]] = {
@@ -84,37 +86,30 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="npu-coverage-"))
     configs = {**CONFIGS, **hf_configs(tmp)}
     names = args.only or list(configs)
-    status: dict[str, str] = {}  # op -> its worst status over all graphs
-    order = ("not capturable", "no converter", "stub", "unsupported inputs", "conditional", "fused kernel",
-             "converter", "builtin")
-    blocking, graphs = [], 0
+    checks: list[GraphCheck] = []
+    blocking = []
     print(f"{'configuration':<26} {'graphs':>6} {'ops':>5} {'blocking':>8} {'seconds':>8}")
     for name in names:
         pre, seconds, code = dry_run(name, configs[name], tmp / name, args.torch_npu_wheel)
         if pre is None:
             blocking.append((name, "-", "-", f"compile failed (exit {code})"))
             continue
-        graphs += len(pre["checks"])
-        ops = set()
-        for c in pre["checks"]:
-            for o in c["ops"]:
-                ops.add(o["op"])
-                prev = status.get(o["op"])
-                if prev is None or order.index(o["status"]) < order.index(prev):
-                    status[o["op"]] = o["status"]
-                if o["status"] in ("not capturable", "no converter", "stub", "unsupported inputs"):
-                    blocking.append((name, f"rank{c['rank']} {c['graph']}", o["op"], f"{o['status']}: {o['detail']}"))
-        n_block = sum(1 for b in blocking if b[0] == name)
-        print(f"{name:<26} {len(pre['checks']):>6} {len(ops):>5} {n_block:>8} {seconds:>8.1f}")
+        mine = [GraphCheck.from_json(c) for c in pre["checks"]]
+        checks += mine
+        found = [(name, f"rank{c.rank} {c.graph}", o.op, f"{o.status}: {o.detail}") for c in mine for o in c.blocking]
+        blocking += found
+        ops = {o.op for c in mine for o in c.ops}
+        print(f"{name:<26} {len(mine):>6} {len(ops):>5} {len(found):>8} {seconds:>8.1f}")
+    status = worst_statuses(checks)  # op -> its most blocking status over all graphs
     by_kind: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
     for op, st in sorted(status.items()):
         kind = "aten" if op.startswith("aten.") else "npu" if op.startswith("npu.") else op.split(".")[0]
         by_kind[kind][st].append(op)
-    print(f"\n{graphs} graphs checked; distinct ops by namespace and status (worst over all graphs):")
+    print(f"\n{len(checks)} graphs checked; distinct ops by namespace and status (worst over all graphs):")
     for kind, sts in sorted(by_kind.items()):
         total = sum(len(v) for v in sts.values())
         print(f"  {kind}: {total} distinct — " + ", ".join(f"{len(v)} {s}" for s, v in sorted(sts.items())))
-    for st in ("conditional", "stub", "no converter", "unsupported inputs", "not capturable"):
+    for st in (CONDITIONAL, *BLOCKING):
         listed = [op for op, s in sorted(status.items()) if s == st]
         if listed:
             print(f"  {st}: {', '.join(listed)}")

@@ -47,7 +47,7 @@ def _compile(args: argparse.Namespace) -> int:
     # sources) a plan that is not for npu, or a missing or wrong wheel
     get_backend(emulated_plan(plan).backend if args.dry_run else plan.backend)
     if args.dry_run or args.torch_npu_wheel is not None:
-        converter_index_and_label()
+        converter_index_and_label(args.torch_npu_wheel)
     layout = plan.layout
     if layout.world_size > 1 and not in_launched_world():
         from graphllm.models import load_config

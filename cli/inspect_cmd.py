@@ -67,8 +67,8 @@ def run(args: argparse.Namespace) -> int:
         raise GraphllmError("--render GRAPH and --out FILE go together (e.g. --render forward --out g.html)")
     if args.expand is not None and (args.out is None or args.out.suffix.lower() not in (".html", ".htm")):
         raise GraphllmError(f"--expand {args.expand} only sets the first view of an --out FILE.html page")
+    npu_rank, args.rank = args.rank, 0 if args.rank is None else args.rank  # --npu-coverage: all ranks by default
     if args.pipeline:
-        args.rank = 0 if args.rank is None else args.rank
         return _print_pipeline(args)
     if args.npu_coverage:
         from graphllm.cli.npu_coverage import print_ops
@@ -76,12 +76,11 @@ def run(args: argparse.Namespace) -> int:
 
         pre = read_preflight(args.artifact)
         ranks = sorted({c["rank"] for c in pre["checks"]})
-        if args.rank is not None and args.rank not in ranks:
-            raise GraphllmError(f"--rank {args.rank}: {args.artifact} has the pre-flight of ranks "
+        if npu_rank is not None and npu_rank not in ranks:
+            raise GraphllmError(f"--rank {npu_rank}: {args.artifact} has the pre-flight of ranks "
                                 f"{', '.join(map(str, ranks))}")
-        print_ops(make_console(), pre, rank=args.rank)
+        print_ops(make_console(), pre, rank=npu_rank)
         return 0
-    args.rank = 0 if args.rank is None else args.rank
     files = ig.list_graphs(args.artifact, args.rank)
     console = make_console()
     if args.ops:

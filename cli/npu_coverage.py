@@ -10,11 +10,10 @@ from rich.console import Console
 from rich.table import Table
 
 from graphllm.cli.console import print_table
+from graphllm.preflight.check import BLOCKING, BUILTIN, CONDITIONAL, CONVERTER, FUSED
 
-SUMMARY_STATUSES = ("fused kernel", "converter", "conditional", "builtin", "stub", "no converter", "unsupported inputs",
-                    "not capturable")
-STYLE = {"stub": "red", "no converter": "red", "unsupported inputs": "red", "not capturable": "red", "conditional": "yellow",
-         "fused kernel": "green"}
+SUMMARY_STATUSES = (FUSED, CONVERTER, CONDITIONAL, BUILTIN, *BLOCKING)
+STYLE = {**{s: "red" for s in BLOCKING}, CONDITIONAL: "yellow", FUSED: "green"}
 
 
 def _cell(status: str) -> str:
@@ -41,7 +40,7 @@ def print_ops(console: Console, pre: dict[str, Any], *, rank: int | None = None,
         if rank is not None and c["rank"] != rank:
             continue
         for o in c["ops"]:
-            if only_flagged and o["status"] in ("fused kernel", "converter", "builtin"):
+            if only_flagged and o["status"] in (FUSED, CONVERTER, BUILTIN):
                 continue
             table.add_row(str(c["rank"]), c["graph"], o["op"], str(o["count"]), _cell(o["status"]), o["detail"],
                           o["made_by"], o["source"])

@@ -21,9 +21,9 @@ from graphllm.errors import GraphllmError
 from graphllm.plan import CompilePlan
 from graphllm.preflight.check import (GraphCheck, blocking_line, check_graph, coverage_counts, first_blocking,
                                       model_origins)
+from graphllm.preflight.wheel import WHEEL_ENV
 
 EMULATED_BACKEND = "npu-emulated"
-WHEEL_ENV = "GRAPHLLM_TORCH_NPU_WHEEL"
 PREFLIGHT_FILE = "preflight.json"
 GENERATION_PREFILL = 16
 """The prefill length checked (one bucket: every bucket's graph has the same ops)."""
@@ -53,11 +53,13 @@ def emulated_plan(plan: CompilePlan) -> CompilePlan:
     return dataclasses.replace(plan, backend=EMULATED_BACKEND, device="cpu")
 
 
-def converter_index_and_label() -> tuple[dict, str]:
+def converter_index_and_label(wheel: Path | None = None) -> tuple[dict, str]:
+    """The converter index and "torch_npu X.Y.Z" of `wheel` (the --torch-npu-wheel flag, named in errors), else
+    of the sources graphllm.preflight.wheel finds (WHEEL_ENV carries the flag to the ranks)."""
     from graphllm.preflight.converters import converter_index
     from graphllm.preflight.wheel import sources_version, torch_npu_sources
 
-    root = torch_npu_sources()  # --torch-npu-wheel reaches every rank through WHEEL_ENV
+    root = torch_npu_sources(wheel)
     return converter_index(root), f"torch_npu {sources_version(root)}"
 
 

@@ -23,7 +23,6 @@ that created it and its source line.
 
 from __future__ import annotations
 
-import operator
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Mapping
@@ -102,8 +101,10 @@ class GraphCheck:
 
 def _op_name(target: Any) -> str:
     """`aten.add.Tensor`, `npu.npu_rms_norm.default`, `operator.getitem`, ... (as the graph dumps print it)."""
-    if isinstance(target, (torch._ops.OpOverload, torch._ops.HigherOrderOperator)):
-        return str(target) if isinstance(target, torch._ops.OpOverload) else f"higher_order.{target.name()}"
+    if isinstance(target, torch._ops.OpOverload):
+        return str(target)
+    if isinstance(target, torch._ops.HigherOrderOperator):
+        return f"higher_order.{target.name()}"
     return f"{getattr(target, '__module__', '')}.{getattr(target, '__name__', repr(target))}".lstrip(".")
 
 
@@ -127,12 +128,11 @@ def classify(node: fx.Node, index: Mapping[str, Converter], *, capture: bool) ->
     op = _op_name(node.target)
     name = _base_name(op)
     if capture and name in RNG_OPS:
-        return NOT_CAPTURABLE, "draws random numbers: a captured ACL graph replays the same ones"
+        return NOT_CAPTURABLE, "draws random numbers: ACL-graph capture is checked without RNG ops (docs/ascend.md)"
     if capture and name in HOST_SYNC_OPS:
         return NOT_CAPTURABLE, "reads a value back to the host mid-graph: ACL-graph capture cannot record it"
-    if node.target in (operator.getitem,) or name in BUILTIN_OPS or not isinstance(
-            node.target, (torch._ops.OpOverload, torch._ops.HigherOrderOperator)):
-        return BUILTIN, ""
+    if not isinstance(node.target, (torch._ops.OpOverload, torch._ops.HigherOrderOperator)) or name in BUILTIN_OPS:
+        return BUILTIN, ""  # operator.getitem and other Python callables, size queries
     conv = lookup(index, op)
     if conv is None:
         if op.startswith("graphllm."):
@@ -209,15 +209,20 @@ def blocking_line(check: GraphCheck, op: OpStatus, wheel: str) -> str:
             f"(`graphllm inspect ART --npu-coverage` lists every op)")
 
 
-def coverage_counts(checks: list[GraphCheck]) -> dict[str, int]:
-    """Distinct ops over all graphs, per status."""
+def worst_statuses(checks: list[GraphCheck]) -> dict[str, str]:
+    """op -> its most blocking status over all `checks` (STATUS_ORDER)."""
     status: dict[str, str] = {}
     for c in checks:
         for o in c.ops:
             prev = status.get(o.op)
             if prev is None or STATUS_ORDER.index(o.status) < STATUS_ORDER.index(prev):
                 status[o.op] = o.status
-    return dict(Counter(status.values()))
+    return status
+
+
+def coverage_counts(checks: list[GraphCheck]) -> dict[str, int]:
+    """Distinct ops over all graphs, per status."""
+    return dict(Counter(worst_statuses(checks).values()))
 
 
 def guarded(compile_fn: Callable, *, index: Mapping[str, Converter], wheel: str, rank: int, capture: bool,

@@ -169,8 +169,11 @@ def _extract_sources(wheel: Path, dest: Path, where: str) -> None:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 with zf.open(info) as src, open(target, "wb") as dst:
                     shutil.copyfileobj(src, dst)
-    except (zipfile.BadZipFile, OSError) as exc:
+    except zipfile.BadZipFile as exc:
         raise GraphllmError(f"{where}: cannot unpack it ({exc}); {_FIX}") from exc
+    except OSError as exc:  # a full or read-only cache: say where, the wheel is fine
+        raise GraphllmError(f"{where}: cannot unpack it into {dest.parent} ({exc.strerror}); free space there, "
+                            f"set $GRAPHLLM_CACHE elsewhere, or pass the wheel's unpacked folder") from exc
     if not (root / _MARKER).is_file():
         raise GraphllmError(f"{where}: not a torch_npu wheel (no {TORCHAIR_DIR} in it); {_FIX}")
 

@@ -24,7 +24,7 @@ from graphllm.passes import GraphPass
 from graphllm.plan import CompilePlan
 from graphllm.report import build_report, report_markdown
 from graphllm.resume import weights_fingerprint
-from graphllm.tasks import batch_example, build_task, graph_inputs, uses_reference_graph
+from graphllm.tasks import batch_example, build_task, graph_inputs, local_seq_len, uses_reference_graph
 from graphllm.tasks.reference import reference_target
 from graphllm.train_stage import StageSet
 
@@ -82,12 +82,12 @@ def build(plan: CompilePlan, *, user: Sequence[GraphPass] = (), purpose: Purpose
         compiled = compile_pipeline(task.target, inputs, pipeline, groups=st, rank=rank, dump_dir=dump_dir)
         result = compiled.result
         engine = Engine(layout=layout, st=st, named_params=dict(task.trained.named_parameters()), step_fn=compiled,
-                        micro_batch_size=plan.batch_size, metric_names=task.metrics,
+                        micro_batch_size=plan.batch_size, seq_len=plan.seq_len, metric_names=task.metrics,
                         reference=reference if uses_reference_graph(plan) else None)
     else:
         result, runner = _build_stages(pipeline, model, inputs, st, dump_dir)
         engine = Engine(layout=layout, st=st, named_params=runner.named_parameters(), pipeline=runner,
-                        micro_batch_size=plan.batch_size)
+                        micro_batch_size=plan.batch_size, seq_len=plan.seq_len)
     built = Built(plan=plan, model=task.trained, result=result, engine=engine, rank=rank, compiled=compiled,
                   reference=reference)
     if warm:
@@ -139,7 +139,7 @@ def _build_stages(pipeline: Pipeline, model: torch.nn.Module, inputs, st, dump_d
         return autocast_stage
 
     runner = PipelineRunner(split, plan.layout, st, compile_stage=compile_stage, micro_batch_size=plan.batch_size,
-                            seq_len=plan.seq_len, device=plan.device)
+                            seq_len=local_seq_len(plan), device=plan.device)  # the tokens this cp rank holds
     result = CompileResult(model_graph=prepared.model_graph, lowered_graph=prepared.gm, records=prepared.records,
                            dumps=prepared.dumps, pipeline=pipeline, train_stage=stages, backend=plan.backend,
                            example_shapes=[tuple(t.shape) for t in inputs], model_graph_hash=prepared.model_hash)

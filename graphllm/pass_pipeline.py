@@ -102,17 +102,18 @@ def build_pipeline(plan: CompilePlan, *, purpose: Purpose = "train", passes: Seq
         raise GraphllmError(f"pipeline purpose must be one of {', '.join(PURPOSES)}, got {purpose!r}")
     given = default_passes() if passes is None else list(passes)
     users = [p for p in given if not _builtin(p)] + list(user)
+    first = _cp_position_steps(plan, purpose)  # before the fusions, ahead of any user pass
     model = [_fusion_step(p) for p in given if _builtin(p)] + _generation_steps(purpose, plan, cache_shapes)
     model += _adapter_steps(plan, purpose)
-    model += [s for s in _parallel_steps(plan) if s.name not in {m.name for m in model}]
+    model += [s for s in _parallel_steps(plan, purpose) if s.name not in {m.name for m in model}]
     model += _quantize_steps(plan, purpose)
     train = _train_steps(plan, purpose)
-    disabled = _check_disable(plan.disable, model + train, users)
+    disabled = _check_disable(plan.disable, first + model + train, users)
     model = [s for s in model if s.name not in disabled]
     train = [s for s in train if s.name not in disabled]
     users = order_passes([p for p in users if p.name not in disabled])
     fusions_end = sum(1 for s in model if s.stage == "model" and not s.required)
-    model = _place(model, [p for p in users if p.stage == "model"], fusions_end)
+    model = first + _place(model, [p for p in users if p.stage == "model"], fusions_end)
     train = _place(train, [p for p in users if p.stage == "train"], 0)
     steps = model + _lowering_steps(plan) + train + _backend_steps(plan)  # the stages in the order they run
     return Pipeline(plan=plan, purpose=purpose, steps=tuple(steps))
@@ -171,8 +172,19 @@ def _quantize_steps(plan: CompilePlan, purpose: str) -> list[Step]:
     return steps
 
 
-def _parallel_steps(plan: CompilePlan) -> list[Step]:
+def _cp_position_steps(plan: CompilePlan, purpose: str) -> list[Step]:
+    if plan.layout.cp == 1 or purpose == "generate":
+        return []
+    from graphllm.passes.context_parallel import cp_positions
+
+    return [Step("cp_positions", "model", "first, before the fusions fold RoPE's tables into constants: the "
+                                          "positions become this rank's tokens' global ones", graph_pass=cp_positions,
+                 required=True)]
+
+
+def _parallel_steps(plan: CompilePlan, purpose: str = "train") -> list[Step]:
     from graphllm.passes.coc import coc
+    from graphllm.passes.context_parallel import context_parallel
     from graphllm.passes.mc2 import mc2
     from graphllm.passes.sequence_parallel import sequence_parallel
     from graphllm.passes.tensor_parallel import tensor_parallel
@@ -186,6 +198,11 @@ def _parallel_steps(plan: CompilePlan) -> list[Step]:
     if lay.sequence_parallel:
         out.append(Step("sequence_parallel", "model", "right after tensor_parallel: rewrites the collectives it "
                                                       "inserted at region borders", graph_pass=sequence_parallel,
+                        required=True))
+    if lay.cp > 1 and purpose != "generate":
+        out.append(Step("context_parallel", "model", f"after tensor/sequence parallelism (attention holds this rank's "
+                                                     f"heads): attention across the cp group ({lay.cp_algo}), the "
+                                                     "loss weighted by tokens", graph_pass=context_parallel,
                         required=True))
     if lay.mc2:
         out.append(Step("mc2", "model", "after the TP/SP collectives exist: fuses each with its matmul (the CoC "
@@ -232,12 +249,13 @@ def _train_steps(plan: CompilePlan, purpose: str) -> list[Step]:
         steps.append(Step("dp_grad_reduce", "train", "on the backward graph, once its gradients exist: bucketed "
                                                      "all-reduces overlap the rest of the backward",
                           graph_pass=dp_grad_reduce, required=True))
-    if lay.world_size > 1 and (lookup_backend(plan.backend).lowering != "eager" or lay.coc_parallel_num > 1):
+    if lay.world_size > 1 and (lookup_backend(plan.backend).lowering != "eager" or lay.coc_parallel_num > 1
+                               or lay.cp > 1):
         from graphllm.passes.lower_collectives import lower_collectives
 
         steps.append(Step("lower_collectives", "train", "last: graphllm collectives → _c10d_functional ones with "
-                                                        "waits at first use (async; CoC overlap needs it, even "
-                                                        "eager)", graph_pass=lower_collectives, required=True))
+                                                        "waits at first use (async; the overlap of CoC and of "
+                                                        "the ring's shifts needs it, even eager)", graph_pass=lower_collectives, required=True))
     return steps
 
 

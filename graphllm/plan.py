@@ -54,7 +54,8 @@ class CompilePlan:
                                help="append a @graph_pass from an importable module (repeatable)")
     task: TaskConfig = section(TaskConfig, title="training objective (graphllm/tasks/)")
     lora: LoraConfig = section(LoraConfig, title="low-rank adapters: LoRA, QLoRA (passes/lora.py)")
-    layout: Layout = section(Layout, title="parallelism (ranks = tp × pp × dp; several ranks start through torchrun)")
+    layout: Layout = section(Layout, title="parallelism (ranks = tp × cp × pp × dp; several ranks start through "
+                                           "torchrun)")
     recompute: RecomputeConfig = section(RecomputeConfig, title="activation recomputation (graphllm/recompute.py)")
     npu: NpuOptions = section(NpuOptions, title="npu (torchair) options")
 
@@ -69,6 +70,9 @@ class CompilePlan:
         if self.task.kind != "lm" and self.layout.pp > 1:
             raise GraphllmError(f"--task {self.task.kind} with --pp > 1 is not supported yet (the pipeline's last stage "
                                 "computes next-token cross-entropy only); use --pp 1")
+        if self.task.kind != "lm" and self.layout.cp > 1:
+            raise GraphllmError(f"--task {self.task.kind} with --cp > 1 is not supported yet (its per-row sums over "
+                                "the sequence would need reducing over the context-parallel ranks); use --cp 1")
         if self.eod_reset and self.layout.pp > 1:
             raise GraphllmError("--eod-reset with --pp > 1 is not supported yet (pipeline stages take no position "
                                 "ids); use --pp 1")

@@ -39,7 +39,7 @@ RECOMPUTE_PASS = "recompute"
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.|$)")
 _OPS_OF_KIND = {
-    "attention": ("attention", "varlen_attention", "scaled_dot_product_attention",
+    "attention": ("attention", "varlen_attention", "attention_block", "scaled_dot_product_attention",
                   "_scaled_dot_product_flash_attention",
                   "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention"),
     "activation": ("swiglu", "silu", "gelu"),

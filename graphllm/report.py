@@ -15,14 +15,16 @@ parameters themselves: graphllm trains fp32 parameters, bf16 only in autocast)."
 
 
 def rank_memory(built) -> dict[str, Any]:
-    """Bytes this rank holds for parameters, gradients and optimizer states, and its activations."""
+    """Bytes this rank holds for parameters, gradients and optimizer states, and its activations (read off its
+    own graphs: for its micro-batch rows and, under context parallelism, its seq_len / cp tokens of each)."""
     layout, params = built.plan.layout, built.engine.params
     p_bytes = sum(p.numel() * p.element_size() for p in params)
     optim = ADAM_STATES * sum(p.numel() * 4 for p in params)  # fp32 states
     if layout.zero1:
         optim = -(-optim // layout.dp)
     graphs = built.result.train_stage.graphs
-    saved = {name: saved_activation_bytes(g) for name, g in graphs.items() if name.endswith("backward")}
+    saved = {name: saved_activation_bytes(g, graphs.get(name[:-len("backward")] + "forward"))
+             for name, g in graphs.items() if name.endswith("backward")}
     per_micro = sum(saved.values())
     # 1F1B keeps at most (pp - pp_rank) micro-batches' activations alive on a pipeline rank (times vpp chunks)
     st = built.engine.st
@@ -43,8 +45,10 @@ def rank_communication(built) -> dict[str, dict[str, int]]:
     for name, g in built.result.train_stage.graphs.items():
         add_into(total, graph_collectives(g, kinds), layout.micro_batches)
     grad_bytes = sum(p.numel() * p.element_size() for p in built.engine.params)
-    if layout.dp > 1 and not layout.grads_reduced_in_graph:  # else it is in the backward graph, counted above
-        add_into(total, {"dp all_reduce (gradients, after the step's micro-batches)": {"calls": 1, "bytes": grad_bytes}})
+    kind = layout.grad_kind  # the parameters' replicas: dp, or dp_cp under context parallelism
+    if layout.group_size(kind) > 1 and not layout.grads_reduced_in_graph:  # else in the backward graph, counted above
+        add_into(total, {f"{kind} all_reduce (gradients, after the step's micro-batches)": {"calls": 1,
+                                                                                           "bytes": grad_bytes}})
     if layout.zero1:
         add_into(total, {"dp all_gather (ZeRO-1 parameters)": {"calls": 1, "bytes": grad_bytes}})
     runner = built.engine.pipeline
@@ -71,7 +75,8 @@ def build_report(built, tokens_per_step: int) -> dict[str, Any]:
         "tokens_per_step": tokens_per_step,
         "flops_per_step": 3 * fwd,
         "forward_flops": fwd,
-        "saved_activation_bytes": saved_activation_bytes(bw) if bw is not None else mem["activation_bytes_per_micro_batch"],
+        "saved_activation_bytes": (saved_activation_bytes(bw, res.train_stage.graphs.get("forward")) if bw is not None
+                                   else mem["activation_bytes_per_micro_batch"]),
         "passes": [
             {"name": r.name, "graph": r.graph_kind, "nodes_before": r.nodes_before, "nodes_after": r.nodes_after,
              "added": r.added, "removed": r.removed, "counters": r.counters, "seconds": round(r.seconds, 4)}
@@ -94,13 +99,19 @@ def _fmt_bytes(n: float | None) -> str:
     return ""
 
 
+def _per_rank_tokens(plan: dict[str, Any]) -> str:
+    """Under context parallelism each rank's graphs (and so the figures below) see seq_len / cp tokens of a row."""
+    cp = plan.get("layout", {}).get("cp", 1)
+    return f" ({plan['seq_len'] // cp} per context-parallel rank)" if cp > 1 else ""
+
+
 def report_markdown(report: dict[str, Any], plan: dict[str, Any], ranks: list[dict[str, Any]] | None = None) -> str:
     """report.md: rank 0's passes and figures, and a per-rank memory/communication table."""
     lines = [
         f"# graphllm compile report: {plan['model']}",
         "",
         f"- backend: {report['backend']}, amp: {plan['amp']}, micro-batch × seq: {plan['batch_size']} × "
-        f"{plan['seq_len']}, layout: {report['layout']}",
+        f"{plan['seq_len']}{_per_rank_tokens(plan)}, layout: {report['layout']}",
         f"- parameters on rank 0: {report['parameters']:,} ({_fmt_bytes(report['parameter_bytes'])})",
         f"- FLOPs per micro-batch (fwd+bwd, matmul-class) of rank 0's tensor-parallel shard of the whole model: "
         f"{report['flops_per_step'] / 1e9:.2f} GFLOP",

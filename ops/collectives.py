@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from graphllm.ops.cp_collectives import CP_COLLECTIVE_OPS
 from graphllm.ops.groups import resolver
 
 c10d = torch.ops._c10d_functional
@@ -147,5 +148,6 @@ COLLECTIVE_OPS = {
     torch.ops.graphllm.tp_split.default: "identity",
     torch.ops.graphllm.sp_gather.default: "all_gather",
     torch.ops.graphllm.sp_reduce_scatter.default: "reduce_scatter",
+    **CP_COLLECTIVE_OPS,
 }
 """Each collective op and the communication it performs in its forward direction."""

@@ -17,6 +17,7 @@ import torch
 
 from graphllm.ops.add_rms_norm import add_rms_norm_decomposed
 from graphllm.ops.attention import attention_decomposed, varlen_attention_decomposed
+from graphllm.ops.attention_block import attention_block_decomposed
 from graphllm.ops.lora import lora_linear_decomposed
 from graphllm.ops.lowering_npu import npu_lowerings
 from graphllm.ops.mc2 import (all_gather_matmul_decomposed, matmul_all_reduce_decomposed,
@@ -50,6 +51,9 @@ LOWERINGS: dict[str, dict[torch._ops.OpOverload, Callable]] = {
         ops.rope_qk.default: rope_qk_decomposed,
         ops.attention.default: attention_decomposed,
         ops.varlen_attention.default: varlen_attention_decomposed,  # SDPA, block-diagonal causal mask
+        # explicit masked softmax with its lse (SDPA does not return it); autograd through it is NaN-free for
+        # rows that see no key of the block
+        ops.attention_block.default: attention_block_decomposed,
         # NF4 → gathers + multiply-add in a checkpoint region: recomputed in the backward, never saved
         ops.nf4_dequantize.default: nf4_dequantize_recomputed,
         # three GEMMs and an add; autograd through them asks no gradient of the frozen base (requires_grad
@@ -82,6 +86,14 @@ NPU_KERNELS: dict[torch._ops.OpOverload, NpuKernel] = {
         "npu_fusion_attention",
         "npu_fusion_attention(q, k, v, head_num=H, input_layout='BNSD', scale=scale, atten_mask=~(same sample & "
         "causal) [B,1,S,S], sparse_mode=0)[0]",
+    ),
+    ops.attention_block.default: NpuKernel(
+        "npu_fusion_attention",
+        "npu_fusion_attention(q, k, v, head_num=H, input_layout='BNSD', scale=scale, atten_mask=~visible "
+        "[B,1,Sq,Sk] and sparse_mode=0 with segments, the compressed causal mask and sparse_mode=2 without) -> "
+        "(out, softmax_max, softmax_sum, ...); lse = softmax_max[..., 0] + log(softmax_sum[..., 0]); rows that "
+        "see no key set to out 0, lse -inf; backward: graphllm's recomputing rule in ATen ops (the grad kernel "
+        "takes no lse gradient)",
     ),
     ops.grouped_matmul.default: NpuKernel(
         "npu_grouped_matmul", "npu_grouped_matmul([x], [weight], group_list=sizes, split_item=3, group_type=0, "

@@ -6,6 +6,8 @@ machine), so importing this module needs no torch_npu. Arguments are passed by t
 checks them against the torch_npu wheel's own schema file. Backward: torch_npu registers autograd for
 npu_rms_norm, npu_swiglu, npu_rotary_mul and npu_fusion_attention, so autograd differentiates those
 directly; npu_add_rms_norm has none, and `_AddRmsNormNpu` supplies it from kernels that exist.
+attention_block needs a gradient for the lse it reads off npu_fusion_attention, which the grad kernel lacks:
+`_AttentionBlockNpu` gives it graphllm's backward rule.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from graphllm.ops.attention_block import attention_block_grads, block_visible
 from graphllm.ops.lowering_npu_mc2 import NPU_MC2_CONTRACT, npu_mc2_lowerings
 from graphllm.ops.rope import rope_decomposed
 
@@ -114,6 +117,58 @@ def varlen_attention_npu(q: Tensor, k: Tensor, v: Tensor, segment_ids: Tensor, s
     return out[0]
 
 
+class _AttentionBlockNpu(torch.autograd.Function):
+    """graphllm::attention_block on the NPU: npu_fusion_attention forward, graphllm's backward rule.
+
+    The lse comes from the kernel's softmax statistics (fp32 [B, N, Sq, 8], each row's value repeated 8 times):
+    lse = softmax_max + log(softmax_sum). npu_fusion_attention_grad rebuilds the probabilities from those
+    statistics but takes no gradient for them, and ring attention differentiates through lse (the merge), so the
+    backward is attention_block_grads: the same recomputing rule as the op's, in ATen ops torchair converts
+    (matmul, exp, masked_fill, sum). An autograd.Function because Dynamo traces both of its halves into the
+    joint graph torchair compiles, as for _AddRmsNormNpu; a lowering that let autograd differentiate the kernel
+    would get torch_npu's grad kernel, which drops the lse term.
+
+    A row that sees no key (segments only) gets out 0 and lse −inf whatever the kernel left there: torch_npu
+    documents such "invalid rows" as losing precision unless inner_precise=2 (slower), and the lowering never
+    reads them."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, q_segment: Tensor | None, k_segment: Tensor | None,
+                scale: float, causal: bool):
+        visible = block_visible(q_segment, k_segment, causal, q.shape[-2], k.shape[-2], q.device)
+        if q_segment is not None:  # [B, 1, Sq, Sk] explicit mask, True = masked (another sample, or a later key)
+            out, softmax_max, softmax_sum = torch.ops.npu.npu_fusion_attention(
+                q, k, v, head_num=q.shape[1], input_layout="BNSD", atten_mask=~visible, scale=scale,
+                sparse_mode=SPARSE_MODE_NONE)[:3]
+        elif causal:
+            mask = torch.ones(CAUSAL_MASK_SIZE, CAUSAL_MASK_SIZE, dtype=torch.bool, device=q.device).triu(1)
+            out, softmax_max, softmax_sum = torch.ops.npu.npu_fusion_attention(
+                q, k, v, head_num=q.shape[1], input_layout="BNSD", atten_mask=mask, scale=scale,
+                sparse_mode=SPARSE_MODE_LEFT_UP_CAUSAL)[:3]
+        else:
+            out, softmax_max, softmax_sum = torch.ops.npu.npu_fusion_attention(
+                q, k, v, head_num=q.shape[1], input_layout="BNSD", scale=scale, sparse_mode=SPARSE_MODE_NONE)[:3]
+        lse = softmax_max[..., 0] + torch.log(softmax_sum[..., 0])  # [B, N, Sq] fp32
+        if q_segment is not None:
+            seen = visible.any(-1)  # [B, 1, Sq]
+            lse = torch.where(seen, lse, float("-inf"))
+            out = torch.where(seen[..., None], out, 0.0)
+        ctx.save_for_backward(q, k, v, q_segment, k_segment, lse)
+        ctx.scale, ctx.causal = scale, causal
+        return out.contiguous(), lse
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor, grad_lse: Tensor):
+        q, k, v, q_segment, k_segment, lse = ctx.saved_tensors
+        grads = attention_block_grads(q, k, v, q_segment, k_segment, lse, grad_out, grad_lse, ctx.scale, ctx.causal)
+        return (*grads, None, None, None, None)
+
+
+def attention_block_npu(q: Tensor, k: Tensor, v: Tensor, q_segment: Tensor | None, k_segment: Tensor | None,
+                        scale: float, causal: bool) -> tuple[Tensor, Tensor]:
+    return _AttentionBlockNpu.apply(q, k, v, q_segment, k_segment, scale, causal)
+
+
 def rope_qk_npu(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
     """Inference: one npu_apply_rotary_pos_emb for q and k. The kernel takes BSND q/k and [B, S, 1, D]
     cos/sin of their dtype and rotates in place, so it gets fresh BSND copies (graphllm's q/k are BNSD
@@ -183,6 +238,7 @@ def npu_lowerings() -> dict:
         ops.rope_qk.default: rope_qk_npu,
         ops.attention.default: attention_npu,
         ops.varlen_attention.default: varlen_attention_npu,
+        ops.attention_block.default: attention_block_npu,
         ops.grouped_matmul.default: grouped_matmul_npu,
         **npu_mc2_lowerings(),
     }

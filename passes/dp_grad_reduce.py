@@ -8,7 +8,10 @@ before the graph returns. So bucket i's reduction travels while the backward of 
 computes — DDP's overlap, expressed as graph nodes, visible in the backward dump. Used when one
 backward makes one step (no pipeline, one micro-batch); otherwise the engine reduces after the
 last micro-batch. Legal: the mean over ranks of each rank's gradient is the gradient of the mean
-loss over the global batch.
+loss over the global batch. With context parallelism (cp > 1) the parameters are replicated over the
+cp ranks too, and each cp rank's loss is rewritten so that the mean over them is the loss of the whole
+sequences: the reduction runs over the "dp_cp" group and divides by dp·cp (cp 1: "dp" and dp, the
+graph as before).
 """
 
 from __future__ import annotations
@@ -49,14 +52,15 @@ def dp_grad_reduce(gm: fx.GraphModule, ctx: PassContext, *, bucket_mb: float = D
             size = 0
         buckets[-1].append((i, g))
         size += nbytes
-    name = ctx.groups.name("dp")
+    name = ctx.groups.name(layout.grad_kind)
+    replicas = layout.group_size(layout.grad_kind)  # dp·cp
     issued = []
     for bucket in (b for b in buckets if b):
         last = max((g for _, g in bucket), key=lambda g: order[g])
         with gm.graph.inserting_before(last.next):  # in order, right after the bucket's last gradient
             flat = [emit(gm, aten.reshape.default, (g, [-1]), g) for _, g in bucket]
             cat = emit(gm, aten.cat.default, (flat,), last)
-            mean = emit(gm, aten.div.Tensor, (cat, layout.dp), last)
+            mean = emit(gm, aten.div.Tensor, (cat, replicas), last)
             issued.append((bucket, emit(gm, c10d.all_reduce.default, (mean, "sum", name), last)))
     with gm.graph.inserting_before(out):
         for bucket, work in issued:

@@ -67,7 +67,7 @@ class PassContext:
     """What a pass may know about the compilation besides the graph: typed, never process-global state."""
 
     layout: Layout = field(default_factory=Layout)
-    """The plan's parallel layout (tp × pp × dp and its options)."""
+    """The plan's parallel layout (tp × cp × pp × dp and its options)."""
     rank: int = 0
     """This process's rank in the layout's world (`layout.coords(rank)` is its place in each group)."""
     config: Any = None

@@ -185,3 +185,86 @@ def test_nf4_dequantize_runs_on_torchair_as_its_decomposition():
     working = _ge_converters()
     assert "aten.index_select.default" in used and "aten.bitwise_right_shift.Tensor_Scalar" not in working
     assert sorted(used - working) == [], f"ATen ops of the NF4 decomposition without a GE converter in {WHEEL}"
+
+
+@pytest.mark.parametrize("segments", [False, True], ids=["dense", "segments"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_attention_block_npu_ops_convert_on_torchair(causal, segments):
+    """attention_block's npu lowering is npu_fusion_attention plus ATen ops (lse from the softmax statistics,
+    the masks) and a backward in ATen ops (attention_block_grads): each of those must have a working GE
+    converter, since torchair has no per-op fallback."""
+    import torch
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    import npu_emulation  # noqa: F401  (registers torch.ops.npu.* emulations, to trace the kernel call)
+    from graphllm.ops.attention_block import attention_block_grads
+    from graphllm.ops.lowering_npu import attention_block_npu
+
+    q, k, v = torch.randn(2, 4, 5, 8), torch.randn(2, 2, 6, 8), torch.randn(2, 2, 6, 8)
+    seg = (torch.tensor([[0, 0, 1, 1, 2], [0, 1, 1, 1, 1]]), torch.tensor([[0, 1, 1, 1, 1, 2], [1] * 6]))
+    seg_in = seg if segments else ()
+
+    def forward(q, k, v, *s):
+        return attention_block_npu(q, k, v, *(s or (None, None)), 0.3, causal)
+
+    def backward(q, k, v, lse, grad_out, grad_lse, *s):
+        return attention_block_grads(q, k, v, *(s or (None, None)), lse, grad_out, grad_lse, 0.3, causal)
+
+    graphs = (make_fx(forward)(q, k, v, *seg_in),
+              make_fx(backward)(q, k, v, torch.randn(2, 4, 5), torch.randn(2, 4, 5, 8), torch.randn(2, 4, 5), *seg_in))
+    used = {str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function"}
+    assert "npu.npu_fusion_attention.default" in used
+    aten = {op for op in used if op.startswith("aten.")}
+    assert sorted(aten - _ge_converters()) == [], f"ATen ops of attention_block_npu without a GE converter in {WHEEL}"
+
+
+class _TwoRanks:
+    """A GroupResolver for lowering without process groups: this rank is index 1 of every group of 2."""
+
+    def name(self, kind: str) -> str:
+        return f"c10d-{kind}"
+
+    def local_rank(self, kind: str) -> int:
+        return 1
+
+    def process_group(self, kind: str):
+        raise AssertionError("torchair_group is replaced in this test")
+
+
+@pytest.mark.parametrize("backend", ["npu", "npu-emulated", "eager"])
+def test_cp_collectives_lower_to_ops_torchair_converts(backend, monkeypatch):
+    """lower_collectives on a graph of cp_ring_shift and cp_all_to_all: for torchair's backends every op it emits has a
+    working GE converter in the wheel (torchair's own all_to_all_single_npu, with element counts, displacements and
+    the group's tag and ranks); for the others the `_c10d_functional` lowering stays."""
+    import torch
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from graphllm.passes import lower_collectives as lc
+    from graphllm.passes.manager import PassContext
+    from graphllm.preflight.check import check_graph
+    from graphllm.preflight.converters import converter_index
+    from graphllm.preflight.emulation import all_to_all_schema, register_all_to_all
+    from npu_wheel import npu_wheel_root
+
+    register_all_to_all(all_to_all_schema(npu_wheel_root()))  # what torchair defines when imported
+    monkeypatch.setattr(lc, "torchair_group", lambda groups, kind: (f"ptd:{kind}", [4, 6]))
+    gl = torch.ops.graphllm
+
+    def fn(x):  # [B, H, S, D]: one ring step, then heads scattered and the sequence gathered, and back
+        y = gl.cp_ring_shift(x, 1, 2, "cp_ring")
+        return gl.cp_all_to_all(gl.cp_all_to_all(y, 1, 2, 2, "cp_ulysses"), 2, 1, 2, "cp_ulysses")
+
+    gm = lc.lower_collectives(make_fx(fn, tracing_mode="fake")(torch.randn(1, 4, 6, 8)),
+                              PassContext(groups=_TwoRanks(), backend=backend, stage="train"))
+    calls = [n for n in gm.graph.nodes if n.op == "call_function"]
+    a2a = [n.args for n in calls if str(n.target) == "npu_define.all_to_all_single_npu.default"]
+    if not lc.lowers_to_torchair(backend):
+        assert not a2a and sum(str(n.target) == "_c10d_functional.all_to_all_single.default" for n in calls) == 3
+        return
+    numel = 1 * 4 * 6 * 8
+    assert a2a[0][1:] == ([numel, 0], [0, numel], [numel, 0], [0, numel], "ptd:cp_ring", [4, 6], 2)  # to/from rank 0
+    assert a2a[1][1:] == ([numel // 2] * 2, [0, numel // 2], [numel // 2] * 2, [0, numel // 2], "ptd:cp_ulysses",
+                          [4, 6], 2)
+    check = check_graph(gm, converter_index(npu_wheel_root()), rank=0, graph="forward", capture=False)
+    assert [(o.op, o.status, o.detail) for o in check.blocking] == [], f"ops torchair cannot convert in {WHEEL}"
+    assert {o.op for o in check.ops} >= {"npu_define.all_to_all_single_npu.default", "aten.permute.default"}

@@ -82,7 +82,7 @@ def test_table_uses_every_kernel():
     assert {fn.__name__ for fn in table.values()} == {"rms_norm_npu", "add_rms_norm_npu", "swiglu_npu", "rope_npu",
                                                      "attention_npu", "grouped_matmul_npu", "matmul_all_reduce_npu", "rope_qk_npu",
                                                      "all_gather_matmul_npu", "matmul_reduce_scatter_npu",
-                                                     "varlen_attention_npu",
+                                                     "varlen_attention_npu", "attention_block_npu",
                                                      "lora_linear_decomposed",  # torch_npu has no LoRA kernel
                                                      "nf4_dequantize_recomputed"}  # nor an NF4 one (ops/nf4.py)
 
@@ -169,3 +169,65 @@ def test_pair_rope_pass_on_tiny_llama():
     assert nodes.count(torch.ops.graphllm.rope_qk.default) == 4 and torch.ops.graphllm.rope.default not in nodes
     with torch.no_grad():
         assert rel_err(compiled(ids), ref) <= FP32_RTOL
+
+
+def _attention_block_case(hkv, causal, segments):
+    """q [2, 4, 5, 8] against a block of 6 keys; with segments, batch 1's query 0 sees no key of the block."""
+    q, k, v = _randn(2, 4, 5, 8), _randn(2, hkv, 6, 8, seed=1), _randn(2, hkv, 6, 8, seed=2)
+    if not segments:
+        return q, k, v, None, None
+    q_seg, k_seg = torch.tensor([[0, 0, 1, 1, 2], [0, 1, 1, 1, 1]]), torch.tensor([[0, 1, 1, 1, 1, 2], [1] * 6])
+    return q, k, v, q_seg, k_seg
+
+
+@pytest.mark.parametrize("segments", [False, True], ids=["dense", "segments"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("hkv", [4, 2])
+def test_attention_block_lowering(hkv, causal, segments):
+    """npu_fusion_attention's out and lse (softmax_max + log softmax_sum) equal the decomposition's, rows that see
+    no key included (out 0, lse -inf); gradients of a loss on both outputs agree and hold no NaN."""
+    from graphllm.ops.attention_block import attention_block_decomposed
+
+    inputs = _attention_block_case(hkv, causal, segments)
+    (out, lse), (ref_out, ref_lse) = (fn(*inputs, 0.3, causal) for fn in (lowering_npu.attention_block_npu,
+                                                                         attention_block_decomposed))
+    assert rel_err(out.detach(), ref_out.detach()) <= FP32_RTOL
+    assert torch.equal(lse.isinf(), ref_lse.isinf()) and (lse.isinf().any() == segments)
+    finite = ref_lse.isfinite()
+    assert rel_err(lse.detach()[finite], ref_lse.detach()[finite]) <= FP32_RTOL
+    g_out, g_lse = torch.randn_like(ref_out), torch.randn_like(ref_lse)
+
+    def loss(o, l):
+        return (o * g_out).sum() + (l.masked_fill(~finite, 0.0) * g_lse).sum()
+    g_low = torch.autograd.grad(loss(out, lse), inputs[:3])
+    g_ref = torch.autograd.grad(loss(ref_out, ref_lse), inputs[:3])
+    for a, b in zip(g_low, g_ref):
+        assert not a.isnan().any() and rel_err(a, b) <= FP32_RTOL
+
+
+def test_attention_block_lowering_in_a_compiled_step():
+    """The npu table's attention_block under the npu-emulation backend (Dynamo traces _AttentionBlockNpu's forward
+    and backward): the graph calls the kernel, and values and gradients equal the eager op's."""
+    class Step(torch.nn.Module):
+        def forward(self, q, k, v, q_seg, k_seg):
+            out, lse = torch.ops.graphllm.attention_block(q, k, v, q_seg, k_seg, 0.3, True)
+            return out.sum() + lse.masked_fill(lse.isinf(), 0.0).sum()
+
+    inputs = _attention_block_case(2, True, True)
+    want = Step()(*inputs)
+    want_grads = torch.autograd.grad(want, inputs[:3])
+    compiled = graphllm.compile(Step(), inputs, backend="npu-emulation")
+    got = compiled(*inputs)
+    called = {n.target.__name__ for n in compiled.result.lowered_graph.graph.nodes if n.op == "call_function"}
+    assert "attention_block_npu" in called
+    assert rel_err(got.detach(), want.detach()) <= FP32_RTOL
+    for a, b in zip(torch.autograd.grad(got, inputs[:3]), want_grads):
+        assert rel_err(a, b) <= FP32_RTOL
+
+
+def test_emulated_fusion_attention_rejects_a_3d_mask():
+    """sparse_mode 0 takes BNSS, B1SS, 11SS or SS masks; [B, Sq, Sk] would broadcast B over the heads."""
+    q, k = _randn(2, 2, 4, 8), _randn(2, 2, 4, 8, seed=1)
+    with pytest.raises(ValueError, match="BNSS, B1SS, 11SS or SS"):
+        torch.ops.npu.npu_fusion_attention(q, k, k, head_num=2, input_layout="BNSD",
+                                           atten_mask=torch.zeros(2, 4, 4, dtype=torch.bool), scale=0.3)

@@ -104,6 +104,7 @@ LAYOUTS = {
                                       "--recompute", "selective"]),
     "tp2-pp2-vpp2": (4, ["--tp", "2", "--pp", "2", "--vpp", "2", "--micro-batches", "2", "--batch-size", "1"]),
     "tp2-coc-dp2-zero1": (4, ["--tp", "2", "--coc-parallel-num", "2", "--dp", "2", "--zero1", "--batch-size", "1"]),
+    "cp2-ring-bf16": (2, ["--cp", "2", "--amp", "bf16", "--batch-size", "1"]),
 }
 
 
@@ -116,6 +117,8 @@ def test_default_graphs_pass_for_each_layout(name, tmp_path):
     ops = {o["op"] for c in pre["checks"] for o in c["ops"]}
     if "--mc2" in extra:  # under bf16 autocast the MC2 kernels themselves run, not their CoC fallback
         assert {"npu.npu_all_gather_base_mm.default", "npu.npu_mm_reduce_scatter_base.default"} <= ops, ops
+    if "--cp" in extra:  # the ring's blocks on the fused kernel, its shifts on torchair's all-to-all
+        assert {"npu.npu_fusion_attention.default", "npu_define.all_to_all_single_npu.default"} <= ops, ops
 
 
 def test_cli_dry_run_writes_an_npu_artifact_and_inspect_shows_every_op(tmp_path, capsys):

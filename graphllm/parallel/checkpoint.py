@@ -3,7 +3,7 @@
 A checkpoint is a directory (`step_<N>/` by convention) of DCP files plus `graphllm_checkpoint.json`.
 It stores each full logical tensor once: a tensor-parallel shard is saved as a DTensor, Shard(dim)
 over its group's mesh dimension; a whole tensor is saved plainly by every rank that holds it, and DCP's
-save planner keeps one copy of each (fqn, offset) chunk, which drops data-parallel and tensor-parallel
+save planner keeps one copy of each (fqn, offset) chunk, which drops data-, context- and tensor-parallel
 replicas. Any layout, or one process without a process group, can therefore load any checkpoint.
 
 Keys: "model/<fqn>", "optim/<fqn>/<state name>" (sharded like the parameter when shaped like it),
@@ -99,7 +99,9 @@ def _mesh_problem(fqn: str, shard: ParamShard, st) -> str | None:
     if st is None or st.mesh is None:
         return (f"parameter {fqn} is shard {shard.index} of {shard.count} but this process has no {shard.group} group; "
                 "call init_parallel with the layout that sharded it")
-    mesh = st.mesh[shard.group]
+    mesh = st.submesh(shard.group)
+    if mesh is None:
+        return f"parameter {fqn} is sharded over {shard.group!r}, a group this layout ({st.layout.describe()}) lacks"
     if mesh.size() != shard.count or mesh.get_local_rank() != shard.index:
         return (f"parameter {fqn} is shard {shard.index} of {shard.count} but this rank is {mesh.get_local_rank()} "
                 f"of {mesh.size()} in its {shard.group} group")
@@ -109,7 +111,7 @@ def _mesh_problem(fqn: str, shard: ParamShard, st) -> str | None:
 def _dtensor(local: torch.Tensor, shard: ParamShard, st) -> DTensor:
     full = torch.Size(shard.full_shape)
     stride = torch.empty(full, device="meta").stride()
-    return DTensor.from_local(local, st.mesh[shard.group], [Shard(shard.dim)], run_check=False,
+    return DTensor.from_local(local, st.submesh(shard.group), [Shard(shard.dim)], run_check=False,
                               shape=full, stride=stride)
 
 

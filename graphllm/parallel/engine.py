@@ -1,12 +1,15 @@
 """One rank's training step under any layout: micro-batches, data-parallel reduction, clipping, optimizer.
 
 The step sees the same global batch on every rank (the data order is a function of the seed and the
-step, not of the layout); this rank takes its data-parallel slice of the rows, then either runs the
-pipeline schedule over its micro-batches or, without a pipeline, accumulates their gradients through
-the compiled graph. Gradients are then averaged over the data-parallel group, clipped by the global
-norm of the whole model's gradient, and the optimizer (AdamW, or ZeRO-1 AdamW) steps. The loss a step
-reports is the mean over micro-batches and data-parallel ranks — for equal token counts per
-micro-batch, exactly the single-process full-batch loss.
+step, not of the layout); this rank takes its data-parallel slice of the rows and, with context
+parallelism, its context-parallel share of every row's tokens (graphllm.planning.context.cp_token_index),
+then either runs the pipeline schedule over its micro-batches or, without a pipeline, accumulates their
+gradients through the compiled graph. Gradients are then averaged over the parameters' replicas (the
+data-parallel group; data × context-parallel, "dp_cp", when cp > 1), clipped by the global norm of the
+whole model's gradient, and the optimizer (AdamW, or ZeRO-1 AdamW) steps. The loss a step reports is the
+mean over micro-batches and data- (and context-) parallel ranks — for equal token counts per micro-batch,
+exactly the single-process full-batch loss (a cp rank's graph returns a loss whose mean over the cp
+group is the token-weighted loss of the whole sequences).
 """
 
 from __future__ import annotations
@@ -17,7 +20,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from graphllm.errors import GraphllmError
 from graphllm.parallel.groups import ParallelState
+from graphllm.planning.context import cp_token_index
 from graphllm.planning.layout import Layout
 
 
@@ -25,34 +30,56 @@ class Engine:
     """Training-step driver for one rank; `step_fn` is the compiled graph, `pipeline` a PipelineRunner."""
 
     def __init__(self, *, layout: Layout, st: ParallelState | None, named_params: dict[str, nn.Parameter],
-                 step_fn: Any = None, pipeline: Any = None, micro_batch_size: int,
+                 step_fn: Any = None, pipeline: Any = None, micro_batch_size: int, seq_len: int | None = None,
                  metric_names: Sequence[str] = (), reference: Callable | None = None):
-        """`metric_names`: the entries of the metrics vector `step_fn` returns beside the loss (a task's;
-        none: it returns a bare loss). `reference`: DPO's reference graph, run on each micro-batch's
-        (input_ids, labels) to give the step its third input (graphllm.tasks.reference)."""
+        """`seq_len`: the plan's (global) sequence length; needed when cp > 1: the per-token inputs (dim 1 of
+        that length) are cut to this cp rank's tokens. `metric_names`: the entries of the metrics vector
+        `step_fn` returns beside the loss (a task's; none: it returns a bare loss). `reference`: DPO's reference
+        graph, run on each micro-batch's (input_ids, labels) to give the step its third input
+        (graphllm.tasks.reference)."""
         self.layout, self.st = layout, st
         self.named_params = named_params
         self.params = list(named_params.values())
         self.step_fn, self.pipeline = step_fn, pipeline
-        self.micro_batch_size = micro_batch_size
+        self.micro_batch_size, self.seq_len = micro_batch_size, seq_len
         self.metric_names, self.reference = tuple(metric_names), reference
         self.metrics: dict[str, float] = {}
         """The last forward_backward / eval_loss's metrics (by name), averaged like the loss."""
+        self.token_index: torch.Tensor | None = None
+        """This cp rank's global token positions (cp > 1), in the order its graph takes them."""
+        if layout.cp > 1:
+            if seq_len is None:
+                raise GraphllmError(f"an Engine for --cp {layout.cp} needs the plan's seq_len to cut each row's "
+                                    "tokens; pass seq_len=")
+            cp_rank = st.coords.cp if st is not None else 0
+            positions = cp_token_index(seq_len, layout.cp, layout.ulysses_size)[cp_rank]
+            self.token_index = torch.tensor(positions, dtype=torch.long)
 
     def _group(self, kind: str):
-        return self.st.group(kind) if self.st is not None and getattr(self.layout, kind) > 1 else None
+        return self.st.group(kind) if self.st is not None and self.layout.group_size(kind) > 1 else None
 
     def local_rows(self, t: torch.Tensor) -> torch.Tensor:
         """This data-parallel rank's rows of the global batch."""
         rows = self.micro_batch_size * self.layout.micro_batches
         if t.shape[0] != rows * self.layout.dp:
-            from graphllm.errors import GraphllmError
-
             raise GraphllmError(f"a step's batch has {t.shape[0]} rows but the plan needs micro-batch "
                                 f"{self.micro_batch_size} × {self.layout.micro_batches} micro-batches × dp "
                                 f"{self.layout.dp} = {rows * self.layout.dp}")
         start = (self.st.coords.dp if self.st is not None else 0) * rows
         return t[start:start + rows]
+
+    def local_tokens(self, t: torch.Tensor) -> torch.Tensor:
+        """This context-parallel rank's tokens of a per-token tensor (dim 1 of the plan's seq_len: ids, labels,
+        position ids), in the order cp_token_index gives; other tensors (per-row columns) and cp 1: `t` itself."""
+        if self.token_index is None or t.dim() < 2 or t.shape[1] != self.seq_len:
+            return t
+        if self.token_index.device != t.device:
+            self.token_index = self.token_index.to(t.device)
+        return t.index_select(1, self.token_index)
+
+    def local(self, t: torch.Tensor) -> torch.Tensor:
+        """This rank's part of a step's batch tensor: its data-parallel rows, its context-parallel tokens."""
+        return self.local_tokens(self.local_rows(t))
 
     def forward_backward(self, input_ids: torch.Tensor, labels: torch.Tensor, *extra: torch.Tensor) -> float:
         """Forward and backward of one step's global batch; gradients left averaged in `.grad`.
@@ -60,15 +87,15 @@ class Engine:
         the rows. Returns the loss; a graph returning (loss, metrics) leaves the metrics, averaged like the
         loss, in `self.metrics`."""
         if self.pipeline is not None:
-            ids, lab = self.local_rows(input_ids), self.local_rows(labels)
+            ids, lab = self.local(input_ids), self.local(labels)
             totals = self.pipeline.forward_backward(ids, lab).detach().float().reshape(1)
         else:
             totals = self._micro_batches((input_ids, labels, *extra), backward=True)
-        dp = self._group("dp")
-        if dp is not None and not self.layout.grads_reduced_in_graph:  # else the backward graph reduced them
+        replicas = self._group(self.layout.grad_kind)
+        if replicas is not None and not self.layout.grads_reduced_in_graph:  # else the backward graph reduced them
             from graphllm.parallel.optim import reduce_gradients
 
-            reduce_gradients(self.params, dp)
+            reduce_gradients(self.params, replicas)
         return self._finish(totals)
 
     def eval_loss(self, input_ids: torch.Tensor, labels: torch.Tensor, *extra: torch.Tensor) -> float:
@@ -88,7 +115,7 @@ class Engine:
         gradients of loss / M); returns [loss, *metrics] averaged over the micro-batches (float32)."""
         m = self.layout.micro_batches
         totals = None
-        for mb in zip(*(self.local_rows(t).chunk(m) for t in batch)):
+        for mb in zip(*(self.local(t).chunk(m) for t in batch)):
             if self.reference is not None:  # DPO --reference graph: the frozen model's log-probs of these rows
                 with torch.no_grad():
                     mb = (*mb[:2], self.reference(mb[0], mb[1]), *mb[2:])
@@ -103,17 +130,20 @@ class Engine:
         return totals
 
     def _finish(self, totals: torch.Tensor) -> float:
-        """Average [loss, *metrics] over the data-parallel group; keep the metrics, return the loss."""
-        dp = self._group("dp")
-        if dp is not None:
+        """Average [loss, *metrics] over the data- (and context-) parallel group; keep the metrics, return the
+        loss."""
+        kind = self.layout.grad_kind
+        replicas = self._group(kind)
+        if replicas is not None:
             totals = totals.clone()
-            dist.all_reduce(totals, group=dp)  # on the loss's device (nccl/hccl reduce device tensors)
-            totals /= self.layout.dp
+            dist.all_reduce(totals, group=replicas)  # on the loss's device (nccl/hccl reduce device tensors)
+            totals /= self.layout.group_size(kind)
         self.metrics = dict(zip(self.metric_names, totals[1:].tolist()))
         return float(totals[0])
 
     def clip_grad_norm(self, max_norm: float) -> float:
-        """Clip by the global norm of the whole model's gradient (across tensor and pipeline ranks)."""
+        """Clip by the global norm of the whole model's gradient (across tensor and pipeline ranks; data- and
+        context-parallel replicas hold the same averaged gradient and count once)."""
         if self.layout.world_size == 1:
             return float(torch.nn.utils.clip_grad_norm_(self.params, max_norm if max_norm > 0 else float("inf")))
         from graphllm.parallel.optim import clip_grad_norm

@@ -1,26 +1,34 @@
-"""Process groups, built once per process from the layout, and looked up by kind ("tp", "dp", "pp").
+"""Process groups, built once per process from the layout, and looked up by kind ("tp", "dp", "pp", "cp", ...).
 
 Graphs name groups by kind only (`graphllm::tp_reduce(x, "tp")`), never by a runtime handle, so the
 same graph (and its hash) comes out on every run; the kind resolves to this rank's ProcessGroup here.
 `init_parallel` installs the ParallelState as the ops' group resolver (ops/groups.py) and is what the
 compile step hands to passes as `PassContext.groups`.
 The groups are the dimensions of one DeviceMesh ("pp", "dp", "tp"), which DTensor and
-torch.distributed.checkpoint use too. The backend follows the device: gloo (cpu), nccl (cuda), hccl (npu).
+torch.distributed.checkpoint use too. With context parallelism (cp > 1) the mesh is ("pp", "dp", "cp_ring",
+"cp_ulysses", "tp") — Megatron's tp-cp-dp-pp rank order, planning/layout.py — plus two flattened meshes: "cp"
+(cp_ring × cp_ulysses: every rank holding a piece of the same sequences) and "dp_cp" (dp × cp: the replicas of
+every parameter, over which gradients and losses are averaged). At cp = 1 the mesh is the three-dimensional one,
+"dp_cp" is the "dp" group itself and there are no cp groups, so plans without cp build the same groups (and
+c10d group names) as before. The backend follows the device: gloo (cpu), nccl (cuda), hccl (npu).
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
 from graphllm.errors import GraphllmError
 from graphllm.ops import groups as op_groups
-from graphllm.planning.layout import Coords, Layout
+from graphllm.planning.layout import GRID, KIND_DIMS, Coords, Layout
 
-KINDS = ("pp", "dp", "tp")
+KINDS = ("pp", "dp", "tp", "cp", "cp_ring", "cp_ulysses", "dp_cp")
+"""Every group kind."""
+FLATTENED = ("cp", "dp_cp")
+"""Kinds made by flattening mesh dimensions (cp > 1)."""
 BACKEND_FOR_DEVICE = {"cpu": "gloo", "cuda": "cpu:gloo,cuda:nccl", "npu": "cpu:gloo,npu:hccl"}
 """Process-group backends per device: on an accelerator, its collective library for device tensors and gloo for
 the CPU tensors some host-side exchanges use (checkpoint state gathers, objects)."""
@@ -32,17 +40,28 @@ class ParallelState:
     rank: int
     coords: Coords
     mesh: object | None  # torch.distributed.device_mesh.DeviceMesh when world_size > 1
+    flat: dict = field(default_factory=dict)
+    """The flattened meshes by kind ("cp", "dp_cp"; cp > 1), kept as _flatten returned them."""
 
-    def group(self, kind: str) -> dist.ProcessGroup | None:
+    def submesh(self, kind: str):
+        """The one-dimensional DeviceMesh of this rank's group of `kind` (None: no mesh, or no such group at cp 1)."""
         if self.mesh is None:
             return None
-        return self.mesh.get_group(kind)
+        if kind in self.flat:
+            return self.flat[kind]
+        if kind == "dp_cp" and self.layout.cp == 1:
+            kind = "dp"  # the same ranks: one group, not two
+        return self.mesh[kind] if kind in self.mesh.mesh_dim_names else None
+
+    def group(self, kind: str) -> dist.ProcessGroup | None:
+        mesh = self.submesh(kind)
+        return None if mesh is None else mesh.get_group()
 
     def size(self, kind: str) -> int:
-        return getattr(self.layout, kind)
+        return self.layout.group_size(kind)
 
     def local_rank(self, kind: str) -> int:
-        return getattr(self.coords, kind)
+        return self.layout.group_rank(kind, self.coords)
 
     # -- the GroupResolver protocol (ops/groups.py) ----------------------------------------------------
     def process_group(self, kind: str) -> dist.ProcessGroup:
@@ -55,8 +74,17 @@ class ParallelState:
         return self.process_group(kind).group_name
 
     def kinds_by_name(self) -> dict[str, str]:
-        """c10d group name → kind, for reading lowered collectives back (graphllm.planning.comm)."""
-        return {} if self.mesh is None else {self.name(k): k for k in KINDS}
+        """c10d group name → kind, for reading lowered collectives back (graphllm.planning.comm). Kinds that share
+        one group (equal rank sets: "cp" and "dp_cp" when dp is 1 and torch reuses the world's group) read
+        "cp/dp_cp"; at cp 1 "dp_cp" is the dp group and not listed."""
+        out: dict[str, str] = {}
+        for kind in KINDS:
+            if kind == "dp_cp" and self.layout.cp == 1:
+                continue
+            if (pg := self.group(kind)) is not None:
+                name = pg.group_name
+                out[name] = f"{out[name]}/{kind}" if name in out else kind
+        return out
 
 
 _STATE: ParallelState | None = None
@@ -74,15 +102,30 @@ def init_parallel(layout: Layout, device: str = "cpu") -> ParallelState:
         raise GraphllmError(f"the plan needs {layout.world_size} processes ({layout.describe()}) but {world} were "
                             f"started; run with --nproc {layout.world_size}")
     use_local_device(device)
-    mesh = None
+    mesh, flat = None, {}
     if world > 1:
         if not dist.is_initialized():
             dist.init_process_group(BACKEND_FOR_DEVICE[torch.device(device).type])
-        from torch.distributed.device_mesh import init_device_mesh
-
-        mesh = init_device_mesh(device, (layout.pp, layout.dp, layout.tp), mesh_dim_names=KINDS)
-    set_state(ParallelState(layout=layout, rank=rank, coords=layout.coords(rank), mesh=mesh))
+        mesh, flat = build_mesh(layout, device)
+    set_state(ParallelState(layout=layout, rank=rank, coords=layout.coords(rank), mesh=mesh, flat=flat))
     return _STATE
+
+
+def build_mesh(layout: Layout, device: str):
+    """The DeviceMesh of `layout` and its flattened meshes by kind (collective: every rank calls it).
+
+    cp = 1: ("pp", "dp", "tp"), nothing flattened. cp > 1: the GRID dimensions, then "cp" and "dp_cp" flattened
+    from them (DeviceMesh._flatten: the groups are created once, in the same order on every rank)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    sizes = layout.grid_sizes()
+    names = GRID if layout.cp > 1 else ("pp", "dp", "tp")
+    mesh = init_device_mesh(device, tuple(sizes[n] for n in names), mesh_dim_names=names)
+    flat = {}
+    if layout.cp > 1:
+        for kind in FLATTENED:
+            flat[kind] = mesh[KIND_DIMS[kind]]._flatten(kind)
+    return mesh, flat
 
 
 def use_local_device(device: str) -> None:

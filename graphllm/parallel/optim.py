@@ -5,7 +5,7 @@
   already reduce them).
 - `grad_norm` / `clip_grad_norm`: the norm of the whole model's gradient: shards' squares summed over
   their shard group, whole parameters counted once, then summed over pipeline ranks (disjoint
-  parameters). Data-parallel replicas hold identical gradients and are not summed.
+  parameters). Data- and context-parallel replicas hold identical (averaged) gradients and are not summed.
 - `ZeroAdamW`: ZeRO stage 1. All parameters are laid end to end in one index space cut into dp
   near-equal ranges; each rank keeps AdamW state for its range only and updates it. AdamW is
   elementwise, so updating a slice equals updating the whole tensor; the ranges are then all-gathered
@@ -149,7 +149,9 @@ class ZeroAdamW:
     """AdamW whose states and update are sharded over the data-parallel `group` (ZeRO-1).
 
     Parameter groups, decay only on matrices, and the update are those of graphllm.train.make_optimizer's
-    AdamW(fused=True); `.grad` must already be averaged over `group` when `step()` runs."""
+    AdamW(fused=True); `.grad` must already be averaged over `group` when `step()` runs. With context
+    parallelism the gradients are averaged over dp × cp and the states stay sharded over dp only: the cp
+    replicas of each dp group run the same update on the same gradients."""
 
     def __init__(self, named_params: dict[str, nn.Parameter], *, lr: float, betas: tuple[float, float], eps: float,
                  weight_decay: float, group: dist.ProcessGroup | None):

@@ -111,7 +111,8 @@ class PipelineRunner:
         return self._loss(*outs, labels) / self.layout.micro_batches
 
     def forward_backward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Forward and backward of this data-parallel rank's batch [micro_batches * micro_batch_size, seq_len].
+        """Forward and backward of this data-parallel rank's batch [micro_batches * micro_batch_size, seq_len]
+        (seq_len: the tokens of each row this rank holds, the plan's seq_len / cp).
 
         Gradients of the mean micro-batch loss accumulate into this rank's parameters' `.grad`; returns
         that mean loss (0-dim fp32), the same on every pipeline rank."""

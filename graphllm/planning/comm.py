@@ -14,7 +14,12 @@ from graphllm.ops.mc2 import MC2_OPS
 c10d = torch.ops._c10d_functional
 _C10D = {c10d.all_reduce.default: "all_reduce", c10d.all_reduce_.default: "all_reduce",  # inductor re-inplaces
          c10d.all_gather_into_tensor.default: "all_gather",
-         c10d.reduce_scatter_tensor.default: "reduce_scatter"}
+         c10d.reduce_scatter_tensor.default: "reduce_scatter", c10d.all_to_all_single.default: "all_to_all"}
+
+
+def _torchair_kind(n: fx.Node) -> str | None:
+    """torchair's all-to-all (what the cp collectives lower to on npu), when torchair or its emulation defined it."""
+    return "all_to_all" if getattr(n.target, "name", lambda: "")() == "npu_define::all_to_all_single_npu" else None
 
 
 def _nbytes(v: Any) -> int:
@@ -46,10 +51,15 @@ def graph_collectives(gm: fx.GraphModule, group_kinds: Mapping[str, str] | None 
             out[key]["calls"] += 1
             out[key]["bytes"] += nbytes
             continue
-        kind = COLLECTIVE_OPS.get(n.target) or _C10D.get(n.target)
+        kind = COLLECTIVE_OPS.get(n.target) or _C10D.get(n.target) or _torchair_kind(n)
         if kind is None or kind == "identity":
             continue
-        group = n.args[-1] if n.target in COLLECTIVE_OPS else names.get(n.args[-1], str(n.args[-1]))
+        if n.target in COLLECTIVE_OPS:
+            group = n.args[-1]
+        elif kind == "all_to_all" and n.target not in _C10D:  # torchair's: (..., tag "ptd:<name>", ranks, size)
+            group = names.get(str(n.args[5]).removeprefix("ptd:"), str(n.args[5]))
+        else:
+            group = names.get(n.args[-1], str(n.args[-1]))
         inp = n.args[0].meta.get("val") if isinstance(n.args[0], fx.Node) else None
         key = f"{group} {kind}"
         out[key]["calls"] += 1

@@ -51,6 +51,10 @@ def node_flops(n: fx.Node) -> int:
         q, k, v = (_shape(a) for a in n.args[:3])
         if q and k and v:
             return _attention_flops(q, k, v, True)
+    elif t is gl.attention_block.default:  # one block of ring attention (context parallelism)
+        q, k, v = (_shape(a) for a in n.args[:3])
+        if q and k and v:
+            return _attention_flops(q, k, v, n.args[6])
     return 0
 
 

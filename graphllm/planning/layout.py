@@ -1,26 +1,38 @@
 """The parallel layout: how many ranks split the model which way, and where each rank sits.
 
-Rank order follows Megatron-Core's default (tensor fastest, then data, then pipeline):
-    rank = pp_rank * (dp * tp) + dp_rank * tp + tp_rank
-so the ranks of one tensor-parallel group are neighbours (one node, the fastest links).
+Rank order follows Megatron-Core's default (tensor fastest, then context, then data, then pipeline: tp-cp-dp-pp):
+    rank = pp_rank * (dp * cp * tp) + dp_rank * (cp * tp) + cp_rank * tp + tp_rank
+so the ranks of one tensor-parallel group are neighbours (one node, the fastest links), and a context-parallel
+group's next. Inside a cp group, cp_rank = ring_rank * ulysses_size + ulysses_rank: a Ulysses all-to-all group is
+consecutive cp ranks (graphllm.planning.context lays the tokens out the same way).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from graphllm.errors import GraphllmError
 from graphllm.options import check_fields, option
+from graphllm.planning.context import check_divisible
 
 
 @dataclass(frozen=True, slots=True)
 class Coords:
-    """One rank's position in the (pp, dp, tp) grid."""
+    """One rank's position in the (pp, dp, cp, tp) grid."""
 
     pp: int
     dp: int
     tp: int
+    cp: int = 0
+
+
+GRID = ("pp", "dp", "cp_ring", "cp_ulysses", "tp")
+"""The grid's dimensions, slowest first (the context-parallel one as ring × Ulysses)."""
+KIND_DIMS = {"pp": ("pp",), "dp": ("dp",), "tp": ("tp",), "cp": ("cp_ring", "cp_ulysses"),
+             "cp_ring": ("cp_ring",), "cp_ulysses": ("cp_ulysses",), "dp_cp": ("dp", "cp_ring", "cp_ulysses")}
+"""Each process-group kind: the grid dimensions its ranks differ in ("dp_cp": the gradient-averaging group)."""
 
 
 CHUNK_CHOICES = (1, 2, 4, 8)
@@ -34,7 +46,7 @@ def _check_pp_layers(value: tuple[int, ...] | None) -> None:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Layout:
-    """tp × pp × dp ranks, plus the options that shape each kind: the plan's parallel section."""
+    """tp × cp × pp × dp ranks, plus the options that shape each kind: the plan's parallel section."""
 
     tp: int = option(1, minimum=1, help="tensor-parallel ranks (Megatron column/row-parallel layers, "
                                         "vocab-parallel embedding and loss)")
@@ -57,6 +69,12 @@ class Layout:
                                                                   "overlap it with matmuls (1: off)")
     mc2: bool = option(False, help="fuse tensor-parallel matmuls with their collectives (torch_npu MC2 kernels on "
                                    "--backend npu; --coc-parallel-num CoC chunks elsewhere)")
+    cp: int = option(1, minimum=1, help="context-parallel ranks: each holds 1/cp of every sequence's tokens")
+    cp_algo: Literal["ring", "ulysses", "hybrid"] = option(
+        "ring", help="ring attention (zig-zag load balance), Ulysses all-to-all over heads, or hybrid: Ulysses "
+                     "inside groups of --cp-ulysses ranks, ring across them")
+    cp_ulysses: int = option(1, minimum=1, help="the Ulysses degree of --cp-algo hybrid (ranks per all-to-all "
+                                                "group; --cp / --cp-ulysses ranks around the ring)")
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -64,7 +82,37 @@ class Layout:
 
     @property
     def world_size(self) -> int:
-        return self.tp * self.pp * self.dp
+        return self.tp * self.cp * self.pp * self.dp
+
+    @property
+    def ulysses_size(self) -> int:
+        """Ranks of one Ulysses all-to-all group (1: pure ring)."""
+        return {"ring": 1, "ulysses": self.cp, "hybrid": self.cp_ulysses}[self.cp_algo]
+
+    @property
+    def ring_size(self) -> int:
+        """Ranks around one attention ring (1: pure Ulysses)."""
+        return self.cp // self.ulysses_size
+
+    def grid_sizes(self) -> dict[str, int]:
+        """Ranks along each GRID dimension."""
+        return {"pp": self.pp, "dp": self.dp, "cp_ring": self.ring_size, "cp_ulysses": self.ulysses_size,
+                "tp": self.tp}
+
+    def group_size(self, kind: str) -> int:
+        """Ranks in each group of `kind` (one of KIND_DIMS)."""
+        return math.prod(self.grid_sizes()[d] for d in _dims_of(kind))
+
+    def _grid(self, c: Coords) -> dict[str, int]:
+        ring, ulysses = divmod(c.cp, self.ulysses_size)
+        return {"pp": c.pp, "dp": c.dp, "cp_ring": ring, "cp_ulysses": ulysses, "tp": c.tp}
+
+    def group_rank(self, kind: str, c: Coords) -> int:
+        """The index of the rank at `c` inside its group of `kind` (its place among the group's sorted ranks)."""
+        dims, grid, index = self.grid_sizes(), self._grid(c), 0
+        for d in _dims_of(kind):  # slowest first, as in GRID
+            index = index * dims[d] + grid[d]
+        return index
 
     @property
     def num_stages(self) -> int:
@@ -72,22 +120,21 @@ class Layout:
 
     def coords(self, rank: int) -> Coords:
         if not 0 <= rank < self.world_size:
-            raise GraphllmError(f"rank {rank} is outside a world of {self.world_size} (tp{self.tp}×pp{self.pp}×dp{self.dp})")
-        return Coords(pp=rank // (self.dp * self.tp), dp=(rank // self.tp) % self.dp, tp=rank % self.tp)
+            raise GraphllmError(f"rank {rank} is outside a world of {self.world_size} ({self.describe()})")
+        tp, cp, dp = self.tp, self.cp, self.dp
+        return Coords(pp=rank // (dp * cp * tp), dp=(rank // (cp * tp)) % dp, cp=(rank // tp) % cp, tp=rank % tp)
 
     def rank_of(self, c: Coords) -> int:
-        return c.pp * self.dp * self.tp + c.dp * self.tp + c.tp
+        return ((c.pp * self.dp + c.dp) * self.cp + c.cp) * self.tp + c.tp
 
     def group_ranks(self, kind: str) -> list[list[int]]:
-        """All groups of one kind ("tp", "dp", "pp"), each a sorted rank list, in a fixed order
-        (every rank must create every group, in the same order)."""
-        sizes = {"pp": self.pp, "dp": self.dp, "tp": self.tp}
-        if kind not in sizes:
-            raise GraphllmError(f"unknown process group kind {kind!r}; expected tp, dp or pp")
+        """All groups of one kind (KIND_DIMS: "tp", "cp", "cp_ring", "cp_ulysses", "dp", "dp_cp", "pp"), each a
+        sorted rank list, in a fixed order (every rank must create every group, in the same order)."""
+        varying = _dims_of(kind)
         groups: dict[tuple, list[int]] = {}
         for r in range(self.world_size):
-            c = self.coords(r)
-            key = tuple(getattr(c, k) for k in ("pp", "dp", "tp") if k != kind)
+            grid = self._grid(self.coords(r))
+            key = tuple(grid[d] for d in GRID if d not in varying)
             groups.setdefault(key, []).append(r)
         return [groups[k] for k in sorted(groups)]
 
@@ -99,17 +146,27 @@ class Layout:
     def grads_reduced_in_graph(self) -> bool:
         """Whether the backward graph averages data-parallel gradients itself (passes/dp_grad_reduce.py:
         one backward makes one step) or the engine does after the step's last micro-batch."""
-        return self.dp > 1 and self.pp == 1 and self.micro_batches == 1
+        return self.dp * self.cp > 1 and self.pp == 1 and self.micro_batches == 1
+
+    @property
+    def grad_kind(self) -> str:
+        """The group gradients are averaged over: the replicas of each parameter ("dp", and "dp_cp" when context
+        parallelism replicates them over cp ranks too)."""
+        return "dp_cp" if self.cp > 1 else "dp"
 
     def describe(self) -> str:
         parts = [f"tp{self.tp}", f"pp{self.pp}", f"dp{self.dp}"]
+        if self.cp > 1:
+            algo = f"hybrid-u{self.cp_ulysses}" if self.cp_algo == "hybrid" else self.cp_algo
+            parts[1:1] = [f"cp{self.cp}-{algo}"]
         if self.vpp > 1:
             parts.append(f"vpp{self.vpp}")
         if self.sequence_parallel:
             parts.append("sp")
         if self.zero1:
             parts.append("zero1")
-        return "×".join(parts[:3]) + ("+" + "+".join(parts[3:]) if parts[3:] else "")
+        main = 4 if self.cp > 1 else 3
+        return "×".join(parts[:main]) + ("+" + "+".join(parts[main:]) if parts[main:] else "")
 
     def check_options(self) -> None:
         """Checks that need no model: options that need a dimension > 1, sizes that must agree."""
@@ -131,6 +188,21 @@ class Layout:
             raise GraphllmError("--mc2 needs --tp > 1 (it fuses tensor-parallel matmuls with their collectives)")
         if self.coc_parallel_num > 1 and self.tp == 1:
             raise GraphllmError("--coc-parallel-num needs --tp > 1 (it chunks tensor-parallel collectives)")
+        self._check_cp_options()
+
+    def _check_cp_options(self) -> None:
+        if self.cp_algo == "hybrid":
+            u = self.cp_ulysses
+            if not 1 < u < self.cp or self.cp % u:
+                raise GraphllmError(f"--cp-algo hybrid needs --cp-ulysses strictly between 1 and --cp {self.cp} and "
+                                    f"dividing it, got --cp-ulysses {u}; pick a proper divisor of --cp (or another "
+                                    "--cp-algo)")
+        elif self.cp_ulysses != 1:
+            raise GraphllmError(f"--cp-ulysses {self.cp_ulysses} applies only to --cp-algo hybrid (got --cp-algo "
+                                f"{self.cp_algo}); use --cp-algo hybrid or leave --cp-ulysses at 1")
+        elif self.cp_algo != "ring" and self.cp == 1:
+            raise GraphllmError(f"--cp-algo {self.cp_algo} needs --cp > 1 (it splits sequences over context-parallel "
+                                "ranks)")
 
     def check_model(self, cfg: Any, *, batch_size: int, seq_len: int) -> None:
         """Refuse a layout the model's shapes cannot be split by, naming the dimension and the fix."""
@@ -148,7 +220,9 @@ class Layout:
         if kv % tp and tp % kv:
             raise GraphllmError(f"--tp {tp} neither divides nor is a multiple of num_key_value_heads {kv}: "
                                 "key/value heads can be split or replicated, not both; choose another --tp")
-        if self.sequence_parallel and seq_len % tp:
+        if self.cp > 1:
+            self._check_cp_model(cfg, seq_len)
+        elif self.sequence_parallel and seq_len % tp:
             raise GraphllmError(f"--sequence-parallel: --seq-len {seq_len} is not divisible by --tp {tp}")
         if self.pp_layers is not None:
             if sum(self.pp_layers) != cfg.num_hidden_layers:
@@ -160,3 +234,31 @@ class Layout:
         if self.pp > 1 and getattr(cfg, "tie_word_embeddings", False):
             raise GraphllmError("--pp > 1 with tied input/output embeddings (tie_word_embeddings) is not supported: "
                                 "the first and last stages would share one weight; use --pp 1 or an untied model")
+
+    def _check_cp_model(self, cfg: Any, seq_len: int) -> None:
+        """The sequence must cut into the layout's pieces; Ulysses spreads each tp rank's heads over its group."""
+        check_divisible(seq_len, self.cp, self.ulysses_size)
+        tp, u = self.tp, self.ulysses_size
+        if u > 1:
+            flag = "--cp" if self.cp_algo == "ulysses" else "--cp-ulysses"
+            heads = cfg.num_attention_heads // tp
+            if heads % u:
+                raise GraphllmError(f"{flag} {u}: Ulysses spreads each tensor-parallel rank's {heads} attention heads "
+                                    f"(num_attention_heads {cfg.num_attention_heads} / --tp {tp}) over {u} ranks; "
+                                    f"choose a Ulysses degree that divides {heads} (or --cp-algo ring)")
+            kv = max(1, cfg.num_key_value_heads // tp)
+            if kv % u and u % kv:
+                raise GraphllmError(f"{flag} {u}: each tensor-parallel rank's {kv} key/value heads can be split over "
+                                    f"or replicated across the Ulysses ranks, not both; choose a Ulysses degree that "
+                                    f"divides or is a multiple of {kv} (or --cp-algo ring)")
+        local = seq_len // self.cp
+        if self.sequence_parallel and local % tp:
+            raise GraphllmError(f"--sequence-parallel: each context-parallel rank's {local} tokens (--seq-len "
+                                f"{seq_len} / --cp {self.cp}) are not divisible by --tp {tp}; choose a --seq-len "
+                                "whose 1/cp is a multiple of --tp")
+
+
+def _dims_of(kind: str) -> tuple[str, ...]:
+    if kind not in KIND_DIMS:
+        raise GraphllmError(f"unknown process group kind {kind!r}; expected one of {', '.join(KIND_DIMS)}")
+    return KIND_DIMS[kind]

@@ -170,10 +170,17 @@ def _attention_inputs(name, query, key, value, head_num, input_layout, pse, keep
     return q, k, v
 
 
-def _attention_masked(name, atten_mask, sparse_mode, sq, sk, device):
-    """The positions the kernel masks (True = masked), or None."""
+def _attention_masked(name, atten_mask, sparse_mode, q, k):
+    """The positions the kernel masks (True = masked), or None. q, k are BNSD."""
+    (b, n, sq), sk, device = q.shape[:3], k.shape[2], q.device
     if sparse_mode == 0:
-        return None if atten_mask is None else atten_mask.to(torch.bool)
+        if atten_mask is None:
+            return None
+        # the documented mask formats; a 3-D [B, Sq, Sk] mask would broadcast over the wrong axis
+        if tuple(atten_mask.shape) not in ((b, n, sq, sk), (b, 1, sq, sk), (1, 1, sq, sk), (sq, sk)):
+            raise ValueError(f"{name}: atten_mask must be BNSS, B1SS, 11SS or SS for B={b}, N={n}, Sq={sq}, "
+                             f"Skv={sk}; got {tuple(atten_mask.shape)}")
+        return atten_mask.to(torch.bool)
     if sparse_mode in (2, 3):
         want = torch.ones(CAUSAL_MASK_SIZE, CAUSAL_MASK_SIZE, dtype=torch.bool, device=device).triu(1)
         if atten_mask is None or atten_mask.dtype != torch.bool or atten_mask.shape != want.shape or \
@@ -197,11 +204,15 @@ def npu_fusion_attention(query, key, value, head_num, input_layout, pse=None, pa
                          inner_precise=0, prefix=None, actual_seq_qlen=None, actual_seq_kvlen=None, sparse_mode=0,
                          gen_mask_parallel=True, sync=False, softmax_layout="", sink=None, dropout_mask=None, seed=0,
                          offset=0):
-    """-> (attention_out, softmax_max, softmax_sum, softmax_out (reserved, empty), seed, offset, numels)."""
+    """-> (attention_out, softmax_max, softmax_sum, softmax_out (reserved, empty), seed, offset, numels).
+
+    softmax_max is each row's max of the scaled, masked scores and softmax_sum the sum of exp(score − max), so
+    max + log(sum) is the row's log-sum-exp. A row whose keys are all masked gives softmax_max −inf and NaN
+    softmax_sum and out here; the real kernel's values there are undocumented (torch_npu calls them invalid
+    rows, computed with lost precision unless inner_precise=2), so a lowering must not read them."""
     name = "npu_fusion_attention"
     q, k, v = _attention_inputs(name, query, key, value, head_num, input_layout, pse, keep_prob, actual_seq_qlen, sink)
-    scores = _attention_scores(q, k, scale, _attention_masked(name, atten_mask, sparse_mode, q.shape[2], k.shape[2],
-                                                              q.device))
+    scores = _attention_scores(q, k, scale, _attention_masked(name, atten_mask, sparse_mode, q, k))
     softmax_max = scores.amax(-1, keepdim=True)
     probs = torch.exp(scores - softmax_max)
     softmax_sum = probs.sum(-1, keepdim=True)
@@ -225,14 +236,14 @@ def npu_fusion_attention_grad(query, key, value, dy, head_num, input_layout, *, 
     q, k, v = _attention_inputs(name, query, key, value, head_num, input_layout, pse, keep_prob, actual_seq_qlen, sink)
     if softmax_max is None or softmax_sum is None or attention_in is None:
         raise NotImplementedError(f"emulated {name}: needs the forward's softmax_max, softmax_sum and attention_in")
-    b, n, sq, sk = *q.shape[:3], k.shape[2]
+    b, n, sq = q.shape[:3]
     if softmax_max.shape != (b, n, sq, SOFTMAX_STAT_WIDTH) or softmax_sum.shape != softmax_max.shape:
         raise ValueError(f"{name}: softmax_max/softmax_sum must be npu_fusion_attention's [B, N, Sq, 8], got "
                          f"{tuple(softmax_max.shape)}, {tuple(softmax_sum.shape)}")
     if dy.shape != attention_in.shape or dy.shape != query.shape[:-1] + value.shape[-1:]:
         raise ValueError(f"{name}: dy and attention_in must have the output's shape, got {tuple(dy.shape)}, "
                          f"{tuple(attention_in.shape)}")
-    masked = _attention_masked(name, atten_mask, sparse_mode, sq, sk, q.device)
+    masked = _attention_masked(name, atten_mask, sparse_mode, q, k)
     probs = torch.exp(_attention_scores(q, k, scale_value, masked) - softmax_max[..., :1]) / softmax_sum[..., :1]
     group = n // k.shape[1]
     k32, v32 = (t.to(torch.float32).repeat_interleave(group, dim=1) for t in (k, v))

@@ -58,9 +58,14 @@ def build_task(plan, lm: nn.Module) -> Task:
 
 
 def graph_inputs(plan, rows: int | None = None) -> tuple[torch.Tensor, ...]:
-    """Example inputs of the captured graph (zeros, shapes and dtypes as the table above)."""
-    rows = rows or plan.batch_size
-    shape, dev = (rows, plan.seq_len), plan.device
+    """Example inputs of the captured graph (zeros, shapes and dtypes as the table above). S is the sequence
+    one rank holds: the plan's seq_len, or seq_len / cp under context parallelism (the engine cuts each row's
+    tokens to this rank's, graphllm.planning.context.cp_token_index)."""
+    return _zeros(plan, rows or plan.batch_size, local_seq_len(plan))
+
+
+def _zeros(plan, rows: int, seq: int) -> tuple[torch.Tensor, ...]:
+    shape, dev = (rows, seq), plan.device
     batch: tuple[torch.Tensor, ...] = (torch.zeros(shape, dtype=torch.long, device=dev),
                                        torch.zeros(shape, dtype=torch.long, device=dev))
     if plan.task.kind == "dpo":
@@ -68,14 +73,20 @@ def graph_inputs(plan, rows: int | None = None) -> tuple[torch.Tensor, ...]:
     elif plan.task.kind == "prm":
         batch += (torch.zeros(rows, 2, dtype=torch.long, device=dev),)
     if plan.eod_reset:
-        batch += (torch.arange(plan.seq_len, device=dev).expand(shape).contiguous(),)
+        batch += (torch.arange(shape[1], device=dev).expand(shape).contiguous(),)
     return batch
 
 
+def local_seq_len(plan) -> int:
+    """Tokens of each row one rank's graph takes: seq_len / cp."""
+    return plan.seq_len // plan.layout.cp
+
+
 def batch_example(plan, rows: int | None = None) -> tuple[torch.Tensor, ...]:
-    """What a step's batch holds (Engine.forward_backward's arguments): the graph's inputs, less DPO's
-    reference log-probs under `--reference graph` (the engine computes them)."""
-    batch = graph_inputs(plan, rows)
+    """What a step's batch holds (Engine.forward_backward's arguments): the graph's inputs, whole sequences
+    (seq_len tokens: the engine takes each rank's), less DPO's reference log-probs under `--reference graph`
+    (the engine computes them)."""
+    batch = _zeros(plan, rows or plan.batch_size, plan.seq_len)
     if uses_reference_graph(plan):
         return batch[:2] + batch[3:]
     return batch

@@ -75,7 +75,8 @@ class ConsoleEvents:
         elif kind == "stopped":
             self.console.print(f"[yellow]{e['signal']}[/] after step {e['step']}: {e['message']}")
         elif kind == "failure":
-            self.console.print(f"[red]step {(e['step'] or 0) + 1} failed[/]: {e['message']}")
+            what = f"saving step {e['step']}" if e.get("saving") else f"step {(e['step'] or 0) + 1}"  # else: the next one
+            self.console.print(f"[red]{what} failed[/]: {e['message']}")
 
 
 def _launch(args: argparse.Namespace, config, data: dict, world: int, console: Console) -> int:

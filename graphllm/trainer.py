@@ -14,7 +14,6 @@ progress from it): the persisted ones ("start", step records, "eval", "checkpoin
 
 from __future__ import annotations
 
-import errno
 import math
 import os
 import statistics
@@ -25,7 +24,8 @@ from typing import Any, Callable
 
 import torch
 
-from graphllm.errors import GraphllmError, exception_chain
+from graphllm.disk_space import DiskFull, checkpoint_bytes, disk_full, free_bytes
+from graphllm.errors import GraphllmError
 from graphllm.data.feed import to_device
 from graphllm.run_config import RunConfig, open_feed, with_model_defaults
 
@@ -310,10 +310,10 @@ class Trainer:
             result.checkpoint = save_step(Path(self.config.save), self.built, self.optimizer, step,
                                           keep_last=self.config.keep_last, extra=self.feed.state(step))
         except Exception as exc:
-            if not disk_full(exc):
+            if not self._out_of_space(exc):
                 raise
             msg = self._disk_full_message()
-            self._emit({"event": "failure", "step": step, "error": msg, "checkpoint": None,
+            self._emit({"event": "failure", "step": step, "error": msg, "checkpoint": None, "saving": True,
                         "message": msg + ("" if last else "; training goes on")})
             if last:
                 raise DiskFull(msg + f"; step {step} was not saved") from exc
@@ -322,6 +322,10 @@ class Trainer:
         size = dir_bytes(result.checkpoint) if self.built.rank == 0 else None  # all ranks' files, once
         self._emit({"event": "checkpoint", "step": step, "path": str(result.checkpoint), "bytes": size,
                     "seconds": seconds})
+
+    def _out_of_space(self, exc: BaseException) -> bool:
+        """A failed save ran out of disk: its errors say so (see disk_full), or the root cannot hold a checkpoint."""
+        return disk_full(exc) or free_bytes(Path(self.config.save)) < checkpoint_bytes(self.built)
 
     def _disk_full_message(self) -> str:
         needed = checkpoint_bytes(self.built)
@@ -356,33 +360,12 @@ class Trainer:
             return save_final(Path(self.config.save), self.built, self.optimizer, status, start_step=start,
                               extra=self.feed.state(done))
         except Exception as exc:
-            if not disk_full(exc):
+            if not self._out_of_space(exc):
                 raise
             msg = self._disk_full_message() + f"; step {done} was not saved"
-            self._emit({"event": "failure", "step": done, "error": msg, "checkpoint": None, "message": msg})
+            self._emit({"event": "failure", "step": done, "error": msg, "checkpoint": None, "saving": True,
+                        "message": msg})
             raise DiskFull(msg) from exc
-
-
-class DiskFull(GraphllmError):
-    """A save found no space left on device (reported, with a failure event, where it happened)."""
-
-
-def disk_full(exc: BaseException) -> bool:
-    """Whether `exc`, its causes, or the per-rank failures DCP collects are "no space left on device"."""
-    return any((isinstance(e, OSError) and e.errno == errno.ENOSPC) or "No space left on device" in str(e)
-               for e in exception_chain(exc))
-
-
-def checkpoint_bytes(built) -> int:
-    """About how many bytes one checkpoint takes: every full parameter, and AdamW's two fp32 states."""
-    from graphllm.planning.sharding import shard_of
-
-    total = 0
-    for p in built.model.parameters():
-        shard = shard_of(p)
-        numel = math.prod(shard.full_shape) if shard is not None else p.numel()
-        total += numel * (p.element_size() + 8)
-    return total
 
 
 def run_summary(result: TrainResult, save: str | Path | None = None) -> str:

@@ -183,6 +183,27 @@ def test_disk_full_at_an_interval_goes_on_and_at_the_end_fails(art: Path, tmp_pa
     assert [p.name for p in root.iterdir()] == []  # no temp directory, no lock left behind
 
 
+def test_a_dcp_failure_is_an_ordinary_error_that_says_disk_full() -> None:
+    """torch.distributed.checkpoint raises CheckpointException, a BaseException carrying each rank's error pickled
+    (so without the ENOSPC under a zip writer's RuntimeError): graphllm re-raises it as an Exception whose chain
+    still shows the full disk, so a multi-rank save on a full disk is reported, not a traceback."""
+    import traceback
+
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    import graphllm.parallel.checkpoint as ckpt
+    from graphllm.trainer import disk_full
+
+    def failing(state, **kw):
+        failures = {0: (RuntimeError("unexpected pos 704 vs 598"), traceback.StackSummary()),
+                    1: (OSError(errno.ENOSPC, "No space left on device"), traceback.StackSummary())}
+        raise CheckpointException("write", failures)
+
+    with pytest.raises(ckpt.CheckpointFailed, match="rank") as info:
+        ckpt._dcp(failing, {})
+    assert isinstance(info.value, Exception) and disk_full(info.value)
+
+
 def test_checkpoints_follow_the_umask(art: Path, tmp_path: Path) -> None:
     old = os.umask(0o022)
     try:

@@ -22,7 +22,7 @@ PACKAGE_DIRS = {"graphllm": "graphllm", "graphllm.passes": "passes", "graphllm.o
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("cli", ("graphllm.cli", "graphllm.__main__")),
     ("api", ("graphllm",)),
-    ("app", ("graphllm.trainer", "graphllm.run_config", "graphllm.checkpoint_root", "graphllm.job", "graphllm.artifact", "graphllm.report",
+    ("app", ("graphllm.trainer", "graphllm.disk_space", "graphllm.run_config", "graphllm.checkpoint_root", "graphllm.job", "graphllm.artifact", "graphllm.report",
              "graphllm.resume", "graphllm.profile", "graphllm.profile_layers", "graphllm.profile_kernels", "graphllm.step_log", "graphllm.inspect_graphs",
              "graphllm.graph_view", "graphllm.graph_layout", "graphllm.graph_render", "graphllm.graph_export",
              "graphllm.inspect_pipeline", "graphllm.convert", "graphllm.lora_io", "graphllm.launch", "graphllm.slurm_env", "graphllm.eval",

@@ -81,11 +81,25 @@ def _agree(error: str | None) -> None:
         raise GraphllmError(error)
 
 
+class CheckpointFailed(RuntimeError):
+    """torch.distributed.checkpoint's CheckpointException (a BaseException, which `except Exception` misses: a
+    full disk would end the run with a traceback instead of being reported), re-raised as an ordinary error with
+    the original as its cause (its per-rank failures stay readable through graphllm.errors.exception_chain)."""
+
+
 def _dcp(fn, state: dict, **kw) -> None:
     """dcp.save/load; without a process group DCP works in one process, which is intended here."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
-        fn(state, **kw)
+        try:
+            fn(state, **kw)
+        except CheckpointException as exc:
+            first = next(iter(exc.failures.values()), None)
+            first = first[0] if isinstance(first, tuple) and first else first
+            raise CheckpointFailed(f"torch.distributed.checkpoint failed on rank(s) {sorted(exc.failures)}: "
+                                   f"{type(first).__name__}: {first}") from exc
 
 
 def _shard(t: torch.Tensor) -> ParamShard | None:

@@ -41,6 +41,7 @@ from graphllm.errors import GraphllmError
 from graphllm.parallel.groups import gather_objects
 from graphllm.parallel.integrity import file_records
 from graphllm.planning.sharding import ParamShard, shard_of
+from graphllm.signals import stopped_at_once
 
 MARKER = "graphllm_checkpoint.json"
 FORMAT = "graphllm-dcp/1"
@@ -96,10 +97,11 @@ def _dcp(fn, state: dict, **kw) -> None:
         try:
             fn(state, **kw)
         except CheckpointException as exc:
-            first = next(iter(exc.failures.values()), None)
-            first = first[0] if isinstance(first, tuple) and first else first
+            failures = [f[0] if isinstance(f, tuple) and f else f for f in exc.failures.values()]
+            if stopped_at_once() is not None or not all(isinstance(f, Exception) for f in failures):
+                raise  # a signal stopped the save: it must end the run at once, not be handled as an error
             raise CheckpointFailed(f"torch.distributed.checkpoint failed on rank(s) {sorted(exc.failures)}: "
-                                   f"{type(first).__name__}: {first}") from exc
+                                   f"{type(failures[0]).__name__}: {failures[0]}") from exc
 
 
 def _shard(t: torch.Tensor) -> ParamShard | None:

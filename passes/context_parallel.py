@@ -84,7 +84,8 @@ def context_parallel(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     if not attn:
         raise GraphllmError("--cp: the graph has no graphllm attention op to parallelise (fuse_attention did not "
                             "match this model's attention, or it was disabled); context parallelism needs it")
-    segments = _global_segments(gm, ctx, seq, local) if any(is_call(n, gl.varlen_attention.default) for n in attn) else None
+    packed = any(is_call(n, gl.varlen_attention.default) for n in attn)
+    segments = _segments_by_ring_rank(gm, ctx, seq) if packed else None
     for node in attn:
         _rewrite_attention(gm, ctx, node, seq, segments)
     _weight_loss(gm, ctx)
@@ -94,9 +95,10 @@ def context_parallel(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     return gm
 
 
-def _global_segments(gm: fx.GraphModule, ctx: PassContext, seq: int, local: int) -> fx.Node:
-    """Segment ids [B, S] of the whole sequence in natural order: position ids all-gathered over "cp",
-    put back in order, and a new sample begun at every 0 (as the model's packed mask counts them)."""
+def _segments_by_ring_rank(gm: fx.GraphModule, ctx: PassContext, seq: int) -> dict[int, fx.Node]:
+    """Each ring rank's segment ids [B, S / ring], in its tokens' order, computed once for every layer: the
+    position ids all-gathered over "cp", put back in order, a new sample begun at every 0 (as the model's
+    packed mask counts them), then each ring rank's tokens taken."""
     layout = ctx.layout
     pos = _placeholder(gm, "position_ids")
     if pos is None:
@@ -109,8 +111,10 @@ def _global_segments(gm: fx.GraphModule, ctx: PassContext, seq: int, local: int)
         natural = take_runs(gm, gathered, 1, [where[t] for t in range(seq)], seq, pos)
         starts = emit(gm, aten.eq.Scalar, (natural, 0), pos)
         seg = emit(gm, aten.cumsum.default, (starts, 1), pos, kwargs={"dtype": torch.int64})
+        ring = layout.ring_size
+        by_rank = {r: take_runs(gm, seg, 1, ring_tokens(seq, ring, r), seq, pos) for r in range(ring)}
     ctx.count("segment all-gathers")
-    return seg
+    return by_rank
 
 
 def _rewrite_attention(gm: fx.GraphModule, ctx: PassContext, node: fx.Node, seq: int, segments) -> None:
@@ -129,14 +133,13 @@ def _rewrite_attention(gm: fx.GraphModule, ctx: PassContext, node: fx.Node, seq:
         if degree > 1:
             q, k, v = (ulysses_in(gm, x, degree, node) for x in (q, k, v))
             ctx.count("Ulysses all-to-alls", 4)
-        mine = ring_tokens(seq, ring, ring_rank)
         if ring == 1:  # Ulysses alone: the whole sequence, in order, on every rank
-            out = emit(gm, node.target, (q, k, v, segments, scale) if packed else (q, k, v, scale, True), node)
+            out = emit(gm, node.target, (q, k, v, segments[0], scale) if packed else (q, k, v, scale, True), node)
         else:
             def seg_of(rank: int):
-                return take_runs(gm, segments, 1, ring_tokens(seq, ring, rank), seq, node) if packed else None
+                return segments[rank] if packed else None
 
-            steps = ring_schedule(len(mine), ring, ring_rank)
+            steps = ring_schedule(seq // ring, ring, ring_rank)
             out = emit_ring(gm, node, q, k, v, scale=scale, steps=steps, ring=ring, kv_heads=kv_heads,
                             q_seg=seg_of(ring_rank), k_seg_of=seg_of)
             ctx.count("ring steps", ring)

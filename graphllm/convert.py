@@ -43,6 +43,7 @@ from graphllm.models import (
     load_config,
     read_hf_state_dict,
 )
+from graphllm.models.hub import resolve_model
 from graphllm.models.weights import (
     CONFIG_FILE,
     INDEX_FILE,
@@ -93,7 +94,7 @@ def hf_to_graphllm(hf_dir: str | os.PathLike[str], out: str | os.PathLike[str], 
                    dtype: str | None = None, force: bool = False) -> ConvertResult:
     """HF directory -> `out/step_0` (weights-only graphllm checkpoint + the HF files in `hf/`)."""
     _check_dtype(dtype)
-    hf = Path(hf_dir).expanduser().resolve()
+    hf = Path(resolve_model(os.fspath(hf_dir))).expanduser().resolve()  # a Hub id: its cached snapshot
     if not hf.is_dir():
         raise GraphllmError(f"--hf {hf}: no such directory; point it at a Hugging Face model directory")
     if not (hf / CONFIG_FILE).is_file():
@@ -118,17 +119,31 @@ def hf_to_graphllm(hf_dir: str | os.PathLike[str], out: str | os.PathLike[str], 
         for name in carried:
             shutil.copy2(hf / name, step / HF_SUBDIR / name)
         _umask_modes(step / HF_SUBDIR)
-        if root.exists():
-            old = root / CONVERTED_STEP
-            if old.exists():  # _check_ckpt_out allowed it: a graphllm checkpoint, replaced as --force asked
-                os.rename(old, tmp / ".replaced")
-            os.rename(step, old)
-        else:
-            os.rename(tmp, root)
+        _place_step(tmp, step, root)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return ConvertResult(path=root / CONVERTED_STEP, tensors=len(sd), parameters=sum(t.numel() for t in sd.values()),
                          nbytes=_nbytes(sd), dtypes=_dtype_names(sd), files=carried, notes=notes)
+
+
+def _place_step(tmp: Path, step: Path, root: Path) -> None:
+    """The written `tmp/step_0` into `root`: beside a root's other steps (its step_0 replaced, as --force asked;
+    _check_ckpt_out allowed only a graphllm checkpoint), or `tmp` renamed onto a new root."""
+    if root.exists():
+        if (root / CONVERTED_STEP).exists():
+            os.rename(root / CONVERTED_STEP, tmp / ".replaced")
+        os.rename(step, root / CONVERTED_STEP)
+    else:
+        _rename_new(tmp, root)
+
+
+def _rename_new(tmp: Path, dest: Path) -> None:
+    """rename(2) `tmp` onto a new or empty `dest`; one line if something else filled `dest` meanwhile."""
+    try:
+        os.rename(tmp, dest)
+    except OSError as e:
+        raise GraphllmError(f"--out {dest} was filled by something else during the conversion ({e.strerror}); "
+                            "nothing was written: choose another --out") from None
 
 
 def graphllm_to_hf(ckpt: str | os.PathLike[str], out: str | os.PathLike[str], *, dtype: str | None = None,
@@ -178,7 +193,8 @@ def graphllm_to_hf(ckpt: str | os.PathLike[str], out: str | os.PathLike[str], *,
         notes.append("no tokenizer files in the checkpoint; pass --tokenizer DIR to include them")
     tmp = _temp_dir_beside(dest)
     try:
-        write_safetensors(sd, tmp, max_shard_bytes=max_bytes, materialize=materialize)
+        # cfg: HF's fused projections (Phi-3, GLM-4) are written fused (models/weights.py fuse_for_hf)
+        write_safetensors(sd, tmp, max_shard_bytes=max_bytes, materialize=materialize, cfg=cfg)
         for name in tok_files:
             shutil.copy2(tok_src / name, tmp / name)
         if aux and (aux / GENERATION_CONFIG).is_file():

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from graphllm.errors import GraphllmError
+from graphllm.models.hub import resolve_model
+from graphllm.models.presets import PRESETS
 from graphllm.npu_backend import NpuOptions
 from graphllm.options import check_fields, from_dict, option, section, to_dict
 from graphllm.planning.layout import Layout
@@ -35,7 +37,8 @@ def _check_backend(name: str) -> None:
 class CompilePlan:
     """What to compile and how; `graphllm compile` flags map one-to-one onto these fields."""
 
-    model: str = option("tiny-llama", help="a preset (tiny-llama, small-llama) or an HF checkpoint directory")
+    model: str = option("tiny-llama", help="a preset (tiny-llama, small-llama), an HF checkpoint directory, or a "
+                                           "Hub id org/name (from the Hugging Face cache; downloaded when online)")
     batch_size: int = option(4, minimum=1, help="micro-batch size the graph is compiled for (static)")
     seq_len: int = option(128, minimum=1, help="sequence length the graph is compiled for (static)")
     backend: str = option("inductor", choices=_backend_names, check=_check_backend,
@@ -61,6 +64,7 @@ class CompilePlan:
 
     def __post_init__(self) -> None:
         check_fields(self)
+        self.model = resolve_model(self.model, tuple(PRESETS))  # the artifact records the snapshot directory
         if self.backend == "npu" and self.device == "cpu":
             self.device = "npu"
         if (self.device == "npu") != (self.backend == "npu"):

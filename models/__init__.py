@@ -1,4 +1,4 @@
-"""graphllm.models: llama-family causal LMs whose parameters carry HF state-dict names.
+"""graphllm.models: dense decoder-only causal LMs (llama, qwen2, mistral, phi3, glm4, gemma2, gemma3_text)
 
 A leaf layer: imports torch, safetensors and graphllm.errors only (never transformers).
 """

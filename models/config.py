@@ -1,9 +1,9 @@
-"""ModelConfig: the architecture of a llama-family decoder (llama, qwen2, mistral), parsed from and
-written back to a Hugging Face config.json dict.
+"""ModelConfig: the architecture of a dense decoder-only causal LM (llama, qwen2, mistral, phi3, glm4, gemma2,
+gemma3_text), parsed from and written back to a Hugging Face config.json dict (models/hf_config.py).
 
-Both config.json styles are read: the old one (top-level `rope_theta`, `rope_scaling`) and the
-transformers-5 one (`rope_parameters` = {"rope_type", "rope_theta", "factor", ...}), which is what
-transformers 5.x `save_pretrained` writes. `to_hf` writes the transformers-5 style.
+One decoder implementation (models/decoder.py) serves every family; the fields below describe the forms
+it builds (norm with unit offset, GeGLU, sandwich norms, soft-capping, per-layer windows and RoPE, ...), so
+a family is a set of field values, not a class.
 """
 
 from __future__ import annotations
@@ -16,30 +16,35 @@ from typing import Any, Literal
 
 from graphllm.errors import GraphllmError
 
-ModelType = Literal["llama", "qwen2", "mistral"]
-SUPPORTED_MODEL_TYPES: tuple[str, ...] = ("llama", "mistral", "qwen2")
-SUPPORTED_ROPE_TYPES: tuple[str, ...] = ("default", "linear", "llama3")
-_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
-# Keys each rope_type needs in rope_scaling (besides rope_type itself).
-_ROPE_KEYS = {
-    "default": (),
-    "linear": ("factor",),
-    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+from .families import (LAYER_TYPES, SUPPORTED_ACTIVATIONS, SUPPORTED_MODEL_TYPES, SUPPORTED_ROPE_TYPES,
+                       check_rope_scaling)
+
+__all__ = ["LAYER_TYPES", "SUPPORTED_ACTIVATIONS", "SUPPORTED_MODEL_TYPES", "SUPPORTED_ROPE_TYPES", "ModelConfig"]
+
+ModelType = Literal["llama", "qwen2", "mistral", "phi3", "glm4", "gemma2", "gemma3_text"]
+# Names of a layer's norms: (before attention, after attention, before the MLP, after the MLP); None: absent.
+_NORM_NAMES = {
+    "glm4": ("input_layernorm", "post_self_attn_layernorm", "post_attention_layernorm", "post_mlp_layernorm"),
+    "gemma2": ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+               "post_feedforward_layernorm"),
 }
+_NORM_NAMES["gemma3_text"] = _NORM_NAMES["gemma2"]
+_PLAIN_NORMS = ("input_layernorm", None, "post_attention_layernorm", None)
+_O_BIAS = ("llama", "gemma2", "gemma3_text")  # attention_bias covers o_proj too; qwen2/glm4: q/k/v only
 
 
 @dataclass(kw_only=True, slots=True)
 class ModelConfig:
-    """Architecture of a llama-family causal LM; field names follow HF config.json."""
+    """Architecture of a dense causal LM; field names follow HF config.json where HF has the field."""
 
     model_type: ModelType
-    """HF family; decides which biases exist (qwen2: q/k/v bias, no o bias)."""
+    """HF family; decides parameter names (norms, biases) and the HF class written back."""
     vocab_size: int
     """Rows of the embedding and of lm_head."""
     hidden_size: int
     """Width of the residual stream."""
     intermediate_size: int
-    """Width of the SwiGLU MLP (gate/up output)."""
+    """Width of the gated MLP (gate/up output)."""
     num_hidden_layers: int
     """Number of decoder layers."""
     num_attention_heads: int
@@ -51,13 +56,13 @@ class ModelConfig:
     rms_norm_eps: float = 1e-6
     """Epsilon inside every RMSNorm."""
     rope_theta: float = 10000.0
-    """RoPE base."""
+    """RoPE base (of the full-attention layers when rope_local_theta is set)."""
     rope_scaling: dict[str, Any] | None = None
-    """None for plain RoPE, else {"rope_type": "linear"|"llama3", "factor": ..., ...} as HF spells it."""
+    """None for plain RoPE, else {"rope_type": "linear"|"llama3"|"longrope", ...} as HF spells it."""
     max_position_embeddings: int = 2048
     """Longest sequence the model was trained for (informational; RoPE is computed per forward)."""
     attention_bias: bool = False
-    """q/k/v projections have a bias; for llama o_proj has one too; qwen2 always True (no o bias)."""
+    """q/k/v projections have a bias; for llama/gemma o_proj has one too; qwen2 always True (no o bias)."""
     mlp_bias: bool = False
     """gate/up/down projections have a bias (llama only)."""
     tie_word_embeddings: bool = False
@@ -65,7 +70,32 @@ class ModelConfig:
     initializer_range: float = 0.02
     """Std of the normal init of linear and embedding weights."""
     sliding_window: int | None = None
-    """Mistral's attention window; sequences longer than it are refused (only full causal attention is built)."""
+    """Attention window W: query i sees keys j with i - W < j ≤ i (HF's convention), in the layers that
+    layer_types marks "sliding_attention" (every layer when layer_types is None)."""
+    layer_types: tuple[str, ...] | None = None
+    """Per layer "full_attention" or "sliding_attention" (Gemma 2/3); None: every layer alike."""
+    hidden_act: Literal["silu", "gelu_pytorch_tanh"] = "silu"
+    """Gate activation of the MLP: silu (SwiGLU) or tanh-approximated GELU (GeGLU, Gemma)."""
+    norm_unit_offset: bool = False
+    """RMSNorm as Gemma: x̂ · (1 + weight) in float32, then cast; else llama's weight · cast(x̂)."""
+    embed_scale: bool = False
+    """Embedding output times sqrt(hidden_size) rounded to the compute dtype (Gemma)."""
+    sandwich_norms: bool = False
+    """Norms after attention and after the MLP too, before each residual add (Gemma 2/3, GLM-4)."""
+    qk_norm: bool = False
+    """RMSNorm over head_dim of every query and key head before RoPE (Gemma 3: q_norm, k_norm)."""
+    query_pre_attn_scalar: float | None = None
+    """Attention scale query_pre_attn_scalar**-0.5 (Gemma); None: head_dim**-0.5."""
+    attn_logit_softcapping: float | None = None
+    """Scores become cap · tanh(scores / cap) before the mask (Gemma 2); such layers use eager attention."""
+    final_logit_softcapping: float | None = None
+    """Logits become cap · tanh(logits / cap) (Gemma 2)."""
+    partial_rotary_factor: float = 1.0
+    """RoPE rotates the first int(head_dim · factor) dims of each head; the rest pass through (Phi-3, GLM-4)."""
+    rope_interleaved: bool = False
+    """RoPE pairs adjacent dims (x0, x1), (x2, x3)... (GLM-4) instead of the two halves (rotate_half)."""
+    rope_local_theta: float | None = None
+    """RoPE base of the sliding-window layers (Gemma 3); None: rope_theta everywhere."""
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
     """"sdpa": F.scaled_dot_product_attention(is_causal=True); "eager": matmul + mask + softmax."""
 
@@ -92,97 +122,88 @@ class ModelConfig:
             raise GraphllmError(f"rope_theta must be > 0, got {self.rope_theta}")
         if self.attn_implementation not in ("sdpa", "eager"):
             raise GraphllmError(f"attn_implementation must be 'sdpa' or 'eager', got {self.attn_implementation!r}")
+        if self.hidden_act not in SUPPORTED_ACTIVATIONS:
+            raise GraphllmError(f"hidden_act {self.hidden_act!r} is not supported; supported: "
+                                f"{', '.join(SUPPORTED_ACTIVATIONS)}")
         if self.model_type == "qwen2" and (not self.attention_bias or self.mlp_bias):
             raise GraphllmError("qwen2 has q/k/v biases and no MLP bias: set attention_bias=True, mlp_bias=False")
         if self.model_type == "mistral" and (self.attention_bias or self.mlp_bias):
             raise GraphllmError("mistral has no biases: set attention_bias=False, mlp_bias=False")
-        if self.sliding_window is not None and self.model_type != "mistral":
-            raise GraphllmError(f"sliding_window is only supported for mistral, got model_type {self.model_type!r}")
-        self.rope_scaling = _check_rope_scaling(self.rope_scaling)
+        self._check_window()
+        self._check_rotary()
+        self.rope_scaling = check_rope_scaling(self.rope_scaling, self.rotary_dim)
+
+    def _check_window(self) -> None:
+        if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window < 1):
+            raise GraphllmError(f"sliding_window must be a positive integer or null, got {self.sliding_window!r}")
+        if self.layer_types is None:
+            return
+        self.layer_types = tuple(self.layer_types)
+        bad = [t for t in self.layer_types if t not in LAYER_TYPES]
+        if bad or len(self.layer_types) != self.num_hidden_layers:
+            raise GraphllmError(f"layer_types must list {self.num_hidden_layers} entries of {', '.join(LAYER_TYPES)}, "
+                                f"got {list(self.layer_types)}")
+        if "sliding_attention" in self.layer_types and self.sliding_window is None:
+            raise GraphllmError("layer_types has sliding_attention layers but sliding_window is null; set it")
+
+    def _check_rotary(self) -> None:
+        if not 0.0 < self.partial_rotary_factor <= 1.0 or self.rotary_dim % 2 or self.rotary_dim == 0:
+            raise GraphllmError(f"partial_rotary_factor={self.partial_rotary_factor} must give an even number of "
+                                f"rotary dims in (0, head_dim={self.head_dim}]")
+        if self.rope_local_theta is not None and self.rope_local_theta <= 0:
+            raise GraphllmError(f"rope_local_theta must be > 0, got {self.rope_local_theta}")
+        for name in ("attn_logit_softcapping", "final_logit_softcapping", "query_pre_attn_scalar"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise GraphllmError(f"{name} must be > 0 or null, got {value}")
 
     @property
     def num_kv_groups(self) -> int:
         """Query heads per key/value head."""
         return self.num_attention_heads // self.num_key_value_heads
 
+    @property
+    def rotary_dim(self) -> int:
+        """Dims of each head that RoPE rotates (HF's int(head_dim * partial_rotary_factor))."""
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    @property
+    def attention_scale(self) -> float:
+        """The factor on q·k: query_pre_attn_scalar**-0.5 or head_dim**-0.5."""
+        return (self.query_pre_attn_scalar if self.query_pre_attn_scalar is not None else self.head_dim) ** -0.5
+
+    @property
+    def o_bias(self) -> bool:
+        """o_proj has a bias (attention_bias in llama and gemma; qwen2/glm4 bias q/k/v only)."""
+        return self.attention_bias and self.model_type in _O_BIAS
+
+    @property
+    def norm_names(self) -> tuple[str | None, ...]:
+        """(before attention, after attention, before MLP, after MLP) norm names of a layer; None: absent."""
+        return _NORM_NAMES.get(self.model_type, _NORM_NAMES["gemma2"]) if self.sandwich_norms else _PLAIN_NORMS
+
+    def window_of(self, layer: int) -> int | None:
+        """The attention window of layer `layer`, or None for full causal attention."""
+        if self.layer_types is not None and self.layer_types[layer] != "sliding_attention":
+            return None
+        return self.sliding_window
+
+    def local_rope(self, layer: int) -> bool:
+        """Layer `layer` uses the local RoPE base (a sliding layer of a model with rope_local_theta)."""
+        return self.rope_local_theta is not None and self.window_of(layer) is not None
+
     @classmethod
     def from_hf(cls, d: dict[str, Any], source: str) -> ModelConfig:
         """Parse an HF config.json dict; `source` (a path or name) is named in every error."""
-        model_type = d.get("model_type")
-        if model_type not in SUPPORTED_MODEL_TYPES:
-            raise GraphllmError(
-                f"model_type {model_type!r} in {source} is not supported; "
-                f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
-            )
-        missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                               "num_attention_heads") if k not in d]
-        if missing:
-            raise GraphllmError(f"{source} lacks {', '.join(missing)}; is it a complete HF config.json?")
-        act = d.get("hidden_act", "silu")
-        if act != "silu":
-            raise GraphllmError(f"hidden_act {act!r} in {source} is not supported; only 'silu' is")
-        if model_type == "qwen2" and d.get("use_sliding_window", False):
-            raise GraphllmError(f"use_sliding_window=true in {source} is not supported; only full attention is")
+        from .hf_config import config_from_hf
 
-        rope_theta, rope_scaling = _rope_from_hf(d, source)
-        heads = d["num_attention_heads"]
-        head_dim = d.get("head_dim") or d["hidden_size"] // heads
-        defaults = {"llama": 2048, "qwen2": 32768, "mistral": 131072}
-        try:
-            return cls(
-                model_type=model_type,
-                vocab_size=d["vocab_size"],
-                hidden_size=d["hidden_size"],
-                intermediate_size=d["intermediate_size"],
-                num_hidden_layers=d["num_hidden_layers"],
-                num_attention_heads=heads,
-                num_key_value_heads=d.get("num_key_value_heads") or heads,
-                head_dim=head_dim,
-                rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-                rope_theta=rope_theta,
-                rope_scaling=rope_scaling,
-                max_position_embeddings=d.get("max_position_embeddings", defaults[model_type]),
-                attention_bias=True if model_type == "qwen2" else bool(d.get("attention_bias", False)),
-                mlp_bias=bool(d.get("mlp_bias", False)) if model_type == "llama" else False,
-                tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-                initializer_range=float(d.get("initializer_range", 0.02)),
-                sliding_window=d.get("sliding_window") if model_type == "mistral" else None,
-            )
-        except GraphllmError as e:
-            raise GraphllmError(f"{source}: {e}") from None
+        return config_from_hf(cls, d, source)
 
     def to_hf(self) -> dict[str, Any]:
         """A config.json dict that transformers loads into the matching *ForCausalLM class."""
-        rope_parameters: dict[str, Any] = {"rope_type": "default", "rope_theta": self.rope_theta}
-        if self.rope_scaling is not None:
-            rope_parameters.update(self.rope_scaling)
-        d: dict[str, Any] = {
-            "architectures": [_ARCHITECTURES[self.model_type]],
-            "model_type": self.model_type,
-            "vocab_size": self.vocab_size,
-            "hidden_size": self.hidden_size,
-            "intermediate_size": self.intermediate_size,
-            "num_hidden_layers": self.num_hidden_layers,
-            "num_attention_heads": self.num_attention_heads,
-            "num_key_value_heads": self.num_key_value_heads,
-            "head_dim": self.head_dim,
-            "hidden_act": "silu",
-            "rms_norm_eps": self.rms_norm_eps,
-            "rope_parameters": rope_parameters,
-            "max_position_embeddings": self.max_position_embeddings,
-            "tie_word_embeddings": self.tie_word_embeddings,
-            "initializer_range": self.initializer_range,
-            "attention_dropout": 0.0,
-        }
-        if self.model_type == "llama":
-            d["attention_bias"] = self.attention_bias
-            d["mlp_bias"] = self.mlp_bias
-        if self.model_type == "qwen2":
-            d["use_sliding_window"] = False
-            d["sliding_window"] = None
-        if self.model_type == "mistral":
-            d["sliding_window"] = self.sliding_window
-        return d
+        from .hf_config import config_to_hf
+
+        return config_to_hf(self)
 
     def to_dict(self) -> dict[str, Any]:
         """All fields, JSON-serialisable."""
@@ -192,63 +213,3 @@ class ModelConfig:
         """Short sha256 of the sorted JSON of all fields: equal configs give equal fingerprints."""
         blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def _rope_from_hf(d: dict[str, Any], source: str) -> tuple[float, dict[str, Any] | None]:
-    """(rope_theta, rope_scaling) from either config.json style."""
-    params = d.get("rope_parameters")
-    if params is not None:
-        if not isinstance(params, dict) or any(isinstance(v, dict) for v in params.values()):
-            raise GraphllmError(
-                f"rope_parameters in {source} must be one dict with a rope_type (per-layer RoPE is not supported), "
-                f"got {params!r}"
-            )
-        params = dict(params)
-        theta = params.pop("rope_theta", d.get("rope_theta", 10000.0))
-        scaling = params
-    else:
-        theta = d.get("rope_theta", 10000.0)
-        scaling = dict(d["rope_scaling"]) if d.get("rope_scaling") else None
-    if scaling is not None:
-        rope_type = scaling.pop("rope_type", scaling.pop("type", "default"))
-        scaling.pop("type", None)
-        partial = scaling.pop("partial_rotary_factor", 1.0)
-        if partial != 1.0:
-            raise GraphllmError(f"partial_rotary_factor={partial} in {source} is not supported; only 1.0 is")
-        if rope_type == "default":
-            scaling = None
-        else:
-            if rope_type == "llama3":
-                # transformers fills this from max_position_embeddings when absent
-                scaling.setdefault("original_max_position_embeddings", d.get("max_position_embeddings"))
-            scaling = {"rope_type": rope_type, **scaling}
-    try:
-        return float(theta), _check_rope_scaling(scaling)
-    except GraphllmError as e:
-        raise GraphllmError(f"{source}: {e}") from None
-
-
-def _check_rope_scaling(scaling: dict[str, Any] | None) -> dict[str, Any] | None:
-    """Validate a rope_scaling dict; returns it normalised (None for plain RoPE, only the keys used)."""
-    if scaling is None:
-        return None
-    rope_type = scaling.get("rope_type", scaling.get("type"))
-    if rope_type not in SUPPORTED_ROPE_TYPES:
-        raise GraphllmError(
-            f"rope_type {rope_type!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
-        )
-    if rope_type == "default":
-        return None
-    needed = _ROPE_KEYS[rope_type]
-    missing = [k for k in needed if scaling.get(k) is None]
-    if missing:
-        raise GraphllmError(f"rope_scaling of type {rope_type!r} lacks {', '.join(missing)}")
-    out: dict[str, Any] = {"rope_type": rope_type}
-    for k in needed:
-        out[k] = int(scaling[k]) if k == "original_max_position_embeddings" else float(scaling[k])
-    if rope_type == "llama3" and out["high_freq_factor"] <= out["low_freq_factor"]:
-        raise GraphllmError(
-            f"llama3 rope_scaling needs high_freq_factor > low_freq_factor, "
-            f"got {out['high_freq_factor']} and {out['low_freq_factor']}"
-        )
-    return out

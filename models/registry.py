@@ -14,6 +14,7 @@ from graphllm.errors import GraphllmError
 
 from .config import ModelConfig
 from .llama import LlamaForCausalLM
+from .hub import resolve_model
 from .presets import PRESETS
 from .weights import CONFIG_FILE, load_state_dict_into, read_hf_state_dict
 
@@ -27,12 +28,13 @@ def build_model(cfg: ModelConfig, *, seed: int = 0, dtype: torch.dtype = torch.f
 
 def load_config(name_or_path: str | os.PathLike[str]) -> ModelConfig:
     """The ModelConfig of a preset or HF directory, without building the model (for plan checks)."""
-    name = os.fspath(name_or_path)
+    name = resolve_model(os.fspath(name_or_path), tuple(PRESETS))  # a Hub id: its cached snapshot
     if name in PRESETS:
         return PRESETS[name]()
     path = Path(name).expanduser()
     if not (path.is_dir() and (path / CONFIG_FILE).is_file()):
-        raise GraphllmError(f"{name!r} is neither a preset ({', '.join(PRESETS)}) nor a directory with config.json")
+        raise GraphllmError(f"{name!r} is neither a preset ({', '.join(PRESETS)}), a directory with config.json, "
+                            "nor a Hub id org/name")
     try:
         hf = json.loads((path / CONFIG_FILE).read_text())
     except json.JSONDecodeError as e:
@@ -52,7 +54,7 @@ def load_model(
     `attn_implementation` overrides the config's ("sdpa" by default). The model has `.config` and
     `.source` (the preset name or the resolved checkpoint path).
     """
-    name = os.fspath(name_or_path)
+    name = resolve_model(os.fspath(name_or_path), tuple(PRESETS))  # a Hub id: its cached snapshot
     path = Path(name).expanduser()
     if name in PRESETS:
         cfg = PRESETS[name]()
@@ -64,7 +66,8 @@ def load_model(
     if not (path.is_dir() and (path / CONFIG_FILE).is_file()):
         why = "a directory without config.json" if path.is_dir() else "neither"
         raise GraphllmError(
-            f"{name!r} is neither a preset ({', '.join(PRESETS)}) nor a directory with config.json ({why})"
+            f"{name!r} is neither a preset ({', '.join(PRESETS)}), a directory with config.json ({why}), "
+            "nor a Hub id org/name"
         )
     path = path.resolve()
     source = str(path)

@@ -1,4 +1,4 @@
-"""RoPE inverse frequencies, computed exactly as transformers does (default, linear, llama3).
+"""RoPE inverse frequencies, computed exactly as transformers does (default, linear, llama3, longrope).
 
 The same float32 ops in the same order as `transformers.modeling_rope_utils`, so the buffer is
 bitwise equal to HF's `rotary_emb.inv_freq` and logits match to fp32 reduction order.
@@ -13,13 +13,19 @@ import torch
 from .config import ModelConfig
 
 
-def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
-    """Inverse frequencies, float32 [head_dim // 2], with cfg.rope_scaling applied."""
-    dim = cfg.head_dim
-    base = cfg.rope_theta
+def rope_inv_freq(cfg: ModelConfig, *, local: bool = False, long: bool = False) -> torch.Tensor:
+    """Inverse frequencies, float32 [rotary_dim // 2], with cfg.rope_scaling applied.
+
+    `local`: those of the sliding-window layers (base rope_local_theta, no scaling; Gemma 3).
+    `long`: longrope's long factors (used when the sequence exceeds original_max_position_embeddings)."""
+    dim = cfg.rotary_dim
+    base = cfg.rope_local_theta if local else cfg.rope_theta
+    scaling = None if local else cfg.rope_scaling
+    if scaling is not None and scaling["rope_type"] == "longrope":
+        ext = torch.tensor(scaling["long_factor" if long else "short_factor"], dtype=torch.float32)
+        return 1.0 / (ext * base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
     # [D/2]: base^(-2i/D)
     inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).to(dtype=torch.float) / dim))
-    scaling = cfg.rope_scaling
     if scaling is None:
         return inv_freq
     rope_type = scaling["rope_type"]

@@ -3,6 +3,10 @@
 Loading is strict: every parameter must come from the checkpoint with the right shape, and every
 checkpoint tensor must land somewhere, so a checkpoint for another model fails loudly instead of
 half-loading. Saving writes config.json + model.safetensors that transformers' from_pretrained reads.
+
+Where HF fuses projections (Phi-3 `qkv_proj` and `gate_up_proj`, GLM-4 `gate_up_proj`) the model keeps them
+apart (q/k/v_proj, gate/up_proj), so tensor parallelism, LoRA and the fusion passes see the llama layout:
+`split_fused` cuts them on load and `fuse_for_hf` concatenates them back on save, bit for bit.
 """
 
 from __future__ import annotations
@@ -26,6 +30,69 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 CONFIG_FILE = "config.json"
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)  # old HF checkpoints saved the RoPE buffer
+
+
+def _fused_modules(cfg: ModelConfig | None) -> dict[str, tuple[tuple[str, int], ...]]:
+    """HF fused module (relative to a layer) -> its parts (internal module, rows), in HF's concatenation order."""
+    if cfg is None or cfg.model_type not in ("phi3", "glm4"):
+        return {}
+    q, kv, inter = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim, cfg.intermediate_size
+    out = {"mlp.gate_up_proj": (("mlp.gate_proj", inter), ("mlp.up_proj", inter))}
+    if cfg.model_type == "phi3":
+        out["self_attn.qkv_proj"] = (("self_attn.q_proj", q), ("self_attn.k_proj", kv), ("self_attn.v_proj", kv))
+    return out
+
+
+def _layer_key(name: str) -> tuple[str, str, str] | None:
+    """"model.layers.3.mlp.gate_up_proj.weight" -> ("model.layers.3.", "mlp.gate_up_proj", "weight")."""
+    head, sep, rest = name.partition("layers.")
+    index, dot, module = rest.partition(".")
+    if not sep or not dot or not index.isdigit():
+        return None
+    module, _, leaf = module.rpartition(".")
+    return f"{head}layers.{index}.", module, leaf
+
+
+def split_fused(sd: dict[str, torch.Tensor], cfg: ModelConfig | None) -> dict[str, torch.Tensor]:
+    """`sd` with HF's fused projections cut into the model's separate ones (others unchanged)."""
+    fused = _fused_modules(cfg)
+    if not fused:
+        return sd
+    out: dict[str, torch.Tensor] = {}
+    for name, t in sd.items():
+        key = _layer_key(name)
+        parts = fused.get(key[1]) if key else None
+        if parts is None or t.shape[0] != sum(rows for _, rows in parts):
+            out[name] = t  # not fused, or of another size: check_state_dict names it
+            continue
+        for (module, _), piece in zip(parts, torch.split(t, [rows for _, rows in parts], dim=0)):
+            out[f"{key[0]}{module}.{key[2]}"] = piece
+    return out
+
+
+def hf_names(names: list[str], cfg: ModelConfig | None) -> dict[str, list[str]]:
+    """HF tensor name -> the model's tensor names it is made of (one, or the parts of a fused projection)."""
+    fused = _fused_modules(cfg)
+    part_of = {module: (hf, i) for hf, parts in fused.items() for i, (module, _) in enumerate(parts)}
+    out: dict[str, list[str]] = {}
+    for name in names:
+        key = _layer_key(name)
+        if key is None or key[1] not in part_of:
+            out[name] = [name]
+            continue
+        hf, i = part_of[key[1]]
+        group = out.setdefault(f"{key[0]}{hf}.{key[2]}", [""] * len(fused[hf]))
+        group[i] = name
+    return out
+
+
+def fuse_for_hf(sd: dict[str, torch.Tensor], cfg: ModelConfig | None) -> dict[str, torch.Tensor]:
+    """The model's tensors under HF's names: fused projections concatenated back (inverse of split_fused)."""
+    groups = hf_names(list(sd), cfg)
+    if all(len(parts) == 1 for parts in groups.values()):
+        return sd
+    return {hf: sd[parts[0]] if len(parts) == 1 else torch.cat([sd[p] for p in parts], dim=0)
+            for hf, parts in groups.items()}
 
 
 def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -74,7 +141,9 @@ def check_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], source: str)
     """`sd` restricted to `model`'s own tensors, after checking it matches them name for name and shape for
     shape (a tied lm_head.weight must equal the embedding and is dropped; old RoPE buffers are ignored).
 
-    Reads only names and shapes of `model`, so a model built on the meta device is enough."""
+    Reads only names and shapes of `model`, so a model built on the meta device is enough. HF's fused
+    projections are split first (split_fused) for the model's config."""
+    sd = split_fused(sd, getattr(model, "config", None))
     own = model.state_dict(keep_vars=True)  # name -> Parameter; a tied lm_head appears under both names
     tied = "lm_head.weight" in own and own["lm_head.weight"] is own.get("model.embed_tokens.weight")
     sd = {k: v for k, v in sd.items() if not k.endswith(_IGNORED_SUFFIXES)}
@@ -123,6 +192,7 @@ def save_hf(model: nn.Module, cfg: ModelConfig, out_dir: str | os.PathLike[str])
     sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     if cfg.tie_word_embeddings:
         sd.pop("lm_head.weight", None)  # HF ties it back on load
+    sd = fuse_for_hf(sd, cfg)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         save_file(sd, str(tmp / SINGLE_FILE), metadata={"format": "pt"})
@@ -183,12 +253,23 @@ def shard_file_names(sd: dict[str, torch.Tensor], max_shard_bytes: int) -> dict[
 
 
 def write_safetensors(sd: dict[str, torch.Tensor], out_dir: Path, *, max_shard_bytes: int,
-                      materialize: Callable[[list[str]], dict[str, torch.Tensor]] | None = None) -> list[str]:
+                      materialize: Callable[[list[str]], dict[str, torch.Tensor]] | None = None,
+                      cfg: ModelConfig | None = None) -> list[str]:
     """Write `sd` into `out_dir` (a fresh directory) as HF does: model.safetensors, or shards plus
     model.safetensors.index.json (total_size = bytes of all tensors). Returns the file names written.
 
     With `materialize`, `sd` may hold meta tensors (names, shapes and dtypes only): it is called with
-    one shard's names at a time and returns their real tensors, so one shard at a time is in memory."""
+    one shard's names at a time and returns their real tensors, so one shard at a time is in memory.
+    With `cfg`, `sd` holds the model's names and HF's fused projections are written (fuse_for_hf)."""
+    groups = hf_names(list(sd), cfg)
+    if any(len(parts) > 1 for parts in groups.values()):
+        model_sd, inner = sd, materialize
+        sd = fuse_for_hf(sd, cfg)
+
+        def materialize(names: list[str]) -> dict[str, torch.Tensor]:  # HF names -> their real (fused) tensors
+            wanted = [p for n in names for p in groups[n]]
+            real = inner(wanted) if inner is not None else model_sd
+            return fuse_for_hf({p: real[p] for p in wanted}, cfg)
     where = shard_file_names(sd, max_shard_bytes)
     files = list(dict.fromkeys(where.values()))
     for file in files:

@@ -51,7 +51,27 @@ def hf_plan(model_type: str) -> dict[str, str]:
     if not base:
         raise GraphllmError(f"transformers has no base_model_tp_plan for model_type {model_type!r}; "
                             "use tensor_parallel plan='graphllm'")
-    return {**base, **VOCAB_PLAN}
+    return {**_internal_names(base), **VOCAB_PLAN}
+
+
+# HF modules graphllm keeps split (models/weights.py split_fused) -> the split modules' styles: Megatron's
+# layout, which HF cannot use on a fused weight (it replicates the fused output and splits the next input)
+_FUSED = {"self_attn.qkv_proj": {"self_attn.q_proj": "colwise", "self_attn.k_proj": "colwise_kv",
+                                 "self_attn.v_proj": "colwise_kv", "self_attn.o_proj": "rowwise"},
+          "mlp.gate_up_proj": {"mlp.gate_proj": "colwise", "mlp.up_proj": "colwise", "mlp.down_proj": "rowwise"}}
+_LEFT_WHOLE = ("replicated_with_grad_allreduce",)  # HF styles of parameters every rank keeps whole (q/k norms)
+
+
+def _internal_names(base: Mapping[str, str]) -> dict[str, str]:
+    """HF's plan for graphllm's parameter names: fused projections as their parts, whole parameters dropped."""
+    out: dict[str, str] = {}
+    for pattern, style in base.items():
+        prefix, _, module = pattern.partition("layers.*.")
+        if module in _FUSED:
+            out.update({f"{prefix}layers.*.{part}": s for part, s in _FUSED[module].items()})
+        elif style not in _LEFT_WHOLE:
+            out.setdefault(pattern, style)
+    return out
 
 
 def resolve_plan(plan: str | Mapping[str, str] | None, model_type: str) -> dict[str, str]:

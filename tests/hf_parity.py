@@ -13,6 +13,7 @@ import transformers
 # between HF's code path and ours (e.g. SDPA with enable_gqa vs repeat_kv), so allow 1e-5 relative.
 FP32_PARITY_RTOL = 1e-5
 VOCAB, BATCH, SEQ = 128, 2, 16
+WINDOW = 6  # sliding window of the windowed families: shorter than SEQ
 SGD_LR = 0.1
 
 COMMON = dict(
@@ -40,7 +41,31 @@ FAMILIES = {
                    dict(COMMON, num_key_value_heads=2, tie_word_embeddings=True), None),
     "mistral-gqa-headdim": (transformers.MistralConfig, transformers.MistralForCausalLM,
                             dict(COMMON, num_key_value_heads=1, head_dim=24, sliding_window=None), None),
+    # windows shorter than SEQ: keys outside the window must be masked exactly as transformers does
+    "mistral-window": (transformers.MistralConfig, transformers.MistralForCausalLM,
+                       dict(COMMON, num_key_value_heads=2, sliding_window=WINDOW), None),
+    "phi3-longrope-partial": (transformers.Phi3Config, transformers.Phi3ForCausalLM,
+                              dict(COMMON, num_key_value_heads=2, pad_token_id=None, partial_rotary_factor=0.5,
+                                   max_position_embeddings=64, original_max_position_embeddings=8,
+                                   rope_scaling={"rope_type": "longrope", "short_factor": [1.0, 1.1, 1.2, 1.5],
+                                                 "long_factor": [1.0, 2.0, 3.0, 4.0]}), None),
+    "phi3-window": (transformers.Phi3Config, transformers.Phi3ForCausalLM,
+                    dict(COMMON, num_key_value_heads=4, pad_token_id=None, sliding_window=WINDOW), None),
+    "glm4": (transformers.Glm4Config, transformers.Glm4ForCausalLM,
+             dict(COMMON, num_key_value_heads=2, head_dim=16, pad_token_id=None, eos_token_id=None), None),
+    "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM,
+               dict(COMMON, num_hidden_layers=3, num_key_value_heads=2, head_dim=16, pad_token_id=None,
+                    sliding_window=WINDOW, query_pre_attn_scalar=24, attn_logit_softcapping=0.5,
+                    final_logit_softcapping=2.0,
+                    tie_word_embeddings=False), None),  # untied: tensor_parallel refuses a tied lm_head (tp2 test)
+    "gemma3": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM,
+               dict(COMMON, num_hidden_layers=3, num_key_value_heads=2, head_dim=16, pad_token_id=None,
+                    sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                    rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 1000.0},
+                                     "full_attention": {"rope_type": "linear", "rope_theta": 50000.0,
+                                                        "factor": 2.0}}), None),
 }
+SOFTCAPPED = ("gemma2",)  # transformers runs soft-capped attention eagerly only (no SDPA)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -51,7 +76,7 @@ def hf_model(family: str, attn: str, seed: int = 0) -> torch.nn.Module:
     cfg_cls, model_cls, kwargs, _ = FAMILIES[family]
     torch.manual_seed(seed)
     cfg = cfg_cls(**kwargs)
-    cfg._attn_implementation = attn
+    cfg._attn_implementation = "eager" if family in SOFTCAPPED else attn
     model = model_cls(cfg).float()
     with torch.no_grad():  # HF init leaves biases 0 and norms 1: perturb everything so those paths count
         for p in model.parameters():

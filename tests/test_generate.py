@@ -107,6 +107,22 @@ def test_greedy_ids_equal_transformers_and_decode_compiles_once(family: str, gen
     assert fired["prefill"]["fuse_rope"] == fired["decode"]["fuse_rope"] == 2 * layers
 
 
+# The other families: windows of 6 (prompt + new tokens run past them), Phi-3's partial RoPE, GLM-4's
+# interleaved RoPE and sandwich norms, Gemma's soft-capping, scaled embedding, q/k norms and local RoPE base.
+@pytest.mark.parametrize("family", ["mistral-window", "phi3-window", "glm4", "gemma2", "gemma3"])
+def test_greedy_ids_equal_transformers_other_families(family: str, tmp_path: Path) -> None:
+    hf, model = _pair(family, tmp_path)
+    gen = StaticGenerator(model, batch_size=3, max_len=MAX_LEN, backend="eager")
+    assert ours(gen, PROMPTS, NEW) == hf_greedy(hf, PROMPTS, NEW), family
+    assert gen.compile_counts == {"prefill[32]": 1, "decode": 1}
+
+
+def test_longrope_generation_beyond_the_original_length_is_refused(tmp_path: Path) -> None:
+    _, model = _pair("phi3-longrope-partial", tmp_path)
+    with pytest.raises(GraphllmError, match=r"--max-len 64 exceeds .*original_max_position_embeddings=8"):
+        StaticGenerator(model, batch_size=1, max_len=MAX_LEN, backend="eager")
+
+
 @pytest.mark.slow
 def test_greedy_ids_equal_transformers_on_inductor(tmp_path: Path) -> None:
     hf, model = _pair("llama", tmp_path)

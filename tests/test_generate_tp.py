@@ -36,7 +36,9 @@ def tp_rank(path: str) -> dict:
             "full_q": tuple(model.model.layers[0].self_attn.q_proj.weight.shape)}
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral-gqa-headdim"])  # kv heads 2 (split) and 1 (replicated)
+# kv heads 2 (split) and 1 (replicated); Gemma 2 (windows, soft-capping, unit-offset norms) and Phi-3
+# (fused qkv/gate_up checkpoint weights split on load, then sharded as llama's)
+@pytest.mark.parametrize("family", ["llama", "mistral-gqa-headdim", "gemma2", "phi3-window"])
 def test_tp2_greedy_ids_equal_one_process(family: str, tmp_path: Path) -> None:
     path = _checkpoint(family, tmp_path)
     ref_gen = StaticGenerator(load_model(path), batch_size=BATCH, max_len=MAX_LEN, backend="eager")

@@ -150,7 +150,7 @@ def test_render_html_draws_every_node_and_edge(artifact: Path, tmp_path: Path, c
     assert len(created) == 4
     assert sorted(n["id"].removeprefix("n-") for n in parser.nodes if "created" in n["class"]) == sorted(created)
     assert all(name in page for name in created)
-    assert "shape: [" in page and "source: models/llama.py:" in page  # hover titles
+    assert "shape: [" in page and "source: models/attention.py:" in page  # hover titles
 
 
 def test_render_backward_graph_by_layer(artifact: Path, tmp_path: Path) -> None:
@@ -207,7 +207,7 @@ def _llama_like_rows(layers: int, odd_layer: int = -1) -> list[dict[str, str]]:
     def add(name: str, op: str, target: str, module: str, inputs: list[str], shape: str = "[2,32,576]") -> str:
         rows.append({"idx": str(len(rows)), "name": name, "op": op, "target": target, "shape": shape,
                      "dtype": "float32", "pass": "capture" if op != "output" else "", "module": module,
-                     "source": "models/llama.py:1" if op == "call_function" else "", "inputs": ",".join(inputs)})
+                     "source": "models/attention.py:1" if op == "call_function" else "", "inputs": ",".join(inputs)})
         return name
 
     add("input_ids", "placeholder", "input_ids", "", [], "[2,32]")

@@ -15,6 +15,7 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 from graphllm.errors import GraphllmError
+from graphllm.models.weights import fuse_for_hf
 from graphllm.models import (
     PRESETS,
     LlamaForCausalLM,
@@ -43,9 +44,16 @@ def test_parity_with_transformers(family: str, attn: str, tmp_path: Path, reques
     assert ours.source == str(ckpt.resolve())
     assert ours.config.attn_implementation == attn
     # every HF parameter name exists in ours with the same value
-    hf_sd, our_sd = hf.state_dict(), ours.state_dict()
-    assert set(our_sd) == {k for k in hf_sd if not k.endswith("rotary_emb.inv_freq")}
-    torch.testing.assert_close(ours.model.inv_freq, hf.model.rotary_emb.inv_freq, rtol=0, atol=0)
+    hf_sd, our_sd = hf.state_dict(), fuse_for_hf(ours.state_dict(), ours.config)
+    assert set(our_sd) == {k for k in hf_sd if "rotary_emb." not in k}
+    for k, v in our_sd.items():
+        assert torch.equal(v, hf_sd[k]), k
+    rotary = hf.model.rotary_emb
+    if ours.config.rope_local_theta is not None:  # Gemma 3: one inv_freq per layer type
+        torch.testing.assert_close(ours.model.inv_freq_local, rotary.sliding_attention_inv_freq, rtol=0, atol=0)
+    hf_inv_freq = getattr(rotary, "inv_freq", None)
+    hf_inv_freq = rotary.full_attention_inv_freq if hf_inv_freq is None else hf_inv_freq
+    torch.testing.assert_close(ours.model.inv_freq, hf_inv_freq, rtol=0, atol=0)
     if ours.config.tie_word_embeddings:
         assert ours.lm_head.weight is ours.model.embed_tokens.weight
 
@@ -152,7 +160,7 @@ def llama_ckpt(tmp_path: Path) -> Path:
 def test_unknown_model_type(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "vocab_size": 10}))
     with pytest.raises(GraphllmError, match=r"model_type 'gpt2' in .*config.json is not supported; "
-                                            r"supported: llama, mistral, qwen2"):
+                                            r"supported: gemma2, gemma3_text, glm4, llama, mistral, phi3, qwen2"):
         load_model(tmp_path)
 
 
@@ -205,18 +213,33 @@ def test_missing_shard(tmp_path: Path) -> None:
 
 
 def test_directory_without_config(tmp_path: Path) -> None:
-    with pytest.raises(GraphllmError, match=r"is neither a preset \(tiny-llama, small-llama\) nor a directory "
-                                            r"with config\.json \(a directory without config\.json\)"):
+    with pytest.raises(GraphllmError, match=r"is neither a preset \(tiny-llama, small-llama\), a directory "
+                                            r"with config\.json \(a directory without config\.json\), nor a Hub id"):
         load_model(tmp_path)
     with pytest.raises(GraphllmError, match=r"'foo' is neither a preset"):
         load_model("foo")
 
 
-def test_sliding_window_refuses_long_sequences() -> None:
-    cfg = ModelConfig(model_type="mistral", vocab_size=10, hidden_size=32, intermediate_size=64,
-                      num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                      sliding_window=4)
-    model = build_model(cfg)
-    model(torch.zeros(1, 4, dtype=torch.long))  # up to the window: plain causal attention is exact
-    with pytest.raises(GraphllmError, match=r"sequence length 5 exceeds the model's sliding_window=4"):
-        model(torch.zeros(1, 5, dtype=torch.long))
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_sliding_window_beyond_the_window_matches_transformers(attn: str, tmp_path: Path) -> None:
+    """Mistral with window 4 on 12 tokens: keys outside each query's window are masked as transformers does;
+    up to the window no mask is built (the plain causal form, unchanged for short sequences)."""
+    torch.manual_seed(0)
+    hf_cfg = transformers.MistralConfig(**dict(_COMMON, num_key_value_heads=2, sliding_window=4))
+    hf_cfg._attn_implementation = attn
+    hf = transformers.MistralForCausalLM(hf_cfg).float()
+    ours = load_model(_save_hf(hf, "mistral-gqa-headdim", tmp_path / "ckpt"), attn_implementation=attn)
+    assert ours.config.sliding_window == 4
+    ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        err = _rel_err(ours(ids), hf(input_ids=ids).logits)
+        unwindowed = dataclasses.replace(ours.config, sliding_window=None)
+        plain = LlamaForCausalLM(unwindowed)
+        plain.load_state_dict(ours.state_dict())
+        assert _rel_err(plain(ids), hf(input_ids=ids).logits) > 100 * FP32_PARITY_RTOL, "the window changed nothing"
+    assert err <= FP32_PARITY_RTOL, f"mistral window 4 / {attn}: logits rel err {err:.2e}"
+    short = torch.export.export(ours, (ids[:, :4],)).graph
+    assert not any(n.target == torch.ops.aten.masked_fill.Scalar for n in short.nodes)
+    if attn == "sdpa":
+        sdpa = [n for n in short.nodes if n.target == torch.ops.aten.scaled_dot_product_attention.default]
+        assert sdpa and all(n.kwargs.get("is_causal", n.args[5] if len(n.args) > 5 else False) for n in sdpa)

@@ -92,9 +92,12 @@ class StaticGenerator:
         if not 2 <= max_len <= cfg.max_position_embeddings:
             raise GraphllmError(f"--max-len must be in [2, {cfg.max_position_embeddings}] (the model's "
                                 f"max_position_embeddings), got {max_len}")
-        if cfg.sliding_window is not None and max_len > cfg.sliding_window:
-            raise GraphllmError(f"--max-len {max_len} exceeds the model's sliding_window={cfg.sliding_window}; "
-                                f"only full attention is implemented: use --max-len {cfg.sliding_window} or less")
+        long_rope = cfg.rope_scaling is not None and cfg.rope_scaling["rope_type"] == "longrope"
+        if long_rope and max_len > cfg.rope_scaling["original_max_position_embeddings"]:
+            # transformers switches to the long factors mid-generation and recomputes the cache; not done here
+            limit = cfg.rope_scaling["original_max_position_embeddings"]
+            raise GraphllmError(f"--max-len {max_len} exceeds the model's longrope original_max_position_embeddings="
+                                f"{limit}; generation uses the short factors only: use --max-len {limit} or less")
         get_backend(backend)  # unknown names fail before anything is built
         if amp != "fp32":
             # bf16 autocast around the decode graph fails in Dynamo ("Attempt to trace generator") on

@@ -22,7 +22,9 @@ from graphllm.tasks.losses import IGNORE_INDEX, bradley_terry_loss, split_pairs
 REWARD_HEAD = "score.weight"
 """The head's parameter name (transformers' *ForSequenceClassification): what marks a reward-model checkpoint."""
 SEQUENCE_CLASSIFICATION = {"llama": "LlamaForSequenceClassification", "qwen2": "Qwen2ForSequenceClassification",
-                           "mistral": "MistralForSequenceClassification"}
+                           "mistral": "MistralForSequenceClassification", "phi3": "Phi3ForSequenceClassification",
+                           "glm4": "Glm4ForSequenceClassification", "gemma2": "Gemma2ForSequenceClassification",
+                           "gemma3_text": "Gemma3TextForSequenceClassification"}
 PAD_ID = 0
 """The id graphllm pads rows with (graphllm.data.packing.sft_row)."""
 

@@ -1,0 +1,241 @@
+"""The decoder-only causal LM of every supported family, written for capture by torch.export.
+
+Parameter names equal Hugging Face state-dict keys (fused HF weights are split on load: models/weights.py),
+so HF checkpoints load without renaming. Shapes are static and there is no data-dependent Python control
+flow: RoPE tables, the eager causal mask and sliding-window masks are built from constants (the sequence
+length) once per forward in `DecoderModel`. What differs between families is read from ModelConfig
+fields (models/config.py); with the llama fields every form is the one the graph passes match.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import Attention
+from .config import ModelConfig
+from .layers import GatedMLP, RMSNorm, UnitOffsetRMSNorm, make_norm, rope_angles, rope_table
+from .masks import packed_causal_mask, window_masks
+from .rope import rope_inv_freq
+
+IGNORE_INDEX = -100  # label value that contributes no loss (prompt tokens, padding)
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)); with sandwich norms each branch
+    output is normed too before its residual add (Gemma 2/3, GLM-4)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.self_attn = Attention(cfg)
+        self.mlp = GatedMLP(cfg)
+        self._norms = cfg.norm_names  # (before attn, after attn, before mlp, after mlp); None: absent
+        for name in self._norms:
+            if name is not None:
+                setattr(self, name, make_norm(cfg, cfg.hidden_size))
+
+    def _norm(self, which: int, x: torch.Tensor) -> torch.Tensor:
+        name = self._norms[which]
+        return x if name is None else getattr(self, name)(x)
+
+    def attn_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The normed input of attention."""
+        return self._norm(0, x)
+
+    def add_attention(self, x: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
+        """The residual stream after attention's output `attn_out` [B, S, hidden] is added."""
+        return x + self._norm(1, attn_out)
+
+    def mlp_block(self, x: torch.Tensor) -> torch.Tensor:
+        """x + mlp(norm(x)) (with a norm on the MLP output too for sandwich norms)."""
+        return x + self._norm(3, self.mlp(self._norm(2, x)))
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, causal_mask: torch.Tensor | None,
+        sample_mask: torch.Tensor | None = None, window_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        x = self.add_attention(x, self.self_attn(self.attn_input(x), cos, sin, causal_mask, sample_mask,
+                                                 window_mask))
+        return self.mlp_block(x)
+
+
+def _rope_buffers(cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """The model's float32 RoPE buffers: inv_freq, plus longrope's long factors and Gemma 3's local base."""
+    out = {"inv_freq": rope_inv_freq(cfg)}
+    if cfg.rope_scaling is not None and cfg.rope_scaling["rope_type"] == "longrope":
+        out["inv_freq_long"] = rope_inv_freq(cfg, long=True)
+    if cfg.rope_local_theta is not None:
+        out["inv_freq_local"] = rope_inv_freq(cfg, local=True)
+    return out
+
+
+class DecoderModel(nn.Module):
+    """Embedding, decoder layers, final norm; builds RoPE tables and masks once per forward."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = make_norm(cfg, cfg.hidden_size)
+        self.inv_freq: torch.Tensor
+        for name, value in _rope_buffers(cfg).items():
+            self.register_buffer(name, value, persistent=False)  # float32 [R/2]
+        self.attn_implementation = cfg.attn_implementation
+        self._cfg = cfg
+        # sqrt(hidden) as transformers multiplies it: a float32 scalar cast to the compute dtype
+        self._embed_scale = ({dt: torch.tensor(cfg.hidden_size**0.5, device="cpu").to(dt).item()
+                              for dt in (torch.float32, torch.bfloat16, torch.float16, torch.float64)}
+                             if cfg.embed_scale else None)
+
+    def reset_rope(self) -> None:
+        """Recompute the RoPE buffers in float32 on their device."""
+        device = self.inv_freq.device
+        for name, value in _rope_buffers(self._cfg).items():
+            setattr(self, name, value.to(device))
+
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        # `.to(bfloat16)` would round inv_freq and shift every RoPE angle; HF keeps it float32 too.
+        super()._apply(fn, recurse)
+        if self.inv_freq.dtype != torch.float32:
+            self.reset_rope()
+        return self
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids [B, S] -> [B, S, hidden], times sqrt(hidden) where the family scales it (Gemma)."""
+        h = self.embed_tokens(input_ids)
+        if self._embed_scale is not None:
+            h = h * self._embed_scale[h.dtype]
+        return h
+
+    def _inv_freq(self, S: int, positions: torch.Tensor | None, local: bool) -> torch.Tensor:
+        if local:
+            return self.inv_freq_local
+        scaling = self._cfg.rope_scaling
+        if scaling is None or scaling["rope_type"] != "longrope":
+            return self.inv_freq
+        original = scaling["original_max_position_embeddings"]
+        if positions is None:  # transformers: the long factors once the sequence exceeds the original length
+            return self.inv_freq_long if S > original else self.inv_freq
+        return torch.where(positions.max() + 1 > original, self.inv_freq_long, self.inv_freq)
+
+    def rope_tables(self, S: int, positions: torch.Tensor | None, dtype: torch.dtype, device: torch.device,
+                    index: tuple = (slice(None), None)) -> dict[bool, tuple[torch.Tensor, torch.Tensor]]:
+        """{local: (cos, sin)} for the RoPE kinds the layers use (local: Gemma 3's sliding layers).
+
+        positions None: positions 0..S-1, tables [1, 1, S, R]; else positions [...] -> tables `[index]`
+        of [..., R] (default [B, 1, S, R] for position_ids [B, S])."""
+        cfg = self._cfg
+        scale = cfg.rope_scaling.get("attention_factor", 1.0) if cfg.rope_scaling else 1.0
+        kinds = sorted({cfg.local_rope(i) for i in range(cfg.num_hidden_layers)})
+        pos = torch.arange(S, device=device) if positions is None else None
+        out = {}
+        for local in kinds:
+            inv_freq = self._inv_freq(S, positions, local)
+            if positions is None:
+                freqs = torch.outer(pos.float(), inv_freq)  # [S, R/2]
+                at = (None, None)
+            else:
+                freqs = positions[..., None].float() * inv_freq  # [..., R/2]
+                at = index
+            emb = rope_angles(freqs, cfg.rope_interleaved)  # [..., R]
+            k_scale = 1.0 if local else scale
+            out[local] = (rope_table(emb, torch.cos, k_scale, at, dtype), rope_table(emb, torch.sin, k_scale, at, dtype))
+        return out
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        # input_ids [B, S] -> hidden [B, S, hidden]. position_ids [B, S] (packed rows): RoPE positions, and
+        # each 0 starts a new sample that attention does not cross (Megatron's EOD reset)
+        cfg = self._cfg
+        _, S = input_ids.shape
+        h = self.embed(input_ids)
+        dtype, device = h.dtype, h.device
+        tables = self.rope_tables(S, position_ids, dtype, device)
+
+        causal_mask = sample_mask = None
+        if position_ids is not None:
+            sample_mask = packed_causal_mask(position_ids)  # [B, 1, S, S]
+        elif self.attn_implementation == "eager" or cfg.attn_logit_softcapping is not None:
+            causal_mask = torch.full((S, S), torch.finfo(dtype).min, dtype=dtype, device=device).triu(1)  # [S, S]
+        windows = {cfg.window_of(i) for i in range(cfg.num_hidden_layers)} - {None}
+        masks = window_masks(windows, S, sample_mask, device)  # window -> bool mask; none when window ≥ S
+
+        for i, layer in enumerate(self.layers):
+            cos, sin = tables[cfg.local_rope(i)]
+            window_mask = masks.get(cfg.window_of(i))
+            if window_mask is None:
+                h = layer(h, cos, sin, causal_mask, sample_mask)
+            else:
+                h = layer(h, cos, sin, causal_mask, sample_mask, window_mask)
+        return self.norm(h)
+
+
+class DecoderForCausalLM(nn.Module):
+    """Causal LM: forward(input_ids [B, S]) -> logits [B, S, vocab] in the compute dtype.
+
+    `config` is the ModelConfig; `source` is set by `load_model` (preset name or checkpoint path).
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.source: str = "<built>"
+        self.model = DecoderModel(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """lm_head(hidden), soft-capped where the family caps the final logits (Gemma 2)."""
+        logits = self.lm_head(hidden)
+        cap = self.config.final_logit_softcapping
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, S, V]; with `labels` [B, S] (already aligned: labels[:, t] is the token after
+        input_ids[:, t]; -100 ignored) the mean cross-entropy instead, computed in fp32, so a captured
+        training graph holds the loss next to the LM head. `position_ids` [B, S]: packed rows, whose
+        positions restart at 0 at each sample; attention stays inside each sample (EOD reset)."""
+        logits = self.logits(self.model(input_ids, position_ids))  # [B, S, V]
+        if labels is None:
+            return logits
+        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
+
+    def post_materialize(self) -> None:
+        """After `to_empty` from meta: re-tie lm_head to the embedding and recompute the RoPE buffers."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        device = self.model.embed_tokens.weight.device
+        for name, value in _rope_buffers(self.config).items():
+            setattr(self.model, name, value.to(device))
+
+    @torch.no_grad()
+    def init_weights(self, seed: int) -> None:
+        """normal(0, initializer_range) for linear and embedding weights, ones for norms (zeros for Gemma's
+        unit-offset norms, which multiply by 1 + weight), zero biases.
+
+        Deterministic for a seed and independent of device: draws come from a CPU generator in module order.
+        """
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        std = self.config.initializer_range
+        seen: set[int] = set()
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                if id(module.weight) not in seen:  # a tied lm_head is drawn once, as the embedding
+                    seen.add(id(module.weight))
+                    w = torch.empty(module.weight.shape, dtype=torch.float32).normal_(0.0, std, generator=gen)
+                    module.weight.copy_(w)
+                if getattr(module, "bias", None) is not None:
+                    module.bias.zero_()
+            elif isinstance(module, RMSNorm):
+                module.weight.fill_(1.0)
+            elif isinstance(module, UnitOffsetRMSNorm):
+                module.weight.zero_()
+        self.model.reset_rope()
+
+    def num_params(self) -> int:
+        """Distinct parameters (a tied lm_head counts once)."""
+        return sum(p.numel() for p in self.parameters())

@@ -39,8 +39,8 @@ RECOMPUTE_PASS = "recompute"
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.|$)")
 _OPS_OF_KIND = {
-    "attention": ("attention", "varlen_attention", "attention_block", "scaled_dot_product_attention",
-                  "_scaled_dot_product_flash_attention",
+    "attention": ("attention", "varlen_attention", "window_attention", "attention_block",
+                  "scaled_dot_product_attention", "_scaled_dot_product_flash_attention",
                   "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention"),
     "activation": ("swiglu", "silu", "gelu"),
     "norm": ("rms_norm", "add_rms_norm", "_fused_rms_norm", "native_layer_norm"),
@@ -158,7 +158,7 @@ def _layers(forward: list[fx.Node]) -> dict[fx.Node, int | None]:
 _FRAME = re.compile(r'File "[^"]+", line \d+, in (\w+)')
 _DECOMPOSED_KIND = {"rms_norm_decomposed": "norm", "add_rms_norm_decomposed": "norm",
                     "swiglu_decomposed": "activation", "attention_decomposed": "attention",
-                    "varlen_attention_decomposed": "attention"}
+                    "varlen_attention_decomposed": "attention", "window_attention_decomposed": "attention"}
 """The lowering functions of graphllm ops (ops/*.py) → the selective kind their nodes belong to."""
 
 

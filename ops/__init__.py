@@ -4,7 +4,7 @@ Importing this package registers them under the `torch.ops.graphllm` namespace.
 """
 
 from graphllm.ops.add_rms_norm import add_rms_norm
-from graphllm.ops.attention import attention, varlen_attention
+from graphllm.ops.attention import attention, varlen_attention, window_attention
 from graphllm.ops.attention_block import attention_block
 from graphllm.ops.collectives import (sp_gather, sp_reduce_scatter, tp_copy, tp_gather, tp_reduce, tp_reduce_max,
                                       tp_split)
@@ -17,4 +17,5 @@ from graphllm.ops.rope import rope
 from graphllm.ops.swiglu import swiglu
 
 __all__ = ["add_rms_norm", "all_gather_matmul", "attention", "attention_block", "cp_all_to_all", "cp_ring_shift", "grouped_matmul", "grouped_matmul_weight_grad", "lora_linear", "matmul_all_reduce", "matmul_reduce_scatter", "rms_norm", "rope", "sp_gather", "sp_reduce_scatter", "swiglu", "tp_copy",
-           "tp_gather", "tp_reduce", "tp_reduce_max", "tp_split", "varlen_attention"]
+           "tp_gather", "tp_reduce", "tp_reduce_max", "tp_split", "varlen_attention",
+           "window_attention"]

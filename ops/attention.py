@@ -5,6 +5,9 @@ H / Hkv consecutive query heads, as HF's repeat_kv). Raised by `fuse_attention` 
 the eager matmul-softmax-matmul form; lowered to SDPA for inductor and to `npu_fusion_attention`
 (input_layout="BNSD", sparse_mode for causal) for torchair. The backward rule recomputes the
 probabilities (flash-attention style: nothing of size S×S is saved).
+
+graphllm::varlen_attention (packed samples) and graphllm::window_attention (a causal sliding window, as
+Mistral and Gemma's local layers) follow below with the same layout and backward rule.
 """
 
 import torch
@@ -122,3 +125,50 @@ def _varlen_backward(ctx, grad_out_BHSD):
 
 varlen_attention.register_autograd(_varlen_backward, setup_context=_varlen_setup)
 register_autocast_policy("graphllm::varlen_attention", torch.bfloat16)
+
+
+# -- graphllm::window_attention: causal attention over a sliding window ------------------------------------
+#
+# Query i sees keys j with i - window < j <= i: the `window` most recent tokens, itself included (Mistral's
+# and Gemma's `sliding_window`, as transformers masks it). npu_fusion_attention computes exactly this band
+# with sparse_mode 4 and pre_tockens = window - 1, next_tockens = 0; the decomposition is SDPA with the mask.
+
+
+def window_causal_mask(s_q: int, s_k: int, window: int, device: torch.device | None = None) -> Tensor:
+    """bool [Sq, Sk], True where query i may attend to key j (top-left aligned, as SDPA's is_causal)."""
+    i = torch.arange(s_q, device=device)[:, None]
+    j = torch.arange(s_k, device=device)[None, :]
+    return (j <= i) & (i - j < window)
+
+
+def window_attention_decomposed(q: Tensor, k: Tensor, v: Tensor, scale: float, window: int) -> Tensor:
+    mask = window_causal_mask(q.shape[-2], k.shape[-2], window, q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
+
+
+@torch.library.custom_op("graphllm::window_attention", mutates_args=())
+def window_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, window: int) -> Tensor:
+    return window_attention_decomposed(q, k, v, scale, window).contiguous()
+
+
+@window_attention.register_fake
+def _(q: Tensor, k: Tensor, v: Tensor, scale: float, window: int) -> Tensor:
+    torch._check(q.shape[1] % k.shape[1] == 0, lambda: "query heads must be a multiple of kv heads")
+    torch._check(window > 0, lambda: "the window must hold at least the query's own token")
+    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+def _window_setup(ctx, inputs, output):
+    q, k, v, scale, window = inputs
+    ctx.save_for_backward(q, k, v)
+    ctx.scale, ctx.window = scale, window
+
+
+def _window_backward(ctx, grad_out_BHSD):
+    q, k, v = ctx.saved_tensors
+    masked = ~window_causal_mask(q.shape[-2], k.shape[-2], ctx.window, q.device)
+    return (*_attention_grads(q, k, v, grad_out_BHSD, ctx.scale, masked), None, None)
+
+
+window_attention.register_autograd(_window_backward, setup_context=_window_setup)
+register_autocast_policy("graphllm::window_attention", torch.bfloat16)

@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 
 from graphllm.ops.add_rms_norm import add_rms_norm_decomposed
-from graphllm.ops.attention import attention_decomposed, varlen_attention_decomposed
+from graphllm.ops.attention import attention_decomposed, varlen_attention_decomposed, window_attention_decomposed
 from graphllm.ops.attention_block import attention_block_decomposed
 from graphllm.ops.lora import lora_linear_decomposed
 from graphllm.ops.lowering_npu import npu_lowerings
@@ -51,6 +51,7 @@ LOWERINGS: dict[str, dict[torch._ops.OpOverload, Callable]] = {
         ops.rope_qk.default: rope_qk_decomposed,
         ops.attention.default: attention_decomposed,
         ops.varlen_attention.default: varlen_attention_decomposed,  # SDPA, block-diagonal causal mask
+        ops.window_attention.default: window_attention_decomposed,  # SDPA, causal band mask
         # explicit masked softmax with its lse (SDPA does not return it); autograd through it is NaN-free for
         # rows that see no key of the block
         ops.attention_block.default: attention_block_decomposed,
@@ -86,6 +87,11 @@ NPU_KERNELS: dict[torch._ops.OpOverload, NpuKernel] = {
         "npu_fusion_attention",
         "npu_fusion_attention(q, k, v, head_num=H, input_layout='BNSD', scale=scale, atten_mask=~(same sample & "
         "causal) [B,1,S,S], sparse_mode=0)[0]",
+    ),
+    ops.window_attention.default: NpuKernel(
+        "npu_fusion_attention",
+        "npu_fusion_attention(q, k, v, head_num=H, input_layout='BNSD', scale=scale, atten_mask=upper-triangular "
+        "2048×2048 bool, sparse_mode=4 (band), pre_tockens=window-1, next_tockens=0)[0]",
     ),
     ops.attention_block.default: NpuKernel(
         "npu_fusion_attention",

@@ -22,7 +22,7 @@ from graphllm.ops.rope import rope_decomposed
 # npu_fusion_attention's sparse_mode 2 (leftUpCausal: query i sees keys 0..i, as SDPA's is_causal) takes
 # this fixed, compressed mask: 2048×2048 bool, True = masked (the upper triangle).
 CAUSAL_MASK_SIZE = 2048
-SPARSE_MODE_NONE, SPARSE_MODE_LEFT_UP_CAUSAL = 0, 2
+SPARSE_MODE_NONE, SPARSE_MODE_LEFT_UP_CAUSAL, SPARSE_MODE_BAND = 0, 2, 4
 
 NPU_CONTRACT: dict[str, tuple[str, ...]] = {
     "npu_add_rms_norm": ("x1", "x2", "gamma", "epsilon"),
@@ -31,7 +31,7 @@ NPU_CONTRACT: dict[str, tuple[str, ...]] = {
     "npu_swiglu": ("self", "dim"),
     "npu_rotary_mul": ("self", "r1", "r2", "rotary_mode"),
     "npu_fusion_attention": ("query", "key", "value", "head_num", "input_layout", "atten_mask", "scale",
-                             "sparse_mode"),
+                             "pre_tockens", "next_tockens", "sparse_mode"),
 }
 NPU_CONTRACT.update(NPU_MC2_CONTRACT)
 NPU_CONTRACT["npu_apply_rotary_pos_emb"] = ("query", "key", "cos", "sin", "layout", "rotary_mode")
@@ -102,6 +102,16 @@ def attention_npu(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool) -
         out = torch.ops.npu.npu_fusion_attention(q, k, v, head_num=q.shape[1], input_layout="BNSD", scale=scale,
                                                  sparse_mode=SPARSE_MODE_NONE)
     return out[0]  # outputs: attention_out, softmax_max, softmax_sum, softmax_out, seed, offset, numels
+
+
+def window_attention_npu(q: Tensor, k: Tensor, v: Tensor, scale: float, window: int) -> Tensor:
+    # sparse_mode 4 (band) masks key j for query i unless i - pre_tockens <= j <= i + next_tockens; with the
+    # compressed causal mask it keeps the window's keys: i - (window - 1) <= j <= i
+    mask = torch.ones(CAUSAL_MASK_SIZE, CAUSAL_MASK_SIZE, dtype=torch.bool, device=q.device).triu(1)
+    out = torch.ops.npu.npu_fusion_attention(q, k, v, head_num=q.shape[1], input_layout="BNSD", atten_mask=mask,
+                                             scale=scale, pre_tockens=window - 1, next_tockens=0,
+                                             sparse_mode=SPARSE_MODE_BAND)
+    return out[0]
 
 
 def varlen_attention_npu(q: Tensor, k: Tensor, v: Tensor, segment_ids: Tensor, scale: float) -> Tensor:
@@ -238,6 +248,7 @@ def npu_lowerings() -> dict:
         ops.rope_qk.default: rope_qk_npu,
         ops.attention.default: attention_npu,
         ops.varlen_attention.default: varlen_attention_npu,
+        ops.window_attention.default: window_attention_npu,
         ops.attention_block.default: attention_block_npu,
         ops.grouped_matmul.default: grouped_matmul_npu,
         **npu_mc2_lowerings(),

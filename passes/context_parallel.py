@@ -80,6 +80,10 @@ def context_parallel(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     shapes = old_shapes(gm)
     local = _local_len(gm)
     seq = local * layout.cp
+    windowed = [n for n in gm.graph.nodes if is_call(n, gl.window_attention.default)]
+    if windowed:
+        raise GraphllmError(f"--cp does not split sliding-window attention yet (this model's layers see the last "
+                            f"{windowed[0].args[4]} tokens); train it with --cp 1")
     attn = [n for n in gm.graph.nodes if is_call(n, gl.attention.default) or is_call(n, gl.varlen_attention.default)]
     if not attn:
         raise GraphllmError("--cp: the graph has no graphllm attention op to parallelise (fuse_attention did not "

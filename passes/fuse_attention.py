@@ -10,14 +10,19 @@ Legal because the op computes softmax(q kᵀ · scale + causal) v with each kv h
 consecutive query heads, which is what both forms compute.
 - packed rows: SDPA whose boolean mask is `(seg[:, None, :, None] == seg[:, None, None, :]) & tril(ones)`
   (models/llama.py packed_causal_mask; seg [B, S] = which sample each token is in) →
-  graphllm.varlen_attention(q, k, v, seg, scale), the same block-diagonal causal attention. Refused: dropout (changes RNG use), masks
-that are inputs or not causal (the op has no arbitrary mask), and inputs that are not 4-D BNSD.
+  graphllm.varlen_attention(q, k, v, seg, scale), the same block-diagonal causal attention.
+- sliding window: SDPA with a compile-time constant boolean mask (True = visible), or the eager form with a
+  constant additive mask or `masked_fill(~mask, very negative)`, whose visible keys are exactly
+  i - W < j <= i for one W (models/masks.py builds it for Mistral's and Gemma's local layers) →
+  graphllm.window_attention(q, k, v, scale, W); a band that covers the whole sequence is plain causal
+  attention. Refused: dropout (changes RNG use), masks that are inputs or of any other pattern (the ops have
+no arbitrary mask; packed rows with a window stay SDPA), soft-capped scores, and inputs that are not 4-D BNSD.
 """
 
 import torch
 import torch.fx as fx
 
-from graphllm.ops import attention, varlen_attention
+from graphllm.ops import attention, varlen_attention, window_attention
 from graphllm.passes.manager import PassContext, graph_pass
 from graphllm.passes.matching import aten, arg, constant_value, finish, is_call, norm_dim, replace_with_call, val
 
@@ -37,18 +42,44 @@ def _sdpa(node: fx.Node):
     dropout = arg(node, 4, "dropout_p", 0.0)
     causal = arg(node, 5, "is_causal", False)
     scale = node.kwargs.get("scale", node.args[6] if len(node.args) > 6 else None)
-    if mask is not None and not causal and dropout == 0.0 and _bnsd(q, k, v):
+    scale = float(scale if scale is not None else val(q).shape[-1] ** -0.5) if _bnsd(q, k, v) else None
+    if mask is not None and not causal and dropout == 0.0 and scale is not None:
+        if val(q).shape[2] != val(k).shape[2]:
+            return None  # the ops are defined for square attention
+        keep = constant_value(node.graph.owning_module, mask) if isinstance(mask, fx.Node) else None
+        if keep is not None and keep.dtype == torch.bool:
+            return _causal_or_window(q, k, v, scale, window_of(keep, val(q).shape[2]))
         seg = _segment_ids(mask)
-        if seg is None or val(q).shape[2] != val(k).shape[2] or val(seg).shape != (val(q).shape[0], val(q).shape[2]):
-            return None  # another mask, or one not square over this attention's sequence
-        return (q, k, v, seg, float(scale if scale is not None else val(q).shape[-1] ** -0.5))
-    if mask is not None or dropout != 0.0 or not _bnsd(q, k, v):
+        if seg is None or val(seg).shape != (val(q).shape[0], val(q).shape[2]):
+            return None  # another mask
+        return varlen_attention, (q, k, v, seg, scale)
+    if mask is not None or dropout != 0.0 or scale is None:
         return None
     if causal and val(q).shape[2] != val(k).shape[2]:
         return None  # SDPA's causal mask is top-left aligned; the op is defined for square attention
-    if scale is None:
-        scale = val(q).shape[-1] ** -0.5
-    return (q, k, v, float(scale), bool(causal))
+    return attention, (q, k, v, scale, bool(causal))
+
+
+def _causal_or_window(q, k, v, scale: float, window: int | None):
+    if window is None:
+        return None
+    if window >= val(q).shape[2]:
+        return attention, (q, k, v, scale, True)  # the band holds every earlier key: plain causal attention
+    return window_attention, (q, k, v, scale, window)
+
+
+def window_of(keep: torch.Tensor, s: int) -> int | None:
+    """W when the boolean mask `keep` (True = visible, any leading dims of size 1) is exactly the causal band
+    i - W < j <= i over [s, s], else None."""
+    if keep.numel() != s * s or tuple(keep.shape[-2:]) != (s, s):
+        return None
+    keep = keep.reshape(s, s)
+    first = keep.to(torch.int64).argmax(-1)  # each query's first visible key
+    window = int(s - first[-1].item())
+    i = torch.arange(s)[:, None]
+    j = torch.arange(s)[None, :]
+    want = (j <= i) & (i - j < window)
+    return window if window > 0 and bool(torch.equal(keep, want)) else None
 
 
 def _unsqueezed(x: fx.Node) -> fx.Node:
@@ -104,12 +135,11 @@ def _unrepeat_kv(x: fx.Node) -> fx.Node:
     return base
 
 
-def _is_causal_mask(mask: torch.Tensor, s: int) -> bool:
-    if mask.dim() < 2 or tuple(mask.shape[-2:]) != (s, s) or mask.numel() != s * s:
-        return False
-    m = mask.reshape(s, s).to(torch.float32)
-    upper = torch.ones(s, s, dtype=torch.bool).triu(1)
-    return bool((m[~upper] == 0).all()) and bool((m[upper] <= MASKED_MAX).all())
+def _additive_keep(mask: torch.Tensor) -> torch.Tensor | None:
+    """An additive mask (0 = visible, ≤ MASKED_MAX = masked) as a boolean keep-mask; None for other values."""
+    m = mask.to(torch.float32)
+    keep = m == 0
+    return keep if bool((keep | (m <= MASKED_MAX)).all()) else None
 
 
 def _eager(gm: fx.GraphModule, out: fx.Node):
@@ -122,10 +152,13 @@ def _eager(gm: fx.GraphModule, out: fx.Node):
     if norm_dim(probs.args[1], 4) != 3:
         return None
     scores = probs.args[0]
-    mask_node = None
+    mask_node, filled = None, False
     if is_call(scores, aten.add.Tensor):
         a, b = scores.args[:2]
         scores, mask_node = (a, b) if is_call(a, aten.mul.Tensor, aten.div.Tensor, aten.matmul.default) else (b, a)
+    elif is_call(scores, aten.masked_fill.Scalar) and isinstance(scores.args[2], (int, float)) \
+            and scores.args[2] <= MASKED_MAX:
+        scores, mask_node, filled = scores.args[0], scores.args[1], True
     scale = 1.0
     if is_call(scores, aten.mul.Tensor) and isinstance(scores.args[1], (int, float)):
         scores, scale = scores.args[0], float(scores.args[1])
@@ -139,16 +172,16 @@ def _eager(gm: fx.GraphModule, out: fx.Node):
     k = kt.args[0]
     if not _bnsd(q, k, v):
         return None
-    causal = False
-    if mask_node is not None:
-        mask = constant_value(gm, mask_node)
-        if mask is None or val(k).shape[2] != val(q).shape[2] or not _is_causal_mask(mask, val(q).shape[2]):
-            return None  # only a constant causal mask over square scores (Sq=1 < Sk: [[0]] masks nothing)
-        causal = True
     k, v = _unrepeat_kv(k), _unrepeat_kv(v)
     if not _bnsd(q, k, v):
         return None
-    return (q, k, v, scale, causal)
+    if mask_node is None:
+        return attention, (q, k, v, scale, False)
+    mask = constant_value(gm, mask_node)
+    if mask is None or val(k).shape[2] != val(q).shape[2]:
+        return None  # only a constant mask over square scores (Sq=1 < Sk: [[0]] masks nothing)
+    keep = ~mask.to(torch.bool) if filled else _additive_keep(mask)
+    return _causal_or_window(q, k, v, scale, None if keep is None else window_of(keep, val(q).shape[2]))
 
 
 @graph_pass("fuse_attention", stage="model")
@@ -163,7 +196,7 @@ def fuse_attention(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
             continue
         if m is None:
             continue
-        op = varlen_attention if isinstance(m[3], fx.Node) else attention  # (q, k, v, seg, scale)
-        replace_with_call(gm, node, op._opoverload, m)
+        op, args = m
+        replace_with_call(gm, node, op._opoverload, args)
         replaced += 1
     return finish(gm, ctx, replaced)

@@ -83,6 +83,7 @@ def test_table_uses_every_kernel():
                                                      "attention_npu", "grouped_matmul_npu", "matmul_all_reduce_npu", "rope_qk_npu",
                                                      "all_gather_matmul_npu", "matmul_reduce_scatter_npu",
                                                      "varlen_attention_npu", "attention_block_npu",
+                                                     "window_attention_npu",
                                                      "lora_linear_decomposed",  # torch_npu has no LoRA kernel
                                                      "nf4_dequantize_recomputed"}  # nor an NF4 one (ops/nf4.py)
 

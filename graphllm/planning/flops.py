@@ -47,7 +47,8 @@ def node_flops(n: fx.Node) -> int:
         if a and out:
             return 2 * math.prod(out) * a[-1]
     elif t in (aten.scaled_dot_product_attention.default, torch.ops.graphllm.attention.default,
-               torch.ops.graphllm.varlen_attention.default):  # packed rows: dense kernels, counted in full
+               torch.ops.graphllm.varlen_attention.default,  # packed rows: dense kernels, counted in full
+               torch.ops.graphllm.window_attention.default):  # a window: likewise (SDPA with a mask here)
         q, k, v = (_shape(a) for a in n.args[:3])
         if q and k and v:
             return _attention_flops(q, k, v, True)

@@ -238,6 +238,12 @@ class Layout:
     def _check_cp_model(self, cfg: Any, seq_len: int) -> None:
         """The sequence must cut into the layout's pieces; Ulysses spreads each tp rank's heads over its group."""
         check_divisible(seq_len, self.cp, self.ulysses_size)
+        window_of = getattr(cfg, "window_of", lambda layer: None)
+        windows = [w for w in map(window_of, range(cfg.num_hidden_layers)) if w is not None and w < seq_len]
+        if windows:
+            raise GraphllmError(f"--cp {self.cp}: this model's sliding-window attention (window {min(windows)} < "
+                                f"--seq-len {seq_len}) is not split over context-parallel ranks yet; use --cp 1, or a "
+                                "--seq-len no longer than the window")
         tp, u = self.tp, self.ulysses_size
         if u > 1:
             flag = "--cp" if self.cp_algo == "ulysses" else "--cp-ulysses"

@@ -170,7 +170,15 @@ def _attention_inputs(name, query, key, value, head_num, input_layout, pse, keep
     return q, k, v
 
 
-def _attention_masked(name, atten_mask, sparse_mode, q, k):
+def _compressed_causal(name, atten_mask, device, modes: str) -> None:
+    want = torch.ones(CAUSAL_MASK_SIZE, CAUSAL_MASK_SIZE, dtype=torch.bool, device=device).triu(1)
+    if atten_mask is None or atten_mask.dtype != torch.bool or atten_mask.shape != want.shape or \
+            (not traced(atten_mask) and not torch.equal(atten_mask, want)):
+        raise ValueError(f"{name}: sparse_mode {modes} take the compressed 2048×2048 bool mask "
+                         "with True above the diagonal")
+
+
+def _attention_masked(name, atten_mask, sparse_mode, q, k, pre_tockens=2147483647, next_tockens=2147483647):
     """The positions the kernel masks (True = masked), or None. q, k are BNSD."""
     (b, n, sq), sk, device = q.shape[:3], k.shape[2], q.device
     if sparse_mode == 0:
@@ -182,14 +190,14 @@ def _attention_masked(name, atten_mask, sparse_mode, q, k):
                              f"Skv={sk}; got {tuple(atten_mask.shape)}")
         return atten_mask.to(torch.bool)
     if sparse_mode in (2, 3):
-        want = torch.ones(CAUSAL_MASK_SIZE, CAUSAL_MASK_SIZE, dtype=torch.bool, device=device).triu(1)
-        if atten_mask is None or atten_mask.dtype != torch.bool or atten_mask.shape != want.shape or \
-                (not traced(atten_mask) and not torch.equal(atten_mask, want)):
-            raise ValueError(f"{name}: sparse_mode 2/3 take the compressed 2048×2048 bool mask "
-                             "with True above the diagonal")
+        _compressed_causal(name, atten_mask, device, "2/3")
         shift = 1 if sparse_mode == 2 else sk - sq + 1  # left-up vs right-down aligned causal
         return torch.ones(sq, sk, dtype=torch.bool, device=device).triu(shift)
-    raise NotImplementedError(f"emulated sparse_mode 0, 2, 3; got {sparse_mode}")
+    if sparse_mode == 4:  # band: key j masked for query i unless i - pre_tockens <= j <= i + next_tockens
+        _compressed_causal(name, atten_mask, device, "4")
+        ones = torch.ones(sq, sk, dtype=torch.bool, device=device)
+        return ones.triu(next_tockens + 1) | ones.tril(-pre_tockens - 1)
+    raise NotImplementedError(f"emulated sparse_mode 0, 2, 3, 4; got {sparse_mode}")
 
 
 def _attention_scores(q, k, scale, masked):
@@ -212,7 +220,8 @@ def npu_fusion_attention(query, key, value, head_num, input_layout, pse=None, pa
     rows, computed with lost precision unless inner_precise=2), so a lowering must not read them."""
     name = "npu_fusion_attention"
     q, k, v = _attention_inputs(name, query, key, value, head_num, input_layout, pse, keep_prob, actual_seq_qlen, sink)
-    scores = _attention_scores(q, k, scale, _attention_masked(name, atten_mask, sparse_mode, q, k))
+    scores = _attention_scores(q, k, scale, _attention_masked(name, atten_mask, sparse_mode, q, k,
+                                                                pre_tockens, next_tockens))
     softmax_max = scores.amax(-1, keepdim=True)
     probs = torch.exp(scores - softmax_max)
     softmax_sum = probs.sum(-1, keepdim=True)
@@ -243,7 +252,7 @@ def npu_fusion_attention_grad(query, key, value, dy, head_num, input_layout, *, 
     if dy.shape != attention_in.shape or dy.shape != query.shape[:-1] + value.shape[-1:]:
         raise ValueError(f"{name}: dy and attention_in must have the output's shape, got {tuple(dy.shape)}, "
                          f"{tuple(attention_in.shape)}")
-    masked = _attention_masked(name, atten_mask, sparse_mode, q, k)
+    masked = _attention_masked(name, atten_mask, sparse_mode, q, k, pre_tockens, next_tockens)
     probs = torch.exp(_attention_scores(q, k, scale_value, masked) - softmax_max[..., :1]) / softmax_sum[..., :1]
     group = n // k.shape[1]
     k32, v32 = (t.to(torch.float32).repeat_interleave(group, dim=1) for t in (k, v))

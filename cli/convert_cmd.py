@@ -1,10 +1,13 @@
-"""`graphllm convert`: HF model directory <-> graphllm checkpoint (graphllm/convert.py does the work), and LoRA
-adapters <-> PEFT adapter directories / merged HF models (graphllm/lora_io.py)."""
+"""`graphllm convert`: HF model directory <-> graphllm checkpoint (graphllm/convert.py does the work), LoRA
+adapters <-> PEFT adapter directories / merged HF models (graphllm/lora_io.py), and Megatron-LM checkpoints <->
+graphllm checkpoints (cli/convert_megatron_cmd.py)."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
+
+from graphllm.cli.convert_megatron_cmd import add_megatron_parsers, report_conversion
 
 DTYPE_CHOICES = ("fp32", "bf16", "fp16")
 
@@ -36,20 +39,14 @@ def add_parser(sub) -> None:
                        help="write into a non-empty HF_DIR (replaces its config and weight files, keeps others)")
     to_hf.set_defaults(func=run_graphllm_to_hf)
     add_lora_parsers(kinds)
-
-
-def _report(result, done: str) -> None:
-    print(f"wrote {result.path}: {result.tensors} tensors, {result.parameters:,} parameters "
-          f"({result.nbytes / 2**20:,.1f} MiB, {'/'.join(result.dtypes)}); {done}")
-    for note in result.notes:
-        print(f"note: {note}")
+    add_megatron_parsers(kinds)
 
 
 def run_hf_to_graphllm(args: argparse.Namespace) -> int:
     from graphllm.convert import hf_to_graphllm
 
     result = hf_to_graphllm(args.hf, args.out, tp=args.tp, pp=args.pp, dtype=args.dtype, force=args.force)
-    _report(result, f"weights only; `graphllm run ARTIFACT --load {args.out}` starts at step 0 with a fresh "
+    report_conversion(result, f"weights only; `graphllm run ARTIFACT --load {args.out}` starts at step 0 with a fresh "
                     "optimizer (any --tp/--pp/--dp layout loads it)")
     return 0
 
@@ -59,7 +56,7 @@ def run_graphllm_to_hf(args: argparse.Namespace) -> int:
 
     result = graphllm_to_hf(args.ckpt, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size,
                             tokenizer=args.tokenizer, force=args.force)
-    _report(result, f"with {', '.join(result.files)}; transformers' from_pretrained loads it")
+    report_conversion(result, f"with {', '.join(result.files)}; transformers' from_pretrained loads it")
     return 0
 
 
@@ -113,7 +110,7 @@ def run_merge_lora(args: argparse.Namespace) -> int:
 
     result, ad = merge_lora(args.ckpt, args.hf, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size,
                             force=args.force, alpha=args.lora_alpha, rslora=args.lora_rslora)
-    _report(result, f"{len(ad.factors)} layers merged (W + s·BA, s = {ad.scale:g}); transformers' from_pretrained "
+    report_conversion(result, f"{len(ad.factors)} layers merged (W + s·BA, s = {ad.scale:g}); transformers' from_pretrained "
                     "loads it")
     return 0
 

@@ -133,6 +133,21 @@ def run(args: argparse.Namespace) -> int:
         table.add_row(stage, name, str(nodes), str(calls), delta)
         prev = nodes if stage == "model" else prev
     print_table(console, table)
+    _print_invocation(console, args.artifact)
     console.print("show one: --show NAME [--table]; compare: --diff A B; ops: --ops NAME; "
                   "search: --find TEXT [--in NAME]; draw: --render NAME --out FILE.html|.dot|.json")
     return 0
+
+
+def _print_invocation(console, artifact: Path) -> None:
+    """The command line that compiled the artifact, with graphllm's commit and job file (invocation.json)."""
+    from graphllm.artifact import INVOCATION_FILE, read_invocation
+
+    record = read_invocation(artifact)
+    if record is None:
+        console.print(f"compiled by: not recorded (no {INVOCATION_FILE}: compiled from Python or by an older graphllm)")
+        return
+    extra = [f"graphllm {record['git_commit']}" if record.get("git_commit") else "",
+             f"config {record['config_file']}" if record.get("config_file") else ""]
+    console.print(f"compiled by: {record.get('command_line')}" + "".join(f"; {e}" for e in extra if e),
+                  markup=False, highlight=False)

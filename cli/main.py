@@ -56,7 +56,7 @@ def _version() -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     from graphllm.cli import compile_cmd, convert_cmd, eval_cmd, inspect_cmd, preprocess_cmd, profile_cmd, run_cmd
-    from graphllm.cli import chat_cmd, generate_cmd
+    from graphllm.cli import chat_cmd, convert_args_cmd, generate_cmd
 
     parser = argparse.ArgumentParser(prog="graphllm", description="Graph-mode LLM training: compile, run, inspect.")
     parser.add_argument("--version", action="version", version=_version(), help="print the version and exit")
@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="log what each pass does; show the traceback of an error in a user's pass")
     sub = parser.add_subparsers(dest="command", required=True)
     for mod in (compile_cmd, run_cmd, inspect_cmd, profile_cmd, preprocess_cmd, convert_cmd, eval_cmd,
-                generate_cmd, chat_cmd):
+                generate_cmd, chat_cmd, convert_args_cmd):
         mod.add_parser(sub)
     for p in all_parsers(parser):
         p.formatter_class = DefaultsHelpFormatter
@@ -105,7 +105,14 @@ def _handled(args: argparse.Namespace, exc: BaseException) -> int | None:
     return None
 
 
+def command_parser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    """The sub-command's own parser."""
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices[command]
+
+
 def main(argv: list[str] | None = None) -> int:
+    from graphllm.job_config import apply_config, command_line
     from graphllm.launch import in_launched_world, rank_started
     from graphllm.signals import StopAtOnce
     from graphllm.slurm_env import adopt_slurm_env
@@ -114,11 +121,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     adopt_slurm_env()  # under a multi-task `srun`: each task is a rank, as under torchrun
     args.argv = list(sys.argv[1:] if argv is None else argv)  # to re-run the same command on each rank
+    args.command_line = command_line(argv)  # what artifacts and metrics record
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     try:
         with StopAtOnce(*STOPPED.get(args.command, ("", ""))):
             if in_launched_world():
                 rank_started()  # stop when torchrun's agent is gone (Linux); rank 0 now speaks for a stop
+            apply_config(command_parser(parser, args.command), args)  # --config FILE (graphllm/job_config.py)
             return args.func(args) or 0
     except BaseException as e:  # noqa: BLE001 (what is not handled is re-raised)
         code = _handled(args, e)

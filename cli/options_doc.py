@@ -21,14 +21,16 @@ def render() -> str:
         HEADER,
         "## `graphllm compile` (graphllm.plan.CompilePlan)",
         "",
-        "`--out DIR` (required): the artifact directory to write. `--dry-run` (with `--backend npu`, no NPU needed): "
+        "`--out DIR` (required, here or in the job file): the artifact directory to write. `--config FILE`: a TOML or "
+        "YAML job file whose `[compile]` section sets any of these flags (docs/config_files.md). `--dry-run` (with `--backend npu`, no NPU needed): "
         "build every graph with torch_npu's kernels emulated on CPU and check each op against torchair "
         "(docs/ascend.md); `--torch-npu-wheel PATH`: the torch_npu wheel or unpacked folder it reads.",
         "",
         markdown_table(CompilePlan),
         "## `graphllm run ARTIFACT` (graphllm.RunConfig, graphllm.TrainConfig)",
         "",
-        "`--nproc N`: local ranks to start (default: the plan's tp × pp × dp). `--no-progress`: plain log lines (automatic when stderr is not a terminal).",
+        "`--nproc N`: local ranks to start (default: the plan's tp × pp × dp). `--no-progress`: plain log lines (automatic when stderr is not a terminal). "
+        "`--config FILE`: a job file whose `[run]` section sets any of these flags (docs/config_files.md).",
         "",
         markdown_table(RunConfig),
     ])

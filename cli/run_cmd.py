@@ -15,17 +15,20 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 
 
 def add_parser(sub) -> None:
+    from graphllm.job_config import add_config_flag
     from graphllm.options import add_flags
     from graphllm.run_config import RunConfig
 
     p = sub.add_parser("run", help="train an artifact's compiled graph (on --data, or the built-in corpus)",
-                       description="Flags are the fields of graphllm.RunConfig and its TrainConfig (docs/options.md).")
+                       description="Flags are the fields of graphllm.RunConfig and its TrainConfig (docs/options.md); "
+                                   "--config job.toml sets them from a file's [run] section (docs/config_files.md).")
     p.add_argument("artifact", type=Path, help="the directory `graphllm compile --out` wrote")
     p.add_argument("--nproc", type=int, default=None,
                    help="local ranks to start (default: the plan's tp × pp × dp); under torchrun, leave it out")
     p.add_argument("--no-progress", action="store_true",
                    help="plain log lines instead of a progress bar (automatic when stderr is not a terminal)")
     add_flags(p, RunConfig)
+    add_config_flag(p, "run")
     p.set_defaults(func=run)
 
 
@@ -85,6 +88,7 @@ def _launch(args: argparse.Namespace, config, data: dict, world: int, console: C
     import os
 
     from graphllm.checkpoint_root import LOCK_ENV, plan_roots, take_root
+    from graphllm.job_config import command_line_for_ranks
     from graphllm.launch import relaunch
 
     plan_roots(config.save, config.load, data["model"])
@@ -94,7 +98,8 @@ def _launch(args: argparse.Namespace, config, data: dict, world: int, console: C
     try:
         if lock is not None:
             os.environ[LOCK_ENV] = str(lock.path)
-        return relaunch(world, args.argv)
+        with command_line_for_ranks(args.command_line):
+            return relaunch(world, args.argv)
     finally:
         if lock is not None:
             os.environ.pop(LOCK_ENV, None)
@@ -104,10 +109,11 @@ def _launch(args: argparse.Namespace, config, data: dict, world: int, console: C
 def run(args: argparse.Namespace) -> int:
     from graphllm.artifact import read_plan
     from graphllm.errors import GraphllmError
+    from graphllm.job_config import invocation
     from graphllm.launch import in_launched_world, is_rank_zero
     from graphllm.options import from_flags
     from graphllm.plan import CompilePlan
-    from graphllm.run_config import RunConfig, fine_tuning_note
+    from graphllm.run_config import RunConfig, fine_tuning_note, with_model_defaults
     from graphllm.trainer import Trainer, run_summary
 
     data = read_plan(args.artifact)
@@ -116,13 +122,13 @@ def run(args: argparse.Namespace) -> int:
     if args.nproc is not None and args.nproc != world:
         raise GraphllmError(f"--nproc {args.nproc} does not match the artifact's layout, which needs {world} ranks; "
                             f"use --nproc {world} or recompile with another layout")
-    config = from_flags(RunConfig, args)
+    config = with_model_defaults(from_flags(RunConfig, args), data["model"])  # as the trainer will: the lr recorded
     console = Console(stderr=True, quiet=not is_rank_zero(), soft_wrap=True)  # lines stay whole in log files
     if world > 1 and not in_launched_world():
         return _launch(args, config, data, world, console)
     events = ConsoleEvents(console, plain=args.no_progress or not console.is_terminal, total=config.train.steps)
     with console.status("opening the data, loading the artifact and compiling …"):
-        trainer = Trainer.from_artifact(args.artifact, config, on_event=events)
+        trainer = Trainer.from_artifact(args.artifact, config, on_event=events, invocation=invocation(args, config))
     plan = trainer.built.plan
     source = "the built-in corpus" if config.data is None else " ".join(config.data)
     console.print(f"[green]ready[/] {plan.model} ({plan.backend}, {plan.amp}) compiled in "

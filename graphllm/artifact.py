@@ -7,6 +7,8 @@ Layout:
   graphs/rank0/train/forward.py    forward graph after partitioning and the train passes (and .tsv)
   graphs/rank0/train/backward.py   backward graph likewise
   report.json, report.md           nodes changed per pass, parameters, FLOPs, activation memory
+  invocation.json                  how `graphllm compile` was invoked: command line, graphllm's git commit, the
+                                   --config file, every flag's final value and source (graphllm/job_config.py)
   runs/<run name>/metrics.jsonl    what each `graphllm run` measured, one JSON object per step (--run-name, or
                                    the start time); runs/ and profile/ survive a recompile into the same --out
 """
@@ -86,6 +88,25 @@ def commit_out_dir(tmp: Path, out: Path) -> list[str]:
 
 def write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+INVOCATION_FILE = "invocation.json"
+
+
+def write_invocation(root: Path, record: dict[str, Any]) -> None:
+    """Add invocation.json to a committed artifact (written whole under a temporary name, then renamed)."""
+    tmp = root / f".{INVOCATION_FILE}.tmp-{os.getpid()}"
+    write_json(tmp, record)
+    os.replace(tmp, root / INVOCATION_FILE)
+
+
+def read_invocation(root: Path) -> dict[str, Any] | None:
+    """The artifact's invocation.json; None when absent or unreadable (an artifact compiled from Python)."""
+    try:
+        data = json.loads((root / INVOCATION_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def read_plan(root: Path) -> dict[str, Any]:

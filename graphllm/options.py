@@ -14,6 +14,7 @@ A field whose default is a dataclass is a *section* (`section(Layout, title=...)
 an argument group, and its JSON form a nested object. A config class may set `FLAG_PREFIX` (a ClassVar:
 `"npu"` makes `mode` the flag `--npu-mode`). Field types understood: bool, int, float, str,
 Literal[...], list[int] / list[str] / tuple[int, ...], and `X | None`.
+A job file (`--config`, graphllm/job_config.py) sets them too: `value_from_file` checks its values.
 """
 
 from __future__ import annotations
@@ -29,6 +30,10 @@ from graphllm.errors import GraphllmError
 
 OPTION = "graphllm_option"
 SECTION = "graphllm_section"
+FILE_VALUES = "config:values"
+"""Namespace attribute: {dest: value} from a --config file (graphllm/job_config.py); a flag given wins."""
+DECLARED = "graphllm_declared"
+"""Attribute `add_flags` sets on each argparse action: the option's Declared."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,13 +220,14 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, *, skip: Sequence[str]
             shown = ",".join(map(str, d.default)) if isinstance(d.default, (list, tuple)) else d.default
             help_text += f" (default: {shown})"
         if base is bool:
-            target.add_argument(d.flag, dest=_dest(d), action="store_true", default=None, help=help_text)
-            continue
-        choices = _choices(d)
-        metavar = d.option.metavar or ("{" + ",".join(map(str, choices)) + "}" if choices else
-                                       {int: "N", float: "X"}.get(base, d.name.upper()))
-        extra = {"action": "append"} if d.option.repeat else {"nargs": d.option.nargs} if d.option.nargs else {}
-        target.add_argument(d.flag, dest=_dest(d), default=None, metavar=metavar, help=help_text, **extra)
+            action = target.add_argument(d.flag, dest=_dest(d), action="store_true", default=None, help=help_text)
+        else:
+            choices = _choices(d)
+            metavar = d.option.metavar or ("{" + ",".join(map(str, choices)) + "}" if choices else
+                                           {int: "N", float: "X"}.get(base, d.name.upper()))
+            extra = {"action": "append"} if d.option.repeat else {"nargs": d.option.nargs} if d.option.nargs else {}
+            action = target.add_argument(d.flag, dest=_dest(d), default=None, metavar=metavar, help=help_text, **extra)
+        setattr(action, DECLARED, d)
 
 
 def _shown(default: Any) -> bool:
@@ -251,17 +257,41 @@ def _parse(d: Declared, text: str) -> Any:
 
 
 def flag_values(cls: type, args: argparse.Namespace) -> dict[tuple[str, ...], Any]:
-    """{path: value} of the flags the user gave (parsed and converted, not yet validated)."""
+    """{path: value} of the flags the user gave (parsed and converted, not yet validated), and for the others
+    the values of a --config file (FILE_VALUES)."""
     out: dict[tuple[str, ...], Any] = {}
+    from_file = getattr(args, FILE_VALUES, {})
     for d in declared(cls):
         raw = getattr(args, _dest(d), None)
         if raw is None:
+            if _dest(d) in from_file:
+                out[d.path] = from_file[_dest(d)]
             continue
         if isinstance(raw, list):  # a repeated or multi-word flag: each word parsed, the lists joined
             out[d.path] = [v for text in raw for v in _parse(d, text)]
         else:
             out[d.path] = raw if isinstance(raw, bool) else _parse(d, raw)
     return out
+
+
+def value_from_file(action: argparse.Action, value: Any, where: str) -> Any:
+    """A job file's `value` for `action`'s flag, as the flag expects it typed (a list for a list option, true or
+    false for a switch); else GraphllmError naming `where` (file and key), the value and the type. Choices and
+    ranges are checked later, as a flag's are."""
+    d: Declared | None = getattr(action, DECLARED, None)
+    base = _strip_none(d.type)[0] if d is not None else bool if action.nargs == 0 else action.type or str
+    if typing.get_origin(base) in (list, tuple):
+        item = typing.get_args(base)[0]
+        if isinstance(value, list) and all(_is(item, v) for v in value):
+            return value
+        expected = "a list of " + {int: "integers", float: "numbers", str: "strings"}.get(item, str(item))
+    else:
+        base = type(typing.get_args(base)[0]) if typing.get_origin(base) is Literal else base
+        kind = base if base in (bool, int, float) or d is not None else str  # other flags: text their type reads
+        if _is(kind, value):
+            return value if d is not None or kind is not str else base(value)
+        expected = _describe_type(kind)
+    raise GraphllmError(f"{where} = {value!r}: expected {expected} (as {action.option_strings[0]} takes)")
 
 
 def from_flags(cls: type, args: argparse.Namespace, **overrides: Any) -> Any:

@@ -106,11 +106,15 @@ class Trainer:
 
     def __init__(self, built, config: RunConfig, *, feed, artifact: Path | None = None, run_info: dict | None = None,
                  on_event: EventFn | None = None, resume_from: Path | None | str = "config.load",
-                 lock=None) -> None:
+                 lock=None, invocation: dict | None = None) -> None:
         """`resume_from`: a checkpoint or root to resume from, None to start at step 0 (default: `config.load`,
         as given; `from_artifact` decides it from the roots); `lock`: the --save root's RootLock this trainer
-        releases when `fit` ends."""
+        releases when `fit` ends; `invocation`: how the run was started, for the metrics header
+        (graphllm.job_config.invocation; default: this process's command line and graphllm's commit)."""
+        from graphllm.job_config import invocation as process_invocation
+
         self.built, self.config, self.feed = built, config, feed
+        self.invocation = invocation if invocation is not None else process_invocation(None)
         self.artifact = artifact
         self.run_info = dict(run_info or {})
         self.on_event = on_event
@@ -124,7 +128,7 @@ class Trainer:
 
     @classmethod
     def from_artifact(cls, artifact: str | Path, config: RunConfig | None = None, *,
-                      on_event: EventFn | None = None) -> "Trainer":
+                      on_event: EventFn | None = None, invocation: dict | None = None) -> "Trainer":
         """Settle the checkpoint roots (checked, locked, left-overs removed, auto-resume decided) and open
         the data (checked against the artifact's plan), then load and compile the artifact: nothing is
         compiled for a run that cannot save or read its data. Under a plan of several ranks, call it on
@@ -157,7 +161,7 @@ class Trainer:
                 lock.release()
             raise
         return cls(built, config, feed=feed, artifact=artifact, run_info=run_info, on_event=on_event,
-                   resume_from=roots.resume, lock=lock)
+                   resume_from=roots.resume, lock=lock, invocation=invocation)
 
     # -- the loop --------------------------------------------------------------------------------------
     def fit(self) -> TrainResult:
@@ -221,7 +225,7 @@ class Trainer:
             self._sinks.append(TensorBoardSink(self.config.tensorboard, self.built.engine.metric_names))
         self._sinks.insert(0, MetricsWriter(metrics if rank0 else None, {
             "plan": self.built.plan.to_json(), "train": config_dict(self.config.train), "data": self.config.data,
-            "run": self.run_info}))
+            "run": self.run_info, "invocation": self.invocation}))
         self._emit({"event": "start"}, persist=False)
 
     def _emit(self, record: dict[str, Any], *, persist: bool = True) -> None:

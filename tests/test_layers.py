@@ -25,8 +25,9 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("app", ("graphllm.trainer", "graphllm.disk_space", "graphllm.run_config", "graphllm.checkpoint_root", "graphllm.job", "graphllm.artifact", "graphllm.report",
              "graphllm.resume", "graphllm.profile", "graphllm.profile_layers", "graphllm.profile_kernels", "graphllm.step_log", "graphllm.inspect_graphs",
              "graphllm.graph_view", "graphllm.graph_layout", "graphllm.graph_render", "graphllm.graph_export",
-             "graphllm.inspect_pipeline", "graphllm.convert", "graphllm.lora_io", "graphllm.launch", "graphllm.slurm_env", "graphllm.eval",
-             "graphllm.generate", "graphllm.npu_preflight")),
+             "graphllm.inspect_pipeline", "graphllm.convert", "graphllm.lora_io", "graphllm.megatron_layout",
+             "graphllm.megatron_io", "graphllm.megatron_unpickle", "graphllm.megatron_convert", "graphllm.launch", "graphllm.slurm_env", "graphllm.eval",
+             "graphllm.generate", "graphllm.npu_preflight", "graphllm.launch_script", "graphllm.megatron_flags")),
     ("compile", ("graphllm.compile", "graphllm.pass_pipeline", "graphllm.plan", "graphllm.tasks", "graphllm.backends",
                  "graphllm.npu_backend", "graphllm.preflight", "graphllm.train_stage", "graphllm.recompute",
                  "graphllm.capture", "graphllm.dump")),
@@ -35,7 +36,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("planning", ("graphllm.planning",)),
     ("ops", ("graphllm.ops",)),
     ("models", ("graphllm.models",)),
-    ("base", ("graphllm.errors", "graphllm.options", "graphllm.version")),
+    ("base", ("graphllm.errors", "graphllm.options", "graphllm.version", "graphllm.job_config")),
 ]
 MAX_FILE_LINES = 400
 MAX_FUNCTION_LINES = 80

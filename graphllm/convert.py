@@ -119,22 +119,22 @@ def hf_to_graphllm(hf_dir: str | os.PathLike[str], out: str | os.PathLike[str], 
         for name in carried:
             shutil.copy2(hf / name, step / HF_SUBDIR / name)
         _umask_modes(step / HF_SUBDIR)
-        _place_step(tmp, step, root)
+        _place_step(tmp, step, root, force)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return ConvertResult(path=root / CONVERTED_STEP, tensors=len(sd), parameters=sum(t.numel() for t in sd.values()),
                          nbytes=_nbytes(sd), dtypes=_dtype_names(sd), files=carried, notes=notes)
 
 
-def _place_step(tmp: Path, step: Path, root: Path) -> None:
-    """The written `tmp/step_0` into `root`: beside a root's other steps (its step_0 replaced, as --force asked;
-    _check_ckpt_out allowed only a graphllm checkpoint), or `tmp` renamed onto a new root."""
-    if root.exists():
-        if (root / CONVERTED_STEP).exists():
-            os.rename(root / CONVERTED_STEP, tmp / ".replaced")
-        os.rename(step, root / CONVERTED_STEP)
-    else:
-        _rename_new(tmp, root)
+def _place_step(tmp: Path, step: Path, root: Path, force: bool) -> None:
+    """The written `tmp/step_0` into `root`: beside a root's other steps (its step_0 replaced only as --force asked;
+    _check_ckpt_out allowed only a graphllm checkpoint), or `tmp` renamed onto a new root. rename(2) refuses a
+    non-empty target, so a conversion that filled `root` meanwhile is never overwritten without --force."""
+    if not root.exists():
+        return _rename_new(tmp, root)
+    if force and (root / CONVERTED_STEP).exists():
+        os.rename(root / CONVERTED_STEP, tmp / ".replaced")
+    _rename_new(step, root / CONVERTED_STEP)
 
 
 def _rename_new(tmp: Path, dest: Path) -> None:
@@ -143,7 +143,7 @@ def _rename_new(tmp: Path, dest: Path) -> None:
         os.rename(tmp, dest)
     except OSError as e:
         raise GraphllmError(f"--out {dest} was filled by something else during the conversion ({e.strerror}); "
-                            "nothing was written: choose another --out") from None
+                            "nothing was written: choose another --out (or --force to replace it)") from None
 
 
 def graphllm_to_hf(ckpt: str | os.PathLike[str], out: str | os.PathLike[str], *, dtype: str | None = None,

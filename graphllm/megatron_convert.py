@@ -78,7 +78,7 @@ def megatron_to_graphllm(megatron: str | os.PathLike[str], out: str | os.PathLik
                                    meta=meta, st=None)
             files = _write_hf_files(step / HF_SUBDIR, target, hf_config)
         _umask_modes(step)
-        _place_step(tmp, step, root)
+        _place_step(tmp, step, root, force)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if not any(f in TOKENIZER_FILES for f in files):

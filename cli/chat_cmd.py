@@ -64,7 +64,7 @@ def _chat(args: argparse.Namespace) -> int:
     if args.max_new_tokens >= max_len:
         raise GraphllmError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in --max-len {max_len}")
     gen = StaticGenerator(net, batch_size=1, max_len=max_len, backend=args.backend,
-                          pad_id=eos[0] if eos else 0, tp=args.tp)
+                          pad_id=eos[0] if eos else 0, tp=args.tp, dtype=args.dtype)
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict] = []
     interactive = sys.stdin.isatty()  # rank 0's is what counts; the others print nothing

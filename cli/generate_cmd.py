@@ -24,6 +24,9 @@ def add_model_args(p: argparse.ArgumentParser, *, max_new_tokens: int) -> None:
     p.add_argument("--max-len", type=int, default=None,
                    help="KV cache length in tokens (prompt + new); default: just enough (generate), 2048 (chat)")
     p.add_argument("--backend", default="inductor", help="eager | inductor | npu (default inductor)")
+    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"),
+                   help="weights, activations and KV cache: bf16 stores the weights in bf16 (half the bytes read "
+                        "per token; norms and softmax in fp32 inside, as transformers' bf16 models)")
     p.add_argument("--greedy", action="store_true", help="always take the most likely token")
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
@@ -148,7 +151,7 @@ def _generate(args: argparse.Namespace) -> int:
     max_len = args.max_len or min(bucket(max(len(r) for r in rows), min_bucket=16, max_len=limit)
                                   + args.max_new_tokens, limit)
     gen = StaticGenerator(net, batch_size=len(rows), max_len=max_len, backend=args.backend,
-                          pad_id=eos[0] if eos else 0, tp=args.tp)
+                          pad_id=eos[0] if eos else 0, tp=args.tp, dtype=args.dtype)
     stats = GenerationStats()
     single = len(rows) == 1
 

@@ -16,6 +16,7 @@ tensor_parallel pass and each rank's cache holds only its kv heads (graphllm/gen
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Iterator, Sequence
@@ -77,12 +78,52 @@ def _drop_export_input_check(fn: nn.Module) -> None:
             del hooks[key]
 
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def cast_weights(model: nn.Module, dtype: str) -> None:
+    """Cast `model`'s parameters in place to `dtype` ("fp32" | "bf16"), as `model.to(...)` does: tied
+    weights stay tied and the decoder's `_apply` keeps RoPE's inv_freq buffers in float32 (as transformers
+    does), so the RoPE angles are those of the float32 model and only the cos/sin tables are rounded."""
+    if dtype not in DTYPES:
+        raise GraphllmError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    model.to(DTYPES[dtype])
+
+
+def weights_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """The device and dtype every floating-point parameter of `model` shares: the compute and cache dtype."""
+    params = [p for p in model.parameters() if p.is_floating_point()]
+    dtypes = {p.dtype for p in params}
+    names = {v: k for k, v in DTYPES.items()}
+    if len(dtypes) != 1 or next(iter(dtypes)) not in names:
+        got = ", ".join(sorted(str(d).removeprefix("torch.") for d in dtypes))
+        raise GraphllmError(f"generation needs all parameters in one of {', '.join(DTYPES)}, the model has {got}: "
+                            "pass dtype='fp32' or 'bf16' (`--dtype`) to cast them")
+    return params[0].device, params[0].dtype
+
+
+def _eager_rounding(dtype: torch.dtype):
+    """Inductor rounds a fused kernel's bf16 intermediates as op-by-op PyTorch does (each op's result to
+    bf16), so bf16 graphs compute what transformers' bf16 model computes; without it inductor keeps them
+    in float32 and greedy ids drift from transformers' after a few tokens. A no-op for float32 graphs."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    from torch._inductor import config as inductor_config
+
+    return inductor_config.patch(emulate_precision_casts=True)
+
+
 class StaticGenerator:
-    """Generation for `model` (a LlamaForCausalLM) with a fixed batch size and cache length."""
+    """Generation for `model` (a LlamaForCausalLM) with a fixed batch size and cache length.
+
+    The graphs compute in the dtype of the model's parameters, and the KV cache is stored in it; `dtype`
+    ("fp32" | "bf16") first casts the parameters in place (`cast_weights`). bf16 is stored bf16 weights,
+    not autocast: half the bytes per token, and the norms and softmax upcast to float32 inside, as
+    transformers' bf16 models do."""
 
     def __init__(self, model: nn.Module, *, batch_size: int = 1, max_len: int = 512, backend: str = "inductor",
                  amp: str = "fp32", min_bucket: int = 16, passes: Sequence | None = None,
-                 pad_id: int = 0, tp: int = 1) -> None:
+                 pad_id: int = 0, tp: int = 1, dtype: str | None = None, gemv: bool | None = None) -> None:
         from graphllm.backends import get_backend
         from graphllm.models.kv_cache import DecodeStep, PrefillStep
 
@@ -101,8 +142,11 @@ class StaticGenerator:
         get_backend(backend)  # unknown names fail before anything is built
         if amp != "fp32":
             # bf16 autocast around the decode graph fails in Dynamo ("Attempt to trace generator") on
-            # torch 2.13; refuse it rather than compile something half-working.
-            raise GraphllmError(f"generation runs in fp32 only for now, got --amp {amp}; drop --amp")
+            # torch 2.13, and would re-cast every fp32 weight each token: bf16 is stored weights instead
+            raise GraphllmError(f"generation does not autocast, got amp={amp!r}: store the weights in bf16 "
+                                "instead (StaticGenerator(dtype='bf16'), `--dtype bf16`)")
+        if dtype is not None:
+            cast_weights(model, dtype)
         self.model = model.eval()
         self.config = cfg
         self.batch_size = batch_size
@@ -110,10 +154,12 @@ class StaticGenerator:
         self.backend = backend
         self.amp = amp
         self.passes = passes  # the fusions (None: default_passes()); the pipeline adds generation's own steps
+        # decode's linears as streaming reductions (graphllm/generate/gemv.py): inductor only (op by op the
+        # product would be materialised), and before tensor_parallel would look for the linears it shards
+        self.gemv = backend == "inductor" and tp == 1 if gemv is None else gemv
         self.min_bucket = min(min_bucket, max_len)
         self.pad_id = pad_id
-        param = next(model.parameters())
-        self.device, self.dtype = param.device, param.dtype
+        self.device, self.dtype = weights_dtype(model)
         self.tp, self.rank, self._groups = tp, 0, None
         kv_heads = cfg.num_key_value_heads
         if tp > 1:  # join the group; the pipeline shards the graphs, the cache holds this rank's kv heads only
@@ -137,6 +183,12 @@ class StaticGenerator:
     # -- graphs ------------------------------------------------------------------------------------
     def _compile(self, step: nn.Module, inputs: tuple[torch.Tensor, ...], what: str) -> _Graph:
         from graphllm.compile import compile as compile_model
+        from graphllm.generate.gemv import decode_gemv
+        from graphllm.passes.pipeline import default_passes
+
+        passes = self.passes
+        if what == "decode" and self.gemv:
+            passes = [*(default_passes() if passes is None else passes), decode_gemv]
 
         logger.info("generate: compiling the %s graph %s (%s)", what, [list(t.shape) for t in inputs], self.backend)
         t0 = time.perf_counter()
@@ -144,10 +196,11 @@ class StaticGenerator:
             if self.tp > 1:
                 fn = self._compile_tp(type(step), inputs)
             else:
-                fn = compile_model(step, inputs, backend=self.backend, amp=self.amp, passes=self.passes,
-                                      purpose="generate")
+                fn = compile_model(step, inputs, backend=self.backend, amp=self.amp, passes=passes,
+                                   purpose="generate")
             _drop_export_input_check(fn)
-            fn(*inputs)  # warm-up: Dynamo + the backend compile here, outside the timed calls
+            with _eager_rounding(self.dtype):
+                fn(*inputs)  # warm-up: Dynamo + the backend compile here, outside the timed calls
         return _Graph(fn=fn, compile_s=time.perf_counter() - t0)
 
     def _compile_tp(self, step_type: type, inputs: tuple[torch.Tensor, ...]):
@@ -284,7 +337,7 @@ class StaticGenerator:
                 step_pos = pos.clamp(max=M - 1)  # finished rows keep running; their slot is irrelevant
                 logits, k, v = decode.fn(token[:, None], step_pos, self.k_cache, self.v_cache)
                 index = step_pos.view(1, B, 1, 1, 1).expand(L, B, Hkv, 1, D)
-                self.k_cache.scatter_(3, index, k.to(self.k_cache.dtype))  # bf16 under --amp bf16
+                self.k_cache.scatter_(3, index, k.to(self.k_cache.dtype))  # no-op: graphs compute in the cache dtype
                 self.v_cache.scatter_(3, index, v.to(self.v_cache.dtype))
                 token = torch.where(done, self.pad_id, self._sample(sampler, logits))
                 stats.decode_s += time.perf_counter() - t0

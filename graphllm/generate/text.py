@@ -86,8 +86,9 @@ def generate_text(gen: StaticGenerator, tokenizer: TextTokenizer, prompts: Seque
 def generate_until(scorer, prompts: Sequence[str], *, stop: Sequence[str], max_new_tokens: int) -> list[str]:
     """graphllm.eval's generation hook: greedy completions on static graphs, one generator (and so one
     decode graph) per scorer. Prompts keep their last tokens when they would not fit the cache. A
-    scorer with bf16 autocast uses its own fallback (`greedy_generate`), as generation here is fp32 only."""
-    if getattr(scorer, "amp", "fp32") != "fp32":  # static generation is fp32 only (engine.py)
+    scorer with bf16 autocast uses its own fallback (`greedy_generate`): static generation does not autocast
+    (bf16 there is weights stored in bf16, which would change the scorer's fp32 model under its other tasks)."""
+    if getattr(scorer, "amp", "fp32") != "fp32":  # static generation does not autocast (engine.py)
         return scorer.greedy_generate(prompts, stop, max_new_tokens)
     gen = getattr(scorer, "_static_generator", None)
     if gen is None:

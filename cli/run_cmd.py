@@ -123,6 +123,12 @@ def run(args: argparse.Namespace) -> int:
         raise GraphllmError(f"--nproc {args.nproc} does not match the artifact's layout, which needs {world} ranks; "
                             f"use --nproc {world} or recompile with another layout")
     config = with_model_defaults(from_flags(RunConfig, args), data["model"])  # as the trainer will: the lr recorded
+    if config.no_compile_cache:  # graphllm.job.load_artifact reads it (and so do the ranks this run starts)
+        import os
+
+        from graphllm.compile_cache import DISABLE_ENV
+
+        os.environ[DISABLE_ENV] = "1"
     console = Console(stderr=True, quiet=not is_rank_zero(), soft_wrap=True)  # lines stay whole in log files
     if world > 1 and not in_launched_world():
         return _launch(args, config, data, world, console)

@@ -7,6 +7,8 @@ Layout:
   graphs/rank0/train/forward.py    forward graph after partitioning and the train passes (and .tsv)
   graphs/rank0/train/backward.py   backward graph likewise
   report.json, report.md           nodes changed per pass, parameters, FLOPs, activation memory
+  compile_cache/rank0.bin          inductor's compiled graphs and kernels for rank 0, keyed by graph hash, torch
+                                   version and CPU ISA, so `graphllm run` skips code generation (compile_cache.py)
   invocation.json                  how `graphllm compile` was invoked: command line, graphllm's git commit, the
                                    --config file, every flag's final value and source (graphllm/job_config.py)
   runs/<run name>/metrics.jsonl    what each `graphllm run` measured, one JSON object per step (--run-name, or

@@ -112,16 +112,20 @@ def eager_graph_compiler(stage: TrainStage) -> GraphCompiler:
 def _inductor(stage: TrainStage) -> DynamoBackend:
     from torch._inductor.compile_fx import compile_fx, compile_fx_inner
 
+    from graphllm.compile_cache import library_paths
     from graphllm.recompute import inductor_config_patches
 
     def inner(gm: fx.GraphModule, example_inputs: list, **kwargs: Any):
         kind = "backward" if kwargs.get("is_backward") else "inference" if kwargs.get("is_inference") else "forward"
-        return compile_fx_inner(stage.run(gm, kind), example_inputs, **kwargs)
+        compiled = compile_fx_inner(stage.run(gm, kind), example_inputs, **kwargs)
+        stage.libraries.extend(library_paths(compiled))  # what `graphllm compile` stores in the artifact
+        return compiled
 
     def backend(gm: fx.GraphModule, example_inputs: list):
         # AOTAutograd's cache would serve compiled graphs without calling `inner`, skipping graphllm's
         # train passes and dumps (and its key does not cover them). Inductor's own FX graph cache stays
-        # on: it keys on the graph after graphllm's passes.
+        # on: it keys on the graph after graphllm's passes (and an artifact carries its entries:
+        # graphllm/compile_cache.py).
         # Recompute policies reach inductor's own min-cut partitioner through config: the tags as a
         # joint-graph pass (it runs before partitioning), the budget as activation_memory_budget.
         functorch_patches, inductor_patches = inductor_config_patches(stage.plan.recompute)

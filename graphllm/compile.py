@@ -5,7 +5,8 @@ from __future__ import annotations
 import hashlib
 import itertools
 import logging
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -49,6 +50,8 @@ class CompileResult:
     backend: str
     example_shapes: list[tuple[int, ...]]
     model_graph_hash: str = ""
+    timings: dict[str, float] = field(default_factory=dict)
+    """Seconds spent capturing ("capture") and in the model and lowering steps ("passes")."""
 
 
 class CompiledModel(nn.Module):
@@ -68,6 +71,11 @@ class CompiledModel(nn.Module):
             got = " ".join(str(list(s)) for s in shapes)
             raise GraphllmError(f"inputs have shapes {got} but this graph was compiled for {want}; "
                                 "graphllm graphs are static: recompile for the new shape")
+        # the graph is specialised to contiguous inputs (what compiling and warm-up pass): a data feed's labels
+        # are a view of [batch, seq + 1] tokens (stride seq + 1), which would make Dynamo compile everything again
+        # at the first training step. A copy of a few integer rows costs nothing next to that; values are equal.
+        inputs = tuple(t if t.stride() == _dense_strides(t.shape) else torch.empty(t.shape, dtype=t.dtype,
+                       device=t.device).copy_(t) for t in inputs)  # (is_contiguous() ignores size-1 dims' strides)
         dtype = AMP_DTYPES[self.amp]
         if dtype is None:
             return self._fn(*inputs)
@@ -78,6 +86,15 @@ class CompiledModel(nn.Module):
     def compile_counts(self) -> dict[str, int]:
         """How many times each aot graph kind was compiled (a static graph compiles once)."""
         return dict(self.result.train_stage.compiles)
+
+
+def _dense_strides(shape: Sequence[int]) -> tuple[int, ...]:
+    """Row-major strides of `shape` (what torch.empty gives)."""
+    strides, step = [], 1
+    for n in reversed(shape):
+        strides.append(step)
+        step *= max(n, 1)
+    return tuple(reversed(strides))
 
 
 def compile(
@@ -145,6 +162,7 @@ def compile_pipeline(model: nn.Module, inputs: tuple[torch.Tensor, ...], pipelin
         model_graph=prepared.model_graph, lowered_graph=prepared.gm, records=prepared.records, dumps=prepared.dumps,
         pipeline=pipeline, train_stage=stage, backend=pipeline.plan.backend,
         example_shapes=[tuple(t.shape) for t in inputs], model_graph_hash=prepared.model_hash,
+        timings=prepared.timings,
     )
     return CompiledModel(model, fn, result, pipeline.plan.amp)
 
@@ -162,6 +180,7 @@ class PreparedGraph:
     ctx: PassContext
     dump_root: Path | None
     backend: Backend
+    timings: dict[str, float] = field(default_factory=dict)
 
     def train_stage(self, name: str) -> TrainStage:
         """A TrainStage for one compiled graph; `name` ("" for the whole model, "stage1" ...) prefixes its dumps."""
@@ -188,7 +207,9 @@ def prepare_graph(model: nn.Module, inputs: tuple[torch.Tensor, ...], pipeline: 
         if model_dumps is not None:
             dumps.append(write_graph(gm, model_dumps / f"{next(counter):02d}_{name}", title=f"model graph after {name}"))
 
+    t0 = time.perf_counter()
     gm = capture(model, inputs)
+    t1 = time.perf_counter()
     dump(gm, "capture")
     ctx = PassContext(layout=plan.layout, rank=rank, config=getattr(model, "config", None),
                       groups=groups if groups is not None else NO_GROUPS, recompute=plan.recompute,
@@ -204,8 +225,9 @@ def prepare_graph(model: nn.Module, inputs: tuple[torch.Tensor, ...], pipeline: 
     if be.prepare is not None:
         be.prepare()
     gm, lower_records = run_passes(gm, pipeline.lowering, ctx, dump=dump)
+    timings = {"capture": t1 - t0, "passes": time.perf_counter() - t1}
     return PreparedGraph(gm=gm, model_graph=model_graph, model_hash=model_hash, records=records + lower_records,
-                         dumps=dumps, pipeline=pipeline, ctx=ctx, dump_root=dump_root, backend=be)
+                         dumps=dumps, pipeline=pipeline, ctx=ctx, dump_root=dump_root, backend=be, timings=timings)
 
 
 def compile_graph(gm: fx.GraphModule, be: Backend, stage: TrainStage):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +13,7 @@ import torch
 
 from graphllm.artifact import (FORMAT_VERSION, commit_out_dir, graphs_dir, prepare_out_dir, read_plan, versions,
                                write_json)
+from graphllm import compile_cache
 from graphllm.backends import get_backend
 from graphllm.compile import AMP_DTYPES, CompiledModel, CompileResult, compile_graph, compile_pipeline, prepare_graph
 from graphllm.dump import write_split
@@ -28,6 +30,7 @@ from graphllm.tasks import batch_example, build_task, graph_inputs, local_seq_le
 from graphllm.tasks.reference import reference_target
 from graphllm.train_stage import StageSet
 
+logger = logging.getLogger("graphllm")
 
 @dataclass(kw_only=True)
 class Built:
@@ -42,6 +45,9 @@ class Built:
     """DPO's compiled reference graph (graphllm.tasks.reference): the engine runs it under `--reference graph`;
     under `--reference precompute` the trainer runs it once over the data, then drops it."""
     compile_seconds: float = 0.0
+    timings: dict[str, float] = dataclasses.field(default_factory=dict)
+    """Where build/load time went, in seconds: model, capture, passes, compile_cache, compile (Dynamo,
+    aot_autograd, the backend and the first forward/backward)."""
 
     @property
     def pipeline(self) -> Pipeline:
@@ -66,7 +72,9 @@ def build(plan: CompilePlan, *, user: Sequence[GraphPass] = (), purpose: Purpose
     layout = plan.layout
     st = join_world(plan)
     rank = st.rank if st is not None else 0
+    t_model = time.perf_counter()
     model = load_model(plan.model, seed=plan.seed, attn_implementation=plan.attn_implementation).to(plan.device)
+    t_model = time.perf_counter() - t_model
     cfg = model.config
     if plan.seq_len > cfg.max_position_embeddings:
         raise GraphllmError(f"--seq-len {plan.seq_len} exceeds the model's max_position_embeddings "
@@ -89,7 +97,7 @@ def build(plan: CompilePlan, *, user: Sequence[GraphPass] = (), purpose: Purpose
         engine = Engine(layout=layout, st=st, named_params=runner.named_parameters(), pipeline=runner,
                         micro_batch_size=plan.batch_size, seq_len=plan.seq_len)
     built = Built(plan=plan, model=task.trained, result=result, engine=engine, rank=rank, compiled=compiled,
-                  reference=reference)
+                  reference=reference, timings={"model": t_model, **result.timings})
     if warm:
         warm_up(built)
     built.compile_seconds = time.perf_counter() - t0
@@ -142,18 +150,21 @@ def _build_stages(pipeline: Pipeline, model: torch.nn.Module, inputs, st, dump_d
                             seq_len=local_seq_len(plan), device=plan.device)  # the tokens this cp rank holds
     result = CompileResult(model_graph=prepared.model_graph, lowered_graph=prepared.gm, records=prepared.records,
                            dumps=prepared.dumps, pipeline=pipeline, train_stage=stages, backend=plan.backend,
-                           example_shapes=[tuple(t.shape) for t in inputs], model_graph_hash=prepared.model_hash)
+                           example_shapes=[tuple(t.shape) for t in inputs], model_graph_hash=prepared.model_hash,
+                           timings=prepared.timings)
     return result, runner
 
 
 def warm_up(built: Built) -> None:
     """Compile forward and backward now (Dynamo compiles lazily) with one step on zeros; no trace left."""
+    t0 = time.perf_counter()
     built.engine.forward_backward(*example_batch(built.plan, built.plan.global_batch_size))
     for p in built.engine.params:
         p.grad = None
     if built.reference is not None and built.engine.reference is None:  # --reference precompute: its graph too
         with torch.no_grad():
             built.reference(*graph_inputs(built.plan)[:2])
+    built.timings["compile"] = time.perf_counter() - t0
 
 
 def join_world(plan: CompilePlan):
@@ -184,7 +195,10 @@ def compile_artifact(plan: CompilePlan, out: str | Path, *, user: Sequence[Graph
     rank = st.rank if st is not None else 0
     tmp = groups.broadcast_object(prepare_out_dir(out) if rank == 0 else None)
     try:
-        built = build(built_plan, user=user, dump_dir=graphs_dir(tmp, rank))
+        with compile_cache.recording():  # what inductor compiles (or finds cached) for this rank's graphs
+            built = build(built_plan, user=user, dump_dir=graphs_dir(tmp, rank))
+            if built_plan.backend == "inductor":
+                _store_compile_cache(built, tmp)
         res = built.result
         report = build_report(built, plan.batch_size * plan.seq_len)
         report["compile_seconds"] = round(built.compile_seconds, 2)
@@ -234,10 +248,40 @@ def _write_artifact(tmp: Path, built: Built, report: dict, everyone: list[dict],
     (tmp / "report.md").write_text(report_markdown(report, plan.to_json(), ranks))
 
 
-def load_artifact(root: str | Path, *, purpose: Purpose = "train") -> tuple[dict[str, Any], Built]:
+def _store_compile_cache(built: Built, tmp: Path) -> None:
+    """This rank's compiled kernels into the artifact (graphllm/compile_cache.py), keyed by its graph hash."""
+    libraries = list(built.result.train_stage.libraries)
+    if built.reference is not None:
+        libraries += built.reference.result.train_stage.libraries
+    path = compile_cache.rank_file(tmp, built.rank)
+    stored = compile_cache.store(path, compile_cache.cache_key(built.result.model_graph_hash), libraries)
+    if stored is not None:
+        logger.info("rank%d: stored %d compiled graphs and %d libraries (%.1f MB) in %s", built.rank,
+                    stored["graphs"], stored["libraries"], stored["bytes"] / 1e6, path.relative_to(tmp))
+
+
+def _load_compile_cache(root: Path, built: Built, enabled: bool | None) -> str:
+    """Load this rank's stored kernels into the local inductor cache before anything compiles; one warning
+    line when the artifact's cache cannot be used. Returns what happened: loaded, off, fallback or none."""
+    if built.plan.backend != "inductor":
+        return "none"
+    if (compile_cache.disabled() if enabled is None else not enabled):
+        return "off"
+    t0 = time.perf_counter()
+    why = compile_cache.load(compile_cache.rank_file(root, built.rank),
+                             compile_cache.cache_key(built.result.model_graph_hash), what=f"rank{built.rank}")
+    built.timings["compile_cache"] = time.perf_counter() - t0
+    if why is not None:
+        logger.warning("%s", why)
+    return "fallback" if why is not None else "loaded"
+
+
+def load_artifact(root: str | Path, *, purpose: Purpose = "train",
+                  use_compile_cache: bool | None = None) -> tuple[dict[str, Any], Built]:
     """Rebuild this rank's compiled graphs from an artifact, refusing it when stale or foreign.
     `purpose="profile_layers"` compiles the same model graph with profiler ranges on the eager backend
-    (inductor drops the ranges), for `graphllm profile --by-layer`."""
+    (inductor drops the ranges), for `graphllm profile --by-layer`. `use_compile_cache`: use the kernels the
+    artifact holds (graphllm/compile_cache.py); None: unless $GRAPHLLM_NO_COMPILE_CACHE is set."""
     root = Path(root)
     data = read_plan(root)
     plan = CompilePlan.from_json(data["plan"], str(root / "plan.json"))
@@ -254,6 +298,9 @@ def load_artifact(root: str | Path, *, purpose: Purpose = "train") -> tuple[dict
     if want != got:
         raise GraphllmError(f"artifact {root} is stale: {key}'s graph rebuilt from its plan ({got}) differs from the "
                             f"compiled one ({want}), so model code or passes changed; recompile it")
+    cache = _load_compile_cache(root, built, use_compile_cache)
     warm_up(built)  # compile now, so training's first step is a real step
     built.compile_seconds = time.perf_counter() - t0
+    logger.info("rank%d: compiled in %.1f s (compile cache: %s): %s", built.rank, built.compile_seconds, cache,
+                ", ".join(f"{k} {v:.2f} s" for k, v in built.timings.items()))
     return data, built

@@ -63,6 +63,9 @@ class RunConfig:
     deterministic: bool = option(False, help="torch.use_deterministic_algorithms and a fixed thread count: two runs "
                                              "are bitwise equal")
     threads: int | None = option(None, minimum=1, help="torch intra-op threads (default: torch's choice)")
+    no_compile_cache: bool = option(False, help="compile the graphs again instead of loading the kernels the "
+                                                "artifact holds (compile_cache/; same as "
+                                                "GRAPHLLM_NO_COMPILE_CACHE=1)")
 
     def __post_init__(self) -> None:
         check_fields(self)

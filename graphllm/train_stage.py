@@ -37,6 +37,9 @@ class TrainStage:
     graphs: dict[str, fx.GraphModule] = field(default_factory=dict)
     compiles: dict[str, int] = field(default_factory=dict)
     dumps: list[dict[str, Any]] = field(default_factory=list)
+    libraries: list[str] = field(default_factory=list)
+    """Shared libraries the backend's compiled graphs load (inductor's C++ kernels): `graphllm compile` stores
+    them in the artifact (graphllm/compile_cache.py)."""
     input_names: list[str] = field(default_factory=list)
     """What each input of the compiled graph is (parameter path or argument name), in order; aot_autograd
     names them primals_1, primals_2, ... in the same order."""
@@ -120,6 +123,10 @@ class StageSet:
     @property
     def compiles(self) -> dict[str, int]:
         return {f"{name}/{k}": n for name, s in self.stages.items() for k, n in s.compiles.items()}
+
+    @property
+    def libraries(self) -> list[str]:
+        return [lib for s in self.stages.values() for lib in s.libraries]
 
 
 def _source_name(node: fx.Node) -> str:

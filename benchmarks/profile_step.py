@@ -30,7 +30,10 @@ GROUPS = [  # first match wins
     ("attention", re.compile(r"scaled_dot_product|flash_attention|_efficient_attention|graphllm::attention")),
     ("loss", re.compile(r"log_softmax|nll_loss|cross_entropy|logsumexp")),
     ("optimizer", re.compile(r"_fused_adam|Optimizer\.step|_foreach_")),
-    ("inductor fused", re.compile(r"^cpp_fused|^kernel_cpp|^cpp_")),
+    # an inductor kernel that only converts dtypes and moves data: autocast's weight casts, fp32 gradient casts
+    ("inductor dtype casts",
+     re.compile(r"cpp_fused(_(_to_copy|_unsafe_view|view|t|transpose|permute|clone|expand))+_\d+$")),
+    ("inductor fused", re.compile(r"^(graph_\d+_)?cpp_fused|^kernel_cpp|^cpp_")),
     ("copy / layout", re.compile(r"^aten::(copy_|clone|contiguous|_to_copy|to|empty_strided|empty|as_strided|"
                                  r"t|transpose|view|reshape|_unsafe_view|expand|permute|cat|zero_|fill_|zeros)$")),
 ]
@@ -57,6 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=5, help="profiled steps per contender (after 3 warm-up)")
     p.add_argument("--top", type=int, default=15, help="rows of the per-op table per contender")
     p.add_argument("--contenders", nargs="+", choices=ts.CONTENDERS, default=list(ts.CONTENDERS))
+    p.add_argument("--graphllm-disable", nargs="*", default=[], metavar="PASS", help="graphllm passes to leave out")
     p.add_argument("--trace-dir", type=Path, default=None, help="write a chrome trace per contender here")
     args = p.parse_args(argv)
     import torch._inductor.config as ic
@@ -70,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     mm_shapes: dict[str, dict[str, tuple[int, float]]] = {}
     totals: dict[str, float] = {}
     for name in args.contenders:
-        c = ts.build(name, source, batches[0], args.amp)
+        c = ts.build(name, source, batches[0], args.amp, tuple(args.graphllm_disable))
         for _ in range(4):  # first (compiling) step + 3 warm-up
             c.step(batches, "warmup")
         prof = profile_contender(c, batches, args.steps)

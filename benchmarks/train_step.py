@@ -20,6 +20,7 @@ import argparse
 import copy
 import gc
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -60,6 +61,19 @@ AMP_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16}
 N_BATCHES = 4  # distinct batches cycled through; the same sequence for every contender
 
 
+def host_kind() -> str:
+    """The CPU model and its bf16 matmul support (from /proc/cpuinfo): AMX tiles make bf16 GEMMs several times
+    faster than fp32, avx512_bf16 alone about twice, neither: bf16 is converted to fp32 inside the GEMM."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown CPU"
+    model = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "?")
+    flags = set(next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), []))
+    bf16 = [f for f in ("amx_bf16", "avx512_bf16") if f in flags] or ["no bf16 instructions"]
+    return f"{model} ({', '.join(bf16)}; {os.cpu_count()} CPUs)"
+
+
 # ---------------------------------------------------------------- contenders
 
 
@@ -76,6 +90,8 @@ class Contender:
     compiled: object | None = None
     steps: list[dict] = field(default_factory=list)
     next_batch: int = 0
+    sync: Callable[[], object] = lambda: None
+    """Waits for queued device work before each lap (torch.cuda.synchronize on a GPU; nothing on the CPU)."""
 
     def step(self, batches: list[tuple[torch.Tensor, torch.Tensor]], tag: str) -> dict:
         x, y = batches[self.next_batch % len(batches)]
@@ -83,10 +99,13 @@ class Contender:
         sw = Stopwatch()
         self.opt.zero_grad(set_to_none=True)
         loss = self.loss_fn(x, y)
+        self.sync()
         sw.lap("fwd")  # zero_grad + forward + loss
         loss.backward()
+        self.sync()
         sw.lap("bwd")
         self.opt.step()
+        self.sync()
         sw.lap("opt")
         rec = {"tag": tag, "total": sw.total, **sw.laps, "loss": loss.item()}
         self.steps.append(rec)
@@ -131,19 +150,24 @@ def hf_loss_fn(forward: Callable, amp: str) -> Callable[[torch.Tensor, torch.Ten
     dtype = AMP_DTYPE[amp]
 
     def loss_fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        with torch.autocast("cpu", dtype=dtype, enabled=amp != "fp32"):
+        with torch.autocast(x.device.type, dtype=dtype, enabled=amp != "fp32"):
             logits = forward(input_ids=x, use_cache=False).logits  # [B, S, V]
             return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
     return loss_fn
 
 
-def build(name: str, source: nn.Module, example: tuple[torch.Tensor, torch.Tensor], amp: str) -> Contender:
+def build(name: str, source: nn.Module, example: tuple[torch.Tensor, torch.Tensor], amp: str,
+          disable: tuple[str, ...] = ()) -> Contender:
+    """Contender `name` with its own copy of `source`'s weights, on the device of `example`; `disable`:
+    graphllm passes to leave out (an A/B of one pass)."""
     tc = TrainConfig()
+    device = example[0].device
     if name == "graphllm":
-        model = copy.deepcopy(source)
-        compiled, dt = timed(lambda: graphllm.compile(model, example[0], example[1], backend="inductor", amp=amp))
+        model = copy.deepcopy(source).to(device)
+        compiled, dt = timed(lambda: graphllm.compile(model, example[0], example[1], backend="inductor", amp=amp,
+                                                          disable=disable))
         return Contender(name, model, compiled, make_optimizer(model, tc), dt, compiled=compiled)
-    hf = hf_model_like(source)
+    hf = hf_model_like(source).to(device)
     if name == "hf-eager":
         return Contender(name, hf, hf_loss_fn(hf, amp), hf_adamw(hf, tc), 0.0)
     if name == "hf-compile":
@@ -168,7 +192,11 @@ def bench_config(model_name: str, amp: str, args: argparse.Namespace, console: C
     source = load_model(model_name, seed=args.seed)
     cfg = source.config
     batches = make_batches(cfg.vocab_size, batch, seq, args.seed)
+    names = CONTENDERS + (("graphllm-ab",) if args.graphllm_disable else ())
+    LABELS["graphllm-ab"] = f"graphllm without {', '.join(args.graphllm_disable)}"
     contenders = {n: build(n, source, batches[0], amp) for n in CONTENDERS}
+    if args.graphllm_disable:  # the A/B of a pass: graphllm without it, interleaved with the rest
+        contenders["graphllm-ab"] = build("graphllm", source, batches[0], amp, tuple(args.graphllm_disable))
     flops_step = 3 * forward_flops(contenders["graphllm"].compiled.result.model_graph)
     tokens = batch * seq
 
@@ -184,13 +212,13 @@ def bench_config(model_name: str, amp: str, args: argparse.Namespace, console: C
                   f"{source.num_params() / 1e6:.1f}M params, {flops_step / 1e9:.1f} GFLOP/step (graphllm graph ×3), "
                   f"{torch.get_num_threads()} threads; compiling (first steps)…")
     # first step (compiles) and warm-up, interleaved like the rounds
-    for name in CONTENDERS:
+    for name in names:
         contenders[name].step(batches, "first")
     for _ in range(args.warmup):
-        for name in CONTENDERS:
+        for name in names:
             contenders[name].step(batches, "warmup")
     # steady rounds, with the matmul probe as one more participant
-    for r, order in enumerate(interleave(list(CONTENDERS) + ["matmul"], args.rounds)):
+    for r, order in enumerate(interleave(list(names) + ["matmul"], args.rounds)):
         for name in order:
             if name == "matmul":
                 for p in probes:
@@ -200,10 +228,11 @@ def bench_config(model_name: str, amp: str, args: argparse.Namespace, console: C
                 contenders[name].step(batches, f"round{r}")
         console.print(f"  round {r + 1}/{args.rounds}: " + ", ".join(
             f"{n} {median([s['total'] for s in contenders[n].steps if s['tag'] == f'round{r}']):.3f}s"
-            for n in CONTENDERS))
+            for n in names))
 
     result = summarize(model_name, amp, batch, seq, source, flops_step, contenders, probes, args)
     result["steps_per_round"] = steps_per_round
+    result["host"], result["load_avg_after"] = host_kind(), os.getloadavg()
     del contenders, source
     gc.collect()
     torch._dynamo.reset()
@@ -309,7 +338,8 @@ def print_config(res: dict, console: Console) -> None:
                   f"(graphllm model graph forward matmul FLOPs ×3, same count for all) · {res['threads']} threads · "
                   f"{res['rounds']} rounds × {res['steps_per_round']} steps after {res['warmup']} warm-up · "
                   f"inductor cache {res['inductor_cache']} ({'had entries' if res['inductor_cache_warm_at_start'] else 'empty'}"
-                  " when this process started)")
+                  f" when this process started) · host {res['host']}, load average after the rounds "
+                  + " / ".join(f"{x:.2f}" for x in res["load_avg_after"]) + " (1/5/15 min)")
     t = Table(title="matmul peak, measured inside the rounds (median)")
     t.add_column("probe (m×k×n, x @ wᵀ)")
     t.add_column("median", justify="right")
@@ -391,6 +421,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-rss", action="store_true", help="skip the per-contender peak-RSS subprocesses")
     p.add_argument("--rss-steps", type=int, default=3, help="steps each RSS subprocess runs before reading its peak")
     p.add_argument("--json", type=Path, default=None, help="write all results (incl. every step time) here")
+    p.add_argument("--graphllm-disable", nargs="*", default=[], metavar="PASS",
+                   help="also run graphllm without these passes as a fourth contender, interleaved (an A/B of "
+                        "a pass, e.g. fuse_rope under --amp bf16)")
     p.add_argument("--rss-child", choices=CONTENDERS, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     for flag in ("rounds", "steps_per_round", "probe_reps", "rss_steps"):
@@ -408,6 +441,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     console = Console(width=None if sys.stdout.isatty() else 150)  # rich defaults to 80 columns in a pipe
     amps = ["fp32", "bf16"] if args.amp == "both" else [args.amp]
+    console.print(f"$ python {' '.join(sys.argv)}\nhost: {host_kind()}; load average {os.getloadavg()[0]:.2f} at start")
     results = []
     for amp in amps:
         for model_name in args.models:

@@ -3,8 +3,9 @@
 `build_pipeline(plan)` is the one place that decides which steps run for a plan, at which stage, in
 which order — for training, generation, evaluation and profiling. Stages, in the order they run:
 
-    model      passes on the captured graph before autograd: the fusions (`default_passes()`), user
-               passes, parallel sharding (tensor_parallel, sequence_parallel) and overlap (coc, mc2)
+    model      passes on the captured graph before autograd: the fusions (`default_passes()`, the last of
+               which joins the LM head and its loss), user passes, parallel sharding (tensor_parallel,
+               sequence_parallel) and overlap (coc, mc2)
     lower      lower_ops: graphllm ops → the backend's lowering table
     split      pipeline_split: the lowered graph → pp×vpp stage graphs and a loss graph (pp > 1)
     partition  aot_autograd splits each graph into forward and backward with the recompute policy
@@ -103,7 +104,7 @@ def build_pipeline(plan: CompilePlan, *, purpose: Purpose = "train", passes: Seq
     given = default_passes() if passes is None else list(passes)
     users = [p for p in given if not _builtin(p)] + list(user)
     first = _cp_position_steps(plan, purpose)  # before the fusions, ahead of any user pass
-    model = [_fusion_step(p) for p in given if _builtin(p)] + _generation_steps(purpose, plan, cache_shapes)
+    model = [_fusion_step(p, plan) for p in given if _builtin(p)] + _generation_steps(purpose, plan, cache_shapes)
     model += _adapter_steps(plan, purpose)
     model += [s for s in _parallel_steps(plan, purpose) if s.name not in {m.name for m in model}]
     model += _quantize_steps(plan, purpose)
@@ -123,7 +124,10 @@ def _builtin(p: GraphPass) -> bool:
     return p.fn.__module__.startswith("graphllm.")
 
 
-def _fusion_step(p: GraphPass) -> Step:
+def _fusion_step(p: GraphPass, plan: CompilePlan) -> Step:
+    if p.name == "fuse_linear_cross_entropy" and plan.lora.enabled and "exclude" not in p.options:
+        # it runs before lora: an LM head the LoRA targets name must stay a linear for lora to adapt it
+        p = p.with_options(exclude=tuple(plan.lora.target))
     return Step(p.name, "model", why_default(p.name) or "a graphllm pass the caller listed, in list order",
                 graph_pass=p)
 

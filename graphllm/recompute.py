@@ -14,6 +14,13 @@ over must be recomputed in the backward. The policy picks that split:
   `--recompute-activations`, `--recompute-activation-function`, `--recompute-norm`); min-cut decides the rest.
 - budget: `min_cut_rematerialization_partition` under `activation_memory_budget = fraction`.
 
+The fused LM-head loss (graphllm::linear_cross_entropy, its vocab-parallel parts, or their decomposition's chunk
+loop) is never recomputed: under every policy its forward values that the backward reads — [N]-sized per-token
+statistics — are tagged `MUST_SAVE` (`keep_fused_loss`). Its backward already recomputes each vocabulary chunk's
+logits itself, so recomputing its forward too would run the whole head's matmul once more to save a few KiB (the
+budget policy's knapsack does exactly that at small budgets). It sits after the last layer, so `full` and
+`selective` never tag it for recomputation.
+
 Legal because recomputing runs the same ops on the same inputs: losses and gradients are bitwise equal
 (tests/test_recompute.py). Layers are found from `nn_module_stack` ("model.layers.<i>..."), which
 Dynamo records on every node and aot_autograd carries onto the joint graph's forward nodes.
@@ -23,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import operator
 import re
 from typing import Any, Callable
 
@@ -75,12 +83,11 @@ def inductor_config_patches(cfg: RecomputeConfig) -> tuple[dict[str, Any], dict[
     `joint_custom_post_pass` on the joint graph right before partitioning."""
     if cfg.policy == "none":
         return {}, {}
-    if cfg.policy == "budget":
-        return {"activation_memory_budget": float(cfg.budget)}, {}
-
     def tag(graph: fx.Graph) -> None:
         tag_joint_graph(graph, cfg)
 
+    if cfg.policy == "budget":
+        return {"activation_memory_budget": float(cfg.budget)}, {"joint_custom_post_pass": tag}
     return {}, {"joint_custom_post_pass": tag}
 
 
@@ -92,10 +99,14 @@ def budget_patch(cfg: RecomputeConfig) -> contextlib.AbstractContextManager:
 
 
 def tag_joint_graph(graph: fx.Graph, cfg: RecomputeConfig) -> int:
-    """Tag the joint graph's forward nodes with CheckpointPolicy for `full` / `selective`; returns how many."""
+    """Tag the joint graph's forward nodes with CheckpointPolicy for `full` / `selective`, and the fused loss's saved
+    statistics for every policy; returns how many."""
     policy = cfg.policy
-    if policy not in ("full", "selective"):
+    if policy == "none":
         return 0
+    kept = keep_fused_loss(graph)
+    if policy not in ("full", "selective"):
+        return kept
     selected = set(cfg.ops or ())
     kinds = {name for k in selected for name in _OPS_OF_KIND[k]}
     forward = [n for n in graph.nodes if n.op == "call_function" and _is_forward(n)]
@@ -125,6 +136,7 @@ def tag_joint_graph(graph: fx.Graph, cfg: RecomputeConfig) -> int:
         node.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
         node.meta["ac_graph_id"] = group
         count += 1
+    count += kept
     if policy == "selective":
         # multi-output ops (add_rms_norm) are read through getitem: tag those with their op
         for node in graph.nodes:
@@ -133,6 +145,30 @@ def tag_joint_graph(graph: fx.Graph, cfg: RecomputeConfig) -> int:
                 node.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
                 node.meta["ac_graph_id"] = node.args[0].meta["ac_graph_id"]
     return count
+
+
+_FUSED_LOSS_OPS = ("linear_cross_entropy", "linear_cross_entropy_parts")
+_FUSED_LOSS_FUNCTIONS = ("parts_forward",)
+"""The fused loss's forward: the ops (eager backend) and its decomposition's chunk loop (ops/linear_cross_entropy.py)."""
+
+
+_PASS_THROUGH = (torch.ops.aten.detach.default, torch.ops.aten.alias.default, torch.ops.aten.view.default,
+                 operator.getitem)
+
+
+def keep_fused_loss(graph: fx.Graph) -> int:
+    """MUST_SAVE on the fused LM-head loss's forward values the backward reads; returns how many."""
+    n = 0
+    for node in graph.nodes:
+        if node.op != "call_function" or not _is_forward(node) or not any(_is_backward(u) for u in node.users):
+            continue
+        source = node
+        while source.target in _PASS_THROUGH and isinstance(source.args[0], fx.Node):
+            source = source.args[0]  # autograd saves an output through detach; a multi-output op's through getitem
+        if _op_name(source) in _FUSED_LOSS_OPS or _innermost_function(source) in _FUSED_LOSS_FUNCTIONS:
+            node.meta["recompute"] = CheckpointPolicy.MUST_SAVE
+            n += 1
+    return n
 
 
 def _layers(forward: list[fx.Node]) -> dict[fx.Node, int | None]:
@@ -188,6 +224,10 @@ def recomputed_nodes(backward: fx.GraphModule) -> int:
 
 def _is_forward(node: fx.Node) -> bool:
     return node.meta.get("partitioner_tag") == "is_forward"
+
+
+def _is_backward(node: fx.Node) -> bool:
+    return node.meta.get("partitioner_tag") == "is_backward"
 
 
 def _layer_of(node: fx.Node) -> int | None:

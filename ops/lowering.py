@@ -6,7 +6,7 @@ replaces each op call in the model graph by a call of that function, which the b
 absent from a backend's table stays an opaque op with its own kernel and autograd rule.
 
 The `npu` table calls the torch_npu kernels (ops/lowering_npu.py); NPU_KERNELS documents the mapping. An op
-with no entry there (lora_linear: see ops/lowering_npu.py) runs as its decomposition on the NPU.
+with no entry there (lora_linear, linear_cross_entropy: see ops/lowering_npu.py) runs as its decomposition on the NPU.
 """
 
 import warnings
@@ -18,6 +18,7 @@ import torch
 from graphllm.ops.add_rms_norm import add_rms_norm_decomposed
 from graphllm.ops.attention import attention_decomposed, varlen_attention_decomposed, window_attention_decomposed
 from graphllm.ops.attention_block import attention_block_decomposed
+from graphllm.ops.linear_cross_entropy import linear_cross_entropy_decomposed, linear_cross_entropy_parts_decomposed
 from graphllm.ops.lora import lora_linear_decomposed
 from graphllm.ops.lowering_npu import npu_lowerings
 from graphllm.ops.mc2 import (all_gather_matmul_decomposed, matmul_all_reduce_decomposed,
@@ -60,6 +61,10 @@ LOWERINGS: dict[str, dict[torch._ops.OpOverload, Callable]] = {
         # three GEMMs and an add; autograd through them asks no gradient of the frozen base (requires_grad
         # False), and inductor folds the scale and the add into the GEMM epilogues
         ops.lora_linear.default: lora_linear_decomposed,
+        # the fused LM-head loss: an autograd.Function around the unrolled vocabulary-chunk loop, so the joint graph
+        # saves hidden, W, labels and [N] fp32 statistics, never a chunk's logits (its backward recomputes them)
+        ops.linear_cross_entropy.default: linear_cross_entropy_decomposed,
+        ops.linear_cross_entropy_parts.default: linear_cross_entropy_parts_decomposed,
         # MC2 → CoC: chunks along the sequence, each with its own graphllm collective (lower_collectives
         # then makes those asynchronous), which is the overlap MC2's fused kernels do on the NPU
         ops.matmul_all_reduce.default: matmul_all_reduce_decomposed,

@@ -236,6 +236,17 @@ def grouped_matmul_npu(x: Tensor, weight: Tensor, group_sizes: Tensor) -> Tensor
 # an add, which torchair converts to the Cube unit's MatMulV2 (the rank-r pair is tiny next to the base GEMM).
 # MindSpeed's CCLoRA fuses LoRA's *communication* with its matmuls under TP; in graphllm that overlap belongs
 # to the mc2/coc passes (which match plain linears today, not lora_linear), not to a device kernel.
+# graphllm::linear_cross_entropy (and its vocabulary-parallel linear_cross_entropy_parts) has no entry either: it runs
+# as its decomposition, whose ATen ops torchair converts (mm, max.dim — not amax, whose GE converter is a stub —, exp,
+# log, sum, gather, scatter_add, where, cat; tests/test_fused_loss.py checks them against the wheel's converter index).
+# torch_npu 2.13 does have MindSpeed's fused vocab-parallel pair: npu_fused_linear_online_max_sum(input, weight,
+# target, vocab_start_index, vocab_end_index, return_logits=False) -> (logits_max, sum_exp_logits, predicted_logits,
+# target_mask, masked_target, logits) and npu_fused_linear_cross_entropy_loss_with_max_sum_backward(grad, input,
+# weight, target_mask, masked_target, logits_max=, sum_exp_logits=) -> (input_grad, weight_grad), in a memory-saving
+# mode that recomputes the logits — the parts op's forward and the op's backward. Not wired: fp16/bf16 only (fp32
+# plans would need the decomposition anyway), the backward takes one per-token gradient (no lse gradient), its
+# sum_exp_logits input is "processed" without saying how, and target_mask is a bit mask; with no Ascend device to
+# check those semantics against the decomposition, a wrong guess would train silently wrong.
 
 
 def npu_lowerings() -> dict:

@@ -8,6 +8,7 @@ graphllm.pass_pipeline.build_pipeline.
 from graphllm.passes.fold_constants import fold_constants
 from graphllm.passes.fuse_add_rms_norm import fuse_add_rms_norm
 from graphllm.passes.fuse_attention import fuse_attention
+from graphllm.passes.fuse_linear_cross_entropy import fuse_linear_cross_entropy
 from graphllm.passes.fuse_rms_norm import fuse_rms_norm
 from graphllm.passes.fuse_rope import fuse_rope
 from graphllm.passes.fuse_swiglu import fuse_swiglu
@@ -20,6 +21,8 @@ DEFAULT_PASSES: tuple[tuple[GraphPass, str], ...] = (
     (fuse_rope, "before attention: rope feeds q and k, attention must see the rope op outputs"),
     (fuse_attention, "last fusion: SDPA / eager softmax attention with GQA folded back"),
     (fold_constants, "after the fusions (they read the causal mask's construction): RoPE tables, masks"),
+    (fuse_linear_cross_entropy, "before lora and sharding: the LM head and its loss become one op, computed by "
+                                "vocabulary chunks (tensor_parallel shards it by vocabulary)"),
 )
 
 

@@ -8,7 +8,8 @@ the linear/embedding using it is rewritten —
     row-parallel      y = tp_reduce(linear(x_local, W[:, cols of this rank])) (+ bias)
     vocab embedding   tp_reduce(masked lookup in this rank's rows)
     vocab LM head     local logits; cross-entropy becomes vocab-parallel (passes/vocab_parallel.py);
-                      logits the graph returns are all-gathered (tp_gather)
+                      logits the graph returns are all-gathered (tp_gather); the fused LM-head loss
+                      (graphllm.linear_cross_entropy) becomes its vocab-parallel form on this rank's rows
 
 LoRA (graphllm.lora_linear, passes/lora.py) is sharded with its base: a column-parallel base shards B along
 the output (A stays whole, wrapped in tp_copy: every rank's dA is a partial sum over its output rows), a
@@ -32,11 +33,13 @@ from graphllm.passes.manager import PassContext, graph_pass
 from graphllm.passes.matching import is_call
 from graphllm.passes.shapes import old_shapes, repropagate
 from graphllm.passes.tp_plan import resolve_plan, style_of
-from graphllm.passes.vocab_parallel import vocab_parallel_cross_entropy, vocab_parallel_embedding
+from graphllm.passes.vocab_parallel import (vocab_parallel_cross_entropy, vocab_parallel_embedding,
+                                            vocab_parallel_linear_cross_entropy)
 
 aten = torch.ops.aten
 gl = torch.ops.graphllm
 _LINEARS = (aten.linear.default, lora_linear._opoverload)  # ops a linear plan style rewrites
+_FUSED_LOSS = gl.linear_cross_entropy.default  # the LM head and its loss as one op (fuse_linear_cross_entropy)
 _LORA_A, _LORA_B, _LORA_MASK = 3, 4, 7  # lora_linear's argument positions of A [r, in], B [out, r], dropout mask
 _TRANSPARENT = (aten.flatten.using_ints, aten.view.default, aten.reshape.default, aten._to_copy.default,
                 aten.to.dtype, aten._unsafe_view.default)
@@ -169,8 +172,11 @@ class _Rewriter:
         self.shard(node, 0)
         if kind == "bias":
             return
-        for lin in self.users(node, *_LINEARS):
+        for lin in self.users(node, *_LINEARS, _FUSED_LOSS):
             self.copy_input(lin, "head_in")
+            if is_call(lin, _FUSED_LOSS):
+                self.fused_loss(lin, cols, full.shape[0])
+                continue
             self.adapter(lin, _LORA_B, 0)
             self.adapter(lin, _LORA_A, None)
             losses, others = _loss_consumers(lin)
@@ -185,6 +191,15 @@ class _Rewriter:
                     full_logits = emit(self.gm, gl.tp_gather.default, (lin, dim, self.tp, "tp"), lin, "head_out")
                 for user in others:
                     user.replace_input_with(lin, full_logits)
+
+    def fused_loss(self, fused: fx.Node, cols: int, vocab: int) -> None:
+        """The fused LM-head loss over this rank's `cols` rows: its parts here, combined across ranks."""
+        outs = vocab_parallel_linear_cross_entropy(self.gm, fused, self.rank * cols, cols, vocab)
+        for user in list(fused.users):  # getitem(fused, 0 | 1)
+            user.replace_all_uses_with(outs[user.args[1]])
+            self.gm.graph.erase_node(user)
+        self.gm.graph.erase_node(fused)
+        self.ctx.count("vocab-parallel cross-entropy")
 
 
 def _loss_consumers(logits: fx.Node) -> tuple[list[fx.Node], list[fx.Node]]:

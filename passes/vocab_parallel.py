@@ -13,6 +13,16 @@ Cross-entropy over logits split by vocabulary, never gathering the full [N, V] l
     loss_i = lse - zt, averaged over targets != ignore_index (or summed / per token, per `reduction`)
 The all-reduce sums have identity backward (every rank computes the same loss), which gives each rank
 softmax(z) - onehot(t) for its slice: the same gradient as the unsplit cross-entropy.
+
+The fused LM-head loss (graphllm::linear_cross_entropy, passes/fuse_linear_cross_entropy.py) is split the same way
+without any logits: each rank's graphllm::linear_cross_entropy_parts computes, chunk by chunk over its rows, the
+row max m_r, s_r = sum(exp(z - m_r)) and its target logit; then
+    m    = all-reduce max of m_r                          (no gradient, as above)
+    lse  = m + log(all-reduce sum of s_r · exp(m_r - m))
+    zt   = all-reduce sum of the target logits
+    loss_i = lse - zt, reduced as above
+— the same three all-reduces. Autograd through them hands each rank's parts op the gradients of s_r and of its
+target logit, from which its backward recomputes its chunks' softmax − onehot.
 """
 
 from __future__ import annotations
@@ -79,3 +89,32 @@ def vocab_parallel_cross_entropy(gm: fx.GraphModule, ce: fx.Node, start: int, co
             return total
         count = e(aten.sum.default, e(aten.logical_not.default, ignored))
         return e(aten.div.Tensor, total, count)
+
+
+def vocab_parallel_linear_cross_entropy(gm: fx.GraphModule, fused: fx.Node, start: int, rows: int,
+                                        vocab: int) -> tuple[fx.Node, fx.Node]:
+    """Nodes computing `fused` (graphllm.linear_cross_entropy over a `vocab`-row weight that is now this rank's
+    `rows` rows from `start`) across ranks: (loss, lse), the op's two outputs."""
+    from graphllm.ops.linear_cross_entropy import vocab_spans
+
+    hidden, weight, labels, ignore, reduction, chunk_size = fused.args
+    chunks = len(vocab_spans(vocab, chunk_size))  # as many chunks per rank as the whole op had
+    with gm.graph.inserting_before(fused):
+        def e(target_op, *args, role=None):
+            return emit(gm, target_op, args, fused, role)
+
+        parts = e(gl.linear_cross_entropy_parts.default, hidden, weight, labels, start, -(-rows // chunks))
+        local_max, sum_exp, picked = (e(operator.getitem, parts, i) for i in range(3))
+        gmax = e(gl.tp_reduce_max.default, local_max, "tp", role="loss")
+        rescaled = e(aten.mul.Tensor, sum_exp, e(aten.exp.default, e(aten.sub.Tensor, local_max, gmax)))
+        lse = e(aten.add.Tensor, e(aten.log.default, e(gl.tp_reduce.default, rescaled, "tp", role="loss")), gmax)
+        picked = e(gl.tp_reduce.default, picked, "tp", role="loss")
+        ignored = e(aten.eq.Scalar, labels, ignore)
+        per_token = e(aten.masked_fill.Scalar, e(aten.sub.Tensor, lse, picked), ignored, 0.0)
+        if reduction == 0:
+            return per_token, lse
+        total = e(aten.sum.default, per_token)
+        if reduction == 2:
+            return total, lse
+        count = e(aten.sum.default, e(aten.logical_not.default, ignored))
+        return e(aten.div.Tensor, total, count), lse

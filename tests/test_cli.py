@@ -33,9 +33,10 @@ def test_compile_writes_artifact(artifact: Path) -> None:
     plan = json.loads((artifact / "plan.json").read_text())
     assert plan["plan"]["model"] == "tiny-llama" and plan["plan"]["backend"] == "eager"
     assert [s["step"] for s in plan["pipeline"] if s["stage"] == "model"] == [
-        "fuse_rms_norm", "fuse_add_rms_norm", "fuse_swiglu", "fuse_rope", "fuse_attention", "fold_constants"]
+        "fuse_rms_norm", "fuse_add_rms_norm", "fuse_swiglu", "fuse_rope", "fuse_attention", "fold_constants",
+        "fuse_linear_cross_entropy"]
     model_dumps = sorted(p.name for p in (artifact / "graphs/rank0/model").glob("*.py"))
-    assert model_dumps[0] == "00_capture.py" and model_dumps[-1] == "07_lower_ops.py"
+    assert model_dumps[0] == "00_capture.py" and model_dumps[-1] == "08_lower_ops.py"
     for kind in ("forward", "backward"):
         code = (artifact / f"graphs/rank0/train/{kind}.py").read_text()
         assert "def forward" in code and "models/attention.py" in code  # provenance survives aot_autograd
@@ -58,7 +59,8 @@ def test_inspect_pipeline_prints_the_steps(artifact: Path, capsys) -> None:
     header, *rows = [line.split("\t") for line in lines]
     assert header == ["#", "step", "stage", "options", "origin", "why", "changed"]
     assert [(r[1], r[2]) for r in rows] == [(n, "model") for n in ("fuse_rms_norm", "fuse_add_rms_norm", "fuse_swiglu",
-                                                                      "fuse_rope", "fuse_attention", "fold_constants")] \
+                                                                      "fuse_rope", "fuse_attention", "fold_constants",
+                                                                      "fuse_linear_cross_entropy")] \
         + [("lower_ops", "lower"), ("partition", "partition"), ("eager", "backend")]
     assert all(r[5] for r in rows)  # every step says why it is there
     assert rows[0][4] == "graphllm.passes.fuse_rms_norm" and "replaced 9" in rows[0][6]
@@ -164,7 +166,7 @@ def test_custom_pass_from_cli_is_recorded_and_rerun(tmp_path: Path, monkeypatch,
     assert main(["compile", "--out", str(out), "--pass", "mypasses:count_matmuls", *FAST]) == 0
     report = json.loads((out / "report.json").read_text())
     counted = next(p for p in report["passes"] if p["name"] == "count_matmuls")
-    assert counted["counters"] == {"linear": 4 * 7 + 1}  # q k v o gate up down per layer + lm_head
+    assert counted["counters"] == {"linear": 4 * 7}  # q k v o gate up down per layer (lm_head: fused with its loss)
     plan = json.loads((out / "plan.json").read_text())
     assert plan["plan"]["passes"] == ["mypasses:count_matmuls"]
     user = [s for s in plan["pipeline"] if s["user"]]

@@ -42,7 +42,7 @@ def _error_line(capsys) -> str:
 
 
 def test_tsv_lists_each_nodes_inputs(artifact: Path) -> None:
-    rows = _rows(artifact, "07_lower_ops")
+    rows = _rows(artifact, "08_lower_ops")
     assert tuple(rows[0]) == TABLE_COLUMNS and TABLE_COLUMNS[-1] == "inputs"
     names = {r["name"] for r in rows}
     attention = [r for r in rows if r["target"] == "graphllm.attention.default"]
@@ -53,7 +53,7 @@ def test_tsv_lists_each_nodes_inputs(artifact: Path) -> None:
 def test_ops_histogram_counts_match_the_graph(artifact: Path, capsys) -> None:
     assert main(["inspect", str(artifact), "--ops", "lower_ops"]) == 0
     out = capsys.readouterr().out
-    counts = Counter(r["target"] for r in _rows(artifact, "07_lower_ops") if r["op"] == "call_function")
+    counts = Counter(r["target"] for r in _rows(artifact, "08_lower_ops") if r["op"] == "call_function")
     assert counts["graphllm.attention.default"] == 4  # one per layer of tiny-llama
     table = _tsv(out)  # not a terminal: tab-separated lines (cli/console.py)
     assert table[0] == ["op", "count"]
@@ -77,10 +77,10 @@ def test_find_by_op_module_and_source_line(artifact: Path, capsys) -> None:
     by_op = _find(artifact, capsys, "ATTENTION.default", "--in", "fuse_attention")
     assert len(by_op) == 4 and {r[0] for r in by_op} == {"05_fuse_attention"}
     everywhere = _find(artifact, capsys, "graphllm.swiglu")
-    assert {r[0] for r in everywhere} >= {"03_fuse_swiglu", "04_fuse_rope", "07_lower_ops"}
-    by_module = _find(artifact, capsys, "lm_head", "--in", "7")
-    assert by_module and all(r[0] == "07_lower_ops" for r in by_module)
-    line = next(r["source"] for r in _rows(artifact, "07_lower_ops") if r["target"] == "graphllm.attention.default")
+    assert {r[0] for r in everywhere} >= {"03_fuse_swiglu", "04_fuse_rope", "08_lower_ops"}
+    by_module = _find(artifact, capsys, "lm_head", "--in", "8")
+    assert by_module and all(r[0] == "08_lower_ops" for r in by_module)
+    line = next(r["source"] for r in _rows(artifact, "08_lower_ops") if r["target"] == "graphllm.attention.default")
     by_source = _find(artifact, capsys, line, "--in", "lower_ops")
     assert any(r[1].startswith("attention_default") for r in by_source)
     assert _find(artifact, capsys, "no_such_op_anywhere") == []
@@ -347,7 +347,7 @@ def test_render_dot_clusters_by_module(artifact: Path, tmp_path: Path) -> None:
     out = tmp_path / "g.dot"
     assert main(["inspect", str(artifact), "--render", "lower_ops", "--out", str(out)]) == 0
     dot = out.read_text()
-    rows = _rows(artifact, "07_lower_ops")
+    rows = _rows(artifact, "08_lower_ops")
     assert dot.count("subgraph cluster_") > 40 and dot.count("{") == dot.count("}")
     layer1 = dot[dot.index('label="model.layers.1 ('):]
     assert '"linear_7"' in layer1.split('label="model.layers.2 (')[0]  # layer 1's q_proj sits in its cluster

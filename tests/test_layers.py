@@ -30,7 +30,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
              "graphllm.generate", "graphllm.npu_preflight", "graphllm.launch_script", "graphllm.megatron_flags")),
     ("compile", ("graphllm.compile", "graphllm.pass_pipeline", "graphllm.plan", "graphllm.tasks", "graphllm.backends",
                  "graphllm.npu_backend", "graphllm.preflight", "graphllm.train_stage", "graphllm.recompute",
-                 "graphllm.capture", "graphllm.dump")),
+                 "graphllm.capture", "graphllm.dump", "graphllm.compile_cache")),
     ("runtime", ("graphllm.parallel", "graphllm.train", "graphllm.signals", "graphllm.data")),
     ("passes", ("graphllm.passes",)),
     ("planning", ("graphllm.planning",)),

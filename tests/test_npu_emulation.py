@@ -85,6 +85,9 @@ def test_table_uses_every_kernel():
                                                      "varlen_attention_npu", "attention_block_npu",
                                                      "window_attention_npu",
                                                      "lora_linear_decomposed",  # torch_npu has no LoRA kernel
+                                                     # the fused LM-head loss: see ops/lowering_npu.py
+                                                     "linear_cross_entropy_decomposed",
+                                                     "linear_cross_entropy_parts_decomposed",
                                                      "nf4_dequantize_recomputed"}  # nor an NF4 one (ops/nf4.py)
 
 

@@ -88,7 +88,7 @@ def test_cycle_is_an_error() -> None:
 def test_disable_by_name() -> None:
     ordered = order_passes(graphllm.default_passes(), disable=["fuse_rope"])
     assert _names(ordered) == ["fuse_rms_norm", "fuse_add_rms_norm", "fuse_swiglu", "fuse_attention",
-                               "fold_constants"]
+                               "fold_constants", "fuse_linear_cross_entropy"]
 
 
 def test_disable_unknown_name_is_an_error() -> None:
@@ -237,7 +237,7 @@ def test_user_model_pass_appended_to_defaults_sees_graphllm_ops() -> None:
     compiled = graphllm.compile(model, ids, passes=[*graphllm.default_passes(), count_matmuls], backend="eager")
     names = [r.name for r in compiled.result.records]
     assert names == ["fuse_rms_norm", "fuse_add_rms_norm", "fuse_swiglu", "fuse_rope", "fuse_attention",
-                     "fold_constants", "count_matmuls",
+                     "fold_constants", "fuse_linear_cross_entropy", "count_matmuls",
                      "lower_ops"]
     (calls,) = seen
     L = 2
@@ -256,7 +256,7 @@ def test_user_pass_and_disable_through_compile() -> None:
     ids = torch.randint(0, 64, (2, 8))
     compiled = graphllm.compile(model, ids, backend="eager", disable=["fuse_rope", "fuse_attention"])
     assert [r.name for r in compiled.result.records] == ["fuse_rms_norm", "fuse_add_rms_norm", "fuse_swiglu", "fold_constants",
-                                                          "lower_ops"]
+                                                          "fuse_linear_cross_entropy", "lower_ops"]
     calls = Counter(n.target for n in compiled.result.model_graph.graph.nodes)
     assert calls[gops.rope.default] == calls[gops.attention.default] == 0
     assert calls[aten.scaled_dot_product_attention.default] == 2

@@ -19,7 +19,8 @@ from graphllm.plan import CompilePlan
 from graphllm.planning import Layout
 from graphllm.planning.recompute_config import RecomputeConfig
 
-FUSIONS = ["fuse_rms_norm", "fuse_add_rms_norm", "fuse_swiglu", "fuse_rope", "fuse_attention", "fold_constants"]
+FUSIONS = ["fuse_rms_norm", "fuse_add_rms_norm", "fuse_swiglu", "fuse_rope", "fuse_attention", "fold_constants",
+           "fuse_linear_cross_entropy"]
 
 
 def _steps(plan: CompilePlan, **kw) -> list[tuple[str, str]]:
@@ -77,8 +78,8 @@ def test_generation_and_profiling_steps() -> None:
 def test_user_before_constraint_moves_the_user_pass_not_the_builtin() -> None:
     early = _user("early", before=["fuse_swiglu"])
     names = [s.name for s in build_pipeline(CompilePlan(backend="eager"), user=[early]).steps]
-    assert names[:7] == ["fuse_rms_norm", "fuse_add_rms_norm", "early", "fuse_swiglu", "fuse_rope", "fuse_attention",
-                         "fold_constants"]
+    assert names[:8] == ["fuse_rms_norm", "fuse_add_rms_norm", "early", "fuse_swiglu", "fuse_rope", "fuse_attention",
+                         "fold_constants", "fuse_linear_cross_entropy"]
 
 
 def test_user_passes_default_slot_and_after_constraint() -> None:

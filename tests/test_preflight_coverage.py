@@ -153,7 +153,8 @@ def test_a_user_pass_inserting_a_stub_op_fails_the_dry_run(tmp_path, monkeypatch
 
         @graph_pass("add_sinc", stage="model")
         def add_sinc(gm, ctx):
-            head = [n for n in gm.graph.nodes if n.target is aten.linear.default][-1]
+            heads = (aten.linear.default, torch.ops.graphllm.linear_cross_entropy.default)  # the LM head, fused or not
+            head = [n for n in gm.graph.nodes if n.target in heads][-1]
             x = head.args[0]
             with gm.graph.inserting_before(head):
                 zero = gm.graph.call_function(aten.mul.Tensor, (gm.graph.call_function(aten.sinc.default, (x,)), 0.0))

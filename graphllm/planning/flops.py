@@ -23,6 +23,20 @@ def _attention_flops(q, k, v, causal: bool) -> int:
     return 2 * 2 * b * h * sq * sk * d
 
 
+def _fused_loss_targets() -> tuple:
+    """The fused LM-head loss ops and their lowerings: pipeline_split weighs the lowered graph, where the head's
+    matmul is inside the op (a plain linear before the fusion, counted as one)."""
+    from graphllm.ops.linear_cross_entropy import (linear_cross_entropy_decomposed,
+                                                   linear_cross_entropy_parts_decomposed)
+
+    gl = torch.ops.graphllm
+    return (gl.linear_cross_entropy.default, gl.linear_cross_entropy_parts.default, linear_cross_entropy_decomposed,
+            linear_cross_entropy_parts_decomposed)
+
+
+_FUSED_LOSS = _fused_loss_targets()
+
+
 def node_flops(n: fx.Node) -> int:
     """Multiply-add FLOPs (2 per MAC) of one node's forward; 0 for anything not matmul-class."""
     if n.op != "call_function":
@@ -38,6 +52,13 @@ def node_flops(n: fx.Node) -> int:
         if x and w:
             rows = math.prod(x[:-1]) * (n.args[3] if t is gl.all_gather_matmul.default else 1)
             return 2 * rows * w[0] * w[1]
+    elif t in _FUSED_LOSS:
+        # the LM head's matmul, hidden [*, H] × W [V, H] (this rank's rows under TP). train_step_flops' ×3 counts
+        # its two backward matmuls; the backward's recomputation of the logits is not counted, as activation
+        # recomputation is not (MFU counts the model's FLOPs, not the schedule's)
+        x, w = _shape(n.args[0]), _shape(n.args[1])
+        if x and w:
+            return 2 * math.prod(x[:-1]) * w[0] * w[1]
     elif t is gl.grouped_matmul.default:  # every row meets one [K, N] weight
         x, w = _shape(n.args[0]), _shape(n.args[1])
         if x and w:

@@ -13,23 +13,27 @@ the softmax the backward forms are the largest tensors of a small model with a l
               with w_i the token's share of the loss gradient (g/count for mean, 0 if ignored);
               grad_W[k] = dz_kᵀ hidden (its own rows of grad_W: no accumulation), grad_hidden += dz_k W_k.
 
-It saves hidden, W, labels and the fp32 lse [N]; peak extra memory is one chunk's [N, V/K] fp32 temporaries.
-Matmuls run in the compute dtype (bf16 under autocast, like the linear it replaces); lse and the softmax in fp32.
-The per-chunk grad_hidden partials are summed in fp32.
+It saves hidden, W, labels and the fp32 lse [N] (or, split over ranks, the row max and sum-exp); beyond those the
+forward and backward hold one or two chunks' [N, V/K] fp32 temporaries. Matmuls run in the compute dtype (bf16 under
+autocast, like the linear it replaces); lse and the softmax in fp32; the per-chunk grad_hidden partials are summed
+in fp32.
 
-Why chunks over the vocabulary rather than over the tokens, and recomputation rather than the gradients in the
-forward (Liger's choice) — measured with benchmarks/fused_loss.py --variants (small-llama's head, CPU):
-token chunks make grad_W the sum of K rank-N/K updates of the whole [V, H] (98 MiB fp32 here): a functional graph
-holds the accumulator and its next value at once (+1 [V, H]), and each update re-reads and re-writes it; Liger's
-gradients-in-forward also multiply the saved grad_W by the incoming gradient in the backward (a second [V, H]).
-At this shape both used more peak memory than the unfused loss. Vocabulary chunks write each grad_W block once
-(inductor writes the blocks in place into the concatenated result) and accumulate only grad_hidden [N, H].
-The price is one more [N, H]×[H, V] matmul (the backward's recompute): 4 instead of 3.
+Why vocabulary chunks and recomputation — the alternatives measured (benchmarks/fused_loss.py --part head:
+small-llama's head, 512 tokens × 768 × 32000, fp32, inductor, CPU; peak above the weight, grad W included):
+unfused 162 MiB; this op 109 MiB; token chunks recomputing in the backward 201 MiB; token chunks with the gradients
+formed in the forward (Liger's choice, no recomputation) 248 MiB. With token chunks grad_W is a sum of K rank-N/K
+updates of the whole [V, H] (94 MiB here): a functional graph holds the accumulator and its next value at once, and
+Liger's backward multiplies the saved grad_W by the incoming gradient into a new [V, H] — one or two grad_W more,
+which outweighs the logits at this shape. Vocabulary chunks write each grad_W block once (inductor writes the blocks
+in place into the concatenated result) and accumulate only grad_hidden [N, H]. The price is one more [N, H]×[H, V]
+matmul, the backward's recomputation: 4 instead of 3 (measured 1.14× the unfused head's time in bf16; Liger's
+1.42×, which also re-reads and re-writes grad_W per chunk).
 
 The backward recomputes the transposed logits W_k hiddenᵀ [V/K, N], not hidden W_kᵀ as the forward: the same
-numbers, but a different op, so the min-cut partitioner's CSE (inductor) cannot merge the two and save every
-chunk's logits — which it does for an identical recomputation (checked in tests/test_fused_loss.py). The layout
-also suits the backward: dz_kᵀ hidden is a plain matmul for grad_W's rows, and no reduction is needed.
+numbers, but a different op, so the min-cut partitioner's CSE (inductor) cannot merge the two and save the chunk's
+logits — which it does for an identical recomputation (tests/test_fused_loss.py checks what the forward saves). The
+layout also suits the backward: dz_kᵀ hidden is a plain matmul for grad_W's rows, and no reduction is needed. The
+forward orders its chunks explicitly (`_after`): left alone, inductor computes every chunk's logits first.
 
 Three ops:
 - `linear_cross_entropy(hidden, weight, labels, ignore_index, reduction, chunk_size) -> (loss, lse)`: the

@@ -102,6 +102,8 @@ def build_pipeline(plan: CompilePlan, *, purpose: Purpose = "train", passes: Seq
     if purpose not in PURPOSES:
         raise GraphllmError(f"pipeline purpose must be one of {', '.join(PURPOSES)}, got {purpose!r}")
     given = default_passes() if passes is None else list(passes)
+    if plan.fused_loss == "off":
+        given = [p for p in given if p.name != "fuse_linear_cross_entropy"]
     users = [p for p in given if not _builtin(p)] + list(user)
     first = _cp_position_steps(plan, purpose)  # before the fusions, ahead of any user pass
     model = [_fusion_step(p, plan) for p in given if _builtin(p)] + _generation_steps(purpose, plan, cache_shapes)
@@ -128,6 +130,8 @@ def _fusion_step(p: GraphPass, plan: CompilePlan) -> Step:
     if p.name == "fuse_linear_cross_entropy" and plan.lora.enabled and "exclude" not in p.options:
         # it runs before lora: an LM head the LoRA targets name must stay a linear for lora to adapt it
         p = p.with_options(exclude=tuple(plan.lora.target))
+    if p.name == "fuse_linear_cross_entropy" and plan.fused_loss == "on" and "min_bytes" not in p.options:
+        p = p.with_options(min_bytes=0)
     return Step(p.name, "model", why_default(p.name) or "a graphllm pass the caller listed, in list order",
                 graph_pass=p)
 

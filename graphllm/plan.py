@@ -52,6 +52,9 @@ class CompilePlan:
                                          "--reset-position-ids --reset-attention-mask)")
     device: Literal["cpu", "cuda", "npu"] = option("cpu", help="where the model and batches live (npu is implied "
                                                                "by --backend npu)")
+    fused_loss: Literal["auto", "on", "off"] = option(
+        "auto", help="the LM head and its cross-entropy as one chunked op that never holds the [tokens, vocab] "
+                     "logits: auto when the fp32 logits reach 1 GiB, on, or off")
     disable: list[str] = option([], metavar="PASS[,PASS]", help="pass names to leave out of the pipeline")
     passes: list[str] = option([], flag="--pass", repeat=True, metavar="MODULE:NAME",
                                help="append a @graph_pass from an importable module (repeatable)")

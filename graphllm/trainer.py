@@ -155,7 +155,7 @@ class Trainer:
             for note in roots.notes + notes:
                 if on_event is not None:
                     on_event({"event": "note", "text": note})
-            _, built = load_artifact(artifact)
+            _, built = load_artifact(artifact, use_compile_cache=False if config.no_compile_cache else None)
         except BaseException:
             if lock is not None:
                 lock.release()

@@ -21,7 +21,11 @@ Refused, and why:
 - a head whose weight's module path matches `exclude` (the pipeline passes the LoRA targets, so that a LoRA plan
   adapting lm_head gets its linear).
 
-Options: `chunks` (vocabulary chunks; default: `vocab_chunks` of the tokens and the vocabulary), `exclude`.
+Left alone too when the fp32 logits [tokens, vocab] are under `min_bytes` (default MIN_LOGITS_BYTES): there the
+unfused head is faster and its logits are not what bounds memory (`--fused-loss on` sets 0, `off` drops the pass).
+
+Options: `chunks` (vocabulary chunks; default: `vocab_chunks` of the tokens and the vocabulary), `exclude`,
+`min_bytes`.
 Under tensor parallelism, tensor_parallel's vocab_head style rewrites the op into its vocabulary-parallel form
 (passes/vocab_parallel.py).
 """
@@ -48,6 +52,12 @@ MAX_CHUNK_BYTES = 256 * 2**20
 """More chunks when a chunk's fp32 logits [N, V/K] would exceed this (long sequences, large vocabularies)..."""
 MAX_CHUNKS = 64
 """...up to this many (the traced graph holds one copy of the chunk's ops per chunk)."""
+
+MIN_LOGITS_BYTES = 2**30
+"""Fuse when the fp32 logits reach 1 GiB (Llama-3's 128k vocabulary at 2048 tokens a micro-batch; 8 × 4096 tokens at
+a 32k vocabulary is 4 GiB): the logits, their softmax and its gradient then lead the step's peak. Below it the
+trade is poor — small-llama at 4 × 512 tokens (262 MB of logits) saves 213 MiB of peak for a 5% slower step and at
+1 × 512 saves nothing for 7% (benchmarks/fused_loss.py, 2-core CPU)."""
 
 _RESHAPES = (aten.flatten.using_ints, aten.view.default, aten.reshape.default, aten._unsafe_view.default)
 _CASTS = (aten._to_copy.default, aten.to.dtype)
@@ -85,7 +95,7 @@ def _head(logits: fx.Node, vocab_last: int | None) -> fx.Node | None:
 
 @graph_pass("fuse_linear_cross_entropy", stage="model")
 def fuse_linear_cross_entropy(gm: fx.GraphModule, ctx: PassContext, *, chunks: int | None = None,
-                              exclude: tuple[str, ...] = ()) -> fx.GraphModule:
+                              exclude: tuple[str, ...] = (), min_bytes: int = MIN_LOGITS_BYTES) -> fx.GraphModule:
     replaced = 0
     for ce in calls_to(gm, aten.cross_entropy_loss.default):
         logits, target = ce.args[0], ce.args[1]
@@ -94,6 +104,8 @@ def fuse_linear_cross_entropy(gm: fx.GraphModule, ctx: PassContext, *, chunks: i
         lv, tv = val(logits), val(target)
         if lv is None or tv is None or lv.dim() != 2 or lv.dtype != torch.float32 or tv.dim() != 1:
             continue  # a loss over bf16 logits computes its log-sum-exp in bf16: not the op's numbers
+        if lv.numel() * 4 < min_bytes:
+            continue  # small logits: the unfused head is faster (MIN_LOGITS_BYTES)
         lin = _head(logits, lv.shape[-1])
         if lin is None:
             continue

@@ -116,6 +116,7 @@ def _batch(vocab: int, b: int = 2, s: int = 16):
 
 
 def _fused(gm, **options):
+    options.setdefault("min_bytes", 0)  # tiny logits: under the pass's default threshold
     out, (rec,) = run_passes(gm, [fuse_linear_cross_entropy.with_options(**options)], PassContext())
     return out, rec
 
@@ -128,8 +129,9 @@ def test_pass_fires_on_the_tiny_llama_training_graph():
     calls = [n.target for n in gm.graph.nodes if n.op == "call_function"]
     assert calls.count(torch.ops.aten.cross_entropy_loss.default) == 1 and calls.count(torch.ops.aten.linear.default) == 29
     assert not _fused(gm, exclude=("q_proj", "lm_head"))[1].changed  # a LoRA target: left to the lora pass
+    assert not _fused(gm, min_bytes=32 * 8000 * 4 + 1)[1].changed  # 32 tokens × 8000 fp32 logits: under the bar
     flops = forward_flops(gm)
-    out, rec = _fused(gm)
+    out, rec = _fused(gm, min_bytes=32 * 8000 * 4)  # at the bar
     assert forward_flops(out) == flops  # the op counts the head's matmul
     calls = [n.target for n in out.graph.nodes if n.op == "call_function"]
     assert rec.counters == {"replaced": 1} and calls.count(OP) == 1
@@ -139,16 +141,18 @@ def test_pass_fires_on_the_tiny_llama_training_graph():
     assert node.args[3:] == (-100, 1, 1000)  # ignore_index, mean, 8 chunks of 1000 rows
 
 
-def test_a_lora_plan_targeting_the_head_keeps_its_linear():
+def test_the_plan_sets_the_pass_options_lora_targets_and_fused_loss():
     from graphllm.pass_pipeline import build_pipeline
     from graphllm.plan import CompilePlan
     from graphllm.planning.lora_config import LoraConfig
 
-    def options(**lora):
-        plan = CompilePlan(backend="eager", lora=LoraConfig(**lora))
-        return next(s.graph_pass.options for s in build_pipeline(plan).steps if s.name == "fuse_linear_cross_entropy")
+    def options(fused_loss="auto", **lora):
+        plan = CompilePlan(backend="eager", fused_loss=fused_loss, lora=LoraConfig(**lora))
+        return next((s.graph_pass.options for s in build_pipeline(plan).steps
+                     if s.name == "fuse_linear_cross_entropy"), None)
 
     assert options() == {} and options(rank=4, target=("q_proj", "lm_head")) == {"exclude": ("q_proj", "lm_head")}
+    assert options("on") == {"min_bytes": 0} and options("off") is None
 
 
 def test_pass_leaves_a_soft_capped_head_alone():
@@ -185,7 +189,8 @@ def unfused_reference():
 
 
 def _chunked(chunks: int = 3):
-    return [p.with_options(chunks=chunks) if p.name == "fuse_linear_cross_entropy" else p for p in default_passes()]
+    return [p.with_options(chunks=chunks, min_bytes=0) if p.name == "fuse_linear_cross_entropy" else p
+            for p in default_passes()]
 
 
 @pytest.mark.parametrize("backend,recompute", [("eager", "budget"), ("npu-emulated", "none")])

@@ -1,8 +1,8 @@
 """The fused LM-head loss (graphllm::linear_cross_entropy): peak memory and step time with and without it.
 
 `--part step` (default): small-llama's training step (batch 1 × seq 512, vocab 32000: train_step.py's shape), compiled
-by graphllm with inductor twice — the default pipeline ("fused") and `disable=["fuse_linear_cross_entropy"]`
-("unfused") — for each `--amp`. One step = zero_grad + forward + loss + backward + fused AdamW (train_step.py's
+by graphllm with inductor twice — the default passes with fuse_linear_cross_entropy forced on (`min_bytes=0`, what
+`--fused-loss on` sets: its default leaves logits under 1 GiB unfused) ("fused") and without it ("unfused") — for each `--amp`. One step = zero_grad + forward + loss + backward + fused AdamW (train_step.py's
 Contender). Time: both contenders interleaved in this process (a first compiling step each, warm-up, then `--rounds`
 rounds of `--steps-per-round` steps, order rotated), medians over the steady steps and the per-round ratio.
 Memory, per contender alone in a fresh subprocess:
@@ -40,7 +40,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # `common`, `train_step` when run as a script
-from common import (Stopwatch, current_rss_bytes, ensure_inductor_cache, fmt_mib, interleave, median,  # noqa: E402
+from common import (current_rss_bytes, ensure_inductor_cache, fmt_mib, interleave, median,  # noqa: E402
                     peak_rss_bytes)
 
 CACHE_DIR, CACHE_WARM = ensure_inductor_cache()  # before torch reads its inductor config
@@ -104,8 +104,11 @@ def build(name: str, source, batches, amp: str, device: torch.device):
 
     model = copy.deepcopy(source).to(device)
     x, y = batches[0]
-    disable = [] if name == "fused" else ["fuse_linear_cross_entropy"]
-    compiled = graphllm.compile(model, x, y, backend="inductor", amp=amp, disable=disable)
+    from graphllm.passes.pipeline import default_passes
+
+    fused = [p.with_options(min_bytes=0) if p.name == "fuse_linear_cross_entropy" else p for p in default_passes()]
+    passes = fused if name == "fused" else [p for p in fused if p.name != "fuse_linear_cross_entropy"]
+    compiled = graphllm.compile(model, x, y, backend="inductor", amp=amp, passes=passes)
     return Contender(name, model, compiled, make_optimizer(model, TrainConfig()), 0.0, compiled=compiled)
 
 

@@ -56,7 +56,7 @@ def _version() -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     from graphllm.cli import compile_cmd, convert_cmd, eval_cmd, inspect_cmd, preprocess_cmd, profile_cmd, run_cmd
-    from graphllm.cli import chat_cmd, convert_args_cmd, generate_cmd
+    from graphllm.cli import chat_cmd, convert_args_cmd, generate_cmd, plan_cmd
 
     parser = argparse.ArgumentParser(prog="graphllm", description="Graph-mode LLM training: compile, run, inspect.")
     parser.add_argument("--version", action="version", version=_version(), help="print the version and exit")
@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="log what each pass does; show the traceback of an error in a user's pass")
     sub = parser.add_subparsers(dest="command", required=True)
     for mod in (compile_cmd, run_cmd, inspect_cmd, profile_cmd, preprocess_cmd, convert_cmd, eval_cmd,
-                generate_cmd, chat_cmd, convert_args_cmd):
+                generate_cmd, chat_cmd, convert_args_cmd, plan_cmd):
         mod.add_parser(sub)
     for p in all_parsers(parser):
         p.formatter_class = DefaultsHelpFormatter

@@ -129,6 +129,10 @@ def _inductor(stage: TrainStage) -> DynamoBackend:
         # Recompute policies reach inductor's own min-cut partitioner through config: the tags as a
         # joint-graph pass (it runs before partitioning), the budget as activation_memory_budget.
         functorch_patches, inductor_patches = inductor_config_patches(stage.plan.recompute)
+        if stage.plan.activation_offload.enabled:  # the offload rewrite after inductor's own partitioner
+            from graphllm.offload_activations import InductorOffloadPartitioner
+
+            inductor_patches["custom_partitioner_fn"] = InductorOffloadPartitioner(stage.plan.activation_offload)
         with torch._functorch.config.patch(enable_autograd_cache=False, **functorch_patches):
             return compile_fx(gm, example_inputs, inner_compile=inner, config_patches=inductor_patches or None)
 

@@ -29,12 +29,13 @@ def disk_full(exc: BaseException) -> bool:
 
 
 def checkpoint_bytes(built) -> int:
-    """About how many bytes one checkpoint takes: every full parameter, and AdamW's two fp32 states."""
+    """About how many bytes one checkpoint takes: every full parameter in fp32 (a bf16 parameter is saved as its fp32
+    master weight, graphllm.parallel.checkpoint), and AdamW's two fp32 states."""
     from graphllm.planning.sharding import shard_of
 
     total = 0
     for p in built.model.parameters():
         shard = shard_of(p)
         numel = math.prod(shard.full_shape) if shard is not None else p.numel()
-        total += numel * (p.element_size() + 8)
+        total += numel * (max(p.element_size(), 4) + 8)
     return total

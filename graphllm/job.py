@@ -31,6 +31,9 @@ from graphllm.tasks.reference import reference_target
 from graphllm.train_stage import StageSet
 
 logger = logging.getLogger("graphllm")
+PARAMS_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+"""--params-dtype → the dtype the model's parameters are loaded in (graphllm.parallel.master_weights keeps the fp32
+masters)."""
 
 @dataclass(kw_only=True)
 class Built:
@@ -73,7 +76,8 @@ def build(plan: CompilePlan, *, user: Sequence[GraphPass] = (), purpose: Purpose
     st = join_world(plan)
     rank = st.rank if st is not None else 0
     t_model = time.perf_counter()
-    model = load_model(plan.model, seed=plan.seed, attn_implementation=plan.attn_implementation).to(plan.device)
+    model = load_model(plan.model, seed=plan.seed, attn_implementation=plan.attn_implementation,
+                       dtype=PARAMS_DTYPES[plan.params_dtype]).to(plan.device)  # bf16: captured with bf16 params
     t_model = time.perf_counter() - t_model
     cfg = model.config
     if plan.seq_len > cfg.max_position_embeddings:
@@ -91,11 +95,13 @@ def build(plan: CompilePlan, *, user: Sequence[GraphPass] = (), purpose: Purpose
         result = compiled.result
         engine = Engine(layout=layout, st=st, named_params=dict(task.trained.named_parameters()), step_fn=compiled,
                         micro_batch_size=plan.batch_size, seq_len=plan.seq_len, metric_names=task.metrics,
-                        reference=reference if uses_reference_graph(plan) else None)
+                        reference=reference if uses_reference_graph(plan) else None,
+                        offload_optimizer=plan.offload_optimizer)
     else:
         result, runner = _build_stages(pipeline, model, inputs, st, dump_dir)
         engine = Engine(layout=layout, st=st, named_params=runner.named_parameters(), pipeline=runner,
-                        micro_batch_size=plan.batch_size, seq_len=plan.seq_len)
+                        micro_batch_size=plan.batch_size, seq_len=plan.seq_len,
+                        offload_optimizer=plan.offload_optimizer)
     built = Built(plan=plan, model=task.trained, result=result, engine=engine, rank=rank, compiled=compiled,
                   reference=reference, timings={"model": t_model, **result.timings})
     if warm:

@@ -238,8 +238,15 @@ def _lowering_steps(plan: CompilePlan) -> list[Step]:
                           origin="graphllm.passes.pipeline_split", required=True))
     steps.append(Step("partition", "partition", "aot_autograd splits each graph into forward and backward; the "
                                                 "recompute policy picks what the backward recomputes",
-                      options={"recompute": plan.recompute.describe()}, origin="graphllm.recompute", required=True))
+                      options={"recompute": plan.recompute.describe(), **_offload_option(plan)},
+                      origin="graphllm.recompute", required=True))
     return steps
+
+
+def _offload_option(plan: CompilePlan) -> dict[str, str]:
+    """The partition step's activation offload (graphllm/offload_activations.py rewrites its result), when on."""
+    off = plan.activation_offload
+    return {"offload_activations": off.describe()} if off.enabled else {}
 
 
 def _train_steps(plan: CompilePlan, purpose: str) -> list[Step]:

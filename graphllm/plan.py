@@ -15,8 +15,10 @@ from graphllm.models.hub import resolve_model
 from graphllm.models.presets import PRESETS
 from graphllm.npu_backend import NpuOptions
 from graphllm.options import check_fields, from_dict, option, section, to_dict
+from graphllm.planning.compat import check_plan
 from graphllm.planning.layout import Layout
 from graphllm.planning.lora_config import LoraConfig
+from graphllm.planning.offload_config import ActivationOffloadConfig
 from graphllm.planning.recompute_config import RecomputeConfig
 from graphllm.planning.task_config import TaskConfig
 
@@ -44,6 +46,12 @@ class CompilePlan:
     backend: str = option("inductor", choices=_backend_names, check=_check_backend,
                           help="which backend compiles the forward/backward graphs")
     amp: Literal["fp32", "bf16"] = option("fp32", help="fp32, or bf16 autocast with fp32 master weights")
+    params_dtype: Literal["fp32", "bf16"] = option(
+        "fp32", help="the parameters' dtype, and so the gradients' and the graph's: bf16 keeps fp32 master weights "
+                     "and AdamW moments in the optimizer (Megatron's O2; docs/memory.md)")
+    offload_optimizer: bool = option(False, help="keep the optimizer's fp32 master weights and AdamW moments in host "
+                                                 "memory between steps, streamed through the device for the step "
+                                                 "(saves device memory on cuda/npu, none on cpu; docs/memory.md)")
     seed: int = option(0, help="seed for the random initialisation of preset models")
     attn_implementation: Literal["sdpa", "eager"] | None = option(
         None, help="attention form to capture (default: the model config's own)")
@@ -63,6 +71,8 @@ class CompilePlan:
     layout: Layout = section(Layout, title="parallelism (ranks = tp × cp × pp × dp; several ranks start through "
                                            "torchrun)")
     recompute: RecomputeConfig = section(RecomputeConfig, title="activation recomputation (graphllm/recompute.py)")
+    activation_offload: ActivationOffloadConfig = section(
+        ActivationOffloadConfig, title="activation offload to host memory (graphllm/offload_activations.py)")
     npu: NpuOptions = section(NpuOptions, title="npu (torchair) options")
 
     def __post_init__(self) -> None:
@@ -74,15 +84,7 @@ class CompilePlan:
             raise GraphllmError(f"--device {self.device} does not fit --backend {self.backend}: the npu backend runs "
                                 "on --device npu, and only there")
         self.task.check_shapes(batch_size=self.batch_size)
-        if self.task.kind != "lm" and self.layout.pp > 1:
-            raise GraphllmError(f"--task {self.task.kind} with --pp > 1 is not supported yet (the pipeline's last stage "
-                                "computes next-token cross-entropy only); use --pp 1")
-        if self.task.kind != "lm" and self.layout.cp > 1:
-            raise GraphllmError(f"--task {self.task.kind} with --cp > 1 is not supported yet (its per-row sums over "
-                                "the sequence would need reducing over the context-parallel ranks); use --cp 1")
-        if self.eod_reset and self.layout.pp > 1:
-            raise GraphllmError("--eod-reset with --pp > 1 is not supported yet (pipeline stages take no position "
-                                "ids); use --pp 1")
+        check_plan(self)  # feature combinations refused with a reason: graphllm/planning/compat.py
 
     @property
     def global_batch_size(self) -> int:

@@ -134,8 +134,10 @@ def load_step(path: Path, built, optimizer, *, extra_out: dict | None = None,
     except (OSError, ValueError):
         kind = None  # load_checkpoint reports the damaged marker
     if kind == WEIGHTS_ONLY:
-        load_checkpoint(path, named_params=named, want_optim=False, st=built.engine.st,
-                        expect_fingerprint=weights_fingerprint(built.model.config))
+        loaded = load_checkpoint(path, named_params=named, want_optim=False, st=built.engine.st,
+                                 expect_fingerprint=weights_fingerprint(built.model.config))
+        if loaded.masters and hasattr(optimizer, "load_masters"):  # bf16 parameters: the unrounded fp32 weights
+            optimizer.load_masters(named, loaded.masters)
         if built.rank == 0:
             log.warning("%s holds weights only (a converted checkpoint): training starts at step 0 with a fresh "
                         "optimizer and learning-rate schedule", path)

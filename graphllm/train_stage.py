@@ -50,14 +50,15 @@ class TrainStage:
 
     def partition_fn(self) -> Callable:
         """The aot_autograd partition function of the plan's recompute policy (every aot backend uses it)."""
+        from graphllm.offload_activations import wrap_partition
         from graphllm.recompute import partition_fn_for
 
         partition = partition_fn_for(self.plan.recompute)
-        if not self.plan.lora.qlora:
-            return partition
-        from graphllm.passes.quantize_base import recomputing_dequantized
+        if self.plan.lora.qlora:
+            from graphllm.passes.quantize_base import recomputing_dequantized
 
-        return recomputing_dequantized(partition)  # casts/views of NF4 weights are recomputed with them
+            partition = recomputing_dequantized(partition)  # casts/views of NF4 weights are recomputed with them
+        return wrap_partition(partition, self.plan.activation_offload)  # offloads what the policy saves
 
     def run(self, gm: fx.GraphModule, kind: str) -> fx.GraphModule:
         """The train passes on one partitioned graph (`kind`: forward, backward, inference), with dumps."""

@@ -1,4 +1,5 @@
-"""graphllm.models: dense decoder-only causal LMs (llama, qwen2, mistral, phi3, glm4, gemma2, gemma3_text)
+"""graphllm.models: decoder-only causal LMs, dense (llama, qwen2, qwen3, mistral, phi3, glm4, gemma2,
+gemma3_text) and mixture-of-experts (mixtral, qwen3_moe: models/moe.py)
 
 A leaf layer: imports torch, safetensors and graphllm.errors only (never transformers).
 """

@@ -1,5 +1,5 @@
-"""ModelConfig: the architecture of a dense decoder-only causal LM (llama, qwen2, mistral, phi3, glm4, gemma2,
-gemma3_text), parsed from and written back to a Hugging Face config.json dict (models/hf_config.py).
+"""ModelConfig: the architecture of a decoder-only causal LM (llama, qwen2, qwen3, mistral, phi3, glm4, gemma2,
+gemma3_text; mixtral and qwen3_moe with mixture-of-experts MLPs, models/moe.py), parsed from and written back to a Hugging Face config.json dict (models/hf_config.py).
 
 One decoder implementation (models/decoder.py) serves every family; the fields below describe the forms
 it builds (norm with unit offset, GeGLU, sandwich norms, soft-capping, per-layer windows and RoPE, ...), so
@@ -17,11 +17,11 @@ from typing import Any, Literal
 from graphllm.errors import GraphllmError
 
 from .families import (LAYER_TYPES, SUPPORTED_ACTIVATIONS, SUPPORTED_MODEL_TYPES, SUPPORTED_ROPE_TYPES,
-                       check_rope_scaling)
+                       check_moe, check_rope_scaling)
 
 __all__ = ["LAYER_TYPES", "SUPPORTED_ACTIVATIONS", "SUPPORTED_MODEL_TYPES", "SUPPORTED_ROPE_TYPES", "ModelConfig"]
 
-ModelType = Literal["llama", "qwen2", "mistral", "phi3", "glm4", "gemma2", "gemma3_text"]
+ModelType = Literal["llama", "qwen2", "qwen3", "mistral", "phi3", "glm4", "gemma2", "gemma3_text", "mixtral", "qwen3_moe"]
 # Names of a layer's norms: (before attention, after attention, before the MLP, after the MLP); None: absent.
 _NORM_NAMES = {
     "glm4": ("input_layernorm", "post_self_attn_layernorm", "post_attention_layernorm", "post_mlp_layernorm"),
@@ -30,7 +30,8 @@ _NORM_NAMES = {
 }
 _NORM_NAMES["gemma3_text"] = _NORM_NAMES["gemma2"]
 _PLAIN_NORMS = ("input_layernorm", None, "post_attention_layernorm", None)
-_O_BIAS = ("llama", "gemma2", "gemma3_text")  # attention_bias covers o_proj too; qwen2/glm4: q/k/v only
+_O_BIAS = ("llama", "gemma2", "gemma3_text", "qwen3", "qwen3_moe")  # attention_bias covers o_proj too; qwen2/glm4: q/k/v
+
 
 
 @dataclass(kw_only=True, slots=True)
@@ -83,7 +84,7 @@ class ModelConfig:
     sandwich_norms: bool = False
     """Norms after attention and after the MLP too, before each residual add (Gemma 2/3, GLM-4)."""
     qk_norm: bool = False
-    """RMSNorm over head_dim of every query and key head before RoPE (Gemma 3: q_norm, k_norm)."""
+    """RMSNorm over head_dim of every query and key head before RoPE (Gemma 3, Qwen3: q_norm, k_norm)."""
     query_pre_attn_scalar: float | None = None
     """Attention scale query_pre_attn_scalar**-0.5 (Gemma); None: head_dim**-0.5."""
     attn_logit_softcapping: float | None = None
@@ -98,6 +99,22 @@ class ModelConfig:
     """RoPE base of the sliding-window layers (Gemma 3); None: rope_theta everywhere."""
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
     """"sdpa": F.scaled_dot_product_attention(is_causal=True); "eager": matmul + mask + softmax."""
+    num_experts: int = 0
+    """Routed experts E of each mixture-of-experts MLP (HF num_local_experts / num_experts); 0: a dense model."""
+    num_experts_per_tok: int = 0
+    """Experts k each token is routed to (top-k of the router's softmax)."""
+    moe_intermediate_size: int | None = None
+    """Width of one expert's gated MLP; None: intermediate_size (Mixtral)."""
+    norm_topk_prob: bool = True
+    """The k routing weights are renormalised to sum to 1 (Mixtral always; Qwen3-MoE per config)."""
+    decoder_sparse_step: int = 1
+    """Layer i has experts when (i + 1) % decoder_sparse_step == 0 and i is not in mlp_only_layers."""
+    mlp_only_layers: tuple[int, ...] = ()
+    """Layers that keep a dense MLP of intermediate_size (Qwen3-MoE)."""
+    output_router_logits: bool = False
+    """With labels the loss adds router_aux_loss_coef × the load-balancing loss (transformers' semantics)."""
+    router_aux_loss_coef: float = 0.001
+    """Weight of the load-balancing loss in the training loss."""
 
     def __post_init__(self) -> None:
         if self.model_type not in SUPPORTED_MODEL_TYPES:
@@ -131,6 +148,8 @@ class ModelConfig:
             raise GraphllmError("mistral has no biases: set attention_bias=False, mlp_bias=False")
         self._check_window()
         self._check_rotary()
+        self.mlp_only_layers = tuple(self.mlp_only_layers)
+        check_moe(self)
         self.rope_scaling = check_rope_scaling(self.rope_scaling, self.rotary_dim)
 
     def _check_window(self) -> None:
@@ -181,6 +200,16 @@ class ModelConfig:
     def norm_names(self) -> tuple[str | None, ...]:
         """(before attention, after attention, before MLP, after MLP) norm names of a layer; None: absent."""
         return _NORM_NAMES.get(self.model_type, _NORM_NAMES["gemma2"]) if self.sandwich_norms else _PLAIN_NORMS
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Layer `layer` has a mixture-of-experts MLP (HF's decoder_sparse_step / mlp_only_layers rule)."""
+        return (self.num_experts > 0 and layer not in self.mlp_only_layers
+                and (layer + 1) % self.decoder_sparse_step == 0)
+
+    @property
+    def expert_size(self) -> int:
+        """Width of one expert's gated MLP."""
+        return self.moe_intermediate_size or self.intermediate_size
 
     def window_of(self, layer: int) -> int | None:
         """The attention window of layer `layer`, or None for full causal attention."""

@@ -17,6 +17,7 @@ from .attention import Attention
 from .config import ModelConfig
 from .layers import GatedMLP, RMSNorm, UnitOffsetRMSNorm, make_norm, rope_angles, rope_table
 from .masks import packed_causal_mask, window_masks
+from .moe import Experts, RouterStats, SparseMoeBlock, load_balancing_loss
 from .rope import rope_inv_freq
 
 IGNORE_INDEX = -100  # label value that contributes no loss (prompt tokens, padding)
@@ -24,12 +25,13 @@ IGNORE_INDEX = -100  # label value that contributes no loss (prompt tokens, padd
 
 class DecoderLayer(nn.Module):
     """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)); with sandwich norms each branch
-    output is normed too before its residual add (Gemma 2/3, GLM-4)."""
+    output is normed too before its residual add (Gemma 2/3, GLM-4). The MLP of layer `index` is a mixture of
+    experts where the config says so (cfg.is_moe_layer)."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, index: int = 0) -> None:
         super().__init__()
         self.self_attn = Attention(cfg)
-        self.mlp = GatedMLP(cfg)
+        self.mlp = SparseMoeBlock(cfg) if cfg.is_moe_layer(index) else GatedMLP(cfg)
         self._norms = cfg.norm_names  # (before attn, after attn, before mlp, after mlp); None: absent
         for name in self._norms:
             if name is not None:
@@ -47,17 +49,25 @@ class DecoderLayer(nn.Module):
         """The residual stream after attention's output `attn_out` [B, S, hidden] is added."""
         return x + self._norm(1, attn_out)
 
-    def mlp_block(self, x: torch.Tensor) -> torch.Tensor:
-        """x + mlp(norm(x)) (with a norm on the MLP output too for sandwich norms)."""
-        return x + self._norm(3, self.mlp(self._norm(2, x)))
+    def mlp_block(self, x: torch.Tensor, router_stats: list[RouterStats] | None = None) -> torch.Tensor:
+        """x + mlp(norm(x)) (with a norm on the MLP output too for sandwich norms); an MoE layer appends its
+        load-balance statistics to `router_stats` when it is given."""
+        h = self._norm(2, x)
+        if router_stats is not None and isinstance(self.mlp, SparseMoeBlock):
+            h, stats = self.mlp.forward_with_stats(h)
+            router_stats.append(stats)
+        else:
+            h = self.mlp(h)
+        return x + self._norm(3, h)
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, causal_mask: torch.Tensor | None,
         sample_mask: torch.Tensor | None = None, window_mask: torch.Tensor | None = None,
+        router_stats: list[RouterStats] | None = None,
     ) -> torch.Tensor:
         x = self.add_attention(x, self.self_attn(self.attn_input(x), cos, sin, causal_mask, sample_mask,
                                                  window_mask))
-        return self.mlp_block(x)
+        return self.mlp_block(x, router_stats)
 
 
 def _rope_buffers(cfg: ModelConfig) -> dict[str, torch.Tensor]:
@@ -76,7 +86,7 @@ class DecoderModel(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = make_norm(cfg, cfg.hidden_size)
         self.inv_freq: torch.Tensor
         for name, value in _rope_buffers(cfg).items():
@@ -143,9 +153,11 @@ class DecoderModel(nn.Module):
             out[local] = (rope_table(emb, torch.cos, k_scale, at, dtype), rope_table(emb, torch.sin, k_scale, at, dtype))
         return out
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+                router_stats: list[RouterStats] | None = None) -> torch.Tensor:
         # input_ids [B, S] -> hidden [B, S, hidden]. position_ids [B, S] (packed rows): RoPE positions, and
-        # each 0 starts a new sample that attention does not cross (Megatron's EOD reset)
+        # each 0 starts a new sample that attention does not cross (Megatron's EOD reset). router_stats: a list
+        # that each MoE layer appends its load-balance statistics to
         cfg = self._cfg
         _, S = input_ids.shape
         h = self.embed(input_ids)
@@ -163,7 +175,9 @@ class DecoderModel(nn.Module):
         for i, layer in enumerate(self.layers):
             cos, sin = tables[cfg.local_rope(i)]
             window_mask = masks.get(cfg.window_of(i))
-            if window_mask is None:
+            if router_stats is not None:
+                h = layer(h, cos, sin, causal_mask, sample_mask, window_mask, router_stats)
+            elif window_mask is None:
                 h = layer(h, cos, sin, causal_mask, sample_mask)
             else:
                 h = layer(h, cos, sin, causal_mask, sample_mask, window_mask)
@@ -198,11 +212,20 @@ class DecoderForCausalLM(nn.Module):
         """Logits [B, S, V]; with `labels` [B, S] (already aligned: labels[:, t] is the token after
         input_ids[:, t]; -100 ignored) the mean cross-entropy instead, computed in fp32, so a captured
         training graph holds the loss next to the LM head. `position_ids` [B, S]: packed rows, whose
-        positions restart at 0 at each sample; attention stays inside each sample (EOD reset)."""
-        logits = self.logits(self.model(input_ids, position_ids))  # [B, S, V]
+        positions restart at 0 at each sample; attention stays inside each sample (EOD reset).
+
+        An MoE model whose config sets output_router_logits adds router_aux_loss_coef × the load-balancing
+        loss (models/moe.py) to the loss, as transformers does when labels are given."""
+        cfg = self.config
+        aux = labels is not None and cfg.output_router_logits and cfg.num_experts > 0
+        router_stats: list[RouterStats] | None = [] if aux else None
+        logits = self.logits(self.model(input_ids, position_ids, router_stats))  # [B, S, V]
         if labels is None:
             return logits
-        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
+        if router_stats:
+            loss = loss + cfg.router_aux_loss_coef * load_balancing_loss(router_stats, cfg.num_experts)
+        return loss
 
     def post_materialize(self) -> None:
         """After `to_empty` from meta: re-tie lm_head to the embedding and recompute the RoPE buffers."""
@@ -230,6 +253,9 @@ class DecoderForCausalLM(nn.Module):
                     module.weight.copy_(w)
                 if getattr(module, "bias", None) is not None:
                     module.bias.zero_()
+            elif isinstance(module, Experts):
+                for p in (module.gate_up_proj, module.down_proj):
+                    p.copy_(torch.empty(p.shape, dtype=torch.float32).normal_(0.0, std, generator=gen))
             elif isinstance(module, RMSNorm):
                 module.weight.fill_(1.0)
             elif isinstance(module, UnitOffsetRMSNorm):

@@ -13,19 +13,22 @@ from typing import TYPE_CHECKING, Any
 
 from graphllm.errors import GraphllmError
 
-from .families import SUPPORTED_ACTIVATIONS, SUPPORTED_MODEL_TYPES, check_rope_scaling
+from .families import SUPPORTED_ACTIVATIONS, SUPPORTED_MODEL_TYPES, check_rope_scaling, moe_from_hf, moe_to_hf
 
 if TYPE_CHECKING:
     from .config import ModelConfig
 
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM",
                   "phi3": "Phi3ForCausalLM", "glm4": "Glm4ForCausalLM", "gemma2": "Gemma2ForCausalLM",
-                  "gemma3_text": "Gemma3ForCausalLM"}
+                  "gemma3_text": "Gemma3ForCausalLM", "qwen3": "Qwen3ForCausalLM", "mixtral": "MixtralForCausalLM",
+                  "qwen3_moe": "Qwen3MoeForCausalLM"}
 _MAX_POSITIONS = {"llama": 2048, "qwen2": 32768, "mistral": 131072, "phi3": 4096, "glm4": 131072, "gemma2": 8192,
-                  "gemma3_text": 131072}
-_EPS = {"glm4": 1.5625e-07, "phi3": 1e-5}
+                  "gemma3_text": 131072, "qwen3": 32768, "mixtral": 131072, "qwen3_moe": 32768}
+_EPS = {"glm4": 1.5625e-07, "phi3": 1e-5, "mixtral": 1e-5}
+_THETA = {"gemma3_text": 1e6, "mixtral": 1e6}  # default rope_theta where it is not 10000
+_QWEN3 = ("qwen3", "qwen3_moe")  # q/k RMSNorm per head; no sliding window supported
 _GEMMA = ("gemma2", "gemma3_text")
-_WINDOWED = ("mistral", "phi3", *_GEMMA)
+_WINDOWED = ("mistral", "mixtral", "phi3", *_GEMMA)
 _LOCAL_THETA = 10000.0  # Gemma 3's default rope_local_base_freq / sliding_attention rope_theta
 
 
@@ -47,13 +50,14 @@ def config_from_hf(cls: type[ModelConfig], d: dict[str, Any], source: str) -> Mo
     if act not in SUPPORTED_ACTIVATIONS:
         raise GraphllmError(f"{act_key} {act!r} in {source} is not supported; supported: "
                             f"{', '.join(SUPPORTED_ACTIVATIONS)}")
-    if model_type == "qwen2" and d.get("use_sliding_window", False):
+    if model_type in ("qwen2", *_QWEN3) and d.get("use_sliding_window", False):
         raise GraphllmError(f"use_sliding_window=true in {source} is not supported; only full attention is")
     if d.get("use_bidirectional_attention"):
         raise GraphllmError(f"use_bidirectional_attention=true in {source} is not supported; only causal "
                             "attention is")
     heads = d["num_attention_heads"]
     head_dim = d.get("head_dim") or d["hidden_size"] // heads
+    moe = moe_from_hf(d, model_type, source)
     try:
         rope = _rope_from_hf(d, model_type, head_dim, source)
         return cls(
@@ -74,6 +78,7 @@ def config_from_hf(cls: type[ModelConfig], d: dict[str, Any], source: str) -> Mo
             hidden_act=act,
             **_window_from_hf(d, model_type),
             **_gemma_from_hf(d, model_type),
+            **moe,
             **rope,
         )
     except GraphllmError as e:
@@ -97,6 +102,8 @@ def _window_from_hf(d: dict[str, Any], model_type: str) -> dict[str, Any]:
 def _gemma_from_hf(d: dict[str, Any], model_type: str) -> dict[str, Any]:
     if model_type == "glm4":
         return {"sandwich_norms": True, "rope_interleaved": True}
+    if model_type in _QWEN3:
+        return {"qk_norm": True}
     if model_type not in _GEMMA:
         return {}
     caps = (50.0, 30.0) if model_type == "gemma2" else (None, None)
@@ -126,10 +133,10 @@ def _rope_from_hf(d: dict[str, Any], model_type: str, head_dim: int, source: str
                 f"rope_parameters in {source} must be one dict with a rope_type (or one per layer type), got {params!r}"
             )
         params = dict(params)
-        theta = params.pop("rope_theta", d.get("rope_theta", 1e6 if model_type == "gemma3_text" else 10000.0))
+        theta = params.pop("rope_theta", d.get("rope_theta", _THETA.get(model_type, 10000.0)))
         scaling = params
     else:
-        theta = d.get("rope_theta", 1e6 if model_type == "gemma3_text" else 10000.0)
+        theta = d.get("rope_theta", _THETA.get(model_type, 10000.0))
         scaling = dict(d["rope_scaling"]) if d.get("rope_scaling") else None
     partial = d.get("partial_rotary_factor", 0.5 if model_type == "glm4" else 1.0)
     if scaling is not None:
@@ -188,13 +195,14 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
         "initializer_range": cfg.initializer_range,
         "attention_dropout": 0.0,
     }
-    if cfg.model_type in ("llama", "glm4", *_GEMMA):
+    if cfg.model_type in ("llama", "glm4", *_GEMMA, *_QWEN3):
         d["attention_bias"] = cfg.attention_bias
     if cfg.model_type == "llama":
         d["mlp_bias"] = cfg.mlp_bias
-    if cfg.model_type == "qwen2":
+    if cfg.model_type in ("qwen2", *_QWEN3):
         d["use_sliding_window"] = False
         d["sliding_window"] = None
+    d.update(moe_to_hf(cfg))
     if cfg.model_type in _WINDOWED:
         d["sliding_window"] = cfg.sliding_window
     if cfg.rope_scaling is not None and cfg.rope_scaling["rope_type"] == "longrope":

@@ -6,7 +6,8 @@ half-loading. Saving writes config.json + model.safetensors that transformers' f
 
 Where HF fuses projections (Phi-3 `qkv_proj` and `gate_up_proj`, GLM-4 `gate_up_proj`) the model keeps them
 apart (q/k/v_proj, gate/up_proj), so tensor parallelism, LoRA and the fusion passes see the llama layout:
-`split_fused` cuts them on load and `fuse_for_hf` concatenates them back on save, bit for bit.
+`split_fused` cuts them on load and `fuse_for_hf` concatenates them back on save, bit for bit. MoE experts are
+3D tensors in the model and per-expert tensors in the files (models/moe_weights.py), mapped the same way.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from torch import nn
 from graphllm.errors import GraphllmError
 
 from .config import ModelConfig
+from .moe_weights import experts_from_files, experts_to_files, file_names
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -71,14 +73,15 @@ def split_fused(sd: dict[str, torch.Tensor], cfg: ModelConfig | None) -> dict[st
 
 
 def hf_names(names: list[str], cfg: ModelConfig | None) -> dict[str, list[str]]:
-    """HF tensor name -> the model's tensor names it is made of (one, or the parts of a fused projection)."""
+    """HF file tensor name -> the model's tensor names it is made of (one, the parts of a fused projection, or
+    the 3D expert tensor that a per-expert tensor is cut from)."""
     fused = _fused_modules(cfg)
     part_of = {module: (hf, i) for hf, parts in fused.items() for i, (module, _) in enumerate(parts)}
     out: dict[str, list[str]] = {}
     for name in names:
         key = _layer_key(name)
         if key is None or key[1] not in part_of:
-            out[name] = [name]
+            out.update((file, [name]) for file in file_names(name, cfg))
             continue
         hf, i = part_of[key[1]]
         group = out.setdefault(f"{key[0]}{hf}.{key[2]}", [""] * len(fused[hf]))
@@ -91,7 +94,8 @@ def fuse_for_hf(sd: dict[str, torch.Tensor], cfg: ModelConfig | None) -> dict[st
     groups = hf_names(list(sd), cfg)
     if all(len(parts) == 1 for parts in groups.values()):
         return sd
-    return {hf: sd[parts[0]] if len(parts) == 1 else torch.cat([sd[p] for p in parts], dim=0)
+    # a one-part group keeps the model's name: in-memory HF names (expert tensors are cut by experts_to_files)
+    return {parts[0] if len(parts) == 1 else hf: sd[parts[0]] if len(parts) == 1 else torch.cat([sd[p] for p in parts], dim=0)
             for hf, parts in groups.items()}
 
 
@@ -143,7 +147,8 @@ def check_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], source: str)
 
     Reads only names and shapes of `model`, so a model built on the meta device is enough. HF's fused
     projections are split first (split_fused) for the model's config."""
-    sd = split_fused(sd, getattr(model, "config", None))
+    cfg = getattr(model, "config", None)
+    sd = experts_from_files(split_fused(sd, cfg), cfg)
     own = model.state_dict(keep_vars=True)  # name -> Parameter; a tied lm_head appears under both names
     tied = "lm_head.weight" in own and own["lm_head.weight"] is own.get("model.embed_tokens.weight")
     sd = {k: v for k, v in sd.items() if not k.endswith(_IGNORED_SUFFIXES)}
@@ -192,7 +197,7 @@ def save_hf(model: nn.Module, cfg: ModelConfig, out_dir: str | os.PathLike[str])
     sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     if cfg.tie_word_embeddings:
         sd.pop("lm_head.weight", None)  # HF ties it back on load
-    sd = fuse_for_hf(sd, cfg)
+    sd = experts_to_files(fuse_for_hf(sd, cfg), cfg)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         save_file(sd, str(tmp / SINGLE_FILE), metadata={"format": "pt"})
@@ -262,14 +267,14 @@ def write_safetensors(sd: dict[str, torch.Tensor], out_dir: Path, *, max_shard_b
     one shard's names at a time and returns their real tensors, so one shard at a time is in memory.
     With `cfg`, `sd` holds the model's names and HF's fused projections are written (fuse_for_hf)."""
     groups = hf_names(list(sd), cfg)
-    if any(len(parts) > 1 for parts in groups.values()):
+    if any(parts != [hf] for hf, parts in groups.items()):
         model_sd, inner = sd, materialize
-        sd = fuse_for_hf(sd, cfg)
+        sd = experts_to_files(fuse_for_hf(sd, cfg), cfg)
 
         def materialize(names: list[str]) -> dict[str, torch.Tensor]:  # HF names -> their real (fused) tensors
-            wanted = [p for n in names for p in groups[n]]
+            wanted = list(dict.fromkeys(p for n in names for p in groups[n]))
             real = inner(wanted) if inner is not None else model_sd
-            return fuse_for_hf({p: real[p] for p in wanted}, cfg)
+            return experts_to_files(fuse_for_hf({p: real[p] for p in wanted}, cfg), cfg)
     where = shard_file_names(sd, max_shard_bytes)
     files = list(dict.fromkeys(where.values()))
     for file in files:

@@ -11,7 +11,8 @@ last micro-batch. Legal: the mean over ranks of each rank's gradient is the grad
 loss over the global batch. With context parallelism (cp > 1) the parameters are replicated over the
 cp ranks too, and each cp rank's loss is rewritten so that the mean over them is the loss of the whole
 sequences: the reduction runs over the "dp_cp" group and divides by dp·cp (cp 1: "dp" and dp, the
-graph as before).
+graph as before). bf16 gradients (--params-dtype bf16) are widened to fp32 for the reduction and rounded back
+once after it.
 """
 
 from __future__ import annotations
@@ -27,6 +28,10 @@ from graphllm.passes.shapes import repropagate
 
 aten = torch.ops.aten
 c10d = torch.ops._c10d_functional
+prims = torch.ops.prims
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+"""Gradients of these dtypes (--params-dtype bf16) are averaged in fp32 and rounded back once, for the reason
+graphllm.parallel.optim.wire_dtype gives."""
 DEFAULT_BUCKET_MB = 25.0
 
 
@@ -60,6 +65,8 @@ def dp_grad_reduce(gm: fx.GraphModule, ctx: PassContext, *, bucket_mb: float = D
         with gm.graph.inserting_before(last.next):  # in order, right after the bucket's last gradient
             flat = [emit(gm, aten.reshape.default, (g, [-1]), g) for _, g in bucket]
             cat = emit(gm, aten.cat.default, (flat,), last)
+            if bucket[0][1].meta["val"].dtype in LOW_PRECISION:  # bf16 gradients are averaged in fp32 (see above)
+                cat = emit(gm, prims.convert_element_type.default, (cat, torch.float32), last)
             mean = emit(gm, aten.div.Tensor, (cat, replicas), last)
             issued.append((bucket, emit(gm, c10d.all_reduce.default, (mean, "sum", name), last)))
     with gm.graph.inserting_before(out):
@@ -70,6 +77,8 @@ def dp_grad_reduce(gm: fx.GraphModule, ctx: PassContext, *, bucket_mb: float = D
             for k, (i, g) in enumerate(bucket):
                 piece = emit(gm, operator.getitem, (parts, k), out)
                 results[i] = emit(gm, aten.view.default, (piece, list(g.meta["val"].shape)), out)
+                if g.meta["val"].dtype in LOW_PRECISION:
+                    results[i] = emit(gm, prims.convert_element_type.default, (results[i], g.meta["val"].dtype), out)
     out.args = (tuple(results),)
     ctx.count("buckets", len(issued))
     ctx.count("gradients", len(grads))

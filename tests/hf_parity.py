@@ -64,7 +64,19 @@ FAMILIES = {
                     rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 1000.0},
                                      "full_attention": {"rope_type": "linear", "rope_theta": 50000.0,
                                                         "factor": 2.0}}), None),
+    "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM,
+              dict(COMMON, num_key_value_heads=2, head_dim=16), None),
+    # mixture of experts: top-2 of 4 (Mixtral), top-2 of 8 without renormalising and a dense layer (Qwen3-MoE);
+    # the router aux loss is on, so a training forward adds it (tests/test_moe_models.py)
+    "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM,
+                dict(COMMON, num_key_value_heads=2, intermediate_size=48, num_local_experts=4, num_experts_per_tok=2,
+                     output_router_logits=True, router_aux_loss_coef=0.02), None),
+    "qwen3-moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM,
+                  dict(COMMON, num_key_value_heads=2, head_dim=16, moe_intermediate_size=32, num_experts=8,
+                       num_experts_per_tok=2, norm_topk_prob=False, mlp_only_layers=[1], output_router_logits=True,
+                       router_aux_loss_coef=0.02), None),
 }
+MOE_FAMILIES = ("mixtral", "qwen3-moe")
 SOFTCAPPED = ("gemma2",)  # transformers runs soft-capped attention eagerly only (no SDPA)
 
 

@@ -6,7 +6,9 @@ over its group's mesh dimension; a whole tensor is saved plainly by every rank t
 save planner keeps one copy of each (fqn, offset) chunk, which drops data-, context- and tensor-parallel
 replicas. Any layout, or one process without a process group, can therefore load any checkpoint.
 
-Keys: "model/<fqn>", "optim/<fqn>/<state name>" (sharded like the parameter when shaped like it),
+Keys: "model/<fqn>" (fp32 under --params-dtype bf16: the optimizer's master weights, so the checkpoint is the
+same fp32 model whatever the run's params dtype; loading rounds it into bf16 parameters and hands the fp32 values
+to the optimizer as its masters), "optim/<fqn>/<state name>" (sharded like the parameter when shaped like it),
 "optim/step", "extra/<name>" (rank 0's values). Non-tensor values are stored wrapped in a 1-tuple so
 DCP pickles them whole instead of flattening dicts into keys.
 
@@ -19,6 +21,8 @@ require the marker. All ranks must see `path` on one filesystem. The directory g
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import json
 import os
@@ -64,10 +68,14 @@ DIR_MODE = _dir_mode()  # read once at import: os.umask can only be read by sett
 class LoadedCheckpoint:
     step: int
     optim_state: dict | None
-    """{"step": int, "state": {fqn: {name: Tensor}}}, tensors shaped like this rank's local params."""
+    """{"step": int, "state": {fqn: {name: Tensor}}, "master": {fqn: fp32 Tensor}}, tensors shaped like this rank's
+    local params; "master" holds the fp32 weights loaded for bf16 parameters (their optimizer's master weights)."""
     extra: dict
     meta: dict
     """The marker json: the caller's meta plus "format" and "step"."""
+    masters: dict = dataclasses.field(default_factory=dict)
+    """{fqn: fp32 Tensor}: the weights loaded for non-fp32 parameters before rounding (also without want_optim: a
+    weights-only load under --params-dtype bf16 hands them to the optimizer as its masters)."""
 
 
 def _rank() -> int:
@@ -145,7 +153,8 @@ def save_checkpoint(path: Path, *, step: int, named_params: dict[str, torch.nn.P
                     extra: dict, meta: dict, st) -> Path:
     """Every rank calls this with its local params; returns `path` once the checkpoint is complete there.
 
-    `optim_state`: {"step": int, "state": {fqn: {name: Tensor}}} (local, like the params) or None.
+    `optim_state`: {"step": int, "state": {fqn: {name: Tensor}}} (local, like the params) or None; its optional
+    "master": {fqn: fp32 Tensor} (graphllm.parallel.master_weights) is saved as those parameters' weights.
     `extra`: rank 0's values are stored (tensors or picklable objects). `meta` must be json-able; a
     "fingerprint" key is what load_checkpoint's `expect_fingerprint` compares against."""
     path = Path(path)
@@ -191,7 +200,10 @@ def save_checkpoint(path: Path, *, step: int, named_params: dict[str, torch.nn.P
 
 def _state_to_save(named_params: dict, optim_state: dict | None, extra: dict, st) -> dict:
     """The DCP state dict of a save: parameters, optimizer states (sharded like their parameter), rank 0's extras."""
-    state: dict = {f"model/{fqn}": _for_save(p, _shard(p), st) for fqn, p in named_params.items()}
+    # an optimizer with fp32 master weights (--params-dtype bf16) gives them: they are the model's weights, saved
+    # in place of the rounded bf16 parameters, so the checkpoint is the fp32 model any layout or dtype resumes
+    masters = (optim_state or {}).get("master") or {}
+    state: dict = {f"model/{fqn}": _for_save(masters.get(fqn, p), _shard(p), st) for fqn, p in named_params.items()}
     if optim_state is not None:
         state["optim/step"] = (int(optim_state["step"]),)
         for fqn, named in optim_state["state"].items():
@@ -254,6 +266,7 @@ def load_checkpoint(path: Path, *, named_params: dict[str, torch.nn.Parameter], 
     state: dict = {}
     fills: list[tuple[str, torch.Tensor, ParamShard | None]] = []  # (key, local destination, shard)
     optim: dict[str, dict[str, torch.Tensor]] = {}
+    masters: dict[str, torch.Tensor] = {}  # fp32 weights loaded for non-fp32 parameters (their master weights)
 
     def want(key: str, local: torch.Tensor, shard: ParamShard | None) -> None:
         state[key] = _target(local, shard, st)
@@ -269,6 +282,9 @@ def load_checkpoint(path: Path, *, named_params: dict[str, torch.nn.Parameter], 
         elif tuple(entry.size) != full:
             error = error or (f"checkpoint {path} has {fqn} shaped {tuple(entry.size)} but the model's is {full}; "
                               "load a checkpoint of this model configuration")
+        elif entry.properties.dtype == torch.float32 and p.dtype in (torch.bfloat16, torch.float16):
+            masters[fqn] = torch.empty(p.shape, dtype=torch.float32, device=p.device)  # copied into p below
+            want(f"model/{fqn}", masters[fqn], shard)
         else:
             want(f"model/{fqn}", p.detach(), shard)
     if error is None and want_optim:
@@ -307,13 +323,16 @@ def load_checkpoint(path: Path, *, named_params: dict[str, torch.nn.Parameter], 
                 got = shard.slice_of(got)
             if got.data_ptr() != local.data_ptr():
                 local.copy_(got)
+        for fqn, master in masters.items():
+            named_params[fqn].detach().copy_(master)  # the parameter: its master, rounded
     for key, value in state.items():
         fqn, _, name = key.removeprefix("optim/").rpartition("/")
         if key.startswith("optim/") and fqn in named_params and not isinstance(value, torch.Tensor):
             optim.setdefault(fqn, {})[name] = _unwrap(value)
-    optim_state = {"step": int(_unwrap(state["optim/step"])), "state": optim} if want_optim else None
+    optim_state = {"step": int(_unwrap(state["optim/step"])), "state": optim, "master": masters} if want_optim else None
     extra = {k.removeprefix("extra/"): _unwrap(v) for k, v in state.items() if k.startswith("extra/")}
-    return LoadedCheckpoint(step=int(marker["step"]), optim_state=optim_state, extra=extra, meta=marker)
+    return LoadedCheckpoint(step=int(marker["step"]), optim_state=optim_state, extra=extra, meta=marker,
+                            masters=masters)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -31,18 +31,23 @@ class Engine:
 
     def __init__(self, *, layout: Layout, st: ParallelState | None, named_params: dict[str, nn.Parameter],
                  step_fn: Any = None, pipeline: Any = None, micro_batch_size: int, seq_len: int | None = None,
-                 metric_names: Sequence[str] = (), reference: Callable | None = None):
+                 metric_names: Sequence[str] = (), reference: Callable | None = None,
+                 offload_optimizer: bool = False):
         """`seq_len`: the plan's (global) sequence length; needed when cp > 1: the per-token inputs (dim 1 of
         that length) are cut to this cp rank's tokens. `metric_names`: the entries of the metrics vector
         `step_fn` returns beside the loss (a task's; none: it returns a bare loss). `reference`: DPO's reference
         graph, run on each micro-batch's (input_ids, labels) to give the step its third input
-        (graphllm.tasks.reference)."""
+        (graphllm.tasks.reference). `offload_optimizer`: the optimizer's masters and moments live in host memory
+        (graphllm.parallel.master_weights)."""
         self.layout, self.st = layout, st
         self.named_params = named_params
         self.params = list(named_params.values())
         self.step_fn, self.pipeline = step_fn, pipeline
         self.micro_batch_size, self.seq_len = micro_batch_size, seq_len
         self.metric_names, self.reference = tuple(metric_names), reference
+        self.offload_optimizer = offload_optimizer
+        self.master_weights = any(p.requires_grad and p.dtype != torch.float32 for p in self.params)
+        """Trainable parameters are not fp32 (--params-dtype bf16): the optimizer keeps fp32 masters."""
         self.metrics: dict[str, float] = {}
         """The last forward_backward / eval_loss's metrics (by name), averaged like the loss."""
         self.token_index: torch.Tensor | None = None
@@ -144,14 +149,21 @@ class Engine:
     def clip_grad_norm(self, max_norm: float) -> float:
         """Clip by the global norm of the whole model's gradient (across tensor and pipeline ranks; data- and
         context-parallel replicas hold the same averaged gradient and count once)."""
-        if self.layout.world_size == 1:
+        if self.layout.world_size == 1 and not self.master_weights:  # torch's norm of bf16 grads sums in bf16
             return float(torch.nn.utils.clip_grad_norm_(self.params, max_norm if max_norm > 0 else float("inf")))
         from graphllm.parallel.optim import clip_grad_norm
 
         return clip_grad_norm(self.named_params, max_norm, self.st)
 
     def make_optimizer(self, cfg: Any):
-        """AdamW over this rank's parameters (decay on matrices only), ZeRO-1 sharded when the plan says so."""
+        """AdamW over this rank's parameters (decay on matrices only), ZeRO-1 sharded when the plan says so; with
+        fp32 master weights for non-fp32 parameters, or offloaded: master_weights.MasterAdamW."""
+        if self.master_weights or self.offload_optimizer:
+            from graphllm.parallel.master_weights import MasterAdamW
+
+            return MasterAdamW(self.named_params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                               weight_decay=cfg.weight_decay, group=self._group("dp") if self.layout.zero1 else None,
+                               offload=self.offload_optimizer)
         if self.layout.zero1:
             from graphllm.parallel.optim import ZeroAdamW
 

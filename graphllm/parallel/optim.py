@@ -47,11 +47,20 @@ def _size(group: dist.ProcessGroup | None) -> int:
     return 1 if group is None else dist.get_world_size(group)
 
 
+def wire_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype gradients of `dtype` are averaged in: fp32 for bf16/fp16 gradients (--params-dtype bf16), as
+    Megatron does for bf16 (arguments.py: bf16 forces accumulate_allreduce_grads_in_fp32). A bf16 sum rounds to 8
+    mantissa bits at every partial sum of the reduction (dp - 1 roundings, in an order that depends on the
+    collective's algorithm); in fp32 the mean is rounded once, when written back into the bf16 gradient. It costs
+    twice a bf16 all-reduce's bytes. Other dtypes travel as they are."""
+    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+
+
 def reduce_gradients(params: Sequence[nn.Parameter], group: dist.ProcessGroup | None, *,
                      bucket_bytes: int = 25 * 2**20) -> int:
     """Average `.grad` over `group` (sum, then divide by its size) in flat per-dtype buckets of about
-    `bucket_bytes`; a missing gradient counts as zeros and receives the average. Returns the number of
-    buckets (0 when there is nothing to do)."""
+    `bucket_bytes` (bf16/fp16 gradients reduced in fp32: `wire_dtype`); a missing gradient counts as zeros and
+    receives the average. Returns the number of buckets (0 when there is nothing to do)."""
     size = _size(group)
     if size == 1:
         return 0
@@ -64,7 +73,7 @@ def reduce_gradients(params: Sequence[nn.Parameter], group: dist.ProcessGroup | 
     for dtype, ps in by_dtype.items():
         bucket, used = [], 0
         for p in ps:
-            nbytes = p.numel() * dtype.itemsize
+            nbytes = p.numel() * wire_dtype(dtype).itemsize
             if bucket and used + nbytes > bucket_bytes:
                 buckets.append((dtype, bucket))
                 bucket, used = [], 0
@@ -74,15 +83,15 @@ def reduce_gradients(params: Sequence[nn.Parameter], group: dist.ProcessGroup | 
     pending = []
     for dtype, bucket in buckets:
         flat = torch.cat([(p.grad if p.grad is not None else torch.zeros(p.shape, dtype=dtype, device=p.device))
-                          .reshape(-1)
+                          .reshape(-1).to(wire_dtype(dtype))
                           for p in bucket])  # [sum of the bucket's numels]
-        pending.append((bucket, flat, dist.all_reduce(flat, group=group, async_op=True)))
-    for bucket, flat, work in pending:
+        pending.append((dtype, bucket, flat, dist.all_reduce(flat, group=group, async_op=True)))
+    for dtype, bucket, flat, work in pending:
         work.wait()
         flat /= size
         for p, g in zip(bucket, flat.split([p.numel() for p in bucket])):
             if p.grad is None:
-                p.grad = g.view(p.shape).clone()
+                p.grad = g.view(p.shape).to(dtype, copy=True)
             else:
                 p.grad.copy_(g.view(p.shape))
     return len(buckets)
@@ -145,19 +154,15 @@ class _Piece:
     is_view: bool
 
 
-class ZeroAdamW:
-    """AdamW whose states and update are sharded over the data-parallel `group` (ZeRO-1).
+class RangeSharded:
+    """The trainable parameters laid end to end in one index space, cut into `group`-size near-equal ranges: this
+    rank's [start, end). What ZeroAdamW and master_weights.MasterAdamW share: the ranges, the all-gather of the
+    updated ranges into the parameters, zero_grad."""
 
-    Parameter groups, decay only on matrices, and the update are those of graphllm.train.make_optimizer's
-    AdamW(fused=True); `.grad` must already be averaged over `group` when `step()` runs. With context
-    parallelism the gradients are averaged over dp × cp and the states stay sharded over dp only: the cp
-    replicas of each dp group run the same update on the same gradients."""
-
-    def __init__(self, named_params: dict[str, nn.Parameter], *, lr: float, betas: tuple[float, float], eps: float,
-                 weight_decay: float, group: dist.ProcessGroup | None):
+    def __init__(self, named_params: dict[str, nn.Parameter], group: dist.ProcessGroup | None):
         self.params = [p for p in _unique(named_params.values()) if p.requires_grad]
         if not self.params:
-            raise GraphllmError("ZeroAdamW got no trainable parameters")
+            raise GraphllmError(f"{type(self).__name__} got no trainable parameters")
         self.group = group if _size(group) > 1 else None
         self.world = _size(self.group)
         rank = dist.get_rank(self.group) if self.group is not None else 0
@@ -168,9 +173,42 @@ class ZeroAdamW:
         dtypes = {p.dtype for p in self.params}
         self.dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32  # of the all-gathered buffer
         self.device = self.params[0].device  # the ranges and the all-gather buffer live beside the parameters
+
+    def range_of(self, p: nn.Parameter, offset: int) -> tuple[int, int]:
+        """[lo, hi) of `p`'s flat index space inside this rank's range (lo ≥ hi: none of it)."""
+        return max(self.start, offset) - offset, min(self.end, offset + p.numel()) - offset
+
+    def publish(self, local: torch.Tensor) -> None:
+        """All-gather every rank's updated range (`local`, [shard] in self.dtype) into the parameters."""
+        full = local
+        if self.group is not None:
+            full = torch.empty(self.shard * self.world, dtype=self.dtype, device=self.device)
+            _all_gather(full, local, group=self.group)
+        chunks = full[:self.total].split([p.numel() for p in self.params])
+        torch._foreach_copy_(self.params, [c.view(p.shape).to(p.dtype) for c, p in zip(chunks, self.params)])
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            if set_to_none:
+                p.grad = None
+            elif p.grad is not None:
+                p.grad.zero_()
+
+
+class ZeroAdamW(RangeSharded):
+    """AdamW whose states and update are sharded over the data-parallel `group` (ZeRO-1).
+
+    Parameter groups, decay only on matrices, and the update are those of graphllm.train.make_optimizer's
+    AdamW(fused=True); `.grad` must already be averaged over `group` when `step()` runs. With context
+    parallelism the gradients are averaged over dp × cp and the states stay sharded over dp only: the cp
+    replicas of each dp group run the same update on the same gradients."""
+
+    def __init__(self, named_params: dict[str, nn.Parameter], *, lr: float, betas: tuple[float, float], eps: float,
+                 weight_decay: float, group: dist.ProcessGroup | None):
+        super().__init__(named_params, group)
         self.pieces: list[_Piece] = []
         for p, offset in zip(self.params, self.offsets):
-            lo, hi = max(self.start, offset) - offset, min(self.end, offset + p.numel()) - offset
+            lo, hi = self.range_of(p, offset)
             if lo >= hi:
                 continue
             is_view = p.dtype == torch.float32 and p.is_contiguous()
@@ -201,19 +239,7 @@ class ZeroAdamW:
         for x in self.pieces:
             x.tensor.grad = None
             local[x.at:x.at + x.hi - x.lo] = x.tensor
-        full = local
-        if self.group is not None:
-            full = torch.empty(self.shard * self.world, dtype=self.dtype, device=self.device)
-            _all_gather(full, local, group=self.group)
-        chunks = full[:self.total].split([p.numel() for p in self.params])
-        torch._foreach_copy_(self.params, [c.view(p.shape).to(p.dtype) for c, p in zip(chunks, self.params)])
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        for p in self.params:
-            if set_to_none:
-                p.grad = None
-            elif p.grad is not None:
-                p.grad.zero_()
+        self.publish(local)
 
     def sync_from_params(self) -> None:
         """Refresh master copies from the parameters (after the parameters were written, e.g. loaded)."""
@@ -234,7 +260,10 @@ def optimizer_state(opt: Any, named_params: dict[str, nn.Parameter]) -> dict:
 
     For a ZeroAdamW this is collective over its group (the ranges are all-gathered). A trainable parameter
     without state gets zeros, a frozen one no entry; "step" is the largest step of any parameter (0 when none
-    stepped)."""
+    stepped). An optimizer with fp32 master weights (master_weights.MasterAdamW) answers itself and adds
+    "master": {fqn: fp32 master} for its non-fp32 parameters."""
+    if hasattr(opt, "gathered_state"):
+        return opt.gathered_state(named_params)
     out: dict[str, dict[str, torch.Tensor]] = {}
     named_params = {n: p for n, p in named_params.items() if p.requires_grad}
     if isinstance(opt, ZeroAdamW):
@@ -282,6 +311,9 @@ def load_optimizer_state(opt: Any, named_params: dict[str, nn.Parameter], d: dic
     """Inverse of `optimizer_state` into this rank's optimizer (a ZeroAdamW takes its own pieces).
 
     Call it after the parameters were loaded: a ZeroAdamW refreshes its master copies from them."""
+    if hasattr(opt, "load_gathered_state"):
+        opt.load_gathered_state(named_params, d)
+        return
     step = torch.tensor(float(d["step"]), dtype=torch.float32)
     if isinstance(opt, ZeroAdamW):
         opt.sync_from_params()

@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from graphllm.errors import GraphllmError
 from graphllm.options import check_fields, option
+from graphllm.planning.compat import check_layout
 from graphllm.planning.context import check_divisible
 
 
@@ -169,13 +170,9 @@ class Layout:
         return "×".join(parts[:main]) + ("+" + "+".join(parts[main:]) if parts[main:] else "")
 
     def check_options(self) -> None:
-        """Checks that need no model: options that need a dimension > 1, sizes that must agree."""
-        if self.sequence_parallel and self.tp == 1:
-            raise GraphllmError("--sequence-parallel needs --tp > 1 (it shards the tensor-parallel group's activations)")
-        if self.zero1 and self.dp == 1:
-            raise GraphllmError("--zero1 needs --dp > 1 (it shards optimizer states over the data-parallel group)")
-        if self.vpp > 1 and self.pp == 1:
-            raise GraphllmError("--vpp needs --pp > 1 (virtual stages interleave a pipeline)")
+        """Checks that need no model: options that need a dimension > 1 (graphllm/planning/compat.py's layout
+        rules), sizes that must agree."""
+        check_layout(self)
         if self.pp > 1 and self.micro_batches < self.pp:
             raise GraphllmError(f"--micro-batches {self.micro_batches} is fewer than --pp {self.pp}: the pipeline "
                                 f"would never fill; use --micro-batches ≥ {self.pp}")
@@ -184,10 +181,6 @@ class Layout:
                                 f"and {self.pp}")
         if self.pp_layers is not None and len(self.pp_layers) != self.num_stages:
             raise GraphllmError(f"--pp-layers lists {len(self.pp_layers)} stages but pp×vpp = {self.num_stages}")
-        if self.mc2 and self.tp == 1:
-            raise GraphllmError("--mc2 needs --tp > 1 (it fuses tensor-parallel matmuls with their collectives)")
-        if self.coc_parallel_num > 1 and self.tp == 1:
-            raise GraphllmError("--coc-parallel-num needs --tp > 1 (it chunks tensor-parallel collectives)")
         self._check_cp_options()
 
     def _check_cp_options(self) -> None:
@@ -208,6 +201,10 @@ class Layout:
         """Refuse a layout the model's shapes cannot be split by, naming the dimension and the fix."""
         self.check_options()
         tp = self.tp
+        if getattr(cfg, "num_experts", 0) and (tp > 1 or self.pp > 1 or self.cp > 1):
+            # the tp/pp/cp passes know dense MLPs only; the 3D expert weights would be split wrongly
+            raise GraphllmError(f"{cfg.model_type} is a mixture-of-experts model: expert models under --tp/--pp/--cp "
+                                "land with expert parallelism; use --tp 1 --pp 1 --cp 1 (--dp is supported)")
         checks = [
             (cfg.num_attention_heads, "attention heads (num_attention_heads)"),
             (cfg.intermediate_size, "MLP width (intermediate_size)"),

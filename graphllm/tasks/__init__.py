@@ -22,7 +22,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from graphllm.errors import GraphllmError
 
 
 @dataclass(kw_only=True)
@@ -44,9 +43,7 @@ def build_task(plan, lm: nn.Module) -> Task:
     from graphllm.tasks.reward_model import RewardModel
 
     task = plan.task
-    if task.pairwise and plan.eod_reset:
-        raise GraphllmError(f"--task {task.kind} with --eod-reset: pairs are never packed, so the graph takes no "
-                            "position ids; compile without --eod-reset")
+    # a pairwise task with --eod-reset is refused by the plan (graphllm/planning/compat.py)
     if task.kind == "lm":
         return Task(kind="lm", trained=lm, target=lm)
     if task.kind == "rm":

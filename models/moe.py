@@ -1,0 +1,106 @@
+"""The mixture-of-experts MLP of Mixtral and Qwen3-MoE, and transformers' load-balancing loss.
+
+One static graph, no Python loop over experts (dropless: every token-expert pair is computed):
+
+    router    logits = x Wᵀ [T, E] → softmax (float32) → top-k (weights, expert ids) [T, k] → renormalise
+    permute   the T·k pairs sorted by expert id (stable argsort), tokens gathered in that order [T·k, H];
+              tokens per expert [E] counted in-graph (scatter_add into a static [E] tensor)
+    experts   graphllm::grouped_matmul (ops/grouped_matmul.py) with those counts as group sizes:
+              gate_up [T·k, 2I] → silu(gate) · up → down [T·k, H]
+    combine   each row times its routing weight, added back to its token (index_add) [T, H]
+
+The router, permute and combine are plain ATen ops (argsort, index_select, index_add); the expert
+matmuls are graphllm's op, looked up by name in `torch.ops.graphllm`: models/ is a layer below ops/ and
+imports nothing from it, and the graphllm package registers its ops (graphllm.ops) on import, before any
+model exists. Raising router / permute / unpermute to named graphllm ops (for torch_npu's
+npu_moe_token_permute / unpermute) is left to the expert-parallel work; these ATen forms are what such a
+pass would match.
+
+Parameter names and layouts are transformers' in-memory ones (`mlp.gate.weight` [E, H],
+`mlp.experts.gate_up_proj` [E, 2I, H], `mlp.experts.down_proj` [E, H, I]); the per-expert names that
+transformers writes to disk are mapped by models/moe_weights.py.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+
+# One MoE layer's load-balance statistics: (top-k assignments per expert [E] float32, router probability
+# summed over tokens per expert [E] float32, tokens T).
+RouterStats = tuple[torch.Tensor, torch.Tensor, int]
+
+
+class Experts(nn.Module):
+    """E gated MLPs stored as 3D tensors, as transformers stores them (gate and up rows concatenated)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        E, H, inter = cfg.num_experts, cfg.hidden_size, cfg.expert_size
+        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * inter, H))  # [E, 2I, H]: rows 0..I gate, I..2I up
+        self.down_proj = nn.Parameter(torch.empty(E, H, inter))  # [E, H, I]
+
+    def forward(self, x_sorted: torch.Tensor, group_sizes: torch.Tensor) -> torch.Tensor:
+        """x_sorted [N, H], rows grouped by expert, group_sizes [E] int64 → [N, H]."""
+        gmm = torch.ops.graphllm.grouped_matmul
+        gate_up = gmm(x_sorted, self.gate_up_proj.transpose(1, 2), group_sizes)  # [N, 2I]
+        gate, up = gate_up.chunk(2, dim=-1)
+        return gmm(F.silu(gate) * up, self.down_proj.transpose(1, 2), group_sizes)  # [N, H]
+
+    def extra_repr(self) -> str:
+        E, two_i, H = self.gate_up_proj.shape
+        return f"experts={E}, hidden={H}, intermediate={two_i // 2}"
+
+
+class SparseMoeBlock(nn.Module):
+    """Top-k softmax routing over `num_experts` SwiGLU experts, dropless (see the module docstring)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.num_experts, self.top_k = cfg.num_experts, cfg.num_experts_per_tok
+        self.norm_topk_prob = cfg.norm_topk_prob
+        # Qwen3-MoE rounds the routing weights to the compute dtype before the combine; Mixtral keeps float32
+        self.weights_in_compute_dtype = cfg.model_type == "qwen3_moe"
+        self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)  # the router: [E, H]
+        self.experts = Experts(cfg)
+
+    def route(self, x_TH: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [T, H] → (routing weights [T, k], expert ids [T, k], router probabilities [T, E] float32)."""
+        probs = F.softmax(self.gate(x_TH), dim=-1, dtype=torch.float32)  # [T, E]
+        weights, ids = torch.topk(probs, self.top_k, dim=-1)  # [T, k]
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        if self.weights_in_compute_dtype:
+            weights = weights.to(x_TH.dtype)
+        return weights, ids, probs
+
+    def forward_with_stats(self, x: torch.Tensor) -> tuple[torch.Tensor, RouterStats]:
+        """x [B, S, H] → (output [B, S, H], this layer's RouterStats)."""
+        B, S, H = x.shape
+        x_TH = x.reshape(B * S, H)
+        weights, ids, probs = self.route(x_TH)
+        flat_ids = ids.reshape(-1)  # [T·k]: pair p is token p // k
+        order = torch.argsort(flat_ids, stable=True)  # [T·k]: pairs grouped by expert, tokens in order
+        token_of = torch.div(order, self.top_k, rounding_mode="floor")  # [T·k]
+        counts = torch.zeros(self.num_experts, dtype=torch.long, device=x.device).scatter_add(
+            0, flat_ids, torch.ones_like(flat_ids))  # [E] tokens per expert, a static shape
+        y = self.experts(x_TH.index_select(0, token_of), counts)  # [T·k, H]
+        y = (y * weights.reshape(-1).index_select(0, order)[:, None]).to(x.dtype)  # [T·k, H]
+        out = torch.zeros_like(x_TH).index_add(0, token_of, y)  # [T, H]
+        return out.reshape(B, S, H), (counts.float(), probs.sum(dim=0), B * S)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_with_stats(x)[0]
+
+
+def load_balancing_loss(stats: list[RouterStats], num_experts: int) -> torch.Tensor:
+    """transformers' `load_balancing_loss_func` (Switch Transformer): E · Σ_e f_e · P_e, where f_e is expert e's
+    share of top-k assignments and P_e its mean router probability, both averaged over all MoE layers' tokens
+    (assignments and probabilities are summed over the layers first, then divided by the rows of all layers)."""
+    rows = float(sum(t for _, _, t in stats))
+    tokens_per_expert = sum(c for c, _, _ in stats) / rows  # [E]
+    prob_per_expert = sum(p for _, p, _ in stats) / rows  # [E]
+    return torch.sum(tokens_per_expert * prob_per_expert) * num_experts

@@ -22,6 +22,16 @@ def _ints(text: str) -> tuple[int, ...]:
     return values
 
 
+def _features(text: str) -> tuple[str, ...]:
+    from graphllm.planner.search import MEMORY_FEATURES
+
+    values = tuple(v for v in text.split(",") if v)
+    if not values or any(v not in MEMORY_FEATURES for v in values):
+        raise argparse.ArgumentTypeError(f"--memory-features takes a comma-separated subset of "
+                                         f"{','.join(MEMORY_FEATURES)}")
+    return values
+
+
 def _names(text: str) -> tuple[str, ...]:
     from graphllm.planner.search import RECOMPUTE_CHOICES
 
@@ -56,6 +66,9 @@ def add_parser(sub) -> None:
     p.add_argument("--micro-batch-sizes", type=_ints, metavar="N,N", help="micro-batch sizes to try (default 1,2,4,8)")
     p.add_argument("--recompute", type=_names, metavar="P,P", help="recompute policies to try (default "
                    "none,selective,full)")
+    p.add_argument("--memory-features", type=_features, metavar="F,F", default=(),
+                   help="memory features the search may turn on, each tried on and off: params-bf16 (--params-dtype "
+                        "bf16: fp32 master weights in the optimizer), offload-optimizer")
     p.add_argument("--jobs", type=int, default=None, help="processes measuring graphs (default: CPUs, at most 4)")
     p.add_argument("--no-cache", action="store_true", help="measure every graph again (default: kept under "
                    "~/.cache/graphllm/planner)")
@@ -68,14 +81,14 @@ def run(args: argparse.Namespace) -> int:
     from graphllm.errors import GraphllmError
     from graphllm.planner.devices import device_spec, parse_bytes
     from graphllm.planner.models import plan_model
-    from graphllm.planner.search import Space, describe_misfit, search
+    from graphllm.planner.search import Space, describe_misfit, memory_options, search
 
     memory = parse_bytes(args.device_memory) if args.device_memory else None
     spec = device_spec(args.device, memory=memory)  # unknown names: the known ones, exit 2
     if args.top < 1:
         raise GraphllmError("--top must be ≥ 1")
     cfg, compile_model = plan_model(args.model)
-    space = Space(tp=args.tp, cp=args.cp)
+    space = Space(tp=args.tp, cp=args.cp, options=memory_options(tuple(args.memory_features)))
     if args.micro_batch_sizes:
         space.mbs = args.micro_batch_sizes
     if args.recompute:
@@ -106,12 +119,13 @@ def _table(result, args, spec):
 
     t = Table(title=f"graphllm plan: {args.model} on {args.devices} × {spec.name} ({gib(spec.memory)}), seq "
                     f"{args.seq_len}, global batch {args.global_batch}, {args.amp}")
-    for col in ("#", "layout", "mbs", "m", "recompute", "rank", "memory", "params+grads", "optimizer", "activations",
+    for col in ("#", "layout", "mbs", "m", "recompute", "features", "rank", "memory", "params+grads", "optimizer", "activations",
                 "step s", "compute", "comm", "bubble", "tokens/s", "MFU"):
-        t.add_column(col, justify="left" if col in ("layout", "recompute") else "right")
+        t.add_column(col, justify="left" if col in ("layout", "recompute", "features") else "right")
     for i, c in enumerate(result.fitting[: args.top], 1):
         p, mem, st = c.prediction, c.prediction.memory, c.prediction.step_seconds
-        t.add_row(str(i), c.layout.describe(), str(c.mbs), str(c.layout.micro_batches), c.recompute, str(p.rank),
+        t.add_row(str(i), c.layout.describe(), str(c.mbs), str(c.layout.micro_batches), c.recompute,
+                  c.options.describe(), str(p.rank),
                   gib(mem["total"]), gib(mem["parameters"] + mem["gradients"]), gib(mem["optimizer"]),
                   gib(mem["activations"]), f"{st['total']:.3g}", f"{st['compute']:.3g}",
                   f"{st['communication']:.3g}", f"{st['bubble']:.3g}", f"{c.tokens_per_second * args.seq_len:,.0f}",
@@ -122,9 +136,12 @@ def _table(result, args, spec):
 def emit_command(c, model: str, args, *, spec_name: str) -> str:
     """The `graphllm compile` command line of candidate `c` (flags as graphllm compile names them)."""
     lay = c.layout
+    precision = ["--params-dtype", c.options.params_dtype] if c.options.params_dtype != "fp32" else ["--amp", args.amp]
     argv = ["graphllm", "compile", "--model", model, "--out", "plan-artifact", "--batch-size", str(c.mbs),
-            "--seq-len", str(args.seq_len), "--amp", args.amp, "--tp", str(lay.tp), "--pp", str(lay.pp),
+            "--seq-len", str(args.seq_len), *precision, "--tp", str(lay.tp), "--pp", str(lay.pp),
             "--dp", str(lay.dp), "--micro-batches", str(lay.micro_batches)]
+    if c.options.offload_optimizer:
+        argv.append("--offload-optimizer")
     if lay.vpp > 1:
         argv += ["--vpp", str(lay.vpp)]
     if lay.cp > 1:

@@ -151,6 +151,35 @@ def test_emit_builds_the_same_plan_in_graphllm_compile(capsys) -> None:
     assert rows and all(r[1].replace("+", "×").split("×")[0] in ("tp1", "tp2") for r in rows)
 
 
+def test_memory_features_are_searched_priced_and_emitted(tmp_path) -> None:
+    """--memory-features params-bf16,offload-optimizer: each layout is priced with each on and off; offload moves the
+    optimizer state off the device and pays the host link twice a step; the emitted command compiles that plan."""
+    import argparse
+
+    from graphllm.cli.plan_cmd import emit_command
+    from graphllm.options import from_flags
+    from graphllm.plan import CompilePlan
+    from graphllm.planner.search import memory_options, search
+
+    spec = DEVICES["h100"]
+    opts = memory_options(("params-bf16", "offload-optimizer"))
+    assert len(opts) == 4 and opts[0].count == 0
+    result = search(load_config("tiny-llama"), devices=1, spec=spec, seq_len=128, global_batch=2, amp="bf16",
+                    space=Space(mbs=(2,), recompute=("none",), options=opts), jobs=1, cache_dir=tmp_path)
+    by = {(c.options.params_dtype, c.options.offload_optimizer): c for c in result.candidates}
+    assert len(by) == 4 and not result.candidates[0].options.offload_optimizer  # everything fits: offload only costs
+    plain, off = by[("fp32", False)].prediction, by[("fp32", True)].prediction
+    assert plain.memory["optimizer"] > 0 and off.memory["optimizer"] == 0
+    streamed = off.step_seconds["optimizer"] - plain.step_seconds["optimizer"]
+    assert streamed == pytest.approx(2 * plain.memory["optimizer"] / spec.host_bandwidth, rel=0.01)
+    args = argparse.Namespace(seq_len=128, amp="bf16")
+    emitted = shlex.split(emit_command(by[("bf16", True)], "tiny-llama", args, spec_name="cpu"))
+    plan = from_flags(CompilePlan, command_parser(build_parser(), "compile").parse_args(emitted[2:]))
+    assert plan.params_dtype == "bf16" and plan.offload_optimizer and plan.amp == "fp32"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["plan", "--memory-features", "offload-activations"])
+
+
 @pytest.mark.parametrize("argv, says", [
     (["--device", "tpu"], "known devices: a2, a3, h100, h200, cpu"),
     (["--device", "cpu", "--devices", "3", "--global-batch", "2"], "no layout of 3 devices"),

@@ -45,11 +45,19 @@ class DeviceSpec:
     min_cut: bool = True
     """The device's graphllm backend partitions recompute `none` with a min-cut partitioner (inductor, on cuda and
     cpu); False: aot_autograd's default partition (the npu backend), which saves more (measure.Key.min_cut)."""
+    host_bandwidth: float = 55 * GB
+    """Bytes/s between host memory and the device, one direction (what an offloaded optimizer streams): the
+    device's PCIe link at pinned-memory copy rates. On `cpu` host and device are one memory: the copy bandwidth."""
     gather_copies: int = 0
     """Extra parameter-sized copies an all-gather of the updated parameters makes (ZeRO-1's step): NCCL and HCCL
     gather into the output tensor (0); gloo, the cpu backend, gathers into its own buffer and copies out (1)."""
     source: str = ""
 
+
+HOST_LINK_ASCEND = 28 * GB
+"""Host↔NPU bytes/s assumed for 910B/910C: a PCIe 4.0 x16-class link (32 GB/s one direction) at pinned-copy rates —
+the least certain figure of the table (check your server's host interface); H100/H200 take PCIe 5.0 x16 (64 GB/s
+one direction, ~55 GB/s reached by pinned copies: DeviceSpec.host_bandwidth's default)."""
 
 DEVICES: dict[str, DeviceSpec] = {
     # Ascend 910B (Atlas 800T A2 training server, 8 NPUs per node): Huawei's Atlas 800T A2 datasheet and
@@ -57,14 +65,14 @@ DEVICES: dict[str, DeviceSpec] = {
     # HCCS full mesh 7 links x 56 GB/s = 392 GB/s (one direction ~196), 8 x 200 GbE RoCE per node (25 GB/s per NPU).
     "a2": DeviceSpec(name="Ascend 910B (A2)", peak_flops=313e12, hbm_bandwidth=1.6e12, intra_node_bandwidth=196 * GB,
                      inter_node_bandwidth=25 * GB, memory=64 * GiB, devices_per_node=8, collective_latency=20e-6,
-                     min_cut=False,
+                     min_cut=False, host_bandwidth=HOST_LINK_ASCEND,
                      source="Huawei Atlas 800T A2 datasheet / Ascend 910B specs"),
     # Ascend 910C (Atlas 900 A3 SuperPoD / CloudMatrix 384): Huawei's CloudMatrix 384 paper (arXiv 2506.12708):
     # ~752 TFLOPS BF16 dense per 910C (two dies), 128 GB HBM at ~3.2 TB/s, UB fabric 392 GB/s per die
     # unidirectional inside the SuperPoD (treated as one 384-NPU "node"), RDMA plane 400 Gb/s (50 GB/s) per NPU.
     "a3": DeviceSpec(name="Ascend 910C (A3)", peak_flops=752e12, hbm_bandwidth=3.2e12, intra_node_bandwidth=392 * GB,
                      inter_node_bandwidth=50 * GB, memory=128 * GiB, devices_per_node=384, collective_latency=20e-6,
-                     min_cut=False,
+                     min_cut=False, host_bandwidth=HOST_LINK_ASCEND,
                      source="Huawei CloudMatrix 384 paper (arXiv 2506.12708)"),
     # NVIDIA H100 SXM5 80GB: NVIDIA H100 datasheet: 989 TFLOPS BF16 dense (1979 with sparsity), HBM3 3.35 TB/s,
     # NVLink 4 900 GB/s bidirectional (450 one way), DGX H100: 8 x 400 Gb/s ConnectX-7 = 50 GB/s per GPU.
@@ -124,6 +132,7 @@ def cpu_spec(*, threads: int | None = None, refresh: bool = False) -> DeviceSpec
                              hbm_bandwidth=bandwidth, intra_node_bandwidth=link, inter_node_bandwidth=link,
                              memory=_mem_total(), devices_per_node=max(1, os.cpu_count() or 1), mfu_ceiling=1.0,
                              link_efficiency=1.0, collective_latency=GLOO_CALL_LATENCY, gather_copies=1,
+                             host_bandwidth=bandwidth,
                              source="measured here (matmul, copy and loopback probes)")
     return _CPU[n]
 

@@ -196,15 +196,23 @@ def _capture_costs(cfg, keys: list[Key]) -> dict[Key, tuple[Part, Part]]:
     out = {}
     with _fake_world(plan.layout) as st, warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        with fake:
-            model = LlamaForCausalLM(cfg)
-            if keys[0].params_dtype == "bf16":
-                model = model.to(torch.bfloat16)
+        with fake, _default_dtype(torch.bfloat16 if keys[0].params_dtype == "bf16" else torch.float32):
+            model = LlamaForCausalLM(cfg)  # built in the params dtype: `.to()` cannot swap fake parameters
             inputs = graph_inputs(plan)
         prepared = prepare_graph(model, inputs, build_pipeline(plan), groups=st, rank=0)
         for key in keys:
             out[key] = _partitioned_costs(prepared, model, inputs, key, st, fake)
     return out
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    saved = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(saved)
 
 
 def _partitioned_costs(prepared, model, inputs, key: Key, st, fake) -> tuple[Part, Part]:

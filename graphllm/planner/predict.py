@@ -34,10 +34,15 @@ class MemoryOptions:
 
     params_dtype: str = "fp32"
     offload_optimizer: bool = False
-    """Master weights and moments live in host memory between steps: they leave device memory (the streamed chunk
-    and the host↔device traffic are not priced yet)."""
+    """Master weights and moments live in host memory between steps: they leave device memory, and cross the host
+    link twice a step (DeviceSpec.host_bandwidth)."""
     activation_offload: float = 0.0
     """Fraction of saved activations kept in host memory between forward and backward (not priced in time yet)."""
+
+    @property
+    def count(self) -> int:
+        """How many features are on (the search prefers fewer between equally fast plans)."""
+        return (self.params_dtype != "fp32") + self.offload_optimizer + (self.activation_offload > 0)
 
     def describe(self) -> str:
         parts = [f"params {self.params_dtype}"] if self.params_dtype != "fp32" else []
@@ -232,13 +237,13 @@ GRAD_BUCKET_BYTES = 25 * 2**20
 def _optimizer_seconds(params: float, layout, spec: DeviceSpec, opts: MemoryOptions) -> float:
     """AdamW's step is memory-bound: the elements this rank updates have their parameter, gradient, moments (and
     fp32 master) read and parameter, moments (and master) written, at the device's memory bandwidth. With the
-    optimizer offloaded the host does it: not priced here."""
-    if opts.offload_optimizer:
-        return 0.0
+    optimizer offloaded (graphllm.parallel.offload) the same update runs on the device, chunk by chunk, and the
+    masters and moments cross the host link there and back, not overlapped (the copies share the compute stream)."""
     ob = optimizer_bytes(int(params), opts.params_dtype, zero1=layout.zero1, dp=layout.dp)
     share = ob["moment_bytes"] / (optimizer_bytes(int(params))["moment_bytes"] or 1)  # 1/dp under ZeRO-1
     touched = (2 * ob["parameter_bytes"] + ob["gradient_bytes"]) * share + 2 * ob["optimizer_bytes"]
-    return touched / spec.hbm_bandwidth
+    streamed = 2 * ob["optimizer_bytes"] / spec.host_bandwidth if opts.offload_optimizer else 0.0
+    return touched / spec.hbm_bandwidth + streamed
 
 
 def _dp_comm_seconds(params: float, layout, spec: DeviceSpec, opts: MemoryOptions) -> float:

@@ -1,8 +1,10 @@
 """The enumeration behind `graphllm plan`: tp × cp × pp × vpp × dp × micro-batch × recompute × ZeRO-1 on a
 number of devices, each layout checked by graphllm's own Layout rules, each priced by graphllm.planner.predict.
 
-Expert parallelism is not enumerated (graphllm has none yet). Offload and bf16-parameter options are priced
-through `MemoryOptions` (graphllm/planner/predict.py): add them to `Space.options`.
+Expert parallelism is not enumerated (graphllm has none yet). bf16 parameters and optimizer offload are priced
+through `MemoryOptions` (graphllm/planner/predict.py): `memory_options` makes `Space.options` from the features
+`graphllm plan --memory-features` names. Activation offload is not enumerated: how much of the saved bytes a policy
+moves is known only from its own partition, which the measurements do not run.
 """
 
 from __future__ import annotations
@@ -71,6 +73,20 @@ class SearchResult:
     @property
     def fitting(self) -> list[Candidate]:
         return [c for c in self.candidates if c.fits]
+
+
+MEMORY_FEATURES = ("params-bf16", "offload-optimizer")
+"""What `graphllm plan --memory-features` may add to the search (each on and off)."""
+
+
+def memory_options(features: tuple[str, ...]) -> tuple[MemoryOptions, ...]:
+    """Every on/off combination of `features` (names of MEMORY_FEATURES), the plain plan first."""
+    unknown = [f for f in features if f not in MEMORY_FEATURES]
+    if unknown:
+        raise GraphllmError(f"--memory-features {','.join(unknown)}: unknown; choose from {', '.join(MEMORY_FEATURES)}")
+    dtypes = ("fp32", "bf16") if "params-bf16" in features else ("fp32",)
+    offloads = (False, True) if "offload-optimizer" in features else (False,)
+    return tuple(MemoryOptions(params_dtype=d, offload_optimizer=o) for d in dtypes for o in offloads)
 
 
 def divisors(n: int) -> list[int]:
@@ -154,7 +170,7 @@ def search(cfg, *, devices: int, spec: DeviceSpec, seq_len: int, global_batch: i
                 cands.append(Candidate(layout=layout, mbs=mbs, recompute=rc, prediction=p,
                                        fits=p.memory["total"] <= spec.memory, options=opt))
     cands.sort(key=lambda c: (not c.fits, c.prediction.step_seconds["total"] if c.fits
-                              else c.prediction.memory["total"]))  # fastest fitting first, then smallest
+                              else c.prediction.memory["total"], c.options.count))  # fastest fitting, then smallest
     captures = len({dataclasses.replace(k, recompute="none") for k in keys.values()})
     return SearchResult(candidates=cands, pruned=pruned, measured=captures, seconds=time.perf_counter() - t0)
 

@@ -180,6 +180,24 @@ def test_memory_features_are_searched_priced_and_emitted(tmp_path) -> None:
         build_parser().parse_args(["plan", "--memory-features", "offload-activations"])
 
 
+def test_a_cache_that_cannot_be_written_is_skipped(tmp_path) -> None:
+    """The measurement cache only saves time: a cache path that is a file (as a full disk or a read-only home
+    fails) leaves the plan as it is, and a torn cache file is measured again."""
+    from graphllm.planner.measure import Key, _cache_path, _load, _store, measure
+
+    cfg, key = load_config("tiny-llama"), Key(tp=1, cp=1, sp=False, recompute="none", mbs=1, seq_len=64)
+    blocked = tmp_path / "not-a-dir"
+    blocked.write_text("")
+    m = measure(cfg, key, cache_dir=blocked / "sub")
+    assert not (blocked / "sub").exists()
+    torn = _cache_path(tmp_path / "c", cfg, key)
+    torn.parent.mkdir()
+    torn.write_text('{"layer": {')
+    assert _load(torn) is None  # measured again
+    _store(torn, m)
+    assert _load(torn) == m and [p.name for p in torn.parent.iterdir()] == [torn.name]
+
+
 @pytest.mark.parametrize("argv, says", [
     (["--device", "tpu"], "known devices: a2, a3, h100, h200, cpu"),
     (["--device", "cpu", "--devices", "3", "--global-batch", "2"], "no layout of 3 devices"),

@@ -23,6 +23,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -148,9 +149,21 @@ def measure_group(cfg, keys: list[Key], *, cache_dir: Path | None = None) -> dic
         out[key] = _MEMO[(cfg.fingerprint(), key)] = m
         path = _cache_path(cache_dir, cfg, key)
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(_to_json(m)))
+            _store(path, m)
     return out
+
+
+def _store(path: Path, m: Measurement) -> None:
+    """Keep `m` in the cache: written beside and renamed (a concurrent `graphllm plan` reads it whole or not at all);
+    a cache that cannot be written (full disk, read-only home) is skipped — it only saves time."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(_to_json(m)))
+        os.replace(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
 
 
 def _load(path: Path | None) -> Measurement | None:

@@ -99,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
     result = search(cfg, devices=args.devices, spec=spec, seq_len=args.seq_len, global_batch=args.global_batch,
                     amp=args.amp, space=space, jobs=args.jobs, cache_dir=cache)
     if args.json:
-        args.json.write_text(json.dumps(_json(result, args, spec), indent=1))
+        _write_json(args.json, _json(result, args, spec))
     if not result.fitting:
         raise GraphllmError(describe_misfit(result, spec))
     out = make_console()
@@ -110,6 +110,24 @@ def run(args: argparse.Namespace) -> int:
     if args.emit:
         print(emit_command(result.fitting[0], compile_model, args, spec_name=args.device))
     return 0
+
+
+def _write_json(path: Path, data) -> None:
+    """Written beside and renamed: a full disk or a second plan writing the same file never leaves half of one."""
+    import contextlib
+    import os
+
+    from graphllm.errors import GraphllmError
+
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(data, indent=1))
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise GraphllmError(f"--json {path}: cannot write it ({e.strerror or e}); choose another path or free "
+                            "space") from e
 
 
 def _table(result, args, spec):

@@ -203,6 +203,7 @@ def test_a_cache_that_cannot_be_written_is_skipped(tmp_path) -> None:
     (["--device", "cpu", "--devices", "3", "--global-batch", "2"], "no layout of 3 devices"),
     (["--device", "cpu", "--device-memory", "lots"], "is not a size"),
     (["--device", "cpu", "--devices", "0"], "must be ≥ 1"),
+    (["--device", "h100", "--json", "/nonexistent-dir/plans.json"], "cannot write it"),
 ])
 def test_bad_input_exits_2_with_one_line(argv, says, capsys) -> None:
     base = ["plan", *TINY_FAST, "--devices", "4", "--global-batch", "8"]

@@ -54,6 +54,17 @@ GRAPH_MARKS = {
 """What a feature leaves in a rank's compiled (partitioned) graphs' code."""
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _own_presets():
+    """The rows' short models are presets only while this module runs (other tests list the built-in presets)."""
+    from graphllm.models.presets import PRESETS
+
+    before = set(PRESETS)
+    yield
+    for name in set(PRESETS) - before:
+        del PRESETS[name]
+
+
 def _model(names) -> str:
     from graphllm.models.presets import PRESETS, tiny_llama
 

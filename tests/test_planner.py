@@ -33,6 +33,12 @@ sys.exit(code)
 RUSAGE_CHILDREN would also hold any earlier test's subprocess reaped meanwhile)."""
 
 
+NO_WEIGHTS_RSS_KIB = 3 * 2**20
+"""3 GiB: under one Llama-2-70B decoder layer's fp32 weights (3.2 GiB), so a capture that allocated any layer fails;
+measured 0.42 GB on the development machine and 2.25 GB in a fresh CI environment (torch and inductor imports,
+two measuring processes)."""
+
+
 def _error_line(capsys) -> str:
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1, f"expected one error line, got: {err}"
@@ -133,7 +139,7 @@ def test_llama2_70b_plans_on_64_devices_without_allocating_weights() -> None:
                            "3"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     rss_kib = int(proc.stderr.strip().splitlines()[-1].removeprefix("peak-rss-kib "))
-    assert rss_kib < 2 * 2**20, f"peak RSS {rss_kib / 2**20:.1f} GiB"
+    assert rss_kib < NO_WEIGHTS_RSS_KIB, f"peak RSS {rss_kib / 2**20:.1f} GiB"
     lines = proc.stdout.splitlines()
     assert lines[0].startswith("# graphllm plan: llama2-70b on 64")
     assert lines[1].split("\t")[:3] == ["#", "layout", "mbs"] and lines[2].split("\t")[1].startswith("tp8×")

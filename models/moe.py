@@ -3,18 +3,16 @@
 One static graph, no Python loop over experts (dropless: every token-expert pair is computed):
 
     router    logits = x Wᵀ [T, E] → softmax (float32) → top-k (weights, expert ids) [T, k] → renormalise
-    permute   the T·k pairs sorted by expert id (stable argsort), tokens gathered in that order [T·k, H];
-              tokens per expert [E] counted in-graph (scatter_add into a static [E] tensor)
+    permute   graphllm::moe_permute: the T·k pairs sorted by expert id, tokens gathered in that order
+              [T·k, H], tokens per expert [E] (ops/moe_dispatch.py)
     experts   graphllm::grouped_matmul (ops/grouped_matmul.py) with those counts as group sizes:
               gate_up [T·k, 2I] → silu(gate) · up → down [T·k, H]
-    combine   each row times its routing weight, added back to its token (index_add) [T, H]
+    combine   graphllm::moe_unpermute: each row times its routing weight, added back to its token [T, H]
 
-The router, permute and combine are plain ATen ops (argsort, index_select, index_add); the expert
-matmuls are graphllm's op, looked up by name in `torch.ops.graphllm`: models/ is a layer below ops/ and
-imports nothing from it, and the graphllm package registers its ops (graphllm.ops) on import, before any
-model exists. Raising router / permute / unpermute to named graphllm ops (for torch_npu's
-npu_moe_token_permute / unpermute) is left to the expert-parallel work; these ATen forms are what such a
-pass would match.
+The ops are looked up by name in `torch.ops.graphllm`: models/ is a layer below ops/ and imports nothing
+from it, and the graphllm package registers its ops (graphllm.ops) on import, before any model exists.
+`dispatch` (permute → experts → combine) is what expert parallelism rewrites (passes/expert_parallel.py):
+its permute counts only the rank's experts and collectives move the tokens.
 
 Parameter names and layouts are transformers' in-memory ones (`mlp.gate.weight` [E, H],
 `mlp.experts.gate_up_proj` [E, 2I, H], `mlp.experts.down_proj` [E, H, I]); the per-expert names that
@@ -77,20 +75,21 @@ class SparseMoeBlock(nn.Module):
             weights = weights.to(x_TH.dtype)
         return weights, ids, probs
 
+    def dispatch(self, x_TH: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """x [T, H], routing weights and expert ids [T, k] → Σ_j weights[t, j] · expert_{ids[t, j]}(x[t]) [T, H]."""
+        gl = torch.ops.graphllm
+        x_sorted, order, counts = gl.moe_permute(x_TH, ids, 0, self.num_experts)
+        return gl.moe_unpermute(self.experts(x_sorted, counts), order, weights)
+
     def forward_with_stats(self, x: torch.Tensor) -> tuple[torch.Tensor, RouterStats]:
         """x [B, S, H] → (output [B, S, H], this layer's RouterStats)."""
         B, S, H = x.shape
         x_TH = x.reshape(B * S, H)
         weights, ids, probs = self.route(x_TH)
-        flat_ids = ids.reshape(-1)  # [T·k]: pair p is token p // k
-        order = torch.argsort(flat_ids, stable=True)  # [T·k]: pairs grouped by expert, tokens in order
-        token_of = torch.div(order, self.top_k, rounding_mode="floor")  # [T·k]
+        flat_ids = ids.reshape(-1)
         counts = torch.zeros(self.num_experts, dtype=torch.long, device=x.device).scatter_add(
-            0, flat_ids, torch.ones_like(flat_ids))  # [E] tokens per expert, a static shape
-        y = self.experts(x_TH.index_select(0, token_of), counts)  # [T·k, H]
-        y = (y * weights.reshape(-1).index_select(0, order)[:, None]).to(x.dtype)  # [T·k, H]
-        out = torch.zeros_like(x_TH).index_add(0, token_of, y)  # [T, H]
-        return out.reshape(B, S, H), (counts.float(), probs.sum(dim=0), B * S)
+            0, flat_ids, torch.ones_like(flat_ids))  # [E] top-k assignments per expert (all of them, for the loss)
+        return self.dispatch(x_TH, weights, ids).reshape(B, S, H), (counts.float(), probs.sum(dim=0), B * S)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_with_stats(x)[0]

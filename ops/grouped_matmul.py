@@ -3,7 +3,8 @@
     y[rows of group g] = x[rows of group g] @ weight[g]        x [T, K], weight [G, K, N] -> y [T, N]
 
 Rows are sorted by group (token permutation puts each expert's tokens together); `group_sizes` [G]
-int64 counts them (sum = T; a group may be empty). The sizes are data, so no shape depends on them and
+int64 counts them (a group may be empty). Rows past the last group (sum < T: the pairs another
+expert-parallel rank computes, or that a capacity limit dropped; ops/moe_dispatch.py) come out zero. The sizes are data, so no shape depends on them and
 the op stays one static graph node: its kernels loop over the groups (here; torch_npu's
 npu_grouped_matmul on the NPU, ops/lowering_npu.py).
 
@@ -20,7 +21,9 @@ from graphllm.ops.autocast import register_autocast_policy
 
 
 def _groups(t: Tensor, group_sizes: Tensor) -> tuple[Tensor, ...]:
-    return t.split(group_sizes.tolist(), dim=0)
+    """The rows of each group (the tail past the last group is left out)."""
+    sizes = group_sizes.tolist()
+    return t.split([*sizes, t.shape[0] - sum(sizes)], dim=0)[:-1]
 
 
 def check_group_sizes(x: Tensor, weight: Tensor, group_sizes: Tensor) -> None:
@@ -33,9 +36,9 @@ def check_group_sizes(x: Tensor, weight: Tensor, group_sizes: Tensor) -> None:
 @torch.library.custom_op("graphllm::grouped_matmul", mutates_args=())
 def grouped_matmul(x: Tensor, weight: Tensor, group_sizes: Tensor) -> Tensor:
     check_group_sizes(x, weight, group_sizes)
-    if int(group_sizes.sum()) != x.shape[0]:
+    if int(group_sizes.sum()) > x.shape[0]:
         raise ValueError(f"grouped_matmul: group_sizes sum to {int(group_sizes.sum())}, x has {x.shape[0]} rows")
-    out = x.new_empty((x.shape[0], weight.shape[2]))
+    out = x.new_zeros((x.shape[0], weight.shape[2]))
     for g, (xg, og) in enumerate(zip(_groups(x, group_sizes), _groups(out, group_sizes))):
         torch.matmul(xg, weight[g], out=og)
     return out

@@ -23,6 +23,7 @@ from graphllm.ops.lora import lora_linear_decomposed
 from graphllm.ops.lowering_npu import npu_lowerings
 from graphllm.ops.mc2 import (all_gather_matmul_decomposed, matmul_all_reduce_decomposed,
                               matmul_reduce_scatter_decomposed)
+from graphllm.ops.moe_dispatch import moe_permute_decomposed, moe_unpermute_decomposed
 from graphllm.ops.nf4 import nf4_dequantize_recomputed
 from graphllm.ops.rms_norm import rms_norm_decomposed
 from graphllm.ops.rope import rope_decomposed, rope_qk_decomposed
@@ -70,6 +71,10 @@ LOWERINGS: dict[str, dict[torch._ops.OpOverload, Callable]] = {
         ops.matmul_all_reduce.default: matmul_all_reduce_decomposed,
         ops.all_gather_matmul.default: all_gather_matmul_decomposed,
         ops.matmul_reduce_scatter.default: matmul_reduce_scatter_decomposed,
+        # the token permutation of a mixture of experts: argsort, index_select, index_add (autograd derives the
+        # backward); the grouped matmul between them stays graphllm's op, an extern kernel for inductor
+        ops.moe_permute.default: moe_permute_decomposed,
+        ops.moe_unpermute.default: moe_unpermute_decomposed,
     },
 }
 

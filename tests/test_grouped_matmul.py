@@ -33,5 +33,20 @@ def test_opcheck_and_bad_sizes():
     gen = torch.Generator().manual_seed(1)
     x, w, sizes = torch.randn(6, 4, generator=gen), torch.randn(3, 4, 5, generator=gen), torch.tensor([2, 3, 1])
     torch.library.opcheck(torch.ops.graphllm.grouped_matmul.default, (x, w, sizes))
-    with pytest.raises(ValueError, match="sum to 5, x has 6 rows"):
-        torch.ops.graphllm.grouped_matmul(x, w, torch.tensor([2, 2, 1]))
+    with pytest.raises(ValueError, match="sum to 7, x has 6 rows"):
+        torch.ops.graphllm.grouped_matmul(x, w, torch.tensor([2, 2, 3]))
+
+
+def test_rows_past_the_groups_are_zero_and_get_no_gradient():
+    """The tail (pairs of another expert-parallel rank, or dropped by capacity) is left out of every group."""
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(9, 4, generator=gen, requires_grad=True)
+    w = torch.randn(2, 4, 3, generator=gen, requires_grad=True)
+    sizes = torch.tensor([3, 2])
+    y = torch.ops.graphllm.grouped_matmul(x, w, sizes)
+    assert torch.count_nonzero(y[5:]) == 0
+    assert rel_err(y[:5], _dense(x[:5], w, sizes)) <= FP32_RTOL
+    g = torch.randn(y.shape, generator=gen)
+    dx, dw = torch.autograd.grad(y, (x, w), g)
+    assert torch.count_nonzero(dx[5:]) == 0
+    assert rel_err(dw, torch.autograd.grad(_dense(x[:5], w, sizes), w, g[:5])[0]) <= FP32_RTOL

@@ -207,6 +207,13 @@ def _parallel_steps(plan: CompilePlan, purpose: str = "train") -> list[Step]:
         out.append(Step("sequence_parallel", "model", "right after tensor_parallel: rewrites the collectives it "
                                                       "inserted at region borders", graph_pass=sequence_parallel,
                         required=True))
+    if lay.ep > 1 and purpose != "generate":
+        from graphllm.passes.expert_parallel import expert_parallel
+
+        out.append(Step("expert_parallel", "model", "after the fusions and user passes: each MoE layer's experts are "
+                                                    "shared out over the ep group, its tokens all-gathered to them "
+                                                    "and the outputs reduce-scattered back",
+                        graph_pass=expert_parallel, required=True))
     if lay.cp > 1 and purpose != "generate":
         out.append(Step("context_parallel", "model", f"after tensor/sequence parallelism (attention holds this rank's "
                                                      f"heads): attention across the cp group ({lay.cp_algo}), the "

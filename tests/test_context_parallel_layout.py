@@ -60,13 +60,17 @@ def test_group_ranks_of_every_kind() -> None:
     assert hybrid.group_ranks("cp") == hybrid.group_ranks("dp_cp") == [[0, 1, 2, 3]]
     assert hybrid.group_ranks("cp_ring") == [[0, 2], [1, 3]]
     assert hybrid.group_ranks("cp_ulysses") == [[0, 1], [2, 3]]
-    for layout in (lay, hybrid, Layout(tp=2, cp=2, cp_algo="ulysses", dp=2)):  # sizes and indices agree
+    for layout in (lay, hybrid, Layout(tp=2, cp=2, cp_algo="ulysses", dp=2), Layout(dp=4, ep=2, tp=2)):  # sizes and indices agree
         for kind in KIND_DIMS:
             for ranks in layout.group_ranks(kind):
                 assert len(ranks) == layout.group_size(kind), (layout.describe(), kind)
                 assert [layout.group_rank(kind, layout.coords(r)) for r in ranks] == list(range(len(ranks)))
-    with pytest.raises(GraphllmError, match="unknown process group kind 'ep'"):
-        lay.group_ranks("ep")
+    experts = Layout(tp=2, dp=4, ep=2)  # dp rank = edp rank · 2 + ep rank; tp fastest
+    assert experts.group_ranks("ep") == [[0, 2], [1, 3], [4, 6], [5, 7]]
+    assert experts.group_ranks("edp") == [[0, 4], [1, 5], [2, 6], [3, 7]]
+    assert experts.group_ranks("dp") == experts.group_ranks("dp_cp") == [[0, 2, 4, 6], [1, 3, 5, 7]]
+    with pytest.raises(GraphllmError, match="unknown process group kind 'xp'"):
+        lay.group_ranks("xp")
 
 
 def _old_groups(lay: Layout, kind: str) -> list[list[int]]:
@@ -237,7 +241,8 @@ def test_init_parallel_builds_the_cp_groups() -> None:
         for kind in ("cp", "cp_ring", "dp_cp"):
             assert got["groups"][kind] == ([0, 1], 2, rank), kind
         assert got["groups"]["dp"] == ([rank], 1, 0) and got["groups"]["cp_ulysses"] == ([rank], 1, 0)
-        assert {k for label in got["kinds"].values() for k in label.split("/")} == set(KIND_DIMS), got["kinds"]
+        no_experts = set(KIND_DIMS) - {"ep", "edp"}  # expert-parallel meshes are built at ep > 1 only
+        assert {k for label in got["kinds"].values() for k in label.split("/")} == no_experts, got["kinds"]
 
 
 STEP_CFG = dict(lr=1e-2, warmup_steps=1, grad_clip=1.0)

@@ -96,11 +96,10 @@ class Engine:
             totals = self.pipeline.forward_backward(ids, lab).detach().float().reshape(1)
         else:
             totals = self._micro_batches((input_ids, labels, *extra), backward=True)
-        replicas = self._group(self.layout.grad_kind)
-        if replicas is not None and not self.layout.grads_reduced_in_graph:  # else the backward graph reduced them
-            from graphllm.parallel.optim import reduce_gradients
+        if self.layout.group_size(self.layout.grad_kind) > 1 and not self.layout.grads_reduced_in_graph:
+            from graphllm.parallel.optim import reduce_replicas  # else the backward graph reduced them
 
-            reduce_gradients(self.params, replicas)
+            reduce_replicas(self.params, self.layout, self._group)
         return self._finish(totals)
 
     def eval_loss(self, input_ids: torch.Tensor, labels: torch.Tensor, *extra: torch.Tensor) -> float:

@@ -10,7 +10,8 @@ torch.distributed.checkpoint use too. With context parallelism (cp > 1) the mesh
 (cp_ring × cp_ulysses: every rank holding a piece of the same sequences) and "dp_cp" (dp × cp: the replicas of
 every parameter, over which gradients and losses are averaged). At cp = 1 the mesh is the three-dimensional one,
 "dp_cp" is the "dp" group itself and there are no cp groups, so plans without cp build the same groups (and
-c10d group names) as before. The backend follows the device: gloo (cpu), nccl (cuda), hccl (npu).
+c10d group names) as before. With expert parallelism (ep > 1; cp is 1 then) the mesh is ("pp", "edp", "ep", "tp") and
+"dp" is flattened from ("edp", "ep"). The backend follows the device: gloo (cpu), nccl (cuda), hccl (npu).
 """
 
 from __future__ import annotations
@@ -23,12 +24,10 @@ import torch.distributed as dist
 
 from graphllm.errors import GraphllmError
 from graphllm.ops import groups as op_groups
-from graphllm.planning.layout import GRID, KIND_DIMS, Coords, Layout
+from graphllm.planning.layout import Coords, Layout
 
-KINDS = ("pp", "dp", "tp", "cp", "cp_ring", "cp_ulysses", "dp_cp")
+KINDS = ("pp", "dp", "tp", "cp", "cp_ring", "cp_ulysses", "dp_cp", "ep", "edp")
 """Every group kind."""
-FLATTENED = ("cp", "dp_cp")
-"""Kinds made by flattening mesh dimensions (cp > 1)."""
 BACKEND_FOR_DEVICE = {"cpu": "gloo", "cuda": "cpu:gloo,cuda:nccl", "npu": "cpu:gloo,npu:hccl"}
 """Process-group backends per device: on an accelerator, its collective library for device tensors and gloo for
 the CPU tensors some host-side exchanges use (checkpoint state gathers, objects)."""
@@ -51,6 +50,8 @@ class ParallelState:
             return self.flat[kind]
         if kind == "dp_cp" and self.layout.cp == 1:
             kind = "dp"  # the same ranks: one group, not two
+            if kind in self.flat:
+                return self.flat[kind]
         return self.mesh[kind] if kind in self.mesh.mesh_dim_names else None
 
     def group(self, kind: str) -> dist.ProcessGroup | None:
@@ -114,17 +115,21 @@ def init_parallel(layout: Layout, device: str = "cpu") -> ParallelState:
 def build_mesh(layout: Layout, device: str):
     """The DeviceMesh of `layout` and its flattened meshes by kind (collective: every rank calls it).
 
-    cp = 1: ("pp", "dp", "tp"), nothing flattened. cp > 1: the GRID dimensions, then "cp" and "dp_cp" flattened
-    from them (DeviceMesh._flatten: the groups are created once, in the same order on every rank)."""
+    cp = 1: ("pp", "dp", "tp"), nothing flattened. cp > 1: ("pp", "dp", "cp_ring", "cp_ulysses", "tp"), then "cp" and
+    "dp_cp" flattened from them (DeviceMesh._flatten: the groups are created once, in the same order on every
+    rank). ep > 1: ("pp", "edp", "ep", "tp") and "dp" flattened from ("edp", "ep")."""
     from torch.distributed.device_mesh import init_device_mesh
 
     sizes = layout.grid_sizes()
-    names = GRID if layout.cp > 1 else ("pp", "dp", "tp")
+    if layout.ep > 1:
+        names, flatten = ("pp", "edp", "ep", "tp"), {"dp": ("edp", "ep")}
+    elif layout.cp > 1:
+        names = ("pp", "dp", "cp_ring", "cp_ulysses", "tp")
+        flatten = {"cp": ("cp_ring", "cp_ulysses"), "dp_cp": ("dp", "cp_ring", "cp_ulysses")}
+    else:
+        names, flatten = ("pp", "dp", "tp"), {}
     mesh = init_device_mesh(device, tuple(sizes[n] for n in names), mesh_dim_names=names)
-    flat = {}
-    if layout.cp > 1:
-        for kind in FLATTENED:
-            flat[kind] = mesh[KIND_DIMS[kind]]._flatten(kind)
+    flat = {kind: mesh[dims]._flatten(kind) for kind, dims in flatten.items()}
     return mesh, flat
 
 

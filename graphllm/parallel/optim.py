@@ -57,12 +57,16 @@ def wire_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def reduce_gradients(params: Sequence[nn.Parameter], group: dist.ProcessGroup | None, *,
-                     bucket_bytes: int = 25 * 2**20) -> int:
-    """Average `.grad` over `group` (sum, then divide by its size) in flat per-dtype buckets of about
-    `bucket_bytes` (bf16/fp16 gradients reduced in fp32: `wire_dtype`); a missing gradient counts as zeros and
-    receives the average. Returns the number of buckets (0 when there is nothing to do)."""
+                     bucket_bytes: int = 25 * 2**20, divide_by: int | None = None) -> int:
+    """Average `.grad` over `group` (sum, then divide by its size, or by `divide_by`) in flat per-dtype buckets of
+    about `bucket_bytes` (bf16/fp16 gradients reduced in fp32: `wire_dtype`); a missing gradient counts as zeros
+    and receives the average. Returns the number of buckets (0 when there is nothing to do)."""
     size = _size(group)
+    divisor = divide_by or size
     if size == 1:
+        for p in _unique(params):
+            if divisor != 1 and p.grad is not None:
+                p.grad.div_(divisor)
         return 0
     by_dtype: dict[torch.dtype, list[nn.Parameter]] = {}
     for p in _unique(params):
@@ -88,7 +92,7 @@ def reduce_gradients(params: Sequence[nn.Parameter], group: dist.ProcessGroup | 
         pending.append((dtype, bucket, flat, dist.all_reduce(flat, group=group, async_op=True)))
     for dtype, bucket, flat, work in pending:
         work.wait()
-        flat /= size
+        flat /= divisor
         for p, g in zip(bucket, flat.split([p.numel() for p in bucket])):
             if p.grad is None:
                 p.grad = g.view(p.shape).to(dtype, copy=True)
@@ -97,9 +101,24 @@ def reduce_gradients(params: Sequence[nn.Parameter], group: dist.ProcessGroup | 
     return len(buckets)
 
 
+SHARD_GROUPS = ("tp", "ep")
+"""The groups parameters are sharded over (tensor and expert parallelism); their replicas hold equal shards."""
+
+
+def reduce_replicas(params: Sequence[nn.Parameter], layout, group_of) -> None:
+    """Average each gradient over the parameter's replicas: the dp (dp·cp) group, or for a shard of the experts
+    (expert parallelism) its expert-data-parallel group. An expert shard's gradient already sums the gradients
+    of the ep group's tokens (the dispatch's backward brought them), so it is divided by dp all the same."""
+    experts = [p for p in params if (s := shard_of(p)) is not None and s.group == "ep"]
+    dense = [p for p in params if not any(p is e for e in experts)]
+    reduce_gradients(dense, group_of(layout.grad_kind))
+    if experts:
+        reduce_gradients(experts, group_of("edp"), divide_by=layout.group_size(layout.grad_kind))
+
+
 def _group(st, kind: str) -> dist.ProcessGroup | None:
     """This rank's group of `kind`, or None when there is no state or the group has one rank."""
-    if st is None or getattr(st.layout, kind) == 1:
+    if st is None or st.layout.group_size(kind) == 1:
         return None
     return st.group(kind)
 
@@ -109,7 +128,7 @@ def grad_norm(named_params: dict[str, nn.Parameter], st) -> torch.Tensor:
     rank."""
     params = _unique(named_params.values())
     device = params[0].device if params else torch.device("cpu")  # nccl/hccl reduce device tensors only
-    sharded = torch.zeros((), dtype=torch.float32, device=device)
+    by_group = {kind: torch.zeros((), dtype=torch.float32, device=device) for kind in SHARD_GROUPS}
     whole = torch.zeros((), dtype=torch.float32, device=device)
     for p in params:
         if p.grad is None:
@@ -118,12 +137,15 @@ def grad_norm(named_params: dict[str, nn.Parameter], st) -> torch.Tensor:
         shard = shard_of(p)
         if shard is None or shard.count == 1:
             whole += sq
-        elif shard.group == "tp":
-            sharded += sq
-        else:  # a shard group other than tp would need its own reduction, in the same order on every rank
-            raise GraphllmError(f"grad_norm: a parameter is sharded over {shard.group!r}; only tp shards are supported")
-    if (tp := _group(st, "tp")) is not None:
-        dist.all_reduce(sharded, group=tp)
+        elif shard.group in by_group:
+            by_group[shard.group] += sq
+        else:  # another shard group would need its own reduction, in the same order on every rank
+            raise GraphllmError(f"grad_norm: a parameter is sharded over {shard.group!r}; only "
+                                f"{'/'.join(SHARD_GROUPS)} shards are supported")
+    for kind, sq in by_group.items():  # the same order on every rank
+        if (g := _group(st, kind)) is not None:
+            dist.all_reduce(sq, group=g)
+    sharded = sum(by_group.values())
     total = sharded + whole
     if (pp := _group(st, "pp")) is not None:
         dist.all_reduce(total, group=pp)

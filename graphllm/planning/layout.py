@@ -2,6 +2,9 @@
 
 Rank order follows Megatron-Core's default (tensor fastest, then context, then data, then pipeline: tp-cp-dp-pp):
     rank = pp_rank * (dp * cp * tp) + dp_rank * (cp * tp) + cp_rank * tp + tp_rank
+Expert parallelism is carved out of the data-parallel ranks (Megatron's tp-cp-ep-dp-pp): dp_rank = edp_rank * ep +
+ep_rank, so an expert-parallel group is ep consecutive data-parallel ranks and the expert-data-parallel group ("edp":
+the replicas of one rank's experts) the ranks with the same ep_rank.
 so the ranks of one tensor-parallel group are neighbours (one node, the fastest links), and a context-parallel
 group's next. Inside a cp group, cp_rank = ring_rank * ulysses_size + ulysses_rank: a Ulysses all-to-all group is
 consecutive cp ranks (graphllm.planning.context lays the tokens out the same way).
@@ -29,11 +32,13 @@ class Coords:
     cp: int = 0
 
 
-GRID = ("pp", "dp", "cp_ring", "cp_ulysses", "tp")
-"""The grid's dimensions, slowest first (the context-parallel one as ring × Ulysses)."""
-KIND_DIMS = {"pp": ("pp",), "dp": ("dp",), "tp": ("tp",), "cp": ("cp_ring", "cp_ulysses"),
-             "cp_ring": ("cp_ring",), "cp_ulysses": ("cp_ulysses",), "dp_cp": ("dp", "cp_ring", "cp_ulysses")}
-"""Each process-group kind: the grid dimensions its ranks differ in ("dp_cp": the gradient-averaging group)."""
+GRID = ("pp", "edp", "ep", "cp_ring", "cp_ulysses", "tp")
+"""The grid's dimensions, slowest first (data-parallel as expert-data × expert, context-parallel as ring × Ulysses)."""
+KIND_DIMS = {"pp": ("pp",), "dp": ("edp", "ep"), "tp": ("tp",), "cp": ("cp_ring", "cp_ulysses"),
+             "cp_ring": ("cp_ring",), "cp_ulysses": ("cp_ulysses",), "dp_cp": ("edp", "ep", "cp_ring", "cp_ulysses"),
+             "ep": ("ep",), "edp": ("edp",)}
+"""Each process-group kind: the grid dimensions its ranks differ in ("dp_cp": the gradient-averaging group; "ep": the
+ranks that share out each MoE layer's experts, "edp": the replicas of one rank's experts)."""
 
 
 CHUNK_CHOICES = (1, 2, 4, 8)
@@ -76,6 +81,8 @@ class Layout:
                      "inside groups of --cp-ulysses ranks, ring across them")
     cp_ulysses: int = option(1, minimum=1, help="the Ulysses degree of --cp-algo hybrid (ranks per all-to-all "
                                                 "group; --cp / --cp-ulysses ranks around the ring)")
+    ep: int = option(1, minimum=1, help="expert-parallel ranks, carved out of --dp: each holds 1/ep of every MoE "
+                                        "layer's experts and computes them for the tokens of the ep group")
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -97,8 +104,8 @@ class Layout:
 
     def grid_sizes(self) -> dict[str, int]:
         """Ranks along each GRID dimension."""
-        return {"pp": self.pp, "dp": self.dp, "cp_ring": self.ring_size, "cp_ulysses": self.ulysses_size,
-                "tp": self.tp}
+        return {"pp": self.pp, "dp": self.dp, "edp": self.dp // self.ep, "ep": self.ep, "cp_ring": self.ring_size,
+                "cp_ulysses": self.ulysses_size, "tp": self.tp}
 
     def group_size(self, kind: str) -> int:
         """Ranks in each group of `kind` (one of KIND_DIMS)."""
@@ -106,7 +113,8 @@ class Layout:
 
     def _grid(self, c: Coords) -> dict[str, int]:
         ring, ulysses = divmod(c.cp, self.ulysses_size)
-        return {"pp": c.pp, "dp": c.dp, "cp_ring": ring, "cp_ulysses": ulysses, "tp": c.tp}
+        edp, ep = divmod(c.dp, self.ep)
+        return {"pp": c.pp, "dp": c.dp, "edp": edp, "ep": ep, "cp_ring": ring, "cp_ulysses": ulysses, "tp": c.tp}
 
     def group_rank(self, kind: str, c: Coords) -> int:
         """The index of the rank at `c` inside its group of `kind` (its place among the group's sorted ranks)."""
@@ -147,7 +155,7 @@ class Layout:
     def grads_reduced_in_graph(self) -> bool:
         """Whether the backward graph averages data-parallel gradients itself (passes/dp_grad_reduce.py:
         one backward makes one step) or the engine does after the step's last micro-batch."""
-        return self.dp * self.cp > 1 and self.pp == 1 and self.micro_batches == 1
+        return self.dp * self.cp > 1 and self.pp == 1 and self.micro_batches == 1 and self.ep == 1
 
     @property
     def grad_kind(self) -> str:
@@ -160,6 +168,8 @@ class Layout:
         if self.cp > 1:
             algo = f"hybrid-u{self.cp_ulysses}" if self.cp_algo == "hybrid" else self.cp_algo
             parts[1:1] = [f"cp{self.cp}-{algo}"]
+        if self.ep > 1:
+            parts.append(f"ep{self.ep}")
         if self.vpp > 1:
             parts.append(f"vpp{self.vpp}")
         if self.sequence_parallel:
@@ -182,6 +192,9 @@ class Layout:
         if self.pp_layers is not None and len(self.pp_layers) != self.num_stages:
             raise GraphllmError(f"--pp-layers lists {len(self.pp_layers)} stages but pp×vpp = {self.num_stages}")
         self._check_cp_options()
+        if self.dp % self.ep:
+            raise GraphllmError(f"--ep {self.ep} must divide --dp {self.dp}: expert-parallel groups are carved out of "
+                                f"the data-parallel ranks; use a --dp that is a multiple of --ep")
 
     def _check_cp_options(self) -> None:
         if self.cp_algo == "hybrid":
@@ -201,7 +214,14 @@ class Layout:
         """Refuse a layout the model's shapes cannot be split by, naming the dimension and the fix."""
         self.check_options()
         tp = self.tp
-        if getattr(cfg, "num_experts", 0) and (tp > 1 or self.pp > 1 or self.cp > 1):
+        experts = getattr(cfg, "num_experts", 0)
+        if self.ep > 1 and not experts:
+            raise GraphllmError(f"--ep {self.ep} shares out a mixture-of-experts model's experts, but {cfg.model_type} "
+                                "is dense; use --ep 1 (or --dp for data parallelism)")
+        if experts % self.ep:
+            raise GraphllmError(f"--ep {self.ep} does not divide the model's {experts} experts (num_experts); choose an "
+                                "--ep that divides it")
+        if experts and (tp > 1 or self.pp > 1 or self.cp > 1):
             # the tp/pp/cp passes know dense MLPs only; the 3D expert weights would be split wrongly
             raise GraphllmError(f"{cfg.model_type} is a mixture-of-experts model: expert models under --tp/--pp/--cp "
                                 "land with expert parallelism; use --tp 1 --pp 1 --cp 1 (--dp is supported)")

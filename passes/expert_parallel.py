@@ -1,0 +1,113 @@
+"""expert_parallel: share each MoE layer's experts out over the expert-parallel group (--ep N).
+
+An expert-parallel group is ep data-parallel ranks (planning/layout.py): each has its own tokens, and rank r of
+the group holds experts r·E/ep .. (r+1)·E/ep - 1 of every MoE layer (its slice of the stacked expert weights,
+tagged with a ParamShard over "ep", so checkpoints stay whole tensors). The model graph's token permutation
+(graphllm::moe_permute / moe_unpermute around the grouped matmuls, models/moe.py `dispatch`) is rewritten to
+the all-gather dispatcher:
+
+    x [T, H], weights, ids [T, k]   ── sp_gather over "ep" ──►  [ep·T, H], [ep·T, k]: the group's tokens
+    moe_permute(.., first = r·E/ep, num = E/ep)                 only this rank's experts' pairs are grouped;
+                                                                the others sort into the tail (computed as zero)
+    grouped matmuls on this rank's expert weights
+    moe_unpermute → [ep·T, H]: this rank's experts' share of every token's output
+    sp_reduce_scatter over "ep" ──► [T, H]: each token's sum over all experts, back on its own rank
+
+Each collective's autograd rule is its conjugate (all-gather ↔ reduce-scatter), so the backward graph
+returns every token's gradient to its rank and sums the group's tokens into each expert's weight gradient
+(the engine then averages expert gradients over the expert-data-parallel replicas, dividing by dp:
+graphllm.parallel.optim.reduce_replicas). Dropless and static: every token-expert pair of the group is
+computed exactly once, on the rank holding its expert; the cost is that each rank's permuted buffer holds
+the group's ep·T·k rows, of which about T·k are its own. The router, its load-balancing loss and the
+dense layers are untouched: they see this rank's tokens only, as under plain data parallelism.
+Legal because the output of each token is the same sum of the same expert outputs, in another order.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+
+from graphllm.errors import GraphllmError
+from graphllm.passes.graph_edit import emit, get_attr_value, set_parameter
+from graphllm.passes.manager import PassContext, graph_pass
+from graphllm.passes.matching import is_call
+from graphllm.passes.shapes import repropagate
+from graphllm.planning.sharding import shard_param
+
+gl = torch.ops.graphllm
+_PERMUTE, _UNPERMUTE, _GMM = gl.moe_permute.default, gl.moe_unpermute.default, gl.grouped_matmul.default
+_COUNTS = 2  # moe_permute's outputs: x_sorted, order, group_sizes
+
+
+@graph_pass("expert_parallel", stage="model")
+def expert_parallel(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+    ep = ctx.layout.ep
+    if ep == 1:
+        return gm
+    rank = ctx.layout.group_rank("ep", ctx.layout.coords(ctx.rank))
+    sharded: dict[int, torch.nn.Parameter] = {}  # id(full) -> this rank's slice (a weight read twice stays one)
+    for permute in [n for n in gm.graph.nodes if is_call(n, _PERMUTE)]:
+        x, ids, first, num = permute.args
+        if first != 0 or num % ep:
+            raise GraphllmError(f"expert_parallel: {permute.name} permutes experts {first}..{first + num - 1}; --ep "
+                                f"{ep} needs a whole layer's experts, a multiple of {ep}")
+        local = num // ep
+        _shard_expert_weights(gm, ctx, permute, rank, ep, sharded)
+        with gm.graph.inserting_before(permute):
+            x_all = emit(gm, gl.sp_gather.default, (x, 0, ep, "ep"), permute, "dispatch")
+            ids_all = emit(gm, gl.sp_gather.default, (ids, 0, ep, "ep"), permute, "dispatch")
+        permute.args = (x_all, ids_all, rank * local, local)
+        for unpermute in _unpermutes_of(permute):
+            y, order, weights = unpermute.args
+            with gm.graph.inserting_before(unpermute):
+                w_all = emit(gm, gl.sp_gather.default, (weights, 0, ep, "ep"), unpermute, "dispatch")
+            unpermute.args = (y, order, w_all)
+            with gm.graph.inserting_after(unpermute):
+                combined = emit(gm, gl.sp_reduce_scatter.default, (unpermute, 0, ep, "ep"), unpermute, "combine")
+            unpermute.replace_all_uses_with(combined, delete_user_cb=lambda u: u is not combined)
+        ctx.count("MoE layers")
+    if not ctx.counters.get(ctx.current_pass):
+        raise GraphllmError(f"--ep {ep}: the model graph has no graphllm::moe_permute (no mixture-of-experts layer); "
+                            "use --ep 1")
+    repropagate(gm, {})
+    gm.recompile()
+    return gm
+
+
+def _unpermutes_of(permute: fx.Node) -> list[fx.Node]:
+    """The moe_unpermute nodes that read this permutation's order (output 1)."""
+    orders = [u for u in permute.users if u.target is operator.getitem and u.args[1] == 1]
+    return [u for o in orders for u in o.users if is_call(u, _UNPERMUTE)]
+
+
+def _shard_expert_weights(gm: fx.GraphModule, ctx: PassContext, permute: fx.Node, rank: int, ep: int,
+                          sharded: dict[int, torch.nn.Parameter]) -> None:
+    """Replace the [E, ...] weights of every grouped matmul grouped by this permutation's counts with this rank's
+    E/ep experts (dim 0)."""
+    counts = [u for u in permute.users if u.target is operator.getitem and u.args[1] == _COUNTS]
+    gmms = [g for c in counts for g in c.users if is_call(g, _GMM)]
+    if not gmms:
+        raise GraphllmError(f"expert_parallel: {permute.name}'s experts are not graphllm::grouped_matmul calls")
+    for gmm in gmms:
+        weight = _source_attr(gmm.args[1])
+        full = get_attr_value(gm, weight.target)
+        if id(full) not in sharded:
+            sharded[id(full)] = shard_param(full, 0, rank, ep, group="ep")
+            ctx.count("sharded expert weights")
+        set_parameter(gm, weight.target, sharded[id(full)])
+
+
+def _source_attr(node: fx.Node) -> fx.Node:
+    """The parameter a grouped matmul's weight comes from, through transposes, views and casts."""
+    while node.op == "call_function":
+        tensors = [a for a in node.args if isinstance(a, fx.Node)]
+        if len(tensors) != 1:
+            break
+        node = tensors[0]
+    if node.op != "get_attr":
+        raise GraphllmError(f"expert_parallel: a grouped matmul's weight ({node.name}) is not a parameter read; "
+                            "expert weights must be the model's [E, ...] parameters")
+    return node

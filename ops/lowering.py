@@ -6,7 +6,8 @@ replaces each op call in the model graph by a call of that function, which the b
 absent from a backend's table stays an opaque op with its own kernel and autograd rule.
 
 The `npu` table calls the torch_npu kernels (ops/lowering_npu.py); NPU_KERNELS documents the mapping. An op
-with no entry there (lora_linear, linear_cross_entropy: see ops/lowering_npu.py) runs as its decomposition on the NPU.
+with no entry there (lora_linear, linear_cross_entropy: see ops/lowering_npu.py), or whose entry says it is not wired
+(moe_permute / moe_unpermute: ops/lowering_npu_moe.py), runs as its decomposition on the NPU.
 """
 
 import warnings
@@ -112,8 +113,16 @@ NPU_KERNELS: dict[torch._ops.OpOverload, NpuKernel] = {
         "takes no lse gradient)",
     ),
     ops.grouped_matmul.default: NpuKernel(
-        "npu_grouped_matmul", "npu_grouped_matmul([x], [weight], group_list=sizes, split_item=3, group_type=0, "
-        "group_list_type=1)[0]; graphllm's backward (the kernel for dx, a masked contraction for dweight)"),
+        "npu_grouped_matmul", "npu_grouped_matmul([x], [weight], group_list=sizes with the tail added to the last "
+        "group, split_item=3, group_type=0, group_list_type=1)[0], tail rows zeroed; graphllm's backward (the "
+        "kernel for dx, a masked contraction for dweight)"),
+    ops.moe_permute.default: NpuKernel(
+        "npu_moe_token_permute", "not wired (torchair 2.13 has no GE converter; runs as its decomposition): "
+        "npu_moe_token_permute(x, key) with key = local expert id, num_experts for the tail -> (x_sorted, "
+        "sorted_indices = order⁻¹ int32); group_sizes by scatter_add; graphllm's backward (index_select, sum)"),
+    ops.moe_unpermute.default: NpuKernel(
+        "npu_moe_token_unpermute", "not wired (as moe_permute): npu_moe_token_unpermute(y, order⁻¹ int32, "
+        "probs=weights); graphllm's backward (index_select, multiply, sum)"),
     ops.matmul_all_reduce.default: NpuKernel("npu_mm_all_reduce_base", "npu_mm_all_reduce_base(x, w.t(), hcom, "
                                              "reduce_op='sum') + bias; graphllm's backward (a matmul)"),
     ops.all_gather_matmul.default: NpuKernel(

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from graphllm.ops.attention_block import attention_block_grads, block_visible
 from graphllm.ops.lowering_npu_mc2 import NPU_MC2_CONTRACT, npu_mc2_lowerings
+from graphllm.ops.lowering_npu_moe import NPU_MOE_CONTRACT
 from graphllm.ops.rope import rope_decomposed
 
 # npu_fusion_attention's sparse_mode 2 (leftUpCausal: query i sees keys 0..i, as SDPA's is_causal) takes
@@ -34,6 +35,7 @@ NPU_CONTRACT: dict[str, tuple[str, ...]] = {
                              "pre_tockens", "next_tockens", "sparse_mode"),
 }
 NPU_CONTRACT.update(NPU_MC2_CONTRACT)
+NPU_CONTRACT.update(NPU_MOE_CONTRACT)  # written and tested, not in npu_lowerings: ops/lowering_npu_moe.py says why
 NPU_CONTRACT["npu_apply_rotary_pos_emb"] = ("query", "key", "cos", "sin", "layout", "rotary_mode")
 APPLY_ROPE_HEAD_DIMS = (64, 128)  # npu_apply_rotary_pos_emb on A2/A3: D must be 64 or 128
 NPU_CONTRACT["npu_grouped_matmul"] = ("x", "weight", "group_list", "split_item", "group_type", "group_list_type")
@@ -195,29 +197,48 @@ def rope_qk_npu(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor,
     return q_out.transpose(1, 2), k_out.transpose(1, 2)
 
 
-def _gmm(x: Tensor, weight: Tensor, group_sizes: Tensor) -> Tensor:
-    return torch.ops.npu.npu_grouped_matmul([x], [weight], group_list=group_sizes, split_item=GMM_SINGLE_TENSOR,
+def _gmm(x: Tensor, weight: Tensor, counts: Tensor) -> Tensor:
+    return torch.ops.npu.npu_grouped_matmul([x], [weight], group_list=counts, split_item=GMM_SINGLE_TENSOR,
                                             group_type=GMM_GROUP_M, group_list_type=GMM_SIZES)[0]
 
 
+def _kernel_counts(group_sizes: Tensor, rows: int) -> Tensor:
+    """npu_grouped_matmul's counts must sum to x's rows (documented for group_type 0; what it does with rows past a
+    shorter list is not): the tail past sum(group_sizes) joins the last group, and the lowering zeroes it after."""
+    tail = rows - group_sizes.sum(0, keepdim=True)  # [1]
+    return torch.cat([group_sizes[:-1], group_sizes[-1:] + tail])
+
+
+def _group_masks(group_sizes: Tensor, rows: int) -> tuple[Tensor, Tensor]:
+    """(row in a group [T] bool, row t in group g [T, G] bool): compares of arange against the cumsum of the sizes,
+    ops GE converts (repeat_interleave's converter is a stub). Tail rows are in no group."""
+    ends = torch.cumsum(group_sizes, 0)
+    row = torch.arange(rows, device=group_sizes.device).unsqueeze(1)  # [T, 1]
+    onehot = (row >= ends - group_sizes) & (row < ends)  # [T, G]
+    return row.squeeze(1) < ends[-1], onehot
+
+
 class _GroupedMatmulNpu(torch.autograd.Function):
-    """npu_grouped_matmul has no autograd. dx is the same kernel on dy and wᵀ; the weight gradient is
-    grouped along the contraction (rows), which the kernel cannot group on A2 (group_type -1/0 only), so
-    it is a one-hot-masked contraction in ATen ops GE converts: G× the FLOPs of a grouped kernel."""
+    """npu_grouped_matmul has no autograd. Rows past sum(group_sizes) (the MoE tail: other ranks' or dropped pairs)
+    come out zero and get no gradient, as graphllm's op: the kernel computes them with the last group's weight
+    (_kernel_counts) and a where zeroes them. dx is the same kernel on the masked dy and wᵀ; the weight gradient is
+    grouped along the contraction (rows), which the kernel cannot group on A2 (group_type -1/0 only), so it is a
+    one-hot-masked contraction in ATen ops GE converts: G× the FLOPs of a grouped kernel."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, group_sizes: Tensor):
         ctx.save_for_backward(x, weight, group_sizes)
-        return _gmm(x, weight, group_sizes)
+        in_groups, _ = _group_masks(group_sizes, x.shape[0])
+        out = _gmm(x, weight, _kernel_counts(group_sizes, x.shape[0]))
+        return torch.where(in_groups.unsqueeze(1), out, torch.zeros_like(out))
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         x, weight, group_sizes = ctx.saved_tensors
-        dx = _gmm(grad.contiguous(), weight.transpose(1, 2).contiguous(), group_sizes)
-        groups = torch.repeat_interleave(torch.arange(weight.shape[0], device=x.device), group_sizes,
-                                         output_size=x.shape[0])
-        onehot = torch.nn.functional.one_hot(groups, weight.shape[0]).to(x.dtype)  # [T, G]
-        dw = torch.einsum("tgk,tn->gkn", onehot.unsqueeze(-1) * x.unsqueeze(1), grad)
+        in_groups, onehot = _group_masks(group_sizes, x.shape[0])
+        grad = torch.where(in_groups.unsqueeze(1), grad, torch.zeros_like(grad)).contiguous()
+        dx = _gmm(grad, weight.transpose(1, 2).contiguous(), _kernel_counts(group_sizes, x.shape[0]))
+        dw = torch.einsum("tgk,tn->gkn", onehot.to(x.dtype).unsqueeze(-1) * x.unsqueeze(1), grad)
         return dx, dw.to(weight.dtype), None
 
 
@@ -263,4 +284,6 @@ def npu_lowerings() -> dict:
         ops.attention_block.default: attention_block_npu,
         ops.grouped_matmul.default: grouped_matmul_npu,
         **npu_mc2_lowerings(),
+        # moe_permute / moe_unpermute: not here, so they run as their ATen decompositions; their torch_npu kernels
+        # have no GE converter in torchair 2.13 (ops/lowering_npu_moe.py npu_moe_lowerings, ready for when they do)
     }

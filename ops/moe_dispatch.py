@@ -16,7 +16,8 @@ the weights (Mixtral keeps float32 routing weights, Qwen3-MoE rounds them to the
 back to y's dtype. Tail rows are zero, so dropped pairs add nothing.
 
 Reference kernels are plain ATen (argsort, index_select, index_add); the decompose table lowers to them
-for inductor. On the NPU they map to torch_npu's npu_moe_token_permute / npu_moe_token_unpermute.
+for inductor, and the NPU runs them too: torch_npu's npu_moe_token_permute / npu_moe_token_unpermute have
+lowerings ready (ops/lowering_npu_moe.py) but no torchair GE converter yet, so they are not wired.
 """
 
 from __future__ import annotations

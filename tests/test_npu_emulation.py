@@ -89,7 +89,7 @@ def test_table_uses_every_kernel():
                                                      "linear_cross_entropy_decomposed",
                                                      "linear_cross_entropy_parts_decomposed",
                                                      "nf4_dequantize_recomputed",  # nor an NF4 one (ops/nf4.py)
-                                                     # until the npu_moe_token_(un)permute lowerings land
+                                                     # their kernels lack GE converters (ops/lowering_npu_moe.py)
                                                      "moe_permute_decomposed", "moe_unpermute_decomposed"}
 
 

@@ -112,7 +112,8 @@ def _log_softmax_backward(a: dict[str, Any]) -> str:
     return f"grad_output {grad.dtype} with input_dtype {want}: only equal dtypes or float32 grad for float16 input"
 
 
-def _new_zeros(a: dict[str, Any]) -> str:
+def _dense_layout(a: dict[str, Any]) -> str:
+    """new_zeros, ones_like: the converter raises for a layout other than strided (None keeps the input's)."""
     layout = a.get("layout")
     return "" if layout in (None, torch.strided) else f"layout {layout}: dense tensors only"
 
@@ -132,7 +133,8 @@ RULES: dict[str, Rule] = {
     "npu.npu_rotary_mul_backward.default": Rule(_rotary_mul_backward, "3ec7a91d46c2"),
     "npu.npu_apply_rotary_pos_emb.default": Rule(_apply_rotary_pos_emb, "64b02fc1fac6"),
     "aten._log_softmax_backward_data.default": Rule(_log_softmax_backward, "04cb9abcd8ef"),
-    "aten.new_zeros.default": Rule(_new_zeros, "fa9a20aa5d09"),
+    "aten.new_zeros.default": Rule(_dense_layout, "fa9a20aa5d09"),
+    "aten.ones_like.default": Rule(_dense_layout, "f22d74a6207f"),  # the MoE routing counts (models/moe.py)
 }
 
 

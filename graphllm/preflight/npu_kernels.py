@@ -12,7 +12,8 @@ Dispatch: each kernel's emulation is its CompositeExplicitAutograd kernel (CPU, 
 kernel, so under Dynamo / aot_autograd a kernel stays one `npu.*` node instead of decomposing. Autograd is
 what torch_npu registers: npu_rms_norm, npu_swiglu, npu_rotary_mul and npu_fusion_attention are
 differentiated by their backward kernels (NPU_AUTOGRAD), which then appear in the backward graph; the
-other kernels have none (graphllm's lowering wraps them in its own autograd.Function).
+other kernels have none (graphllm's lowering wraps them in its own autograd.Function; the MoE token permutation
+kernels: graphllm.preflight.npu_kernels_moe).
 Never register these where torch_npu is loaded: its real kernels own the namespace.
 """
 
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 
 from graphllm.errors import GraphllmError
 from graphllm.preflight.npu_kernels_mc2 import MC2_DTYPES, MC2_K, MC2_WORLD_SIZES, NO_AUTOGRAD_KERNELS, traced
+from graphllm.preflight.npu_kernels_moe import MOE_KERNELS
 
 __all__ = ["CAUSAL_MASK_SIZE", "EMULATED", "FLOAT_DTYPES", "KERNELS", "MC2_DTYPES", "MC2_K", "MC2_WORLD_SIZES",
            "NPU_AUTOGRAD", "SOFTMAX_STAT_WIDTH", "register_npu_kernels"]
@@ -342,7 +344,7 @@ _AUTOGRAD = {
 }
 KERNELS = {f.__name__: f for f in (npu_rms_norm, npu_rms_norm_backward, npu_add_rms_norm, npu_swiglu,
                                    npu_swiglu_backward, npu_rotary_mul, npu_rotary_mul_backward,
-                                   npu_fusion_attention, npu_fusion_attention_grad)} | NO_AUTOGRAD_KERNELS
+                                   npu_fusion_attention, npu_fusion_attention_grad)} | NO_AUTOGRAD_KERNELS | MOE_KERNELS
 """Kernel name -> its CPU emulation (also its fake kernel: the same ops on fake tensors give the shapes)."""
 EMULATED = tuple(KERNELS)
 """Every kernel register_npu_kernels defines in torch.ops.npu."""

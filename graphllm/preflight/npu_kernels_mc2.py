@@ -72,8 +72,10 @@ def npu_grouped_matmul(x, weight, bias=None, scale=None, offset=None, antiquant_
         raise ValueError("npu_grouped_matmul: group_list must be a 1-D tensor with one entry per weight group")
     sizes = group_list if group_list_type == 1 else torch.diff(group_list, prepend=group_list.new_zeros(1))
     ends = sizes.cumsum(0)
-    if not traced(group_list) and (bool((sizes < 0).any()) or int(ends[-1]) > x[0].shape[0]):
-        raise ValueError("npu_grouped_matmul: group sizes must be non-negative and fit in x's rows")
+    # group_type 0: "the sum of the counts (type 1) / the last cumsum (type 0) equals x's first dim"; what the kernel
+    # does with rows past a shorter list is undocumented, so that is refused here
+    if not traced(group_list) and (bool((sizes < 0).any()) or int(ends[-1]) != x[0].shape[0]):
+        raise ValueError("npu_grouped_matmul: group sizes must be non-negative and sum to x's rows")
     rows = torch.repeat_interleave(torch.arange(weight[0].shape[0], device=x[0].device), sizes,
                                    output_size=x[0].shape[0])
     out = torch.bmm(x[0].unsqueeze(1), weight[0][rows]).squeeze(1)  # row t uses its group's weight

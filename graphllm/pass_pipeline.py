@@ -207,13 +207,22 @@ def _parallel_steps(plan: CompilePlan, purpose: str = "train") -> list[Step]:
         out.append(Step("sequence_parallel", "model", "right after tensor_parallel: rewrites the collectives it "
                                                       "inserted at region borders", graph_pass=sequence_parallel,
                         required=True))
+    if plan.moe.capacity_factor is not None and purpose != "generate":
+        from graphllm.passes.moe_capacity import moe_capacity
+
+        out.append(Step("moe_capacity", "model", "before expert parallelism: each expert's pairs past its capacity "
+                                                 "(counted on this rank's tokens) go to the permutation's tail",
+                        graph_pass=moe_capacity.with_options(capacity_factor=plan.moe.capacity_factor),
+                        required=True))
     if lay.ep > 1 and purpose != "generate":
         from graphllm.passes.expert_parallel import expert_parallel
 
         out.append(Step("expert_parallel", "model", "after the fusions and user passes: each MoE layer's experts are "
                                                     "shared out over the ep group, its tokens all-gathered to them "
                                                     "and the outputs reduce-scattered back",
-                        graph_pass=expert_parallel, required=True))
+                        graph_pass=expert_parallel.with_options(dispatcher=plan.moe.dispatcher,
+                                                                capacity_factor=plan.moe.capacity_factor),
+                        required=True))
     if lay.cp > 1 and purpose != "generate":
         out.append(Step("context_parallel", "model", f"after tensor/sequence parallelism (attention holds this rank's "
                                                      f"heads): attention across the cp group ({lay.cp_algo}), the "

@@ -18,6 +18,7 @@ from graphllm.options import check_fields, from_dict, option, section, to_dict
 from graphllm.planning.compat import check_plan
 from graphllm.planning.layout import Layout
 from graphllm.planning.lora_config import LoraConfig
+from graphllm.planning.moe_config import MoeConfig
 from graphllm.planning.offload_config import ActivationOffloadConfig
 from graphllm.planning.recompute_config import RecomputeConfig
 from graphllm.planning.task_config import TaskConfig
@@ -73,6 +74,8 @@ class CompilePlan:
     recompute: RecomputeConfig = section(RecomputeConfig, title="activation recomputation (graphllm/recompute.py)")
     activation_offload: ActivationOffloadConfig = section(
         ActivationOffloadConfig, title="activation offload to host memory (graphllm/offload_activations.py)")
+    moe: MoeConfig = section(MoeConfig, title="mixture of experts: token dispatch and expert capacity "
+                                              "(passes/expert_parallel.py, passes/moe_capacity.py)")
     npu: NpuOptions = section(NpuOptions, title="npu (torchair) options")
 
     def __post_init__(self) -> None:

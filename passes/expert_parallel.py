@@ -35,7 +35,9 @@ from graphllm.passes.graph_edit import emit, get_attr_value, set_parameter
 from graphllm.passes.manager import PassContext, graph_pass
 from graphllm.passes.matching import is_call
 from graphllm.passes.shapes import repropagate
+from graphllm.planning.moe_config import MoeConfig
 from graphllm.planning.sharding import shard_param
+from graphllm.passes import ep_alltoall
 
 gl = torch.ops.graphllm
 _PERMUTE, _UNPERMUTE, _GMM = gl.moe_permute.default, gl.moe_unpermute.default, gl.grouped_matmul.default
@@ -43,7 +45,10 @@ _COUNTS = 2  # moe_permute's outputs: x_sorted, order, group_sizes
 
 
 @graph_pass("expert_parallel", stage="model")
-def expert_parallel(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+def expert_parallel(gm: fx.GraphModule, ctx: PassContext, *, dispatcher: str = "allgather",
+                    capacity_factor: float | None = None) -> fx.GraphModule:
+    """`dispatcher` "allgather" (above) or "alltoall" (passes/ep_alltoall.py); `capacity_factor` the plan's
+    --moe-capacity-factor, which bounds the all-to-all's buffers (moe_capacity has already applied it)."""
     ep = ctx.layout.ep
     if ep == 1:
         return gm
@@ -56,6 +61,13 @@ def expert_parallel(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
                                 f"{ep} needs a whole layer's experts, a multiple of {ep}")
         local = num // ep
         _shard_expert_weights(gm, ctx, permute, rank, ep, sharded)
+        if dispatcher == "alltoall":
+            tokens, k = ids.meta["val"].shape
+            for unpermute in _unpermutes_of(permute):
+                ep_alltoall.rewrite(gm, permute, unpermute, ep, MoeConfig(capacity_factor=capacity_factor)
+                                    .capacity(tokens, k, num))
+            ctx.count("MoE layers (all-to-all)")
+            continue
         with gm.graph.inserting_before(permute):
             x_all = emit(gm, gl.sp_gather.default, (x, 0, ep, "ep"), permute, "dispatch")
             ids_all = emit(gm, gl.sp_gather.default, (ids, 0, ep, "ep"), permute, "dispatch")

@@ -1,0 +1,140 @@
+"""Expert parallelism (--ep) and expert capacity on real gloo ranks, against one process of the same seed.
+
+A tiny Mixtral (4 experts, top-2, with transformers' load-balancing loss in the training loss) trains STEPS
+AdamW steps. ep ranks are data-parallel ranks, each with its own rows, so the one-process reference runs the
+same rows as micro-batches (gradient accumulation): per micro-batch routing, capacity and aux loss are the
+per-rank ones. Every step's loss and the final parameters (expert shards put back together) must agree.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from dist_util import run_ranks
+from hf_parity import hf_model, rel_err, save_hf_checkpoint
+
+STEPS = 3
+SEQ, GLOBAL_BATCH = 16, 4
+LOSS_RTOL = 1e-5
+"""fp32: each token's output is the same sum of the same expert outputs, added in another order (reduce-scatter
+over the ep group), and the expert gradients sum the group's tokens in another order."""
+PARAM_RTOL = 2e-4
+"""AdamW scales each element's reduction-order difference by its own running RMS (see test_parallel_training's
+PARAM_RTOL, measured there); a wrong shard or a missing reduction shows as O(1)."""
+CAPACITY = 1.0
+"""Each of 4 experts takes ceil(1.0 · T · 2 / 4) = T/2 pairs of a rank's T tokens: at random init some experts get
+more, so pairs are dropped (the test checks the losses move)."""
+
+
+@pytest.fixture(scope="module")
+def mixtral(tmp_path_factory) -> str:
+    return str(save_hf_checkpoint(hf_model("mixtral", "sdpa"), "mixtral", tmp_path_factory.mktemp("mixtral") / "ckpt"))
+
+
+def _batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    from hf_parity import VOCAB
+
+    g = torch.Generator().manual_seed(500 + step)
+    ids = torch.randint(0, VOCAB, (GLOBAL_BATCH, SEQ), generator=g)
+    return ids, torch.randint(0, VOCAB, (GLOBAL_BATCH, SEQ), generator=g)
+
+
+def _plan(model: str, layout: dict, moe: dict | None = None, backend: str = "eager"):
+    from graphllm.plan import CompilePlan
+    from graphllm.planning import Layout
+    from graphllm.planning.moe_config import MoeConfig
+
+    rows = layout.get("dp", 1) * layout.get("micro_batches", 1)
+    return CompilePlan(model=model, batch_size=GLOBAL_BATCH // rows, seq_len=SEQ, backend=backend,
+                       layout=Layout(**layout), moe=MoeConfig(**(moe or {})))
+
+
+def train(model: str, layout: dict, moe: dict | None = None, *, save: str | None = None, load: str | None = None,
+          stop_after: int | None = None) -> dict:
+    """Train on this rank; return its losses, its parameters with their ParamShard, and what its model graph holds."""
+    from graphllm.job import build
+    from graphllm.planning.sharding import shard_of
+    from graphllm.resume import load_step, save_step
+    from graphllm.train import TrainConfig, train_steps
+
+    built = build(_plan(model, layout, moe))
+    cfg = TrainConfig(steps=STEPS, lr=1e-3, warmup_steps=1, grad_clip=1.0, eps=1e-6)
+    opt = built.engine.make_optimizer(cfg)
+    start = load_step(load, built, opt) if load else 0
+    losses = []
+    for r in train_steps(built.engine, _batch, cfg, optimizer=opt, start_step=start):
+        losses.append(r["loss"])
+        if save and r["step"] == stop_after:
+            save_step(save, built, opt, r["step"])
+            break
+    calls = [n for n in built.result.model_graph.graph.nodes if str(n.target).startswith("graphllm.")]
+    dispatch = ("sp_gather", "sp_reduce_scatter", "cp_all_to_all")
+    collectives = sorted({f"{str(n.target).split('.')[1]}:{n.args[-1]}" for n in calls
+                          if str(n.target).split(".")[1] in dispatch})
+    return {"losses": losses, "collectives": collectives,
+            "params": {n: (p.detach().clone(), shard_of(p)) for n, p in built.engine.named_params.items()}}
+
+
+def _assemble(results: list[dict]) -> dict[str, torch.Tensor]:
+    """Full parameters from every rank's pieces (expert shards differ across the ep group)."""
+    pieces: dict[str, dict[int, torch.Tensor]] = {}
+    for r in results:
+        for name, (t, shard) in r["params"].items():
+            pieces.setdefault(name, {})[shard.index if shard else 0] = (t, shard.dim if shard else None)
+    return {n: torch.cat([p[i][0] for i in sorted(p)], p[0][1]) if p[0][1] is not None else p[0][0]
+            for n, p in pieces.items()}
+
+
+def _check(case: str, results: list[dict], reference: dict) -> None:
+    for r in results:
+        for step, (got, want) in enumerate(zip(r["losses"], reference["losses"]), 1):
+            assert abs(got - want) / abs(want) <= LOSS_RTOL, f"{case} step {step}: loss {got} vs {want}"
+    full, want = _assemble(results), {n: t for n, (t, _) in reference["params"].items()}
+    assert set(full) == set(want)
+    worst = max(rel_err(full[n], want[n]) for n in want)
+    assert worst <= PARAM_RTOL, f"{case}: final parameters differ by {worst:.2e}"
+
+
+@pytest.fixture(scope="module")
+def references(mixtral):
+    return {micro: train(mixtral, {"micro_batches": micro}) for micro in (2, 4)}
+
+
+CASES = {  # name: (layout, moe options, ranks, reference micro-batches)
+    "ep2-allgather": ({"dp": 2, "ep": 2}, {}, 2, 2),
+    "ep2xdp2-alltoall": ({"dp": 4, "ep": 2}, {"dispatcher": "alltoall"}, 4, 4),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_expert_parallel_trains_like_one_process(case, mixtral, references):
+    layout, moe, ranks, micro = CASES[case]
+    results = run_ranks(train, ranks, mixtral, layout, moe)
+    _check(case, results, references[micro])
+    want = {"allgather": ["sp_gather:ep", "sp_reduce_scatter:ep"], "alltoall": ["cp_all_to_all:ep"]}
+    assert results[0]["collectives"] == want[moe.get("dispatcher", "allgather")], results[0]["collectives"]
+    for rank, r in enumerate(results):  # each rank holds its own half of every expert weight
+        experts = {n: s for n, (_, s) in r["params"].items() if "experts" in n}
+        assert experts and all(s.group == "ep" and s.count == 2 and s.index == rank % 2 for s in experts.values())
+
+
+def test_capacity_drops_the_same_pairs_under_both_dispatchers(mixtral, references):
+    """--moe-capacity-factor on one process (2 micro-batches) = ep2 all-gather = ep2 all-to-all; and it drops."""
+    moe = {"capacity_factor": CAPACITY}
+    alone = train(mixtral, {"micro_batches": 2}, moe)
+    assert alone["losses"][0] != references[2]["losses"][0], "the capacity dropped nothing: raise the test's load"
+    for dispatcher in ("allgather", "alltoall"):
+        _check(f"capacity {dispatcher}", run_ranks(train, 2, mixtral, {"dp": 2, "ep": 2}, dict(moe, dispatcher=dispatcher)),
+               alone)
+
+
+def test_checkpoint_saved_at_ep2_resumes_on_one_process(mixtral, references, tmp_path: Path):
+    """A checkpoint holds whole expert tensors: saved at ep2 after step 2, resumed on one process, the last
+    step's loss is the uninterrupted run's."""
+    run_ranks(train, 2, mixtral, {"dp": 2, "ep": 2}, save=str(tmp_path / "ckpt"), stop_after=2)
+    resumed = train(mixtral, {"micro_batches": 2}, load=str(tmp_path / "ckpt" / "step_2"))
+    assert len(resumed["losses"]) == 1
+    assert abs(resumed["losses"][0] - references[2]["losses"][2]) / references[2]["losses"][2] <= LOSS_RTOL

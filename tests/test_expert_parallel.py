@@ -106,6 +106,8 @@ def references(mixtral):
 CASES = {  # name: (layout, moe options, ranks, reference micro-batches)
     "ep2-allgather": ({"dp": 2, "ep": 2}, {}, 2, 2),
     "ep2xdp2-alltoall": ({"dp": 4, "ep": 2}, {"dispatcher": "alltoall"}, 4, 4),
+    # attention tensor-parallel; every tp rank holds the same expert shard and routes the same tokens
+    "ep2xtp2": ({"tp": 2, "dp": 2, "ep": 2}, {}, 4, 2),
 }
 
 
@@ -116,9 +118,10 @@ def test_expert_parallel_trains_like_one_process(case, mixtral, references):
     _check(case, results, references[micro])
     want = {"allgather": ["sp_gather:ep", "sp_reduce_scatter:ep"], "alltoall": ["cp_all_to_all:ep"]}
     assert results[0]["collectives"] == want[moe.get("dispatcher", "allgather")], results[0]["collectives"]
+    tp = layout.get("tp", 1)
     for rank, r in enumerate(results):  # each rank holds its own half of every expert weight
         experts = {n: s for n, (_, s) in r["params"].items() if "experts" in n}
-        assert experts and all(s.group == "ep" and s.count == 2 and s.index == rank % 2 for s in experts.values())
+        assert experts and all(s.group == "ep" and s.count == 2 and s.index == rank // tp % 2 for s in experts.values())
 
 
 def test_capacity_drops_the_same_pairs_under_both_dispatchers(mixtral, references):

@@ -110,15 +110,27 @@ def test_unsupported_moe_fields_are_refused_by_name(d: dict, message: str) -> No
         ModelConfig.from_hf(d, source="cfg.json")
 
 
-def test_cli_refuses_jitter_and_tensor_parallel(tmp_path: Path, capsys) -> None:
+BAD_LAYOUTS = [  # flags → the one line that names the input and the fix
+    (["--pp", "2", "--micro-batches", "2"], "--pp, --cp and --sequence-parallel with experts are not supported yet"),
+    (["--dp", "3", "--ep", "3"], "--ep 3 does not divide the model's 4 experts (num_experts)"),
+    (["--ep", "2"], "--ep 2 must divide --dp 1"),
+    (["--moe-capacity-factor", "0"], "--moe-capacity-factor 0.0 must be > 0"),
+    (["--dp", "2", "--ep", "2", "--zero1"], "--ep with --zero1 is not supported yet"),
+]
+
+
+def test_cli_refuses_bad_moe_input(tmp_path: Path, capsys) -> None:
+    """Each bad layout or option: one line, exit 2, nothing written; a dense model under --ep; router jitter."""
     hf = hf_model("mixtral", "sdpa")
     ckpt = save_hf_checkpoint(hf, "mixtral", tmp_path / "ckpt")
     flags = ["--model", str(ckpt), "--backend", "eager", "--batch-size", "1", "--seq-len", "16"]
     capsys.readouterr()  # transformers' save progress bar
-    assert main(["compile", "--out", str(tmp_path / "tp"), *flags, "--tp", "2"]) == EXIT_USER_ERROR
-    err = capsys.readouterr().err
-    assert "expert models under --tp/--pp/--cp land with expert parallelism" in err and len(err.strip().splitlines()) == 1
-    assert not (tmp_path / "tp").exists()
+    cases = [*BAD_LAYOUTS, (["--model", "tiny-llama", "--dp", "2", "--ep", "2"], "but llama is dense; use --ep 1")]
+    for i, (extra, message) in enumerate(cases):
+        assert main(["compile", "--out", str(tmp_path / f"bad{i}"), *flags, *extra]) == EXIT_USER_ERROR, extra
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, (extra, err)
+        assert not (tmp_path / f"bad{i}").exists()
     jitter = tmp_path / "jitter"
     hf.config.router_jitter_noise = 0.5
     save_hf_checkpoint(hf, "mixtral", jitter)

@@ -192,6 +192,9 @@ class Layout:
         if self.pp_layers is not None and len(self.pp_layers) != self.num_stages:
             raise GraphllmError(f"--pp-layers lists {len(self.pp_layers)} stages but pp×vpp = {self.num_stages}")
         self._check_cp_options()
+        if self.ep > 1 and self.zero1:
+            raise GraphllmError("--ep with --zero1 is not supported yet (ZeRO-1 shards optimizer states over the whole "
+                                "data-parallel group, whose ranks hold different experts); drop --zero1")
         if self.dp % self.ep:
             raise GraphllmError(f"--ep {self.ep} must divide --dp {self.dp}: expert-parallel groups are carved out of "
                                 f"the data-parallel ranks; use a --dp that is a multiple of --ep")
@@ -221,10 +224,12 @@ class Layout:
         if experts % self.ep:
             raise GraphllmError(f"--ep {self.ep} does not divide the model's {experts} experts (num_experts); choose an "
                                 "--ep that divides it")
-        if experts and (tp > 1 or self.pp > 1 or self.cp > 1):
-            # the tp/pp/cp passes know dense MLPs only; the 3D expert weights would be split wrongly
-            raise GraphllmError(f"{cfg.model_type} is a mixture-of-experts model: expert models under --tp/--pp/--cp "
-                                "land with expert parallelism; use --tp 1 --pp 1 --cp 1 (--dp is supported)")
+        if experts and (self.sequence_parallel or self.pp > 1 or self.cp > 1):
+            # pipeline stages would cut the router statistics the aux loss sums over layers; sequence and context
+            # parallelism would route sharded tokens whose expert gradients nothing reduces
+            raise GraphllmError(f"{cfg.model_type} is a mixture-of-experts model: --pp, --cp and --sequence-parallel "
+                                "with experts are not supported yet; use --pp 1 --cp 1 without --sequence-parallel "
+                                "(--tp, --dp and --ep are supported)")
         checks = [
             (cfg.num_attention_heads, "attention heads (num_attention_heads)"),
             (cfg.intermediate_size, "MLP width (intermediate_size)"),

@@ -64,14 +64,17 @@ class Row:
     seq_len: int = 256
     layout: dict = field(default_factory=dict)
     recompute: dict = field(default_factory=dict)
+    moe: dict = field(default_factory=dict)
 
     def plan(self):
         from graphllm.plan import CompilePlan
         from graphllm.planning.layout import Layout
+        from graphllm.planning.moe_config import MoeConfig
         from graphllm.planning.recompute_config import RecomputeConfig
 
         return CompilePlan(model=self.model, batch_size=self.batch_size, seq_len=self.seq_len,
-                           layout=Layout(**self.layout), recompute=RecomputeConfig(**self.recompute))
+                           layout=Layout(**self.layout), recompute=RecomputeConfig(**self.recompute),
+                           moe=MoeConfig(**self.moe))
 
 
 ROWS = [

@@ -23,6 +23,7 @@ from graphllm.pass_pipeline import Pipeline, Purpose, build_pipeline
 from graphllm.passes import GraphPass, PassContext, PassRecord, run_passes
 from graphllm.plan import CompilePlan
 from graphllm.planning.layout import Layout
+from graphllm.planning.moe_config import MoeConfig
 from graphllm.planning.recompute_config import RecomputeConfig
 from graphllm.train_stage import TrainStage
 
@@ -148,7 +149,8 @@ def plan_for(model: nn.Module, inputs: Sequence[torch.Tensor], *, backend: str, 
     return CompilePlan(model=getattr(model, "source", type(model).__name__), batch_size=ids.shape[0],
                        seq_len=ids.shape[-1] if ids.dim() > 1 else 1, backend=backend, amp=amp,
                        device=ids.device.type if backend != "npu" else "npu", disable=list(disable),
-                       layout=layout or Layout(), recompute=recompute or RecomputeConfig())
+                       layout=layout or Layout(), recompute=recompute or RecomputeConfig(),
+                       moe=MoeConfig(stats="off"))  # the API's contract: model(ids, labels) -> the loss alone
 
 
 def compile_pipeline(model: nn.Module, inputs: tuple[torch.Tensor, ...], pipeline: Pipeline, *,

@@ -94,7 +94,8 @@ def build(plan: CompilePlan, *, user: Sequence[GraphPass] = (), purpose: Purpose
         compiled = compile_pipeline(task.target, inputs, pipeline, groups=st, rank=rank, dump_dir=dump_dir)
         result = compiled.result
         engine = Engine(layout=layout, st=st, named_params=dict(task.trained.named_parameters()), step_fn=compiled,
-                        micro_batch_size=plan.batch_size, seq_len=plan.seq_len, metric_names=task.metrics,
+                        micro_batch_size=plan.batch_size, seq_len=plan.seq_len,
+                        metric_names=task.metrics + moe_metric_names(pipeline),
                         reference=reference if uses_reference_graph(plan) else None,
                         offload_optimizer=plan.offload_optimizer)
     else:
@@ -108,6 +109,13 @@ def build(plan: CompilePlan, *, user: Sequence[GraphPass] = (), purpose: Purpose
         warm_up(built)
     built.compile_seconds = time.perf_counter() - t0
     return built
+
+
+def moe_metric_names(pipeline: Pipeline) -> tuple[str, ...]:
+    """The metrics the moe_stats step appends to the graph's output (none when the pipeline has no such step)."""
+    from graphllm.passes.moe_stats import METRICS
+
+    return METRICS if any(step.name == "moe_stats" for step in pipeline.steps) else ()
 
 
 def _build_reference(plan: CompilePlan, model: torch.nn.Module, st, rank: int, dump_dir: Path | None,

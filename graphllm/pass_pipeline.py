@@ -190,6 +190,17 @@ def _cp_position_steps(plan: CompilePlan, purpose: str) -> list[Step]:
                  required=True)]
 
 
+def _has_experts(plan: CompilePlan) -> bool:
+    """Whether the plan's model has MoE layers (its config only; False when the plan names no loadable config,
+    as a Python-API plan may)."""
+    from graphllm.models import load_config
+
+    try:
+        return getattr(load_config(plan.model), "num_experts", 0) > 0
+    except Exception:  # noqa: BLE001 - any unreadable model simply gets no MoE step
+        return False
+
+
 def _parallel_steps(plan: CompilePlan, purpose: str = "train") -> list[Step]:
     from graphllm.passes.coc import coc
     from graphllm.passes.context_parallel import context_parallel
@@ -207,6 +218,13 @@ def _parallel_steps(plan: CompilePlan, purpose: str = "train") -> list[Step]:
         out.append(Step("sequence_parallel", "model", "right after tensor_parallel: rewrites the collectives it "
                                                       "inserted at region borders", graph_pass=sequence_parallel,
                         required=True))
+    if plan.moe.stats == "on" and purpose == "train" and _has_experts(plan):
+        from graphllm.passes.moe_stats import moe_stats
+
+        out.append(Step("moe_stats", "model", "before capacity and expert parallelism rewrite the routing: the "
+                                              "graph returns each MoE layer's load balance beside the loss "
+                                              "(nothing without MoE layers)",
+                        graph_pass=moe_stats.with_options(capacity_factor=plan.moe.capacity_factor)))
     if plan.moe.capacity_factor is not None and purpose != "generate":
         from graphllm.passes.moe_capacity import moe_capacity
 

@@ -64,9 +64,10 @@ def train(model: str, layout: dict, moe: dict | None = None, *, save: str | None
     cfg = TrainConfig(steps=STEPS, lr=1e-3, warmup_steps=1, grad_clip=1.0, eps=1e-6)
     opt = built.engine.make_optimizer(cfg)
     start = load_step(load, built, opt) if load else 0
-    losses = []
+    losses, balance = [], []
     for r in train_steps(built.engine, _batch, cfg, optimizer=opt, start_step=start):
         losses.append(r["loss"])
+        balance.append((r["moe/max_load"], r["moe/dropped"]))
         if save and r["step"] == stop_after:
             save_step(save, built, opt, r["step"])
             break
@@ -74,7 +75,7 @@ def train(model: str, layout: dict, moe: dict | None = None, *, save: str | None
     dispatch = ("sp_gather", "sp_reduce_scatter", "cp_all_to_all")
     collectives = sorted({f"{str(n.target).split('.')[1]}:{n.args[-1]}" for n in calls
                           if str(n.target).split(".")[1] in dispatch})
-    return {"losses": losses, "collectives": collectives,
+    return {"losses": losses, "collectives": collectives, "balance": balance,
             "params": {n: (p.detach().clone(), shard_of(p)) for n, p in built.engine.named_params.items()}}
 
 
@@ -92,6 +93,8 @@ def _check(case: str, results: list[dict], reference: dict) -> None:
     for r in results:
         for step, (got, want) in enumerate(zip(r["losses"], reference["losses"]), 1):
             assert abs(got - want) / abs(want) <= LOSS_RTOL, f"{case} step {step}: loss {got} vs {want}"
+        assert torch.allclose(torch.tensor(r["balance"]), torch.tensor(reference["balance"][:len(r["balance"])]),
+                              rtol=LOSS_RTOL), f"{case}: load-balance metrics {r['balance']} vs {reference['balance']}"
     full, want = _assemble(results), {n: t for n, (t, _) in reference["params"].items()}
     assert set(full) == set(want)
     worst = max(rel_err(full[n], want[n]) for n in want)
@@ -129,6 +132,8 @@ def test_capacity_drops_the_same_pairs_under_both_dispatchers(mixtral, reference
     moe = {"capacity_factor": CAPACITY}
     alone = train(mixtral, {"micro_batches": 2}, moe)
     assert alone["losses"][0] != references[2]["losses"][0], "the capacity dropped nothing: raise the test's load"
+    assert all(dropped > 0 for _, dropped in alone["balance"]) and all(d == 0 for _, d in references[2]["balance"])
+    assert all(1 < load <= 4 for load, _ in alone["balance"])  # 4 experts: max load is at most E times the mean
     for dispatcher in ("allgather", "alltoall"):
         _check(f"capacity {dispatcher}", run_ranks(train, 2, mixtral, {"dp": 2, "ep": 2}, dict(moe, dispatcher=dispatcher)),
                alone)

@@ -41,6 +41,10 @@ class MoeConfig:
         help="each expert takes at most ceil(F·tokens·top-k/experts) token-expert pairs of a micro-batch, the "
              "rest dropped in token order (default: dropless)")
 
+    stats: Literal["on", "off"] = option(
+        "on", help="training graphs of MoE models return each step's load balance beside the loss (moe/max_load, "
+                   "moe/dropped in the metrics log)")
+
     def __post_init__(self) -> None:
         check_fields(self)
 

@@ -1,0 +1,68 @@
+"""moe_stats: the load balance of every MoE layer as metrics beside the training loss.
+
+For each graphllm::moe_permute (before capacity and expert parallelism rewrite it) the pass counts, from the
+router's expert ids [T, k] of this rank's micro-batch, the pairs per expert c_e (one-hot, summed: a static [E]);
+the graph then returns `(loss, metrics)` instead of `loss` (a task graph's metrics vector is extended), with
+
+    moe/max_load   max_e c_e / (T·k / E), averaged over the MoE layers: 1 is perfect balance, E the worst
+    moe/dropped    Σ_e max(0, c_e - C) / (T·k), over all layers: the share of pairs past the experts' capacity
+                   (--moe-capacity-factor; exactly the pairs moe_capacity drops, position policy); 0 when dropless
+
+The engine averages metrics like the loss (micro-batches, data-parallel ranks) and the training log writes
+them per step (graphllm.train.train_steps). The counts are integer work on [T·k] ids, outside autograd.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from graphllm.passes.graph_edit import emit
+from graphllm.passes.manager import PassContext, graph_pass
+from graphllm.passes.matching import is_call
+from graphllm.passes.shapes import repropagate
+from graphllm.planning.moe_config import MoeConfig
+
+aten = torch.ops.aten
+_PERMUTE = torch.ops.graphllm.moe_permute.default
+METRICS = ("moe/max_load", "moe/dropped")
+"""The names of the entries the pass appends, in order."""
+
+
+@graph_pass("moe_stats", stage="model")
+def moe_stats(gm: fx.GraphModule, ctx: PassContext, *, capacity_factor: float | None = None) -> fx.GraphModule:
+    out = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    result = out.args[0]
+    loss = result[0] if isinstance(result, (tuple, list)) else result
+    permutes = [n for n in gm.graph.nodes if is_call(n, _PERMUTE)]
+    if not permutes or not isinstance(loss, fx.Node) or loss.meta["val"].dim() != 0:
+        return gm  # no MoE layer, or a graph without a loss (logits)
+    moe = MoeConfig(capacity_factor=capacity_factor)
+    loads, drops, pairs = [], [], 0
+    with gm.graph.inserting_before(out):
+        def op(target, *args, **kwargs):
+            return emit(gm, target, args, out, "moe_stats", kwargs)
+
+        for permute in permutes:
+            ids, experts = permute.args[1], permute.args[2] + permute.args[3]
+            tokens, k = ids.meta["val"].shape
+            counts = op(aten._to_copy.default, op(aten.sum.dim_IntList, op(aten.one_hot.default, op(
+                aten.view.default, ids, [-1]), experts), [0]), dtype=torch.float32)  # [E] pairs per expert
+            loads.append(op(aten.div.Tensor, op(aten.max.default, counts), tokens * k / experts))
+            cap = moe.capacity(tokens, k, experts)
+            if cap is not None:
+                drops.append(op(aten.sum.default, op(aten.clamp.default, op(aten.sub.Tensor, counts, cap), 0)))
+            pairs += tokens * k
+        mean_load = op(aten.div.Tensor, op(aten.sum.default, op(aten.stack.default, loads)), len(loads))
+        dropped = (op(aten.div.Tensor, op(aten.sum.default, op(aten.stack.default, drops)), pairs) if drops
+                   else op(aten.mul.Tensor, mean_load, 0.0))
+        stats = op(aten.stack.default, [mean_load, dropped])  # [2] float32
+        if isinstance(result, (tuple, list)):  # a task's (loss, metrics): extend its vector
+            metrics = op(aten.cat.default, [op(aten._to_copy.default, result[1], dtype=torch.float32), stats])
+        else:
+            metrics = stats
+    out.args = ((loss, metrics),)
+    ctx.count("MoE layers", len(permutes))
+    repropagate(gm, {})
+    gm.recompile()
+    return gm

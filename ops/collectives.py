@@ -83,7 +83,8 @@ def tp_gather(x: Tensor, dim: int, size: int, group: str) -> Tensor:
 
 @torch.library.custom_op("graphllm::tp_split", mutates_args=())
 def tp_split(x: Tensor, dim: int, size: int, group: str) -> Tensor:
-    return split_decomposed(x, dim, size, _group_rank(group))
+    # a chunk along dim 0 of a contiguous x is already contiguous, i.e. a view of x: a custom op may not alias
+    return split_decomposed(x, dim, size, _group_rank(group)).clone()
 
 
 @torch.library.custom_op("graphllm::sp_gather", mutates_args=())

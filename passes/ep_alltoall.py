@@ -41,15 +41,16 @@ def slots_per_rank(tokens: int, top_k: int, local: int, capacity: int | None) ->
     return worst if capacity is None else min(worst, local * capacity)
 
 
-def rewrite(gm: fx.GraphModule, permute: fx.Node, unpermute: fx.Node, ep: int, capacity: int | None) -> None:
-    """Route `permute`'s pairs to their experts' ranks and back (see the module docstring)."""
-    x, ids, _, experts = permute.args
-    tokens, k = ids.meta["val"].shape
+def rewrite(gm: fx.GraphModule, permute: fx.Node, unpermute: fx.Node, ep: int, shape: tuple[int, int, int],
+            x_val: torch.Tensor, capacity: int | None) -> None:
+    """Route `permute`'s pairs to their experts' ranks and back (see the module docstring). `shape`: (tokens, k,
+    experts) of the permutation; `x_val`: an example of its rows' dtype and device."""
+    tokens, k, experts = shape
     local = experts // ep
     C = slots_per_rank(tokens, k, local, capacity)
     out = {u.args[1]: u for u in permute.users if u.target is operator.getitem}  # 0 rows, 1 order, 2 counts
     rows, counts = out[0], out[2]
-    hidden, dev = x.meta["val"].shape[1], x.meta["val"].device
+    hidden, dev = x_val.shape[1], x_val.device
 
     def op(target, *args, **kwargs):
         return emit(gm, target, args, permute, "dispatch", kwargs)
@@ -68,7 +69,7 @@ def rewrite(gm: fx.GraphModule, permute: fx.Node, unpermute: fx.Node, ep: int, c
         slot = op(aten.where.ScalarOther, valid, op(aten.add.Tensor, op(aten.mul.Tensor, dest, C), within), ep * C)
         expert = op(aten.bucketize.Tensor, i, op(aten.cumsum.default, counts, 0), right=True)  # [T·k] 0..E
         local_id = op(aten.sub.Tensor, expert, op(aten.mul.Tensor, dest, local))
-        send = op(aten.index_copy.default, op(aten.zeros.default, [ep * C + 1, hidden], dtype=x.meta["val"].dtype,
+        send = op(aten.index_copy.default, op(aten.zeros.default, [ep * C + 1, hidden], dtype=x_val.dtype,
                                               device=dev), 0, slot, rows)
         send_ids = op(aten.index_copy.default, op(aten.full.default, [ep * C + 1], local, dtype=torch.long,
                                                   device=dev), 0, slot, local_id)

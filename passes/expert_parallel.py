@@ -53,6 +53,7 @@ def expert_parallel(gm: fx.GraphModule, ctx: PassContext, *, dispatcher: str = "
     if ep == 1:
         return gm
     rank = ctx.layout.group_rank("ep", ctx.layout.coords(ctx.rank))
+    tp = ctx.layout.tp
     sharded: dict[int, torch.nn.Parameter] = {}  # id(full) -> this rank's slice (a weight read twice stays one)
     for permute in [n for n in gm.graph.nodes if is_call(n, _PERMUTE)]:
         x, ids, first, num = permute.args
@@ -61,11 +62,16 @@ def expert_parallel(gm: fx.GraphModule, ctx: PassContext, *, dispatcher: str = "
                                 f"{ep} needs a whole layer's experts, a multiple of {ep}")
         local = num // ep
         _shard_expert_weights(gm, ctx, permute, rank, ep, sharded)
+        tokens, k = ids.meta["val"].shape
+        x_val = x.meta["val"]
+        if tp > 1:
+            _split_over_tp(gm, permute, tp)
+            x, ids, tokens = *permute.args[:2], tokens // tp
+            ctx.count("token splits over tp")
         if dispatcher == "alltoall":
-            tokens, k = ids.meta["val"].shape
             for unpermute in _unpermutes_of(permute):
-                ep_alltoall.rewrite(gm, permute, unpermute, ep, MoeConfig(capacity_factor=capacity_factor)
-                                    .capacity(tokens, k, num))
+                cap = MoeConfig(capacity_factor=capacity_factor).capacity(tokens * tp, k, num)
+                ep_alltoall.rewrite(gm, permute, unpermute, ep, (tokens, k, num), x_val, cap)
             ctx.count("MoE layers (all-to-all)")
             continue
         with gm.graph.inserting_before(permute):
@@ -87,6 +93,26 @@ def expert_parallel(gm: fx.GraphModule, ctx: PassContext, *, dispatcher: str = "
     repropagate(gm, {})
     gm.recompile()
     return gm
+
+
+def _split_over_tp(gm: fx.GraphModule, permute: fx.Node, tp: int) -> None:
+    """Under tensor parallelism every tp rank holds the same tokens and the same expert shard: each routes 1/tp
+    of them (tp_split of x, ids and the routing weights) and the outputs are all-gathered back (tp_gather), so
+    no expert row is computed twice. The experts' weight gradients are then partial sums over the tp ranks,
+    which graphllm.parallel.optim.reduce_replicas adds up."""
+    x, ids, *rest = permute.args
+    with gm.graph.inserting_before(permute):
+        x_part = emit(gm, gl.tp_split.default, (x, 0, tp, "tp"), permute, "token split")
+        ids_part = emit(gm, gl.tp_split.default, (ids, 0, tp, "tp"), permute, "token split")
+    permute.args = (x_part, ids_part, *rest)
+    for unpermute in _unpermutes_of(permute):
+        y, order, weights = unpermute.args
+        with gm.graph.inserting_before(unpermute):
+            w_part = emit(gm, gl.tp_split.default, (weights, 0, tp, "tp"), unpermute, "token split")
+        unpermute.args = (y, order, w_part)
+        with gm.graph.inserting_after(unpermute):
+            whole = emit(gm, gl.tp_gather.default, (unpermute, 0, tp, "tp"), unpermute, "token gather")
+        unpermute.replace_all_uses_with(whole, delete_user_cb=lambda u: u is not whole)
 
 
 def _unpermutes_of(permute: fx.Node) -> list[fx.Node]:

@@ -72,7 +72,7 @@ def train(model: str, layout: dict, moe: dict | None = None, *, save: str | None
             save_step(save, built, opt, r["step"])
             break
     calls = [n for n in built.result.model_graph.graph.nodes if str(n.target).startswith("graphllm.")]
-    dispatch = ("sp_gather", "sp_reduce_scatter", "cp_all_to_all")
+    dispatch = ("sp_gather", "sp_reduce_scatter", "cp_all_to_all", "tp_split", "tp_gather")
     collectives = sorted({f"{str(n.target).split('.')[1]}:{n.args[-1]}" for n in calls
                           if str(n.target).split(".")[1] in dispatch})
     return {"losses": losses, "collectives": collectives, "balance": balance,
@@ -109,7 +109,7 @@ def references(mixtral):
 CASES = {  # name: (layout, moe options, ranks, reference micro-batches)
     "ep2-allgather": ({"dp": 2, "ep": 2}, {}, 2, 2),
     "ep2xdp2-alltoall": ({"dp": 4, "ep": 2}, {"dispatcher": "alltoall"}, 4, 4),
-    # attention tensor-parallel; every tp rank holds the same expert shard and routes the same tokens
+    # attention tensor-parallel; the tp ranks of an ep rank share its expert shard, each routing 1/tp of the tokens
     "ep2xtp2": ({"tp": 2, "dp": 2, "ep": 2}, {}, 4, 2),
 }
 
@@ -119,9 +119,10 @@ def test_expert_parallel_trains_like_one_process(case, mixtral, references):
     layout, moe, ranks, micro = CASES[case]
     results = run_ranks(train, ranks, mixtral, layout, moe)
     _check(case, results, references[micro])
-    want = {"allgather": ["sp_gather:ep", "sp_reduce_scatter:ep"], "alltoall": ["cp_all_to_all:ep"]}
-    assert results[0]["collectives"] == want[moe.get("dispatcher", "allgather")], results[0]["collectives"]
     tp = layout.get("tp", 1)
+    want = {"allgather": ["sp_gather:ep", "sp_reduce_scatter:ep"], "alltoall": ["cp_all_to_all:ep"]}
+    want = want[moe.get("dispatcher", "allgather")] + (["tp_gather:tp", "tp_split:tp"] if tp > 1 else [])
+    assert results[0]["collectives"] == sorted(want), results[0]["collectives"]
     for rank, r in enumerate(results):  # each rank holds its own half of every expert weight
         experts = {n: s for n, (_, s) in r["params"].items() if "experts" in n}
         assert experts and all(s.group == "ep" and s.count == 2 and s.index == rank // tp % 2 for s in experts.values())

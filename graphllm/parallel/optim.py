@@ -112,6 +112,8 @@ def reduce_replicas(params: Sequence[nn.Parameter], layout, group_of) -> None:
     experts = [p for p in params if (s := shard_of(p)) is not None and s.group == "ep"]
     dense = [p for p in params if not any(p is e for e in experts)]
     reduce_gradients(dense, group_of(layout.grad_kind))
+    if experts and layout.tp > 1:  # each tp rank routed 1/tp of the tokens (passes/expert_parallel.py): add them up
+        reduce_gradients(experts, group_of("tp"), divide_by=1)
     if experts:
         reduce_gradients(experts, group_of("edp"), divide_by=layout.group_size(layout.grad_kind))
 

@@ -224,6 +224,10 @@ class Layout:
         if experts % self.ep:
             raise GraphllmError(f"--ep {self.ep} does not divide the model's {experts} experts (num_experts); choose an "
                                 "--ep that divides it")
+        if self.ep > 1 and tp > 1 and batch_size * seq_len % tp:
+            raise GraphllmError(f"--ep {self.ep} with --tp {tp}: each tp rank routes 1/tp of a micro-batch's "
+                                f"{batch_size * seq_len} tokens (--batch-size × --seq-len), which --tp does not divide; "
+                                "choose sizes whose product --tp divides")
         if experts and (self.sequence_parallel or self.pp > 1 or self.cp > 1):
             # pipeline stages would cut the router statistics the aux loss sums over layers; sequence and context
             # parallelism would route sharded tokens whose expert gradients nothing reduces

@@ -1,5 +1,7 @@
 """ModelConfig: the architecture of a decoder-only causal LM (llama, qwen2, qwen3, mistral, phi3, glm4, gemma2,
-gemma3_text; mixtral and qwen3_moe with mixture-of-experts MLPs, models/moe.py), parsed from and written back to a Hugging Face config.json dict (models/hf_config.py).
+gemma3_text; mixtral and qwen3_moe with mixture-of-experts MLPs, models/moe.py; deepseek_v3 with latent attention,
+models/mla.py, and shared-expert group-routed MoE, models/deepseek_moe.py), parsed from and written back to a
+Hugging Face config.json dict (models/hf_config.py).
 
 One decoder implementation (models/decoder.py) serves every family; the fields below describe the forms
 it builds (norm with unit offset, GeGLU, sandwich norms, soft-capping, per-layer windows and RoPE, ...), so
@@ -17,11 +19,12 @@ from typing import Any, Literal
 from graphllm.errors import GraphllmError
 
 from .families import (LAYER_TYPES, SUPPORTED_ACTIVATIONS, SUPPORTED_MODEL_TYPES, SUPPORTED_ROPE_TYPES,
-                       check_moe, check_rope_scaling)
+                       check_mla, check_moe, check_rope_scaling, yarn_mscale)
 
 __all__ = ["LAYER_TYPES", "SUPPORTED_ACTIVATIONS", "SUPPORTED_MODEL_TYPES", "SUPPORTED_ROPE_TYPES", "ModelConfig"]
 
-ModelType = Literal["llama", "qwen2", "qwen3", "mistral", "phi3", "glm4", "gemma2", "gemma3_text", "mixtral", "qwen3_moe"]
+ModelType = Literal["llama", "qwen2", "qwen3", "mistral", "phi3", "glm4", "gemma2", "gemma3_text", "mixtral",
+                    "qwen3_moe", "deepseek_v3"]
 # Names of a layer's norms: (before attention, after attention, before the MLP, after the MLP); None: absent.
 _NORM_NAMES = {
     "glm4": ("input_layernorm", "post_self_attn_layernorm", "post_attention_layernorm", "post_mlp_layernorm"),
@@ -30,7 +33,8 @@ _NORM_NAMES = {
 }
 _NORM_NAMES["gemma3_text"] = _NORM_NAMES["gemma2"]
 _PLAIN_NORMS = ("input_layernorm", None, "post_attention_layernorm", None)
-_O_BIAS = ("llama", "gemma2", "gemma3_text", "qwen3", "qwen3_moe")  # attention_bias covers o_proj too; qwen2/glm4: q/k/v
+# attention_bias covers o_proj too (DeepSeek-V3: q_a_proj, kv_a_proj_with_mqa and o_proj); qwen2/glm4: q/k/v only
+_O_BIAS = ("llama", "gemma2", "gemma3_text", "qwen3", "qwen3_moe", "deepseek_v3")
 
 
 
@@ -115,6 +119,24 @@ class ModelConfig:
     """With labels the loss adds router_aux_loss_coef × the load-balancing loss (transformers' semantics)."""
     router_aux_loss_coef: float = 0.001
     """Weight of the load-balancing loss in the training loss."""
+    first_k_dense_replace: int = 0
+    """The first k layers keep a dense MLP of intermediate_size (DeepSeek-V3); the rest have experts."""
+    n_shared_experts: int = 0
+    """DeepSeek-V3: one dense gated MLP of n_shared_experts × moe_intermediate_size beside the routed experts."""
+    n_group: int = 1
+    """DeepSeek-V3 routing: the experts form n_group equal groups; a token picks experts in topk_group of them."""
+    topk_group: int = 1
+    """Groups kept per token (ranked by the sum of their two best bias-corrected scores)."""
+    routed_scaling_factor: float = 1.0
+    """The k routing weights (after the optional renormalisation) are multiplied by this (DeepSeek-V3)."""
+    q_lora_rank: int | None = None
+    """Multi-head latent attention (DeepSeek-V3): rank of the query's low-rank projection; None: one q_proj."""
+    kv_lora_rank: int = 0
+    """Width of the compressed key/value latent of latent attention; 0: not latent attention."""
+    qk_nope_head_dim: int = 0
+    """Per-head query/key dims without RoPE in latent attention (the RoPE dims are head_dim, HF's qk_rope_head_dim)."""
+    v_head_dim: int = 0
+    """Per-head value width in latent attention."""
 
     def __post_init__(self) -> None:
         if self.model_type not in SUPPORTED_MODEL_TYPES:
@@ -150,7 +172,8 @@ class ModelConfig:
         self._check_rotary()
         self.mlp_only_layers = tuple(self.mlp_only_layers)
         check_moe(self)
-        self.rope_scaling = check_rope_scaling(self.rope_scaling, self.rotary_dim)
+        check_mla(self)
+        self.rope_scaling = check_rope_scaling(self.rope_scaling, self.rotary_dim, self.model_type)
 
     def _check_window(self) -> None:
         if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window < 1):
@@ -187,8 +210,26 @@ class ModelConfig:
         return int(self.head_dim * self.partial_rotary_factor)
 
     @property
+    def mla(self) -> bool:
+        """The layers use multi-head latent attention (models/mla.py) instead of q/k/v projections."""
+        return self.model_type == "deepseek_v3"
+
+    @property
+    def qk_head_dim(self) -> int:
+        """Query/key width per head: head_dim, or in latent attention the non-RoPE plus the RoPE dims."""
+        return self.qk_nope_head_dim + self.head_dim if self.mla else self.head_dim
+
+    @property
     def attention_scale(self) -> float:
-        """The factor on q·k: query_pre_attn_scalar**-0.5 or head_dim**-0.5."""
+        """The factor on q·k: query_pre_attn_scalar**-0.5 or head_dim**-0.5; in latent attention
+        qk_head_dim**-0.5 times YaRN's mscale(factor, mscale_all_dim)² as transformers' yarn_apply_mscale."""
+        if self.mla:
+            scale = self.qk_head_dim ** (-0.5)
+            rope = self.rope_scaling or {}
+            if rope.get("mscale_all_dim"):
+                mscale = yarn_mscale(rope["factor"], rope["mscale_all_dim"])
+                scale = scale * mscale * mscale
+            return scale
         return (self.query_pre_attn_scalar if self.query_pre_attn_scalar is not None else self.head_dim) ** -0.5
 
     @property
@@ -203,7 +244,7 @@ class ModelConfig:
 
     def is_moe_layer(self, layer: int) -> bool:
         """Layer `layer` has a mixture-of-experts MLP (HF's decoder_sparse_step / mlp_only_layers rule)."""
-        return (self.num_experts > 0 and layer not in self.mlp_only_layers
+        return (self.num_experts > 0 and layer not in self.mlp_only_layers and layer >= self.first_k_dense_replace
                 and (layer + 1) % self.decoder_sparse_step == 0)
 
     @property

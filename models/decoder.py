@@ -15,8 +15,10 @@ from torch import nn
 
 from .attention import Attention
 from .config import ModelConfig
+from .deepseek_moe import DeepseekMoeBlock
 from .layers import GatedMLP, RMSNorm, UnitOffsetRMSNorm, make_norm, rope_angles, rope_table
 from .masks import packed_causal_mask, window_masks
+from .mla import LatentAttention
 from .moe import Experts, RouterStats, SparseMoeBlock, load_balancing_loss
 from .rope import rope_inv_freq
 
@@ -26,12 +28,13 @@ IGNORE_INDEX = -100  # label value that contributes no loss (prompt tokens, padd
 class DecoderLayer(nn.Module):
     """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)); with sandwich norms each branch
     output is normed too before its residual add (Gemma 2/3, GLM-4). The MLP of layer `index` is a mixture of
-    experts where the config says so (cfg.is_moe_layer)."""
+    experts where the config says so (cfg.is_moe_layer); DeepSeek-V3 has latent attention and its own MoE."""
 
     def __init__(self, cfg: ModelConfig, index: int = 0) -> None:
         super().__init__()
-        self.self_attn = Attention(cfg)
-        self.mlp = SparseMoeBlock(cfg) if cfg.is_moe_layer(index) else GatedMLP(cfg)
+        self.self_attn = LatentAttention(cfg) if cfg.mla else Attention(cfg)
+        moe = DeepseekMoeBlock if cfg.model_type == "deepseek_v3" else SparseMoeBlock
+        self.mlp = moe(cfg) if cfg.is_moe_layer(index) else GatedMLP(cfg)
         self._norms = cfg.norm_names  # (before attn, after attn, before mlp, after mlp); None: absent
         for name in self._norms:
             if name is not None:
@@ -148,7 +151,8 @@ class DecoderModel(nn.Module):
             else:
                 freqs = positions[..., None].float() * inv_freq  # [..., R/2]
                 at = index
-            emb = rope_angles(freqs, cfg.rope_interleaved)  # [..., R]
+            # latent attention gathers interleaved pairs into halves before rotating (models/mla.py): plain tables
+            emb = rope_angles(freqs, cfg.rope_interleaved and not cfg.mla)  # [..., R]
             k_scale = 1.0 if local else scale
             out[local] = (rope_table(emb, torch.cos, k_scale, at, dtype), rope_table(emb, torch.sin, k_scale, at, dtype))
         return out

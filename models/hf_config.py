@@ -21,9 +21,9 @@ if TYPE_CHECKING:
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM",
                   "phi3": "Phi3ForCausalLM", "glm4": "Glm4ForCausalLM", "gemma2": "Gemma2ForCausalLM",
                   "gemma3_text": "Gemma3ForCausalLM", "qwen3": "Qwen3ForCausalLM", "mixtral": "MixtralForCausalLM",
-                  "qwen3_moe": "Qwen3MoeForCausalLM"}
+                  "qwen3_moe": "Qwen3MoeForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM"}
 _MAX_POSITIONS = {"llama": 2048, "qwen2": 32768, "mistral": 131072, "phi3": 4096, "glm4": 131072, "gemma2": 8192,
-                  "gemma3_text": 131072, "qwen3": 32768, "mixtral": 131072, "qwen3_moe": 32768}
+                  "gemma3_text": 131072, "qwen3": 32768, "mixtral": 131072, "qwen3_moe": 32768, "deepseek_v3": 4096}
 _EPS = {"glm4": 1.5625e-07, "phi3": 1e-5, "mixtral": 1e-5}
 _THETA = {"gemma3_text": 1e6, "mixtral": 1e6}  # default rope_theta where it is not 10000
 _QWEN3 = ("qwen3", "qwen3_moe")  # q/k RMSNorm per head; no sliding window supported
@@ -57,6 +57,8 @@ def config_from_hf(cls: type[ModelConfig], d: dict[str, Any], source: str) -> Mo
                             "attention is")
     heads = d["num_attention_heads"]
     head_dim = d.get("head_dim") or d["hidden_size"] // heads
+    if model_type == "deepseek_v3":  # transformers' head_dim is the RoPE part of latent attention's heads
+        head_dim = d.get("qk_rope_head_dim", 64)
     moe = moe_from_hf(d, model_type, source)
     try:
         rope = _rope_from_hf(d, model_type, head_dim, source)
@@ -78,6 +80,7 @@ def config_from_hf(cls: type[ModelConfig], d: dict[str, Any], source: str) -> Mo
             hidden_act=act,
             **_window_from_hf(d, model_type),
             **_gemma_from_hf(d, model_type),
+            **_mla_from_hf(d, model_type),
             **moe,
             **rope,
         )
@@ -114,6 +117,24 @@ def _gemma_from_hf(d: dict[str, Any], model_type: str) -> dict[str, Any]:
             "final_logit_softcapping": d.get("final_logit_softcapping", caps[1])}
 
 
+def _mla_from_hf(d: dict[str, Any], model_type: str) -> dict[str, Any]:
+    """DeepSeek-V3's latent-attention fields with transformers' defaults (MTP layers, num_nextn_predict_layers,
+    are not built: transformers' DeepseekV3ForCausalLM has none either and ignores their weights)."""
+    if model_type != "deepseek_v3":
+        return {}
+    return {"q_lora_rank": d.get("q_lora_rank", 1536), "kv_lora_rank": d.get("kv_lora_rank", 512),
+            "qk_nope_head_dim": d.get("qk_nope_head_dim", 128), "v_head_dim": d.get("v_head_dim", 128),
+            "rope_interleaved": bool(d.get("rope_interleave", True))}
+
+
+def _mla_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+    if not cfg.mla:
+        return {}
+    return {"q_lora_rank": cfg.q_lora_rank, "kv_lora_rank": cfg.kv_lora_rank, "qk_nope_head_dim": cfg.qk_nope_head_dim,
+            "qk_rope_head_dim": cfg.head_dim, "v_head_dim": cfg.v_head_dim, "rope_interleave": cfg.rope_interleaved,
+            "num_nextn_predict_layers": 0}  # graphllm writes no multi-token-prediction weights
+
+
 def _rope_from_hf(d: dict[str, Any], model_type: str, head_dim: int, source: str) -> dict[str, Any]:
     """rope_theta, rope_scaling, partial_rotary_factor and rope_local_theta from either config.json style."""
     params = d.get("rope_parameters")
@@ -146,7 +167,7 @@ def _rope_from_hf(d: dict[str, Any], model_type: str, head_dim: int, source: str
         if rope_type == "default":
             scaling = None
         else:
-            if rope_type in ("llama3", "longrope"):
+            if rope_type in ("llama3", "longrope", "yarn"):
                 # transformers fills these from the top level when absent
                 scaling.setdefault("original_max_position_embeddings",
                                    d.get("original_max_position_embeddings", d.get("max_position_embeddings")))
@@ -154,7 +175,7 @@ def _rope_from_hf(d: dict[str, Any], model_type: str, head_dim: int, source: str
                 scaling["attention_factor"] = _longrope_attention_factor(d, model_type, scaling)
             scaling = {"rope_type": rope_type, **scaling}
     out = {"rope_theta": float(theta), "partial_rotary_factor": float(partial), "rope_local_theta": local_theta}
-    out["rope_scaling"] = check_rope_scaling(scaling, int(head_dim * float(partial)))
+    out["rope_scaling"] = check_rope_scaling(scaling, int(head_dim * float(partial)), model_type)
     return out
 
 
@@ -195,7 +216,7 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
         "initializer_range": cfg.initializer_range,
         "attention_dropout": 0.0,
     }
-    if cfg.model_type in ("llama", "glm4", *_GEMMA, *_QWEN3):
+    if cfg.model_type in ("llama", "glm4", "deepseek_v3", *_GEMMA, *_QWEN3):
         d["attention_bias"] = cfg.attention_bias
     if cfg.model_type == "llama":
         d["mlp_bias"] = cfg.mlp_bias
@@ -203,6 +224,7 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
         d["use_sliding_window"] = False
         d["sliding_window"] = None
     d.update(moe_to_hf(cfg))
+    d.update(_mla_to_hf(cfg))
     if cfg.model_type in _WINDOWED:
         d["sliding_window"] = cfg.sliding_window
     if cfg.rope_scaling is not None and cfg.rope_scaling["rope_type"] == "longrope":

@@ -18,6 +18,10 @@ The arithmetic is the model's own (models/decoder.py: the layers' norms, attenti
 soft-capping and MLP, the same per-layer windows and RoPE bases; SDPA in the prefill unless scores are
 soft-capped); decode attention is plain matmul/softmax ops, a form fuse_attention does not claim (its op
 is square causal attention). A windowed layer's decode step sees the cache slots pos - W < j < pos.
+
+Latent attention (DeepSeek-V3, models/mla.py) caches its compressed latent instead: the "k" cache holds the normed
+latent c [L, B, 1, M, kv_lora_rank], the "v" cache the rotated shared k_rope [L, B, 1, M, qk_rope_head_dim]
+(`cache_dims` gives the engine both shapes), and decode attends over them with kv_b_proj absorbed.
 """
 
 from __future__ import annotations
@@ -26,8 +30,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import ModelConfig
 from .decoder import DecoderForCausalLM, DecoderModel
 from .masks import window_masks
+
+
+def cache_dims(cfg: ModelConfig) -> tuple[int, int, int]:
+    """(heads, k width, v width) of one layer's cache entry per token: (Hkv, D, D), or for latent attention
+    (1, kv_lora_rank, qk_rope_head_dim): the latent and the shared RoPE key."""
+    if cfg.mla:
+        return 1, cfg.kv_lora_rank, cfg.head_dim
+    return cfg.num_key_value_heads, cfg.head_dim, cfg.head_dim
 
 
 def _decode_masks(inner: DecoderModel, pos: torch.Tensor, M: int) -> dict[int | None, torch.Tensor]:
@@ -67,14 +80,20 @@ class PrefillStep(nn.Module):
         for i, layer in enumerate(inner.layers):
             attn = layer.self_attn
             cos, sin = tables[cfg.local_rope(i)]
-            q, k, v = attn.qkv(layer.attn_input(h), cos, sin)
-            ks.append(k)
-            vs.append(v)
+            if cfg.mla:  # cache the latent c and k_rope (module docstring)
+                q, c, k_rope = attn.latent(layer.attn_input(h), cos, sin)
+                k, v = attn.expand(c, k_rope)
+                ks.append(c)
+                vs.append(k_rope)
+            else:
+                q, k, v = attn.qkv(layer.attn_input(h), cos, sin)
+                ks.append(k)
+                vs.append(v)
             out = attn.attend(q, k, v, causal_mask, masks.get(cfg.window_of(i)), sdpa=True)  # [B, S, hidden]
             h = layer.mlp_block(layer.add_attention(h, out))
         last = h[torch.arange(B, device=ids.device), lengths - 1]  # [B, hidden]: each row's last real token
         logits = self._logits(inner.norm(last))  # [B, V]
-        return logits, torch.stack(ks), torch.stack(vs)  # [L, B, Hkv, S, D] each
+        return logits, torch.stack(ks), torch.stack(vs)  # [L, B, Hkv, S, D] each (cache_dims)
 
 
 class DecodeStep(nn.Module):
@@ -99,8 +118,15 @@ class DecodeStep(nn.Module):
         ks, vs = [], []
         for i, layer in enumerate(inner.layers):
             attn = layer.self_attn
-            H, Hkv, D = attn.num_heads, attn.num_kv_heads, attn.head_dim
             cos, sin = tables[cfg.local_rope(i)]
+            if cfg.mla:  # over the latent cache, kv_b_proj absorbed (models/mla.py)
+                out, c, k_rope = attn.decode(layer.attn_input(h), cos, sin, k_cache[i], v_cache[i],
+                                             masked[cfg.window_of(i)])
+                ks.append(c)
+                vs.append(k_rope)
+                h = layer.mlp_block(layer.add_attention(h, out))
+                continue
+            H, Hkv, D = attn.num_heads, attn.num_kv_heads, attn.head_dim
             q, k, v = attn.qkv(layer.attn_input(h), cos, sin)  # q [B, H, 1, D]; k, v [B, Hkv, 1, D]
             ks.append(k)
             vs.append(v)
@@ -112,4 +138,4 @@ class DecodeStep(nn.Module):
             out = torch.matmul(probs[..., :M], v_cache[i]) + probs[..., M:] * v  # [B, Hkv, rep, D]
             h = layer.mlp_block(layer.add_attention(h, attn.o_proj(out.reshape(B, 1, H * D))))
         logits = self._logits(inner.norm(h[:, 0]))  # [B, V]
-        return logits, torch.stack(ks), torch.stack(vs)  # [L, B, Hkv, 1, D] each
+        return logits, torch.stack(ks), torch.stack(vs)  # [L, B, Hkv, 1, D] each (cache_dims)

@@ -6,7 +6,8 @@ older checkpoints hold, one tensor per expert and projection:
 
     mixtral    model.layers.N.block_sparse_moe.experts.e.{w1 (gate), w3 (up), w2 (down)}.weight,
                model.layers.N.block_sparse_moe.gate.weight (the router)
-    qwen3_moe  model.layers.N.mlp.experts.e.{gate_proj, up_proj, down_proj}.weight, model.layers.N.mlp.gate.weight
+    qwen3_moe,  model.layers.N.mlp.experts.e.{gate_proj, up_proj, down_proj}.weight, model.layers.N.mlp.gate.weight
+    deepseek_v3 (DeepSeek-V3 adds mlp.gate.e_score_correction_bias and mlp.shared_experts.*, which pass through)
 
 `experts_from_files` stacks them on load (the 3D names pass through unchanged), `experts_to_files` cuts the
 3D tensors back on save, bit for bit, so HF → graphllm → HF round-trips exactly.
@@ -20,7 +21,8 @@ import torch
 
 from .config import ModelConfig
 
-_PROJ = {"mixtral": ("block_sparse_moe", "w1", "w3", "w2"), "qwen3_moe": ("mlp", "gate_proj", "up_proj", "down_proj")}
+_PROJ = {"mixtral": ("block_sparse_moe", "w1", "w3", "w2"), "qwen3_moe": ("mlp", "gate_proj", "up_proj", "down_proj"),
+         "deepseek_v3": ("mlp", "gate_proj", "up_proj", "down_proj")}
 _EXPERT = re.compile(r"^(.*layers\.\d+\.)(block_sparse_moe|mlp)\.experts\.(\d+)\.(\w+)\.weight$")
 _ROUTER = re.compile(r"^(.*layers\.\d+\.)block_sparse_moe\.gate\.weight$")
 _STACKED = re.compile(r"^(.*layers\.\d+\.)mlp\.(experts\.gate_up_proj|experts\.down_proj|gate\.weight)$")

@@ -1,4 +1,4 @@
-"""RoPE inverse frequencies, computed exactly as transformers does (default, linear, llama3, longrope).
+"""RoPE inverse frequencies, computed exactly as transformers does (default, linear, llama3, longrope, yarn).
 
 The same float32 ops in the same order as `transformers.modeling_rope_utils`, so the buffer is
 bitwise equal to HF's `rotary_emb.inv_freq` and logits match to fp32 reduction order.
@@ -34,6 +34,8 @@ def rope_inv_freq(cfg: ModelConfig, *, local: bool = False, long: bool = False) 
         return inv_freq / scaling["factor"]
     if rope_type == "llama3":
         return _llama3(inv_freq, scaling)
+    if rope_type == "yarn":
+        return _yarn(base, dim, scaling)
     raise AssertionError(f"rope_type {rope_type!r} passed ModelConfig validation but has no implementation")
 
 
@@ -53,3 +55,24 @@ def _llama3(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
     smoothed_inv_freq = (1 - smooth_factor) * inv_freq_llama / factor + smooth_factor * inv_freq_llama
     is_medium_freq = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
     return torch.where(is_medium_freq, smoothed_inv_freq, inv_freq_llama)
+
+
+def _yarn(base: float, dim: int, scaling: dict) -> torch.Tensor:
+    """YaRN (DeepSeek-V3): frequencies above the correction range kept (extrapolation), below it divided by
+    `factor` (interpolation), a linear ramp between; the cos/sin scale is rope_scaling's attention_factor."""
+    factor = scaling["factor"]
+    original = scaling["original_max_position_embeddings"]
+
+    def correction_dim(rotations: float) -> float:  # the dim whose wavelength fits `rotations` times in original
+        return (dim * math.log(original / (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = correction_dim(scaling["beta_fast"]), correction_dim(scaling["beta_slow"])
+    if scaling["truncate"]:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # transformers: avoid dividing by zero
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)  # [D/2]
+    pos_freqs = base ** (torch.arange(0, dim, 2).to(dtype=torch.float) / dim)  # [D/2]
+    extrapolation = 1 - ramp  # 1: keep the frequency, 0: interpolate it
+    return (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation

@@ -75,6 +75,15 @@ FAMILIES = {
                   dict(COMMON, num_key_value_heads=2, head_dim=16, moe_intermediate_size=32, num_experts=8,
                        num_experts_per_tok=2, norm_topk_prob=False, mlp_only_layers=[1], output_router_logits=True,
                        router_aux_loss_coef=0.02), None),
+    # latent attention (low-rank q, YaRN with mscale_all_dim, interleaved RoPE) and group-limited sigmoid routing:
+    # layer 0 dense, 8 experts in 4 groups of which 2 are kept, so grouping changes the choice of some tokens
+    "deepseek-v3": (transformers.DeepseekV3Config, transformers.DeepseekV3ForCausalLM,
+                    dict(COMMON, num_key_value_heads=4, moe_intermediate_size=32, n_routed_experts=8,
+                         n_shared_experts=1, num_experts_per_tok=2, n_group=4, topk_group=2, first_k_dense_replace=1,
+                         routed_scaling_factor=2.5, q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=8,
+                         qk_rope_head_dim=8, v_head_dim=12, pad_token_id=None, bos_token_id=None, eos_token_id=None,
+                         rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64,
+                                       "mscale": 0.707, "mscale_all_dim": 1.0}), None),
 }
 MOE_FAMILIES = ("mixtral", "qwen3-moe")
 SOFTCAPPED = ("gemma2",)  # transformers runs soft-capped attention eagerly only (no SDPA)

@@ -160,8 +160,8 @@ def llama_ckpt(tmp_path: Path) -> Path:
 def test_unknown_model_type(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "vocab_size": 10}))
     with pytest.raises(GraphllmError, match=r"model_type 'gpt2' in .*config.json is not supported; "
-                                            r"supported: gemma2, gemma3_text, glm4, llama, mistral, mixtral, phi3, qwen2, "
-                                            r"qwen3, qwen3_moe"):
+                                            r"supported: deepseek_v3, gemma2, gemma3_text, glm4, llama, mistral, mixtral, "
+                                            r"phi3, qwen2, qwen3, qwen3_moe"):
         load_model(tmp_path)
 
 

@@ -125,7 +125,7 @@ class StaticGenerator:
                  amp: str = "fp32", min_bucket: int = 16, passes: Sequence | None = None,
                  pad_id: int = 0, tp: int = 1, dtype: str | None = None, gemv: bool | None = None) -> None:
         from graphllm.backends import get_backend
-        from graphllm.models.kv_cache import DecodeStep, PrefillStep
+        from graphllm.models.kv_cache import DecodeStep, PrefillStep, cache_dims
 
         cfg = model.config
         if batch_size < 1:
@@ -161,7 +161,7 @@ class StaticGenerator:
         self.pad_id = pad_id
         self.device, self.dtype = weights_dtype(model)
         self.tp, self.rank, self._groups = tp, 0, None
-        kv_heads = cfg.num_key_value_heads
+        kv_heads, k_dim, v_dim = cache_dims(cfg)  # (Hkv, D, D); latent attention: (1, latent, RoPE key)
         if tp > 1:  # join the group; the pipeline shards the graphs, the cache holds this rank's kv heads only
             from graphllm.generate.tp import join_tp_group, local_kv_heads
 
@@ -172,9 +172,9 @@ class StaticGenerator:
         elif tp < 1:
             raise GraphllmError(f"--tp must be at least 1, got {tp}")
         self.full_kv_heads = cfg.num_key_value_heads
-        shape = (cfg.num_hidden_layers, batch_size, kv_heads, max_len, cfg.head_dim)
-        self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)  # [L, B, Hkv, M, D]
-        self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        shape = (cfg.num_hidden_layers, batch_size, kv_heads, max_len)
+        self.k_cache = torch.zeros((*shape, k_dim), dtype=self.dtype, device=self.device)  # [L, B, Hkv, M, D]
+        self.v_cache = torch.zeros((*shape, v_dim), dtype=self.dtype, device=self.device)
         self._prefill_step = PrefillStep(model)
         self._decode_step = DecodeStep(model)
         self._prefill: dict[int, _Graph] = {}
@@ -325,7 +325,7 @@ class StaticGenerator:
             done = torch.zeros(B, dtype=torch.bool, device=dev)
             done[n:] = True
             produced = 1
-            L, _, Hkv, M, D = self.k_cache.shape
+            L, _, Hkv, M, _ = self.k_cache.shape
             while True:
                 is_eos = torch.isin(token, eos)
                 out = [None if done[b] else int(token[b]) for b in range(n)]
@@ -336,9 +336,10 @@ class StaticGenerator:
                 t0 = time.perf_counter()
                 step_pos = pos.clamp(max=M - 1)  # finished rows keep running; their slot is irrelevant
                 logits, k, v = decode.fn(token[:, None], step_pos, self.k_cache, self.v_cache)
-                index = step_pos.view(1, B, 1, 1, 1).expand(L, B, Hkv, 1, D)
-                self.k_cache.scatter_(3, index, k.to(self.k_cache.dtype))  # no-op: graphs compute in the cache dtype
-                self.v_cache.scatter_(3, index, v.to(self.v_cache.dtype))
+                index = step_pos.view(1, B, 1, 1, 1)
+                # the casts are no-ops: graphs compute in the cache dtype
+                for cache, new in ((self.k_cache, k), (self.v_cache, v)):
+                    cache.scatter_(3, index.expand(L, B, Hkv, 1, cache.shape[-1]), new.to(cache.dtype))
                 token = torch.where(done, self.pad_id, self._sample(sampler, logits))
                 stats.decode_s += time.perf_counter() - t0
                 stats.new_tokens += int((~done[:n]).sum())

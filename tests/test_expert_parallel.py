@@ -102,6 +102,12 @@ def _check(case: str, results: list[dict], reference: dict) -> None:
 
 
 @pytest.fixture(scope="module")
+def deepseek(tmp_path_factory) -> str:
+    hf = hf_model("deepseek-v3", "sdpa")
+    return str(save_hf_checkpoint(hf, "deepseek-v3", tmp_path_factory.mktemp("deepseek") / "ckpt"))
+
+
+@pytest.fixture(scope="module")
 def references(mixtral):
     return {micro: train(mixtral, {"micro_batches": micro}) for micro in (2, 4)}
 
@@ -147,3 +153,13 @@ def test_checkpoint_saved_at_ep2_resumes_on_one_process(mixtral, references, tmp
     resumed = train(mixtral, {"micro_batches": 2}, load=str(tmp_path / "ckpt" / "step_2"))
     assert len(resumed["losses"]) == 1
     assert abs(resumed["losses"][0] - references[2]["losses"][2]) / references[2]["losses"][2] <= LOSS_RTOL
+
+
+def test_deepseek_v3_at_ep2_trains_like_one_process(deepseek):
+    """DeepSeek-V3 (MLA, a dense first layer, group-limited sigmoid routing, a shared expert): its routed experts
+    shared out over 2 ranks by the all-to-all dispatcher; the shared expert and the routing bias stay whole."""
+    reference = train(deepseek, {"micro_batches": 2})
+    results = run_ranks(train, 2, deepseek, {"dp": 2, "ep": 2}, {"dispatcher": "alltoall"})
+    _check("deepseek-v3 ep2", results, reference)
+    sharded = {n for n, (_, s) in results[0]["params"].items() if s is not None}
+    assert sharded and all(".mlp.experts." in n for n in sharded), sharded

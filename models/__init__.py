@@ -1,5 +1,6 @@
 """graphllm.models: decoder-only causal LMs, dense (llama, qwen2, qwen3, mistral, phi3, glm4, gemma2,
-gemma3_text) and mixture-of-experts (mixtral, qwen3_moe: models/moe.py)
+gemma3_text) and mixture-of-experts (mixtral, qwen3_moe: models/moe.py; deepseek_v3 with multi-latent attention:
+models/mla.py, models/deepseek_moe.py)
 
 A leaf layer: imports torch, safetensors and graphllm.errors only (never transformers).
 """

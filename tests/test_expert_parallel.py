@@ -146,13 +146,15 @@ def test_capacity_drops_the_same_pairs_under_both_dispatchers(mixtral, reference
                alone)
 
 
-def test_checkpoint_saved_at_ep2_resumes_on_one_process(mixtral, references, tmp_path: Path):
-    """A checkpoint holds whole expert tensors: saved at ep2 after step 2, resumed on one process, the last
-    step's loss is the uninterrupted run's."""
+def test_checkpoint_saved_at_ep2_resumes_on_one_process_and_at_tp2(mixtral, references, tmp_path: Path):
+    """A checkpoint holds whole expert tensors: saved at ep2 after step 2, resumed on one process and at tp2, the
+    last step's loss is the uninterrupted run's."""
     run_ranks(train, 2, mixtral, {"dp": 2, "ep": 2}, save=str(tmp_path / "ckpt"), stop_after=2)
-    resumed = train(mixtral, {"micro_batches": 2}, load=str(tmp_path / "ckpt" / "step_2"))
-    assert len(resumed["losses"]) == 1
-    assert abs(resumed["losses"][0] - references[2]["losses"][2]) / references[2]["losses"][2] <= LOSS_RTOL
+    ckpt, want = str(tmp_path / "ckpt" / "step_2"), references[2]["losses"][2]
+    for name, resumed in (("one process", train(mixtral, {"micro_batches": 2}, load=ckpt)),
+                          ("tp2", run_ranks(train, 2, mixtral, {"tp": 2, "micro_batches": 2}, load=ckpt)[0])):
+        assert len(resumed["losses"]) == 1
+        assert abs(resumed["losses"][0] - want) / want <= LOSS_RTOL, f"resumed at {name}: {resumed['losses']} vs {want}"
 
 
 def test_deepseek_v3_at_ep2_trains_like_one_process(deepseek):

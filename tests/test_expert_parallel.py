@@ -67,7 +67,7 @@ def train(model: str, layout: dict, moe: dict | None = None, *, save: str | None
     losses, balance = [], []
     for r in train_steps(built.engine, _batch, cfg, optimizer=opt, start_step=start):
         losses.append(r["loss"])
-        balance.append((r["moe/max_load"], r["moe/dropped"]))
+        balance.append((r.get("moe/max_load"), r.get("moe/dropped")))  # none under pp (moe_stats is pp 1 only)
         if save and r["step"] == stop_after:
             save_step(save, built, opt, r["step"])
             break
@@ -93,7 +93,7 @@ def _check(case: str, results: list[dict], reference: dict) -> None:
     for r in results:
         for step, (got, want) in enumerate(zip(r["losses"], reference["losses"]), 1):
             assert abs(got - want) / abs(want) <= LOSS_RTOL, f"{case} step {step}: loss {got} vs {want}"
-        assert torch.allclose(torch.tensor(r["balance"]), torch.tensor(reference["balance"][:len(r["balance"])]),
+        assert r["balance"][0][0] is None or torch.allclose(torch.tensor(r["balance"]), torch.tensor(reference["balance"][:len(r["balance"])]),
                               rtol=LOSS_RTOL), f"{case}: load-balance metrics {r['balance']} vs {reference['balance']}"
     full, want = _assemble(results), {n: t for n, (t, _) in reference["params"].items()}
     assert set(full) == set(want)
@@ -157,11 +157,14 @@ def test_checkpoint_saved_at_ep2_resumes_on_one_process_and_at_tp2(mixtral, refe
         assert abs(resumed["losses"][0] - want) / want <= LOSS_RTOL, f"resumed at {name}: {resumed['losses']} vs {want}"
 
 
-def test_deepseek_v3_at_ep2_trains_like_one_process(deepseek):
-    """DeepSeek-V3 (MLA, a dense first layer, group-limited sigmoid routing, a shared expert): its routed experts
-    shared out over 2 ranks by the all-to-all dispatcher; the shared expert and the routing bias stay whole."""
-    reference = train(deepseek, {"micro_batches": 2})
-    results = run_ranks(train, 2, deepseek, {"dp": 2, "ep": 2}, {"dispatcher": "alltoall"})
-    _check("deepseek-v3 ep2", results, reference)
-    sharded = {n for n, (_, s) in results[0]["params"].items() if s is not None}
-    assert sharded and all(".mlp.experts." in n for n in sharded), sharded
+def test_deepseek_v3_at_ep2_pp2_trains_like_one_process(deepseek):
+    """DeepSeek-V3 (MLA, a dense first layer, group-limited sigmoid routing, a shared expert, no aux loss) on 4
+    ranks: 2 pipeline stages × 2 data-parallel ranks whose routed experts are shared out by the all-to-all
+    dispatcher; the shared expert and the routing bias stay whole."""
+    reference = train(deepseek, {"micro_batches": 4})
+    results = run_ranks(train, 4, deepseek, {"pp": 2, "dp": 2, "ep": 2, "micro_batches": 2}, {"dispatcher": "alltoall"})
+    _check("deepseek-v3 pp2×ep2", results, reference)
+    for r in results:
+        sharded = {n for n, (_, s) in r["params"].items() if s is not None}
+        assert all(".mlp.experts." in n for n in sharded), sharded
+    assert any(s is not None for _, s in results[2]["params"].values()), "stage 1 (the MoE layer) holds no shard"

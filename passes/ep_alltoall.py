@@ -62,17 +62,18 @@ def rewrite(gm: fx.GraphModule, permute: fx.Node, unpermute: fx.Node, ep: int, s
         per_rank = op(aten.sum.dim_IntList, op(aten.view.default, counts, [ep, local]), [1])  # [ep]
         rank_ends = op(aten.cumsum.default, per_rank, 0)
         rank_starts = op(aten.sub.Tensor, rank_ends, per_rank)
-        dest = op(aten.bucketize.Tensor, i, rank_ends, right=True)  # [T·k] 0..ep (ep: a dropped pair)
+        dest = _bucket(op, i, rank_ends)  # [T·k] 0..ep (ep: a dropped pair)
         within = op(aten.sub.Tensor, i, op(aten.index_select.default, rank_starts, 0,
                                            op(aten.clamp.default, dest, None, ep - 1)))
         valid = op(aten.logical_and.default, op(aten.lt.Scalar, dest, ep), op(aten.lt.Scalar, within, C))
         slot = op(aten.where.ScalarOther, valid, op(aten.add.Tensor, op(aten.mul.Tensor, dest, C), within), ep * C)
-        expert = op(aten.bucketize.Tensor, i, op(aten.cumsum.default, counts, 0), right=True)  # [T·k] 0..E
+        expert = _bucket(op, i, op(aten.cumsum.default, counts, 0))  # [T·k] 0..E
         local_id = op(aten.sub.Tensor, expert, op(aten.mul.Tensor, dest, local))
-        send = op(aten.index_copy.default, op(aten.zeros.default, [ep * C + 1, hidden], dtype=x_val.dtype,
-                                              device=dev), 0, slot, rows)
-        send_ids = op(aten.index_copy.default, op(aten.full.default, [ep * C + 1], local, dtype=torch.long,
-                                                  device=dev), 0, slot, local_id)
+        # scatter (not index_copy, whose GE converter is a stub): several dropped pairs share the dump row
+        send = op(aten.scatter.src, op(aten.zeros.default, [ep * C + 1, hidden], dtype=x_val.dtype, device=dev), 0,
+                  op(aten.expand.default, op(aten.unsqueeze.default, slot, 1), [n, hidden]), rows)
+        send_ids = op(aten.scatter.src, op(aten.full.default, [ep * C + 1], local, dtype=torch.long, device=dev), 0,
+                      slot, local_id)
         recv = op(gl.cp_all_to_all.default, op(aten.slice.Tensor, send, 0, 0, ep * C), 0, 0, ep, "ep")
         recv_ids = op(gl.cp_all_to_all.default, op(aten.view.default, op(aten.slice.Tensor, send_ids, 0, 0, ep * C),
                                                    [ep * C, 1]), 0, 0, ep, "ep")
@@ -87,6 +88,13 @@ def rewrite(gm: fx.GraphModule, permute: fx.Node, unpermute: fx.Node, ep: int, s
         padded = op(aten.cat.default, [back, op(aten.zeros.default, [1, hidden], dtype=y.meta["val"].dtype, device=dev)])
         y_sorted = op(aten.index_select.default, padded, 0, slot)  # [T·k, H] in the rank's sorted pair order
     unpermute.args = (y_sorted, *unpermute.args[1:])
+
+
+def _bucket(op, i: fx.Node, ends: fx.Node) -> fx.Node:
+    """bucketize(i, ends, right=True) — how many of the sorted `ends` are ≤ each i — as a comparison and a sum
+    ([T·k, buckets]; bucketize's GE converter is a stub)."""
+    at_or_past = op(aten.le.Tensor, op(aten.unsqueeze.default, ends, 0), op(aten.unsqueeze.default, i, 1))
+    return op(aten.sum.dim_IntList, op(aten._to_copy.default, at_or_past, dtype=torch.long), [1])
 
 
 def _position(gm: fx.GraphModule):

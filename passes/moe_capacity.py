@@ -4,7 +4,7 @@ C = ceil(F · T · k / E) for a rank's T tokens routed to k of E experts each (g
 Before each graphllm::moe_permute the pass inserts, in plain ATen ops on the [T, k] expert ids:
 
     position[p] = how many earlier pairs (token order: p = t·k + j) chose the same expert
-                = (cumsum(one_hot(ids, E), 0) · one_hot(ids, E)).sum(-1) - 1
+                = (cumsum(onehot, 0) · onehot).sum(-1) - 1, onehot = (ids[:, None] == arange(E))
     ids'        = where(position < C, ids, E)
 
 and the permutation reads ids'. The id E is no expert: moe_permute sorts such pairs into its tail, which
@@ -39,11 +39,13 @@ def moe_capacity(gm: fx.GraphModule, ctx: PassContext, *, capacity_factor: float
         experts = first + num
         cap = moe.capacity(tokens, k, experts)
         with gm.graph.inserting_before(permute):
-            def op(target, *args):
-                return emit(gm, target, args, permute, "capacity")
+            def op(target, *args, **kwargs):
+                return emit(gm, target, args, permute, "capacity", kwargs)
 
             flat = op(aten.view.default, ids, [-1])  # [T·k], token-major
-            onehot = op(aten.one_hot.default, flat, experts)  # [T·k, E]
+            arange = op(aten.arange.default, experts, dtype=torch.long, device=ids.meta["val"].device)
+            onehot = op(aten._to_copy.default, op(aten.eq.Tensor, op(aten.unsqueeze.default, flat, 1), arange),
+                        dtype=torch.long)  # [T·k, E]; not one_hot, which asserts (no GE converter)
             seen = op(aten.sum.dim_IntList, op(aten.mul.Tensor, op(aten.cumsum.default, onehot, 0), onehot), [-1])
             keep = op(aten.le.Scalar, seen, cap)  # seen = position + 1
             kept = op(aten.view.default, op(aten.where.ScalarOther, keep, flat, experts), [tokens, k])

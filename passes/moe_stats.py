@@ -1,7 +1,7 @@
 """moe_stats: the load balance of every MoE layer as metrics beside the training loss.
 
 For each graphllm::moe_permute (before capacity and expert parallelism rewrite it) the pass counts, from the
-router's expert ids [T, k] of this rank's micro-batch, the pairs per expert c_e (one-hot, summed: a static [E]);
+router's expert ids [T, k] of this rank's micro-batch, the pairs per expert c_e (scatter_add into a static [E]);
 the graph then returns `(loss, metrics)` instead of `loss` (a task graph's metrics vector is extended), with
 
     moe/max_load   max_e c_e / (T·k / E), averaged over the MoE layers: 1 is perfect balance, E the worst
@@ -46,8 +46,10 @@ def moe_stats(gm: fx.GraphModule, ctx: PassContext, *, capacity_factor: float | 
         for permute in permutes:
             ids, experts = permute.args[1], permute.args[2] + permute.args[3]
             tokens, k = ids.meta["val"].shape
-            counts = op(aten._to_copy.default, op(aten.sum.dim_IntList, op(aten.one_hot.default, op(
-                aten.view.default, ids, [-1]), experts), [0]), dtype=torch.float32)  # [E] pairs per expert
+            flat = op(aten.view.default, ids, [-1])  # scatter_add, not one_hot: one_hot asserts (no GE converter)
+            zeros = op(aten.zeros.default, [experts], dtype=torch.float32, device=ids.meta["val"].device)
+            ones = op(aten.ones.default, [tokens * k], dtype=torch.float32, device=ids.meta["val"].device)
+            counts = op(aten.scatter_add.default, zeros, 0, flat, ones)  # [E] pairs per expert
             loads.append(op(aten.div.Tensor, op(aten.max.default, counts), tokens * k / experts))
             cap = moe.capacity(tokens, k, experts)
             if cap is not None:

@@ -32,8 +32,10 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
-SHOWN_METRICS = {"rewards/accuracies": "acc", "rewards/margins": "margin", "accuracy": "acc", "margin": "margin"}
-"""A task's step metrics shown on the console (short name): DPO/SimPO's TRL names, rm's and prm's own."""
+SHOWN_METRICS = {"rewards/accuracies": "acc", "rewards/margins": "margin", "accuracy": "acc", "margin": "margin",
+                 "moe/max_load": "max-load", "moe/dropped": "dropped"}
+"""A task's step metrics shown on the console (short name): DPO/SimPO's TRL names, rm's and prm's own, an MoE
+model's load balance (passes/moe_stats.py)."""
 
 
 def metric_text(e: dict, prefix: str = "") -> str:

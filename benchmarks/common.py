@@ -190,6 +190,19 @@ def rss_in_subprocess(script: str, name: str, args, *, timeout: int = 1800) -> d
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def run_child_json(argv: list[str], *, timeout: int = 900) -> dict:
+    """`python *argv` in a fresh process (a per-contender peak-RSS child): the JSON object its last stdout line
+    prints, or {"error": its last stderr line}."""
+    import json
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=timeout, check=False)
+    if proc.returncode != 0:
+        return {"error": (proc.stderr.strip().splitlines() or ["?"])[-1]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def run_adapter_benchmark(args, shapes, *, script: str, bench, report, rss_child, contenders, width: int) -> None:
     """Shape defaults, the RSS child, the interleaved rounds, the RSS subprocesses, the report and the JSON."""
     import gc

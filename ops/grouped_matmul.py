@@ -20,10 +20,14 @@ from torch import Tensor
 from graphllm.ops.autocast import register_autocast_policy
 
 
-def _groups(t: Tensor, group_sizes: Tensor) -> tuple[Tensor, ...]:
-    """The rows of each group (the tail past the last group is left out)."""
-    sizes = group_sizes.tolist()
-    return t.split([*sizes, t.shape[0] - sum(sizes)], dim=0)[:-1]
+def _row_ranges(group_sizes: Tensor) -> list[tuple[int, int, int]]:
+    """(group, first row, end row) of each non-empty group; rows are sorted by group."""
+    out, start = [], 0
+    for g, n in enumerate(group_sizes.tolist()):
+        if n:
+            out.append((g, start, start + n))
+        start += n
+    return out
 
 
 def check_group_sizes(x: Tensor, weight: Tensor, group_sizes: Tensor) -> None:
@@ -38,9 +42,12 @@ def grouped_matmul(x: Tensor, weight: Tensor, group_sizes: Tensor) -> Tensor:
     check_group_sizes(x, weight, group_sizes)
     if int(group_sizes.sum()) > x.shape[0]:
         raise ValueError(f"grouped_matmul: group_sizes sum to {int(group_sizes.sum())}, x has {x.shape[0]} rows")
-    out = x.new_zeros((x.shape[0], weight.shape[2]))
-    for g, (xg, og) in enumerate(zip(_groups(x, group_sizes), _groups(out, group_sizes))):
-        torch.matmul(xg, weight[g], out=og)
+    # every row is written once: by its group's matmul, or zeroed in the tail (no full-size memset first)
+    ranges = _row_ranges(group_sizes)
+    out = x.new_empty((x.shape[0], weight.shape[2]))
+    out[ranges[-1][2] if ranges else 0:].zero_()
+    for g, a, b in ranges:
+        torch.matmul(x[a:b], weight[g], out=out[a:b])
     return out
 
 
@@ -53,10 +60,14 @@ def _(x, weight, group_sizes):
 @torch.library.custom_op("graphllm::grouped_matmul_weight_grad", mutates_args=())
 def grouped_matmul_weight_grad(x: Tensor, grad: Tensor, group_sizes: Tensor) -> Tensor:
     """[G, K, N]: for each group g, x_gᵀ @ grad_g (zeros for an empty group)."""
-    out = x.new_zeros((group_sizes.shape[0], x.shape[1], grad.shape[1]))
-    for g, (xg, dg) in enumerate(zip(_groups(x, group_sizes), _groups(grad, group_sizes))):
-        if xg.shape[0]:
-            torch.matmul(xg.t(), dg, out=out[g])
+    ranges = _row_ranges(group_sizes)
+    out = x.new_empty((group_sizes.shape[0], x.shape[1], grad.shape[1]))
+    filled = {g for g, _, _ in ranges}
+    for g in range(out.shape[0]):
+        if g not in filled:
+            out[g].zero_()
+    for g, a, b in ranges:
+        torch.matmul(x[a:b].t(), grad[a:b], out=out[g])
     return out
 
 
@@ -73,7 +84,13 @@ def _setup(ctx, inputs, output):
 def _backward(ctx, grad):
     x, weight, group_sizes = ctx.saved_tensors
     ops = torch.ops.graphllm
-    dx = ops.grouped_matmul(grad, weight.transpose(1, 2).contiguous(), group_sizes)
+    weight_t = weight.transpose(1, 2)  # [G, N, K]
+    dx = ops.grouped_matmul(grad, weight_t.contiguous(), group_sizes)
+    if weight_t.is_contiguous():
+        # the weight is a transposed view of a [G, N, K] parameter (transformers' expert layout, models/moe.py):
+        # compute its gradient as dyᵀ x [G, N, K], so its transpose is laid out like the parameter and autograd
+        # accumulates it without a strided copy of every expert matrix each step (same dot products)
+        return dx, ops.grouped_matmul_weight_grad(grad, x, group_sizes).transpose(1, 2), None
     return dx, ops.grouped_matmul_weight_grad(x, grad, group_sizes), None
 
 

@@ -35,6 +35,7 @@ from graphllm.passes.graph_edit import emit, get_attr_value, set_parameter
 from graphllm.passes.manager import PassContext, graph_pass
 from graphllm.passes.matching import is_call
 from graphllm.passes.shapes import repropagate
+from graphllm.planning.flops import FLOP_ROWS
 from graphllm.planning.moe_config import MoeConfig
 from graphllm.planning.sharding import shard_param
 from graphllm.passes import ep_alltoall
@@ -61,8 +62,8 @@ def expert_parallel(gm: fx.GraphModule, ctx: PassContext, *, dispatcher: str = "
             raise GraphllmError(f"expert_parallel: {permute.name} permutes experts {first}..{first + num - 1}; --ep "
                                 f"{ep} needs a whole layer's experts, a multiple of {ep}")
         local = num // ep
-        _shard_expert_weights(gm, ctx, permute, rank, ep, sharded)
         tokens, k = ids.meta["val"].shape
+        _shard_expert_weights(gm, ctx, permute, rank, ep, sharded, rows=tokens // tp * k)
         x_val = x.meta["val"]
         if tp > 1:
             _split_over_tp(gm, permute, tp)
@@ -122,14 +123,15 @@ def _unpermutes_of(permute: fx.Node) -> list[fx.Node]:
 
 
 def _shard_expert_weights(gm: fx.GraphModule, ctx: PassContext, permute: fx.Node, rank: int, ep: int,
-                          sharded: dict[int, torch.nn.Parameter]) -> None:
+                          sharded: dict[int, torch.nn.Parameter], *, rows: int) -> None:
     """Replace the [E, ...] weights of every grouped matmul grouped by this permutation's counts with this rank's
-    E/ep experts (dim 0)."""
+    E/ep experts (dim 0); `rows`: the pairs the rank's own tokens make, its share of the work (FLOP_ROWS)."""
     counts = [u for u in permute.users if u.target is operator.getitem and u.args[1] == _COUNTS]
     gmms = [g for c in counts for g in c.users if is_call(g, _GMM)]
     if not gmms:
         raise GraphllmError(f"expert_parallel: {permute.name}'s experts are not graphllm::grouped_matmul calls")
     for gmm in gmms:
+        gmm.meta[FLOP_ROWS] = rows
         weight = _source_attr(gmm.args[1])
         full = get_attr_value(gm, weight.target)
         if id(full) not in sharded:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+import graphllm  # noqa: F401 - registers the graphllm ops
+
 from hf_parity import rel_err
 
 FP32_RTOL = 1e-6  # the same dot products as per-group torch.matmul; only blocking of the batched weight grad
@@ -50,3 +52,17 @@ def test_rows_past_the_groups_are_zero_and_get_no_gradient():
     dx, dw = torch.autograd.grad(y, (x, w), g)
     assert torch.count_nonzero(dx[5:]) == 0
     assert rel_err(dw, torch.autograd.grad(_dense(x[:5], w, sizes), w, g[:5])[0]) <= FP32_RTOL
+
+
+def test_weight_passed_as_a_transposed_view_gets_its_gradient_in_the_parameter_layout():
+    """models/moe.py passes `gate_up_proj.transpose(1, 2)`: the backward computes dyᵀ x and transposes it, the same
+    values as x_gᵀ dy_g, laid out like the [G, N, K] parameter."""
+    gen = torch.Generator().manual_seed(3)
+    sizes = torch.tensor([3, 0, 4])
+    x = torch.randn(8, 5, generator=gen)
+    param = torch.randn(3, 6, 5, generator=gen, requires_grad=True)  # [G, N, K]
+    y = torch.ops.graphllm.grouped_matmul(x, param.transpose(1, 2), sizes)
+    g = torch.randn(y.shape, generator=gen)
+    (got,) = torch.autograd.grad(y, param, g)
+    (want,) = torch.autograd.grad(_dense(x[:7], param.transpose(1, 2), sizes), param, g[:7])
+    assert got.shape == param.shape and rel_err(got, want) <= FP32_RTOL

@@ -15,12 +15,18 @@ def _shape(n) -> tuple[int, ...] | None:
     return tuple(v.shape) if isinstance(v, torch.Tensor) else None
 
 
+FLOP_ROWS = "flop_rows"
+"""Node meta a pass may set on a grouped matmul: the rows that count as this rank's work (passes/expert_parallel.py:
+its x holds the expert-parallel group's pairs, or padded all-to-all slots; a rank computes its own tokens' T·k on
+average)."""
+
+
 def _attention_flops(q, k, v, causal: bool) -> int:
-    # q kᵀ and p v: 2 matmuls of B·H·Sq·Sk·D multiply-adds each; the causal half is still computed
-    # by dense kernels, so it is counted in full (the usual MFU convention).
+    # q kᵀ and p v: B·H·Sq·Sk·D_qk and B·H·Sq·Sk·D_v multiply-adds (D_v < D_qk under MLA, DeepSeek-V3); the
+    # causal half is still computed by dense kernels, so it is counted in full (the usual MFU convention).
     b, h, sq, d = q
     sk = k[2]
-    return 2 * 2 * b * h * sq * sk * d
+    return 2 * b * h * sq * sk * (d + v[-1])
 
 
 def _fused_loss_targets() -> tuple:
@@ -59,10 +65,13 @@ def node_flops(n: fx.Node) -> int:
         x, w = _shape(n.args[0]), _shape(n.args[1])
         if x and w:
             return 2 * math.prod(x[:-1]) * w[0] * w[1]
-    elif t is gl.grouped_matmul.default:  # every row meets one [K, N] weight
+    elif t is gl.grouped_matmul.default:
+        # every row of x meets one [K, N] weight: x is moe_permute's [T·k, K] (one row per token-expert pair), so
+        # this is T·k rows, not T. Under expert parallelism x holds the group's pairs or padded slots, most of them
+        # tail rows left uncomputed: the pass records the rank's own T·k pairs as its work (FLOP_ROWS)
         x, w = _shape(n.args[0]), _shape(n.args[1])
         if x and w:
-            return 2 * x[0] * w[1] * w[2]
+            return 2 * n.meta.get(FLOP_ROWS, x[0]) * w[1] * w[2]
     elif t in (aten.matmul.default, aten.mm.default, aten.bmm.default):
         a, out = _shape(n.args[0]), _shape(n)
         if a and out:

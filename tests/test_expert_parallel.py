@@ -116,7 +116,7 @@ def references(mixtral):
 
 
 CASES = {  # name: (layout, moe options, ranks, reference micro-batches)
-    "ep2-allgather": ({"dp": 2, "ep": 2}, {}, 2, 2),
+    "ep2-allgather": ({"dp": 2, "ep": 2, "micro_batches": 2}, {}, 2, 4),  # gradients accumulated, then averaged
     "ep2xdp2-alltoall": ({"dp": 4, "ep": 2}, {"dispatcher": "alltoall"}, 4, 4),
     # attention tensor-parallel; the tp ranks of an ep rank share its expert shard, each routing 1/tp of the tokens
     "ep2xtp2": ({"tp": 2, "dp": 2, "ep": 2}, {}, 4, 2),

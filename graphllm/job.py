@@ -90,12 +90,13 @@ def build(plan: CompilePlan, *, user: Sequence[GraphPass] = (), purpose: Purpose
     pipeline = build_pipeline(plan, purpose=purpose, user=user)
     inputs = graph_inputs(plan)
     compiled = None
+    moe_metrics = moe_metric_names(pipeline, model)  # before compiling: a rate the plan cannot serve is refused
     if not pipeline.splits:
         compiled = compile_pipeline(task.target, inputs, pipeline, groups=st, rank=rank, dump_dir=dump_dir)
         result = compiled.result
         engine = Engine(layout=layout, st=st, named_params=dict(task.trained.named_parameters()), step_fn=compiled,
                         micro_batch_size=plan.batch_size, seq_len=plan.seq_len,
-                        metric_names=task.metrics + moe_metric_names(pipeline),
+                        metric_names=task.metrics + moe_metrics,
                         reference=reference if uses_reference_graph(plan) else None,
                         offload_optimizer=plan.offload_optimizer)
     else:
@@ -103,6 +104,8 @@ def build(plan: CompilePlan, *, user: Sequence[GraphPass] = (), purpose: Purpose
         engine = Engine(layout=layout, st=st, named_params=runner.named_parameters(), pipeline=runner,
                         micro_batch_size=plan.batch_size, seq_len=plan.seq_len,
                         offload_optimizer=plan.offload_optimizer)
+    if plan.moe.bias_update_rate is not None:
+        engine.expert_bias = (dict(model.named_buffers()), plan.moe.bias_update_rate)
     built = Built(plan=plan, model=task.trained, result=result, engine=engine, rank=rank, compiled=compiled,
                   reference=reference, timings={"model": t_model, **result.timings})
     if warm:
@@ -111,11 +114,24 @@ def build(plan: CompilePlan, *, user: Sequence[GraphPass] = (), purpose: Purpose
     return built
 
 
-def moe_metric_names(pipeline: Pipeline) -> tuple[str, ...]:
-    """The metrics the moe_stats step appends to the graph's output (none when the pipeline has no such step)."""
-    from graphllm.passes.moe_stats import METRICS
+def moe_metric_names(pipeline: Pipeline, model: torch.nn.Module) -> tuple[str, ...]:
+    """The metrics the moe_stats step appends to the graph's output (none when the pipeline has no such step), with
+    the routing-bias counts when --moe-bias-update-rate asks for them."""
+    from graphllm.passes.moe_stats import METRICS, bias_count_names
 
-    return METRICS if any(step.name == "moe_stats" for step in pipeline.steps) else ()
+    rate = pipeline.plan.moe.bias_update_rate
+    if not any(step.name == "moe_stats" for step in pipeline.steps):
+        if rate is not None:
+            raise GraphllmError(f"--moe-bias-update-rate {rate} needs the load counts of --moe-stats on at --pp 1 "
+                                "(pipeline stages do not return them yet); drop the rate or use --pp 1")
+        return ()
+    if rate is None:
+        return METRICS
+    counts = bias_count_names(model)
+    if not counts:
+        raise GraphllmError(f"--moe-bias-update-rate {rate}: {model.config.model_type} has no routing bias "
+                            "(e_score_correction_bias: DeepSeek-V3's aux-free balancing); leave the rate out")
+    return METRICS + counts
 
 
 def _build_reference(plan: CompilePlan, model: torch.nn.Module, st, rank: int, dump_dir: Path | None,

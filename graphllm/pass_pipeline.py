@@ -224,7 +224,8 @@ def _parallel_steps(plan: CompilePlan, purpose: str = "train") -> list[Step]:
         out.append(Step("moe_stats", "model", "before capacity and expert parallelism rewrite the routing: the "
                                               "graph returns each MoE layer's load balance beside the loss "
                                               "(nothing without MoE layers)",
-                        graph_pass=moe_stats.with_options(capacity_factor=plan.moe.capacity_factor)))
+                        graph_pass=moe_stats.with_options(capacity_factor=plan.moe.capacity_factor,
+                                                          bias_counts=plan.moe.bias_update_rate is not None)))
     if plan.moe.capacity_factor is not None and purpose != "generate":
         from graphllm.passes.moe_capacity import moe_capacity
 

@@ -127,19 +127,25 @@ def train_steps(engine: StepEngine, batch_at: BatchFn, cfg: TrainConfig, *, opti
         input_ids = batch[0]
         loss_value = engine.forward_backward(*batch)
         task_metrics = dict(getattr(engine, "metrics", {}))
+        expert_bias = getattr(engine, "expert_bias", None)  # (buffers, rate): aux-free MoE balancing
         if not math.isfinite(loss_value):  # before the update: parameters stay those of the last good step
             opt.zero_grad(set_to_none=True)
             raise GraphllmError(f"loss became {loss_value} at step {step + 1}; lower --lr or check the data")
         norm = engine.clip_grad_norm(cfg.grad_clip)
         status["updating"] = True
         opt.step()
+        if expert_bias is not None:
+            from graphllm.parallel.expert_bias import update_expert_bias
+
+            update_expert_bias(expert_bias[0], task_metrics, expert_bias[1])
         status.update(completed=step + 1, updating=False)
         opt.zero_grad(set_to_none=True)
         dt = time.perf_counter() - t0
         tokens_done += input_ids.numel()
         yield {"step": step + 1, "loss": loss_value, "lr": opt.param_groups[0]["lr"], "grad_norm": float(norm),
                "step_time_s": dt, "tokens_per_s": input_ids.numel() / dt,
-               "elapsed_s": time.perf_counter() - t_start, "tokens": tokens_done, **task_metrics}
+               "elapsed_s": time.perf_counter() - t_start, "tokens": tokens_done,
+               **{k: v for k, v in task_metrics.items() if not k.startswith("_")}}  # "_": an update's input
 
 
 class MetricsWriter:

@@ -21,7 +21,7 @@ from graphllm.passes.graph_edit import emit
 from graphllm.passes.manager import PassContext, graph_pass
 from graphllm.passes.matching import is_call
 from graphllm.passes.shapes import repropagate
-from graphllm.planning.moe_config import MoeConfig
+from graphllm.planning.moe_config import COUNTS_PREFIX, MoeConfig
 
 aten = torch.ops.aten
 _PERMUTE = torch.ops.graphllm.moe_permute.default
@@ -29,8 +29,34 @@ METRICS = ("moe/max_load", "moe/dropped")
 """The names of the entries the pass appends, in order."""
 
 
+BIAS = "e_score_correction_bias"
+"""The routing-bias buffer of aux-free balancing (DeepSeek-V3): a router whose choice reads it gets its counts out."""
+
+
+def bias_count_names(model) -> tuple[str, ...]:
+    """The count metrics the pass appends with `bias_counts`: every routing-bias buffer of `model` (module order, which
+    is the graph's layer order), one per expert."""
+    return tuple(f"{COUNTS_PREFIX}{name}/{e}" for name, buf in model.named_buffers()
+                 if name.endswith(BIAS) for e in range(buf.numel()))
+
+
+def _bias_of(ids: fx.Node, hops: int = 8) -> str | None:
+    """The routing-bias buffer the expert ids were chosen with: the nearest get_attr of one within `hops` nodes
+    upstream (breadth first, so an earlier layer's router, much further up, is never taken)."""
+    seen, frontier = {ids}, [ids]
+    for _ in range(hops):
+        frontier = [a for n in frontier for a in n.all_input_nodes if a not in seen]
+        seen.update(frontier)
+        for n in frontier:
+            if n.op == "get_attr" and str(n.target).endswith(BIAS):
+                return str(n.target)
+    return None
+
+
 @graph_pass("moe_stats", stage="model")
-def moe_stats(gm: fx.GraphModule, ctx: PassContext, *, capacity_factor: float | None = None) -> fx.GraphModule:
+def moe_stats(gm: fx.GraphModule, ctx: PassContext, *, capacity_factor: float | None = None,
+              bias_counts: bool = False) -> fx.GraphModule:
+    """`bias_counts`: also return each biased router's pairs per expert (bias_count_names), for the bias update."""
     out = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
     result = out.args[0]
     loss = result[0] if isinstance(result, (tuple, list)) else result
@@ -38,7 +64,7 @@ def moe_stats(gm: fx.GraphModule, ctx: PassContext, *, capacity_factor: float | 
     if not permutes or not isinstance(loss, fx.Node) or loss.meta["val"].dim() != 0:
         return gm  # no MoE layer, or a graph without a loss (logits)
     moe = MoeConfig(capacity_factor=capacity_factor)
-    loads, drops, pairs = [], [], 0
+    loads, drops, pairs, biased = [], [], 0, []
     with gm.graph.inserting_before(out):
         def op(target, *args, **kwargs):
             return emit(gm, target, args, out, "moe_stats", kwargs)
@@ -55,10 +81,14 @@ def moe_stats(gm: fx.GraphModule, ctx: PassContext, *, capacity_factor: float | 
             if cap is not None:
                 drops.append(op(aten.sum.default, op(aten.clamp.default, op(aten.sub.Tensor, counts, cap), 0)))
             pairs += tokens * k
+            if bias_counts and _bias_of(ids) is not None:
+                biased.append(counts)
         mean_load = op(aten.div.Tensor, op(aten.sum.default, op(aten.stack.default, loads)), len(loads))
         dropped = (op(aten.div.Tensor, op(aten.sum.default, op(aten.stack.default, drops)), pairs) if drops
                    else op(aten.mul.Tensor, mean_load, 0.0))
         stats = op(aten.stack.default, [mean_load, dropped])  # [2] float32
+        if biased:  # then every biased layer's [E] counts, layer by layer
+            stats = op(aten.cat.default, [stats, *biased])
         if isinstance(result, (tuple, list)):  # a task's (loss, metrics): extend its vector
             metrics = op(aten.cat.default, [op(aten._to_copy.default, result[1], dtype=torch.float32), stats])
         else:

@@ -77,8 +77,10 @@ def train(model: str, layout: dict, moe: dict | None = None, *, save: str | None
                           if str(n.target).split(".")[1] in dispatch})
     from graphllm.planning.flops import forward_flops
 
+    buffers = {n: b.detach().clone() for n, b in built.model.named_buffers() if n.endswith("correction_bias")}
+
     return {"losses": losses, "collectives": collectives, "balance": balance,
-            "flops": forward_flops(built.result.model_graph),
+            "flops": forward_flops(built.result.model_graph), "buffers": buffers,
             "params": {n: (p.detach().clone(), shard_of(p)) for n, p in built.engine.named_params.items()}}
 
 
@@ -173,3 +175,25 @@ def test_deepseek_v3_at_ep2_pp2_trains_like_one_process(deepseek):
         sharded = {n for n, (_, s) in r["params"].items() if s is not None}
         assert all(".mlp.experts." in n for n in sharded), sharded
     assert any(s is not None for _, s in results[2]["params"].values()), "stage 1 (the MoE layer) holds no shard"
+
+
+BIAS_RATE = 0.05
+"""Large enough that the tiny model's routing changes within 3 steps (DeepSeek-V3 used 0.001 over long runs)."""
+
+
+def test_expert_bias_update_moves_the_routing_like_one_process(deepseek):
+    """--moe-bias-update-rate: after each step every routing bias moves by ±rate towards balance, from the counts
+    of the whole step's batch: ep2 (2 ranks) and one process with the same micro-batches make the same losses and
+    end with the same biases; without the rate the losses differ (the biases changed the routing)."""
+    moe = {"bias_update_rate": BIAS_RATE}
+    alone = train(deepseek, {"micro_batches": 2}, moe)
+    plain = train(deepseek, {"micro_batches": 2})
+    assert alone["losses"][0] == plain["losses"][0] and alone["losses"][2] != plain["losses"][2]
+    bias = {n: t for n, t in alone["buffers"].items() if n.endswith("e_score_correction_bias")}
+    steps = torch.cat(list(bias.values())) / BIAS_RATE  # each step moves a bias by -rate, 0 or +rate
+    assert bias and torch.allclose(steps, steps.round(), atol=1e-4) and steps.abs().max() >= 1
+    results = run_ranks(train, 2, deepseek, {"dp": 2, "ep": 2}, moe)
+    _check("bias update ep2", results, alone)
+    for r in results:
+        for name, t in bias.items():
+            assert torch.equal(r["buffers"][name], t), name

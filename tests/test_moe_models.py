@@ -117,6 +117,7 @@ BAD_LAYOUTS = [  # flags → the one line that names the input and the fix
     (["--ep", "2"], "--ep 2 must divide --dp 1"),
     (["--moe-capacity-factor", "0"], "--moe-capacity-factor 0.0 must be > 0"),
     (["--dp", "2", "--ep", "2", "--zero1"], "--ep with --zero1 is not supported yet"),
+    (["--moe-bias-update-rate", "0.001"], "mixtral has no routing bias (e_score_correction_bias"),
 ]
 
 

@@ -48,6 +48,9 @@ class Engine:
         self.offload_optimizer = offload_optimizer
         self.master_weights = any(p.requires_grad and p.dtype != torch.float32 for p in self.params)
         """Trainable parameters are not fp32 (--params-dtype bf16): the optimizer keeps fp32 masters."""
+        self.expert_bias: tuple[dict[str, torch.Tensor], float] | None = None
+        """(the model's named buffers, rate) under --moe-bias-update-rate: graphllm.train updates the routing biases
+        after each optimizer step (graphllm.parallel.expert_bias)."""
         self.metrics: dict[str, float] = {}
         """The last forward_backward / eval_loss's metrics (by name), averaged like the loss."""
         self.token_index: torch.Tensor | None = None

@@ -20,6 +20,11 @@ from graphllm.errors import GraphllmError
 from graphllm.options import check_fields, option
 
 
+COUNTS_PREFIX = "_moe_tokens/"
+"""Metric names of the per-expert pair counts (`_moe_tokens/<bias buffer>/<expert>`, passes/moe_stats.py): not
+logged (a leading "_"), read by the expert-bias update (graphllm.parallel.expert_bias)."""
+
+
 def _check_capacity(value: float | None) -> None:
     if value is not None and value <= 0:
         raise GraphllmError(f"--moe-capacity-factor {value} must be > 0 (each expert's share of a micro-batch's "
@@ -41,6 +46,10 @@ class MoeConfig:
         help="each expert takes at most ceil(F·tokens·top-k/experts) token-expert pairs of a micro-batch, the "
              "rest dropped in token order (default: dropless)")
 
+    bias_update_rate: float | None = option(
+        None, metavar="RATE", minimum=0,
+        help="aux-free load balancing (DeepSeek-V3): after each step every router's e_score_correction_bias moves by "
+             "RATE towards balance, +RATE for an expert below the mean load and -RATE above (e.g. 0.001)")
     stats: Literal["on", "off"] = option(
         "on", help="training graphs of MoE models return each step's load balance beside the loss (moe/max_load, "
                    "moe/dropped in the metrics log)")

@@ -67,7 +67,7 @@ def expert_parallel(gm: fx.GraphModule, ctx: PassContext, *, dispatcher: str = "
         x_val = x.meta["val"]
         if tp > 1:
             _split_over_tp(gm, permute, tp)
-            x, ids, tokens = *permute.args[:2], tokens // tp
+            tokens //= tp
             ctx.count("token splits over tp")
         if dispatcher == "alltoall":
             for unpermute in _unpermutes_of(permute):
@@ -75,18 +75,8 @@ def expert_parallel(gm: fx.GraphModule, ctx: PassContext, *, dispatcher: str = "
                 ep_alltoall.rewrite(gm, permute, unpermute, ep, (tokens, k, num), x_val, cap)
             ctx.count("MoE layers (all-to-all)")
             continue
-        with gm.graph.inserting_before(permute):
-            x_all = emit(gm, gl.sp_gather.default, (x, 0, ep, "ep"), permute, "dispatch")
-            ids_all = emit(gm, gl.sp_gather.default, (ids, 0, ep, "ep"), permute, "dispatch")
-        permute.args = (x_all, ids_all, rank * local, local)
-        for unpermute in _unpermutes_of(permute):
-            y, order, weights = unpermute.args
-            with gm.graph.inserting_before(unpermute):
-                w_all = emit(gm, gl.sp_gather.default, (weights, 0, ep, "ep"), unpermute, "dispatch")
-            unpermute.args = (y, order, w_all)
-            with gm.graph.inserting_after(unpermute):
-                combined = emit(gm, gl.sp_reduce_scatter.default, (unpermute, 0, ep, "ep"), unpermute, "combine")
-            unpermute.replace_all_uses_with(combined, delete_user_cb=lambda u: u is not combined)
+        _wrap(gm, permute, gl.sp_gather.default, gl.sp_reduce_scatter.default, ep, "ep", ("dispatch", "combine"))
+        permute.args = (*permute.args[:2], rank * local, local)
         ctx.count("MoE layers")
     if not ctx.counters.get(ctx.current_pass):
         raise GraphllmError(f"--ep {ep}: the model graph has no graphllm::moe_permute (no mixture-of-experts layer); "
@@ -101,19 +91,23 @@ def _split_over_tp(gm: fx.GraphModule, permute: fx.Node, tp: int) -> None:
     of them (tp_split of x, ids and the routing weights) and the outputs are all-gathered back (tp_gather), so
     no expert row is computed twice. The experts' weight gradients are then partial sums over the tp ranks,
     which graphllm.parallel.optim.reduce_replicas adds up."""
+    _wrap(gm, permute, gl.tp_split.default, gl.tp_gather.default, tp, "tp", ("token split", "token gather"))
+
+
+def _wrap(gm: fx.GraphModule, permute: fx.Node, inbound, outbound, size: int, group: str,
+          roles: tuple[str, str]) -> None:
+    """`inbound(t, 0, size, group)` on the permutation's tokens and expert ids and on each combine's routing
+    weights; `outbound(.., 0, size, group)` on each combine's output, which its users then read."""
     x, ids, *rest = permute.args
     with gm.graph.inserting_before(permute):
-        x_part = emit(gm, gl.tp_split.default, (x, 0, tp, "tp"), permute, "token split")
-        ids_part = emit(gm, gl.tp_split.default, (ids, 0, tp, "tp"), permute, "token split")
-    permute.args = (x_part, ids_part, *rest)
+        permute.args = (*(emit(gm, inbound, (t, 0, size, group), permute, roles[0]) for t in (x, ids)), *rest)
     for unpermute in _unpermutes_of(permute):
         y, order, weights = unpermute.args
         with gm.graph.inserting_before(unpermute):
-            w_part = emit(gm, gl.tp_split.default, (weights, 0, tp, "tp"), unpermute, "token split")
-        unpermute.args = (y, order, w_part)
+            unpermute.args = (y, order, emit(gm, inbound, (weights, 0, size, group), unpermute, roles[0]))
         with gm.graph.inserting_after(unpermute):
-            whole = emit(gm, gl.tp_gather.default, (unpermute, 0, tp, "tp"), unpermute, "token gather")
-        unpermute.replace_all_uses_with(whole, delete_user_cb=lambda u: u is not whole)
+            out = emit(gm, outbound, (unpermute, 0, size, group), unpermute, roles[1])
+        unpermute.replace_all_uses_with(out, delete_user_cb=lambda u: u is not out)
 
 
 def _unpermutes_of(permute: fx.Node) -> list[fx.Node]:

@@ -85,7 +85,7 @@ def moe_stats(gm: fx.GraphModule, ctx: PassContext, *, capacity_factor: float | 
                 biased.append(counts)
         mean_load = op(aten.div.Tensor, op(aten.sum.default, op(aten.stack.default, loads)), len(loads))
         dropped = (op(aten.div.Tensor, op(aten.sum.default, op(aten.stack.default, drops)), pairs) if drops
-                   else op(aten.mul.Tensor, mean_load, 0.0))
+                   else op(aten.zeros_like.default, mean_load))
         stats = op(aten.stack.default, [mean_load, dropped])  # [2] float32
         if biased:  # then every biased layer's [E] counts, layer by layer
             stats = op(aten.cat.default, [stats, *biased])

@@ -110,7 +110,8 @@ def reduce_replicas(params: Sequence[nn.Parameter], layout, group_of) -> None:
     (expert parallelism) its expert-data-parallel group. An expert shard's gradient already sums the gradients
     of the ep group's tokens (the dispatch's backward brought them), so it is divided by dp all the same."""
     experts = [p for p in params if (s := shard_of(p)) is not None and s.group == "ep"]
-    dense = [p for p in params if not any(p is e for e in experts)]
+    expert_ids = {id(p) for p in experts}
+    dense = [p for p in params if id(p) not in expert_ids]
     reduce_gradients(dense, group_of(layout.grad_kind))
     if experts and layout.tp > 1:  # each tp rank routed 1/tp of the tokens (passes/expert_parallel.py): add them up
         reduce_gradients(experts, group_of("tp"), divide_by=1)

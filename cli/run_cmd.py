@@ -33,9 +33,9 @@ def add_parser(sub) -> None:
 
 
 SHOWN_METRICS = {"rewards/accuracies": "acc", "rewards/margins": "margin", "accuracy": "acc", "margin": "margin",
-                 "moe/max_load": "max-load", "moe/dropped": "dropped"}
+                 "moe/max_load": "max-load", "moe/dropped": "dropped", "mtp/loss": "mtp"}
 """A task's step metrics shown on the console (short name): DPO/SimPO's TRL names, rm's and prm's own, an MoE
-model's load balance (passes/moe_stats.py)."""
+model's load balance (passes/moe_stats.py), the multi-token prediction loss (--mtp-layers)."""
 
 
 def metric_text(e: dict, prefix: str = "") -> str:

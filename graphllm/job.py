@@ -20,7 +20,7 @@ from graphllm.dump import write_split
 from graphllm.errors import GraphllmError
 from graphllm.models import load_model
 from graphllm.parallel import groups
-from graphllm.parallel.engine import Engine
+from graphllm.parallel.engine import Engine, persistent_buffers
 from graphllm.pass_pipeline import Pipeline, Purpose, build_pipeline, load_pass_spec, recorded_user_passes
 from graphllm.passes import GraphPass
 from graphllm.plan import CompilePlan
@@ -77,7 +77,9 @@ def build(plan: CompilePlan, *, user: Sequence[GraphPass] = (), purpose: Purpose
     rank = st.rank if st is not None else 0
     t_model = time.perf_counter()
     model = load_model(plan.model, seed=plan.seed, attn_implementation=plan.attn_implementation,
-                       dtype=PARAMS_DTYPES[plan.params_dtype]).to(plan.device)  # bf16: captured with bf16 params
+                       dtype=PARAMS_DTYPES[plan.params_dtype],
+                       mtp_layers=plan.mtp.layers).to(plan.device)  # bf16: captured with bf16 params
+    model.mtp_loss_weight = plan.mtp.loss_weight
     t_model = time.perf_counter() - t_model
     cfg = model.config
     if plan.seq_len > cfg.max_position_embeddings:
@@ -98,12 +100,12 @@ def build(plan: CompilePlan, *, user: Sequence[GraphPass] = (), purpose: Purpose
                         micro_batch_size=plan.batch_size, seq_len=plan.seq_len,
                         metric_names=task.metrics + moe_metrics,
                         reference=reference if uses_reference_graph(plan) else None,
-                        offload_optimizer=plan.offload_optimizer)
+                        offload_optimizer=plan.offload_optimizer, named_state=persistent_buffers(task.trained))
     else:
         result, runner = _build_stages(pipeline, model, inputs, st, dump_dir)
         engine = Engine(layout=layout, st=st, named_params=runner.named_parameters(), pipeline=runner,
                         micro_batch_size=plan.batch_size, seq_len=plan.seq_len,
-                        offload_optimizer=plan.offload_optimizer)
+                        offload_optimizer=plan.offload_optimizer, named_state=persistent_buffers(model))
     if plan.moe.bias_update_rate is not None:
         engine.expert_bias = (dict(model.named_buffers()), plan.moe.bias_update_rate)
     built = Built(plan=plan, model=task.trained, result=result, engine=engine, rank=rank, compiled=compiled,

@@ -19,6 +19,7 @@ from graphllm.planning.compat import check_plan
 from graphllm.planning.layout import Layout
 from graphllm.planning.lora_config import LoraConfig
 from graphllm.planning.moe_config import MoeConfig
+from graphllm.planning.mtp_config import MtpConfig
 from graphllm.planning.offload_config import ActivationOffloadConfig
 from graphllm.planning.recompute_config import RecomputeConfig
 from graphllm.planning.task_config import TaskConfig
@@ -76,6 +77,7 @@ class CompilePlan:
         ActivationOffloadConfig, title="activation offload to host memory (graphllm/offload_activations.py)")
     moe: MoeConfig = section(MoeConfig, title="mixture of experts: token dispatch and expert capacity "
                                               "(passes/expert_parallel.py, passes/moe_capacity.py)")
+    mtp: MtpConfig = section(MtpConfig, title="multi-token prediction (DeepSeek-V3's MTP, models/decoder.py MtpLayer)")
     npu: NpuOptions = section(NpuOptions, title="npu (torchair) options")
 
     def __post_init__(self) -> None:
@@ -88,6 +90,7 @@ class CompilePlan:
                                 "on --device npu, and only there")
         self.task.check_shapes(batch_size=self.batch_size)
         check_plan(self)  # feature combinations refused with a reason: graphllm/planning/compat.py
+        self.mtp.check_plan(self)
 
     @property
     def global_batch_size(self) -> int:

@@ -1,7 +1,9 @@
 """Training checkpoints for `graphllm run`: save a step from any layout, resume into any other.
 
 The tensors go through graphllm.parallel.checkpoint (torch.distributed.checkpoint, one copy of each
-full logical tensor); the optimizer state through graphllm.parallel.optim's layout-independent form;
+full logical tensor): the parameters and the model's persistent buffers (Engine.named_state: DeepSeek-V3's
+routing biases, which --moe-bias-update-rate trains outside the optimizer); the optimizer state through
+graphllm.parallel.optim's layout-independent form;
 the data position is the step number for the built-in corpus (batches are a function of seed and step)
 and the sampler's consumed-sample count for `--data` (extra "sampler"); torch's RNG state rides along.
 A checkpoint is `ROOT/step_<N>/`, written atomically. On SIGTERM/SIGINT or an exception inside a step,
@@ -39,10 +41,31 @@ def _meta(built, step: int) -> dict:
     return meta
 
 
+def _tensors(built) -> dict[str, torch.Tensor]:
+    """What a checkpoint holds of the model: this rank's parameters and the model's persistent buffers."""
+    return {**built.engine.named_params, **built.engine.named_state}
+
+
+def _without_absent_mtp(path: Path, tensors: dict[str, torch.Tensor], rank: int) -> dict[str, torch.Tensor]:
+    """`tensors` less the multi-token prediction modules (--mtp-layers) a converted checkpoint has no weights for:
+    those keep the weights drawn from the seed (hf-to-graphllm keeps no MTP layers)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    if not any(name.startswith("model.mtp.") for name in tensors):
+        return tensors
+    stored = FileSystemReader(path).read_metadata().state_dict_metadata
+    absent = sorted(n for n in tensors if n.startswith("model.mtp.") and f"model/{n}" not in stored)
+    if absent and rank == 0:
+        log.warning("%s has no weights for the multi-token prediction modules (%d tensors, e.g. %s): they keep the "
+                    "weights drawn from --seed", path, len(absent), absent[0])
+    return {n: t for n, t in tensors.items() if n not in absent}
+
+
 def weights_fingerprint(cfg) -> str:
     """The fingerprint a weights-only checkpoint records: the config's, with the attention form at its
-    default (sdpa and eager attention use the same weights, so either may load it)."""
-    return dataclasses.replace(cfg, attn_implementation="sdpa").fingerprint()
+    default (sdpa and eager attention use the same weights, so either may load it) and no MTP modules (a run with
+    --mtp-layers loads the model's weights and draws the modules a converted checkpoint lacks)."""
+    return dataclasses.replace(cfg, attn_implementation="sdpa", mtp_layers=0).fingerprint()
 
 
 def save_step(root: Path, built, optimizer, step: int, *, keep_last: int = 0, extra: dict | None = None) -> Path:
@@ -52,7 +75,7 @@ def save_step(root: Path, built, optimizer, step: int, *, keep_last: int = 0, ex
     from graphllm.parallel.optim import optimizer_state
 
     named = built.engine.named_params
-    path = save_checkpoint(Path(root) / f"step_{step}", step=step, named_params=named,
+    path = save_checkpoint(Path(root) / f"step_{step}", step=step, named_params=_tensors(built),
                            optim_state=optimizer_state(optimizer, named), extra={"rng": torch.get_rng_state(), **(extra or {})},
                            meta=_meta(built, step), st=built.engine.st)
     if keep_last > 0 and built.rank == 0:
@@ -134,7 +157,8 @@ def load_step(path: Path, built, optimizer, *, extra_out: dict | None = None,
     except (OSError, ValueError):
         kind = None  # load_checkpoint reports the damaged marker
     if kind == WEIGHTS_ONLY:
-        loaded = load_checkpoint(path, named_params=named, want_optim=False, st=built.engine.st,
+        loaded = load_checkpoint(path, named_params=_without_absent_mtp(path, _tensors(built), built.rank),
+                                 want_optim=False, st=built.engine.st,
                                  expect_fingerprint=weights_fingerprint(built.model.config))
         if loaded.masters and hasattr(optimizer, "load_masters"):  # bf16 parameters: the unrounded fp32 weights
             optimizer.load_masters(named, loaded.masters)
@@ -142,7 +166,7 @@ def load_step(path: Path, built, optimizer, *, extra_out: dict | None = None,
             log.warning("%s holds weights only (a converted checkpoint): training starts at step 0 with a fresh "
                         "optimizer and learning-rate schedule", path)
         return 0
-    loaded = load_checkpoint(path, named_params=named, want_optim=True, st=built.engine.st,
+    loaded = load_checkpoint(path, named_params=_tensors(built), want_optim=True, st=built.engine.st,
                              expect_fingerprint=built.model.config.fingerprint())
     load_optimizer_state(optimizer, named, loaded.optim_state)
     if isinstance(loaded.extra.get("rng"), torch.Tensor):

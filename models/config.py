@@ -137,6 +137,10 @@ class ModelConfig:
     """Per-head query/key dims without RoPE in latent attention (the RoPE dims are head_dim, HF's qk_rope_head_dim)."""
     v_head_dim: int = 0
     """Per-head value width in latent attention."""
+    mtp_layers: int = 0
+    """Multi-token prediction modules after the decoder (DeepSeek-V3's MTP, models/mtp.py; `--mtp-layers`): module k
+    predicts the token k + 1 ahead. graphllm names them model.mtp.<k>.*, HF files model.layers.<L + k>.*. Not read
+    from config.json's num_nextn_predict_layers: a run asks for them."""
 
     def __post_init__(self) -> None:
         if self.model_type not in SUPPORTED_MODEL_TYPES:
@@ -173,6 +177,8 @@ class ModelConfig:
         self.mlp_only_layers = tuple(self.mlp_only_layers)
         check_moe(self)
         check_mla(self)
+        if not isinstance(self.mtp_layers, int) or isinstance(self.mtp_layers, bool) or self.mtp_layers < 0:
+            raise GraphllmError(f"mtp_layers must be an integer ≥ 0, got {self.mtp_layers!r}")
         self.rope_scaling = check_rope_scaling(self.rope_scaling, self.rotary_dim, self.model_type)
 
     def _check_window(self) -> None:

@@ -73,6 +73,38 @@ class DecoderLayer(nn.Module):
         return self.mlp_block(x, router_stats)
 
 
+class _SharedHead(nn.Module):
+    """An MTP module's final norm before the (shared) LM head: `shared_head.norm` as DeepSeek-V3's files name it."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.norm = make_norm(cfg, cfg.hidden_size)
+
+
+class MtpLayer(DecoderLayer):
+    """Multi-token prediction module of depth d = k + 1 (model.mtp.<k>; DeepSeek-V3 §2.2): a decoder layer of the
+    model's kind (MoE where layer L + k would be) whose input joins the previous depth's hidden state at position i
+    with the embedding of the token d ahead of it:
+
+        x = eh_proj([enorm(embed(t[i + d])); hnorm(h_prev[i])])     [B, S, 2H] -> [B, S, H]
+        h = layer(x);   logits = lm_head(shared_head.norm(h))        predicts t[i + d + 1]
+
+    The embedding and the LM head are the main model's (shared, as in DeepSeek-V3). h_prev is the main model's
+    final (normed) hidden state at depth 1 (what the LM head reads), the previous module's output after."""
+
+    def __init__(self, cfg: ModelConfig, depth: int) -> None:
+        super().__init__(cfg, cfg.num_hidden_layers + depth)
+        self.enorm = make_norm(cfg, cfg.hidden_size)
+        self.hnorm = make_norm(cfg, cfg.hidden_size)
+        self.eh_proj = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
+        self.shared_head = _SharedHead(cfg)
+
+    def predict(self, h_prev: torch.Tensor, embedded: torch.Tensor, *layer_args) -> torch.Tensor:
+        """This depth's hidden state [B, S, H] (before shared_head.norm); `layer_args` as DecoderLayer.forward's."""
+        x = self.eh_proj(torch.cat([self.enorm(embedded), self.hnorm(h_prev)], dim=-1))
+        return self(x, *layer_args)
+
+
 def _rope_buffers(cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """The model's float32 RoPE buffers: inv_freq, plus longrope's long factors and Gemma 3's local base."""
     out = {"inv_freq": rope_inv_freq(cfg)}
@@ -91,6 +123,7 @@ class DecoderModel(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = make_norm(cfg, cfg.hidden_size)
+        self.mtp = nn.ModuleList(MtpLayer(cfg, k) for k in range(cfg.mtp_layers))
         self.inv_freq: torch.Tensor
         for name, value in _rope_buffers(cfg).items():
             self.register_buffer(name, value, persistent=False)  # float32 [R/2]
@@ -158,10 +191,12 @@ class DecoderModel(nn.Module):
         return out
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
-                router_stats: list[RouterStats] | None = None) -> torch.Tensor:
+                router_stats: list[RouterStats] | None = None,
+                mtp_ids: list[torch.Tensor] | None = None) -> torch.Tensor | list[torch.Tensor]:
         # input_ids [B, S] -> hidden [B, S, hidden]. position_ids [B, S] (packed rows): RoPE positions, and
         # each 0 starts a new sample that attention does not cross (Megatron's EOD reset). router_stats: a list
-        # that each MoE layer appends its load-balance statistics to
+        # that each MoE layer appends its load-balance statistics to. mtp_ids: per MTP module (depth d), the ids
+        # d ahead [B, S]; then the result is [hidden, each module's normed hidden]
         cfg = self._cfg
         _, S = input_ids.shape
         h = self.embed(input_ids)
@@ -185,7 +220,46 @@ class DecoderModel(nn.Module):
                 h = layer(h, cos, sin, causal_mask, sample_mask)
             else:
                 h = layer(h, cos, sin, causal_mask, sample_mask, window_mask)
-        return self.norm(h)
+        h = self.norm(h)
+        if not mtp_ids:
+            return h
+        last = cfg.num_hidden_layers - 1  # an MTP layer attends as the last decoder layer does
+        cos, sin = tables[cfg.local_rope(last)]
+        outs, args = [h], (cos, sin, causal_mask, sample_mask, masks.get(cfg.window_of(last)), router_stats)
+        for module, ids in zip(self.mtp, mtp_ids):
+            h = module.predict(h, self.embed(ids), *args)
+            outs.append(module.shared_head.norm(h))
+        return outs
+
+
+def _init_modules(modules: list[nn.Module], gen: torch.Generator, std: float) -> None:
+    """init_weights' draws over `modules`, in order (a weight shared by two modules is drawn once)."""
+    seen: set[int] = set()
+    for module in modules:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            if id(module.weight) not in seen:  # a tied lm_head is drawn once, as the embedding
+                seen.add(id(module.weight))
+                w = torch.empty(module.weight.shape, dtype=torch.float32).normal_(0.0, std, generator=gen)
+                module.weight.copy_(w)
+            if getattr(module, "bias", None) is not None:
+                module.bias.zero_()
+        elif isinstance(module, Experts):
+            for p in (module.gate_up_proj, module.down_proj):
+                p.copy_(torch.empty(p.shape, dtype=torch.float32).normal_(0.0, std, generator=gen))
+        elif isinstance(module, RMSNorm):
+            module.weight.fill_(1.0)
+        elif isinstance(module, UnitOffsetRMSNorm):
+            module.weight.zero_()
+
+
+def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over the labels that are not IGNORE_INDEX, in fp32."""
+    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
+
+
+def _ahead(t: torch.Tensor, k: int, fill: int) -> torch.Tensor:
+    """t [B, S] moved k positions left: position i holds t[:, i + k], the last k positions `fill`."""
+    return torch.cat([t[:, k:], torch.full_like(t[:, :k], fill)], dim=1)
 
 
 class DecoderForCausalLM(nn.Module):
@@ -202,6 +276,8 @@ class DecoderForCausalLM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        self.mtp_loss_weight = 0.1
+        """Weight of the MTP modules' mean cross-entropy in the training loss (the plan's --mtp-loss-weight)."""
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """lm_head(hidden), soft-capped where the family caps the final logits (Gemma 2)."""
@@ -219,17 +295,34 @@ class DecoderForCausalLM(nn.Module):
         positions restart at 0 at each sample; attention stays inside each sample (EOD reset).
 
         An MoE model whose config sets output_router_logits adds router_aux_loss_coef × the load-balancing
-        loss (models/moe.py) to the loss, as transformers does when labels are given."""
+        loss (models/moe.py) to the loss, as transformers does when labels are given. With MTP modules
+        (cfg.mtp_layers D) the loss adds mtp_loss_weight × the mean of their D cross-entropies and the result is
+        (loss, [mean MTP cross-entropy]): the "mtp/loss" metric."""
         cfg = self.config
         aux = labels is not None and cfg.output_router_logits and cfg.num_experts > 0
         router_stats: list[RouterStats] | None = [] if aux else None
+        if labels is not None and cfg.mtp_layers:
+            return self._mtp_loss(input_ids, labels, position_ids, router_stats)
         logits = self.logits(self.model(input_ids, position_ids, router_stats))  # [B, S, V]
         if labels is None:
             return logits
-        loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
+        return self._with_aux(_cross_entropy(logits, labels), router_stats)
+
+    def _with_aux(self, loss: torch.Tensor, router_stats: list[RouterStats] | None) -> torch.Tensor:
         if router_stats:
-            loss = loss + cfg.router_aux_loss_coef * load_balancing_loss(router_stats, cfg.num_experts)
+            loss = loss + self.config.router_aux_loss_coef * load_balancing_loss(router_stats, self.config.num_experts)
         return loss
+
+    def _mtp_loss(self, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor | None,
+                  router_stats: list[RouterStats] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The module of depth d sees the ids d ahead and is scored on the labels d ahead (labels[:, t] is the token
+        after input t); the last d positions of a row have no target (ignored)."""
+        depths = range(1, self.config.mtp_layers + 1)
+        hidden = self.model(input_ids, position_ids, router_stats, [_ahead(input_ids, k, 0) for k in depths])
+        loss = _cross_entropy(self.logits(hidden[0]), labels)
+        mtp = torch.stack([_cross_entropy(self.logits(h), _ahead(labels, k, IGNORE_INDEX))
+                           for k, h in zip(depths, hidden[1:])]).mean()
+        return self._with_aux(loss + self.mtp_loss_weight * mtp, router_stats), mtp.detach().reshape(1)
 
     def post_materialize(self) -> None:
         """After `to_empty` from meta: re-tie lm_head to the embedding and recompute the RoPE buffers."""
@@ -245,26 +338,25 @@ class DecoderForCausalLM(nn.Module):
         unit-offset norms, which multiply by 1 + weight), zero biases.
 
         Deterministic for a seed and independent of device: draws come from a CPU generator in module order.
+        The MTP modules are drawn after, from their own generator (init_mtp), so the rest of the model is the
+        same with or without them.
         """
         gen = torch.Generator(device="cpu").manual_seed(seed)
-        std = self.config.initializer_range
-        seen: set[int] = set()
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                if id(module.weight) not in seen:  # a tied lm_head is drawn once, as the embedding
-                    seen.add(id(module.weight))
-                    w = torch.empty(module.weight.shape, dtype=torch.float32).normal_(0.0, std, generator=gen)
-                    module.weight.copy_(w)
-                if getattr(module, "bias", None) is not None:
-                    module.bias.zero_()
-            elif isinstance(module, Experts):
-                for p in (module.gate_up_proj, module.down_proj):
-                    p.copy_(torch.empty(p.shape, dtype=torch.float32).normal_(0.0, std, generator=gen))
-            elif isinstance(module, RMSNorm):
-                module.weight.fill_(1.0)
-            elif isinstance(module, UnitOffsetRMSNorm):
-                module.weight.zero_()
+        mtp = {id(m) for m in self.model.mtp.modules()}
+        _init_modules([m for m in self.modules() if id(m) not in mtp], gen, self.config.initializer_range)
         self.model.reset_rope()
+        for k in range(len(self.model.mtp)):
+            self.init_mtp(k, seed)
+
+    @torch.no_grad()
+    def init_mtp(self, k: int, seed: int) -> None:
+        """Draw MTP module k as init_weights would (generator seed + 1 + k); its routing bias starts at zero."""
+        module = self.model.mtp[k]
+        gen = torch.Generator(device="cpu").manual_seed(seed + 1 + k)
+        _init_modules(list(module.modules()), gen, self.config.initializer_range)
+        for name, buf in module.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buf.zero_()
 
     def num_params(self) -> int:
         """Distinct parameters (a tied lm_head counts once)."""

@@ -119,7 +119,8 @@ def _gemma_from_hf(d: dict[str, Any], model_type: str) -> dict[str, Any]:
 
 def _mla_from_hf(d: dict[str, Any], model_type: str) -> dict[str, Any]:
     """DeepSeek-V3's latent-attention fields with transformers' defaults (MTP layers, num_nextn_predict_layers,
-    are not built: transformers' DeepseekV3ForCausalLM has none either and ignores their weights)."""
+    are built only when a run asks for them, --mtp-layers: transformers' DeepseekV3ForCausalLM has none and ignores
+    their weights)."""
     if model_type != "deepseek_v3":
         return {}
     return {"q_lora_rank": d.get("q_lora_rank", 1536), "kv_lora_rank": d.get("kv_lora_rank", 512),
@@ -132,7 +133,7 @@ def _mla_to_hf(cfg: ModelConfig) -> dict[str, Any]:
         return {}
     return {"q_lora_rank": cfg.q_lora_rank, "kv_lora_rank": cfg.kv_lora_rank, "qk_nope_head_dim": cfg.qk_nope_head_dim,
             "qk_rope_head_dim": cfg.head_dim, "v_head_dim": cfg.v_head_dim, "rope_interleave": cfg.rope_interleaved,
-            "num_nextn_predict_layers": 0}  # graphllm writes no multi-token-prediction weights
+            "num_nextn_predict_layers": cfg.mtp_layers}  # the model.layers.<L + k>.* MTP weights written
 
 
 def _rope_from_hf(d: dict[str, Any], model_type: str, head_dim: int, source: str) -> dict[str, Any]:
@@ -225,6 +226,8 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
         d["sliding_window"] = None
     d.update(moe_to_hf(cfg))
     d.update(_mla_to_hf(cfg))
+    if cfg.mtp_layers:  # DeepSeek's key; transformers keeps it as an attribute of any config
+        d["num_nextn_predict_layers"] = cfg.mtp_layers
     if cfg.model_type in _WINDOWED:
         d["sliding_window"] = cfg.sliding_window
     if cfg.rope_scaling is not None and cfg.rope_scaling["rope_type"] == "longrope":

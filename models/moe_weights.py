@@ -20,6 +20,7 @@ import re
 import torch
 
 from .config import ModelConfig
+from .mtp_weights import mtp_file_name
 
 _PROJ = {"mixtral": ("block_sparse_moe", "w1", "w3", "w2"), "qwen3_moe": ("mlp", "gate_proj", "up_proj", "down_proj"),
          "deepseek_v3": ("mlp", "gate_proj", "up_proj", "down_proj")}
@@ -60,7 +61,9 @@ def experts_from_files(sd: dict[str, torch.Tensor], cfg: ModelConfig | None) -> 
 
 
 def file_names(name: str, cfg: ModelConfig | None) -> list[str]:
-    """The names in transformers' files of the model tensor `name` (itself when it is not an expert tensor)."""
+    """The names in transformers' files of the model tensor `name` (itself when it is neither an expert tensor nor
+    an MTP module's, models/mtp_weights.py)."""
+    name = mtp_file_name(name, cfg)
     proj = _moe(cfg)
     m = _STACKED.match(name) if proj is not None else None
     if m is None:
@@ -74,15 +77,16 @@ def file_names(name: str, cfg: ModelConfig | None) -> list[str]:
 
 
 def experts_to_files(sd: dict[str, torch.Tensor], cfg: ModelConfig | None) -> dict[str, torch.Tensor]:
-    """`sd` (HF in-memory names) with the 3D expert tensors cut into transformers' per-expert file tensors."""
-    if _moe(cfg) is None:
+    """`sd` (HF in-memory names) with the 3D expert tensors cut into transformers' per-expert file tensors (and MTP
+    modules under their file names)."""
+    if _moe(cfg) is None and not (cfg is not None and cfg.mtp_layers):
         return sd
     out: dict[str, torch.Tensor] = {}
     for name, t in sd.items():
         names = file_names(name, cfg)
         if names == [name]:
             out[name] = t
-        elif len(names) == 1:  # the router, renamed
+        elif len(names) == 1:  # the router or an MTP module's tensor, renamed
             out[names[0]] = t
         elif name.endswith("gate_up_proj"):  # [E, 2I, H] → per expert gate [I, H], up [I, H]
             pieces = [half.contiguous() for e in range(t.shape[0]) for half in t[e].chunk(2, dim=0)]

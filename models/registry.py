@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Literal
@@ -16,7 +17,11 @@ from .config import ModelConfig
 from .llama import LlamaForCausalLM
 from .hub import resolve_model
 from .presets import PRESETS
-from .weights import CONFIG_FILE, load_state_dict_into, read_hf_state_dict
+from .moe_weights import experts_from_files
+from .mtp_weights import mtp_from_files
+from .weights import CONFIG_FILE, load_state_dict_into, read_hf_state_dict, split_fused
+
+log = logging.getLogger(__name__)
 
 
 def build_model(cfg: ModelConfig, *, seed: int = 0, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
@@ -42,22 +47,38 @@ def load_config(name_or_path: str | os.PathLike[str]) -> ModelConfig:
     return ModelConfig.from_hf(hf, source=str(path / CONFIG_FILE))
 
 
+def _with_mtp(model: LlamaForCausalLM, sd: dict[str, torch.Tensor], seed: int, source: str) -> dict[str, torch.Tensor]:
+    """`sd` under the model's names, with each MTP module the checkpoint lacks drawn from `seed` (init_mtp)."""
+    cfg = model.config
+    sd = mtp_from_files(experts_from_files(split_fused(sd, cfg), cfg), cfg)
+    for k in range(cfg.mtp_layers):
+        prefix = f"model.mtp.{k}."
+        if not any(name.startswith(prefix) for name in sd):
+            model.init_mtp(k, seed)
+            sd.update({prefix + n: t for n, t in model.model.mtp[k].state_dict().items()})
+            log.warning("%s has no weights for multi-token prediction module %d (model.layers.%d.*): drawn from "
+                        "seed %d", source, k, cfg.num_hidden_layers + k, seed)
+    return sd
+
+
 def load_model(
     name_or_path: str | os.PathLike[str],
     *,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
     attn_implementation: Literal["sdpa", "eager"] | None = None,
+    mtp_layers: int = 0,
 ) -> LlamaForCausalLM:
     """A preset name -> random init with `seed`; a directory -> its config.json and safetensors weights.
 
-    `attn_implementation` overrides the config's ("sdpa" by default). The model has `.config` and
-    `.source` (the preset name or the resolved checkpoint path).
+    `attn_implementation` overrides the config's ("sdpa" by default). `mtp_layers`: multi-token prediction
+    modules to build (models/mtp_weights.py); those the checkpoint lacks are drawn from `seed`, with a warning.
+    The model has `.config` and `.source` (the preset name or the resolved checkpoint path).
     """
     name = resolve_model(os.fspath(name_or_path), tuple(PRESETS))  # a Hub id: its cached snapshot
     path = Path(name).expanduser()
     if name in PRESETS:
-        cfg = PRESETS[name]()
+        cfg = dataclasses.replace(PRESETS[name](), mtp_layers=mtp_layers)
         if attn_implementation is not None:
             cfg = dataclasses.replace(cfg, attn_implementation=attn_implementation)
         model = build_model(cfg, seed=seed, dtype=dtype)
@@ -75,7 +96,7 @@ def load_model(
         hf = json.loads((path / CONFIG_FILE).read_text())
     except json.JSONDecodeError as e:
         raise GraphllmError(f"{path / CONFIG_FILE} is not valid JSON: {e}") from None
-    cfg = ModelConfig.from_hf(hf, source=str(path / CONFIG_FILE))
+    cfg = dataclasses.replace(ModelConfig.from_hf(hf, source=str(path / CONFIG_FILE)), mtp_layers=mtp_layers)
     if attn_implementation is not None:
         cfg = dataclasses.replace(cfg, attn_implementation=attn_implementation)
     sd = read_hf_state_dict(path)
@@ -84,6 +105,8 @@ def load_model(
         model = LlamaForCausalLM(cfg)
     model = model.to_empty(device="cpu")
     model.post_materialize()
+    if mtp_layers:
+        sd = _with_mtp(model, sd, seed, source)
     model = model.to(dtype)
     load_state_dict_into(model, sd, source)
     model.source = source

@@ -27,6 +27,7 @@ from graphllm.errors import GraphllmError
 
 from .config import ModelConfig
 from .moe_weights import experts_from_files, experts_to_files, file_names
+from .mtp_weights import mtp_from_files
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -148,7 +149,7 @@ def check_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], source: str)
     Reads only names and shapes of `model`, so a model built on the meta device is enough. HF's fused
     projections are split first (split_fused) for the model's config."""
     cfg = getattr(model, "config", None)
-    sd = experts_from_files(split_fused(sd, cfg), cfg)
+    sd = mtp_from_files(experts_from_files(split_fused(sd, cfg), cfg), cfg)
     own = model.state_dict(keep_vars=True)  # name -> Parameter; a tied lm_head appears under both names
     tied = "lm_head.weight" in own and own["lm_head.weight"] is own.get("model.embed_tokens.weight")
     sd = {k: v for k, v in sd.items() if not k.endswith(_IGNORED_SUFFIXES)}

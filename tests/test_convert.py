@@ -176,10 +176,12 @@ def test_converted_loads_into_tp2_and_trained_checkpoint_exports(tmp_path_factor
 
 def fake_built(model_name: str, model: torch.nn.Module) -> SimpleNamespace:
     """What save_step/load_step read from a Built, for a model that needs no compiled graph."""
+    from graphllm.parallel.engine import persistent_buffers
     from graphllm.plan import CompilePlan
 
     return SimpleNamespace(model=model, plan=CompilePlan(model=model_name), rank=0,
-                           engine=SimpleNamespace(named_params=dict(model.named_parameters()), st=None))
+                           engine=SimpleNamespace(named_params=dict(model.named_parameters()), st=None,
+                                                  named_state=persistent_buffers(model)))
 
 
 def test_preset_training_checkpoint_exports_with_its_config(tmp_path, caplog):

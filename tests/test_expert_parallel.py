@@ -42,32 +42,34 @@ def _batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, torch.randint(0, VOCAB, (GLOBAL_BATCH, SEQ), generator=g)
 
 
-def _plan(model: str, layout: dict, moe: dict | None = None, backend: str = "eager"):
+def _plan(model: str, layout: dict, moe: dict | None = None, backend: str = "eager", mtp: int = 0):
     from graphllm.plan import CompilePlan
     from graphllm.planning import Layout
     from graphllm.planning.moe_config import MoeConfig
+    from graphllm.planning.mtp_config import MtpConfig
 
     rows = layout.get("dp", 1) * layout.get("micro_batches", 1)
     return CompilePlan(model=model, batch_size=GLOBAL_BATCH // rows, seq_len=SEQ, backend=backend,
-                       layout=Layout(**layout), moe=MoeConfig(**(moe or {})))
+                       layout=Layout(**layout), moe=MoeConfig(**(moe or {})), mtp=MtpConfig(layers=mtp))
 
 
 def train(model: str, layout: dict, moe: dict | None = None, *, save: str | None = None, load: str | None = None,
-          stop_after: int | None = None) -> dict:
+          stop_after: int | None = None, mtp: int = 0) -> dict:
     """Train on this rank; return its losses, its parameters with their ParamShard, and what its model graph holds."""
     from graphllm.job import build
     from graphllm.planning.sharding import shard_of
     from graphllm.resume import load_step, save_step
     from graphllm.train import TrainConfig, train_steps
 
-    built = build(_plan(model, layout, moe))
+    built = build(_plan(model, layout, moe, mtp=mtp))
     cfg = TrainConfig(steps=STEPS, lr=1e-3, warmup_steps=1, grad_clip=1.0, eps=1e-6)
     opt = built.engine.make_optimizer(cfg)
     start = load_step(load, built, opt) if load else 0
-    losses, balance = [], []
+    losses, balance, mtp_losses = [], [], []
     for r in train_steps(built.engine, _batch, cfg, optimizer=opt, start_step=start):
         losses.append(r["loss"])
         balance.append((r.get("moe/max_load"), r.get("moe/dropped")))  # none under pp (moe_stats is pp 1 only)
+        mtp_losses.append(r.get("mtp/loss"))
         if save and r["step"] == stop_after:
             save_step(save, built, opt, r["step"])
             break
@@ -79,7 +81,7 @@ def train(model: str, layout: dict, moe: dict | None = None, *, save: str | None
 
     buffers = {n: b.detach().clone() for n, b in built.model.named_buffers() if n.endswith("correction_bias")}
 
-    return {"losses": losses, "collectives": collectives, "balance": balance,
+    return {"losses": losses, "collectives": collectives, "balance": balance, "mtp": mtp_losses,
             "flops": forward_flops(built.result.model_graph), "buffers": buffers,
             "params": {n: (p.detach().clone(), shard_of(p)) for n, p in built.engine.named_params.items()}}
 
@@ -181,19 +183,54 @@ BIAS_RATE = 0.05
 """Large enough that the tiny model's routing changes within 3 steps (DeepSeek-V3 used 0.001 over long runs)."""
 
 
-def test_expert_bias_update_moves_the_routing_like_one_process(deepseek):
+@pytest.fixture(scope="module")
+def bias_run(deepseek) -> dict:
+    """One process, 2 micro-batches, the routing biases updated after each of the STEPS steps; with one MTP module
+    (--mtp-layers 1: an MoE layer after the decoder, whose experts are shared out and whose bias moves like the
+    decoder's)."""
+    return train(deepseek, {"micro_batches": 2}, {"bias_update_rate": BIAS_RATE}, mtp=1)
+
+
+def test_expert_bias_update_moves_the_routing_like_one_process(deepseek, bias_run):
     """--moe-bias-update-rate: after each step every routing bias moves by ±rate towards balance, from the counts
     of the whole step's batch: ep2 (2 ranks) and one process with the same micro-batches make the same losses and
-    end with the same biases; without the rate the losses differ (the biases changed the routing)."""
+    end with the same biases and MTP losses; without the rate the losses differ (the biases changed the routing)."""
     moe = {"bias_update_rate": BIAS_RATE}
-    alone = train(deepseek, {"micro_batches": 2}, moe)
-    plain = train(deepseek, {"micro_batches": 2})
+    alone = bias_run
+    plain = train(deepseek, {"micro_batches": 2}, mtp=1)
     assert alone["losses"][0] == plain["losses"][0] and alone["losses"][2] != plain["losses"][2]
     bias = {n: t for n, t in alone["buffers"].items() if n.endswith("e_score_correction_bias")}
     steps = torch.cat(list(bias.values())) / BIAS_RATE  # each step moves a bias by -rate, 0 or +rate
     assert bias and torch.allclose(steps, steps.round(), atol=1e-4) and steps.abs().max() >= 1
-    results = run_ranks(train, 2, deepseek, {"dp": 2, "ep": 2}, moe)
+    results = run_ranks(train, 2, deepseek, {"dp": 2, "ep": 2}, moe, mtp=1)
     _check("bias update ep2", results, alone)
+    assert "model.mtp.0.mlp.gate.e_score_correction_bias" in bias and all(m > 0 for m in alone["mtp"])
     for r in results:
+        assert r["mtp"] == pytest.approx(alone["mtp"], rel=LOSS_RTOL)
         for name, t in bias.items():
             assert torch.equal(r["buffers"][name], t), name
+        mtp_experts = [s for n, (_, s) in r["params"].items() if n.startswith("model.mtp.0.mlp.experts.")]
+        assert mtp_experts and all(s is not None and s.group == "ep" for s in mtp_experts)
+
+
+def test_routing_biases_are_checkpointed_resumed_and_exported(deepseek, bias_run, tmp_path: Path):
+    """The biases are model state outside the optimizer: a checkpoint after step 1 holds them, the run resumed
+    from it makes the uninterrupted run's later losses and ends with its biases, and graphllm-to-hf writes them."""
+    from safetensors.torch import load_file
+
+    from graphllm.convert import graphllm_to_hf
+
+    moe = {"bias_update_rate": BIAS_RATE}
+    saved = train(deepseek, {"micro_batches": 2}, moe, save=str(tmp_path / "ckpt"), stop_after=1, mtp=1)
+    resumed = train(deepseek, {"micro_batches": 2}, moe, load=str(tmp_path / "ckpt" / "step_1"), mtp=1)
+    assert resumed["losses"] == pytest.approx(bias_run["losses"][1:], rel=LOSS_RTOL)
+    for name, t in bias_run["buffers"].items():
+        assert torch.equal(resumed["buffers"][name], t), name
+    graphllm_to_hf(tmp_path / "ckpt" / "step_1", tmp_path / "hf")
+    exported = {}
+    for f in (tmp_path / "hf").glob("*.safetensors"):
+        exported.update(load_file(f))
+    assert saved["buffers"] and all(t.abs().min() == BIAS_RATE for t in saved["buffers"].values())  # each moved
+    for name, t in saved["buffers"].items():  # the MTP module's under DeepSeek's name, model.layers.<L>.*
+        assert torch.equal(exported[name.replace("model.mtp.0.", "model.layers.2.")], t), name
+

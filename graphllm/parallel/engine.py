@@ -26,22 +26,31 @@ from graphllm.planning.context import cp_token_index
 from graphllm.planning.layout import Layout
 
 
+def persistent_buffers(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors of `module`'s state dict that are not parameters (persistent buffers: DeepSeek-V3's
+    e_score_correction_bias), by state-dict name: model state a checkpoint must hold beside the parameters."""
+    params = {id(p) for p in module.parameters()}
+    return {k: v for k, v in module.state_dict(keep_vars=True).items() if id(v) not in params}
+
+
 class Engine:
     """Training-step driver for one rank; `step_fn` is the compiled graph, `pipeline` a PipelineRunner."""
 
     def __init__(self, *, layout: Layout, st: ParallelState | None, named_params: dict[str, nn.Parameter],
                  step_fn: Any = None, pipeline: Any = None, micro_batch_size: int, seq_len: int | None = None,
                  metric_names: Sequence[str] = (), reference: Callable | None = None,
-                 offload_optimizer: bool = False):
+                 offload_optimizer: bool = False, named_state: dict[str, torch.Tensor] | None = None):
         """`seq_len`: the plan's (global) sequence length; needed when cp > 1: the per-token inputs (dim 1 of
         that length) are cut to this cp rank's tokens. `metric_names`: the entries of the metrics vector
         `step_fn` returns beside the loss (a task's; none: it returns a bare loss). `reference`: DPO's reference
         graph, run on each micro-batch's (input_ids, labels) to give the step its third input
         (graphllm.tasks.reference). `offload_optimizer`: the optimizer's masters and moments live in host memory
-        (graphllm.parallel.master_weights)."""
+        (graphllm.parallel.master_weights). `named_state`: the model's persistent buffers (DeepSeek-V3's routing
+        biases), saved and loaded with the parameters but never given to the optimizer (persistent_buffers)."""
         self.layout, self.st = layout, st
         self.named_params = named_params
         self.params = list(named_params.values())
+        self.named_state = dict(named_state or {})
         self.step_fn, self.pipeline = step_fn, pipeline
         self.micro_batch_size, self.seq_len = micro_batch_size, seq_len
         self.metric_names, self.reference = tuple(metric_names), reference

@@ -9,8 +9,7 @@ c_e the pairs expert e received over the step's whole batch (every micro-batch a
 The counts come out of the training graph (passes/moe_stats.py with `bias_counts`) as metrics the engine averages
 over micro-batches and data-parallel ranks like the loss — the mean is the sum scaled, so the signs are the step's,
 and every rank applies the same update to its own copy of the buffer, which the compiled graph reads in place.
-Not yet in checkpoints: they hold parameters only, so a resumed run (and a graphllm-to-hf export) starts again from
-the biases the model was loaded with.
+Checkpoints save and load the biases with the parameters (Engine.named_state: the model's persistent buffers).
 """
 
 from __future__ import annotations

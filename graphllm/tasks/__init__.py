@@ -44,8 +44,8 @@ def build_task(plan, lm: nn.Module) -> Task:
 
     task = plan.task
     # a pairwise task with --eod-reset is refused by the plan (graphllm/planning/compat.py)
-    if task.kind == "lm":
-        return Task(kind="lm", trained=lm, target=lm)
+    if task.kind == "lm":  # with MTP modules the LM returns (loss, [mean MTP cross-entropy]) (models/decoder.py)
+        return Task(kind="lm", trained=lm, target=lm, metrics=("mtp/loss",) if lm.config.mtp_layers else ())
     if task.kind == "rm":
         rm = RewardModel(lm, seed=plan.seed)
         return Task(kind="rm", trained=rm, target=rm, metrics=RewardModel.METRICS)

@@ -1,0 +1,51 @@
+"""Multi-token prediction (DeepSeek-V3's MTP) in training: the plan's MTP section, typed and validated.
+
+`layers` D builds D MTP modules after the decoder (models/decoder.py MtpLayer; weights models/mtp_weights.py):
+module d predicts the token d + 1 ahead from the previous depth's hidden state and the embedding of the token d
+ahead, through the shared embedding and LM head. The training loss becomes
+
+    loss = LM cross-entropy (+ aux loss) + loss_weight · mean over d of module d's cross-entropy
+
+and the mean MTP cross-entropy is logged as "mtp/loss". Generation and evaluation use the main model only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from graphllm.errors import GraphllmError
+from graphllm.options import check_fields, option
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MtpConfig:
+    """Multi-token prediction modules and the weight of their loss."""
+
+    FLAG_PREFIX: ClassVar[str] = "mtp"
+
+    layers: int = option(0, metavar="N", minimum=0,
+                         help="multi-token prediction modules trained beside the model (DeepSeek-V3's MTP): module d "
+                              "predicts the token d + 1 ahead; their weights load from the checkpoint's "
+                              "model.layers.<L + d - 1>.* where present, else are drawn from --seed")
+    loss_weight: float = option(0.1, metavar="W", minimum=0,
+                                help="weight of the MTP modules' mean cross-entropy in the training loss "
+                                     "(DeepSeek-V3: 0.3, then 0.1)")
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+    def check_plan(self, plan: Any) -> None:
+        """Refuse what MTP does not compose with yet (one line naming the flag and the fix)."""
+        if not self.layers:
+            return
+        lay = plan.layout
+        why = ("--pp > 1" if lay.pp > 1 else "--tp > 1" if lay.tp > 1 else "--cp > 1" if lay.cp > 1
+               else f"--task {plan.task.kind}" if plan.task.kind != "lm" else None)
+        if why is None:
+            return
+        reason = {"--pp > 1": "the modules need the embedding of the first stage beside the last stage's output",
+                  "--tp > 1": "their embedding lookups and LM heads are not sharded",
+                  "--cp > 1": "the tokens ahead of a context-parallel rank's last positions are on the next rank"
+                  }.get(why, "its objective is not the language-model loss the modules add to")
+        raise GraphllmError(f"--mtp-layers {self.layers} with {why} is not supported yet ({reason}); drop one of them")

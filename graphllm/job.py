@@ -80,12 +80,15 @@ def build(plan: CompilePlan, *, user: Sequence[GraphPass] = (), purpose: Purpose
                        dtype=PARAMS_DTYPES[plan.params_dtype],
                        mtp_layers=plan.mtp.layers).to(plan.device)  # bf16: captured with bf16 params
     model.mtp_loss_weight = plan.mtp.loss_weight
+    model.router_z_loss_coeff = plan.moe.z_loss_coeff or 0.0
+    model.seq_aux_loss_coeff = plan.moe.seq_aux_loss_coeff or 0.0
     t_model = time.perf_counter() - t_model
     cfg = model.config
     if plan.seq_len > cfg.max_position_embeddings:
         raise GraphllmError(f"--seq-len {plan.seq_len} exceeds the model's max_position_embeddings "
                             f"{cfg.max_position_embeddings}")
     layout.check_model(cfg, batch_size=plan.batch_size, seq_len=plan.seq_len)
+    plan.moe.check_model(cfg, layout)
     task = build_task(plan, model)
     # before the policy: compiling adopts tensor-parallel shards into the modules it captured
     reference = _build_reference(plan, model, st, rank, dump_dir, user) if plan.task.kind == "dpo" else None

@@ -19,7 +19,7 @@ from .deepseek_moe import DeepseekMoeBlock
 from .layers import GatedMLP, RMSNorm, UnitOffsetRMSNorm, make_norm, rope_angles, rope_table
 from .masks import packed_causal_mask, window_masks
 from .mla import LatentAttention
-from .moe import Experts, RouterStats, SparseMoeBlock, load_balancing_loss
+from .moe import Experts, RouterStats, SparseMoeBlock, load_balancing_loss, router_z_loss, seq_aux_loss
 from .rope import rope_inv_freq
 
 IGNORE_INDEX = -100  # label value that contributes no loss (prompt tokens, padding)
@@ -278,6 +278,10 @@ class DecoderForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.mtp_loss_weight = 0.1
         """Weight of the MTP modules' mean cross-entropy in the training loss (the plan's --mtp-loss-weight)."""
+        self.router_z_loss_coeff = 0.0
+        """Weight of the router z-loss in the training loss (--moe-z-loss-coeff; 0: off)."""
+        self.seq_aux_loss_coeff = 0.0
+        """Weight of DeepSeek-V3's sequence-wise balance loss (--moe-seq-aux-loss-coeff; 0: off)."""
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """lm_head(hidden), soft-capped where the family caps the final logits (Gemma 2)."""
@@ -295,11 +299,14 @@ class DecoderForCausalLM(nn.Module):
         positions restart at 0 at each sample; attention stays inside each sample (EOD reset).
 
         An MoE model whose config sets output_router_logits adds router_aux_loss_coef × the load-balancing
-        loss (models/moe.py) to the loss, as transformers does when labels are given. With MTP modules
+        loss (models/moe.py) to the loss, as transformers does when labels are given; the router z-loss and the
+        sequence-wise balance loss are added with the weights the plan sets (router_z_loss_coeff,
+        seq_aux_loss_coeff). With MTP modules
         (cfg.mtp_layers D) the loss adds mtp_loss_weight × the mean of their D cross-entropies and the result is
         (loss, [mean MTP cross-entropy]): the "mtp/loss" metric."""
         cfg = self.config
-        aux = labels is not None and cfg.output_router_logits and cfg.num_experts > 0
+        aux = labels is not None and cfg.num_experts > 0 and (
+            cfg.output_router_logits or self.router_z_loss_coeff or self.seq_aux_loss_coeff)
         router_stats: list[RouterStats] | None = [] if aux else None
         if labels is not None and cfg.mtp_layers:
             return self._mtp_loss(input_ids, labels, position_ids, router_stats)
@@ -309,8 +316,16 @@ class DecoderForCausalLM(nn.Module):
         return self._with_aux(_cross_entropy(logits, labels), router_stats)
 
     def _with_aux(self, loss: torch.Tensor, router_stats: list[RouterStats] | None) -> torch.Tensor:
-        if router_stats:
-            loss = loss + self.config.router_aux_loss_coef * load_balancing_loss(router_stats, self.config.num_experts)
+        """`loss` plus the router losses the config and the plan turn on, from every MoE layer's RouterStats."""
+        cfg = self.config
+        if not router_stats:
+            return loss
+        if cfg.output_router_logits:
+            loss = loss + cfg.router_aux_loss_coef * load_balancing_loss(router_stats, cfg.num_experts)
+        if self.router_z_loss_coeff:
+            loss = loss + self.router_z_loss_coeff * router_z_loss(router_stats)
+        if self.seq_aux_loss_coeff:
+            loss = loss + self.seq_aux_loss_coeff * seq_aux_loss(router_stats, cfg.num_experts, cfg.num_experts_per_tok)
         return loss
 
     def _mtp_loss(self, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor | None,

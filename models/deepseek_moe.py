@@ -9,10 +9,12 @@
               expert parallelism (passes/expert_parallel.py) rewrites this block as it does Mixtral's
     shared    a dense SwiGLU of n_shared_experts × moe_intermediate_size, added to the routed output
 
-There is no load-balancing loss: DeepSeek-V3 balances with e_score_correction_bias, a persistent buffer updated
-outside the gradient by the training recipe (transformers' DeepseekV3ForCausalLM adds no aux loss either), so
-forward_with_stats' statistics are never turned into a loss for this family (ModelConfig refuses
-output_router_logits). The bias stays float32 when the model is cast, as transformers keeps it.
+There is no Switch-style load-balancing loss: DeepSeek-V3 balances with e_score_correction_bias, a persistent
+buffer updated outside the gradient by the training recipe (--moe-bias-update-rate; transformers'
+DeepseekV3ForCausalLM adds no aux loss either, and ModelConfig refuses output_router_logits). A run may add
+DeepSeek-V3's small sequence-wise balance loss (--moe-seq-aux-loss-coeff, over `balance_probs`: the scores
+normalised per token) and the router z-loss. The bias stays float32 when the model is cast, as transformers
+keeps it.
 """
 
 from __future__ import annotations
@@ -57,10 +59,14 @@ class DeepseekMoeBlock(SparseMoeBlock):
         shared = dataclasses.replace(cfg, intermediate_size=cfg.expert_size * cfg.n_shared_experts)
         self.shared_experts = GatedMLP(shared)
 
-    def route(self, x_TH: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x [T, H] → (routing weights [T, k] float32, expert ids [T, k], sigmoid scores [T, E] float32)."""
-        T, E, G = x_TH.shape[0], self.num_experts, self.n_group
-        scores = torch.sigmoid(F.linear(x_TH.float(), self.gate.weight.float()))  # [T, E]
+    def router_logits(self, x_TH: torch.Tensor) -> torch.Tensor:
+        """x [T, H] → the router's logits [T, E] float32 (x and the weight in float32, as transformers)."""
+        return F.linear(x_TH.float(), self.gate.weight.float())
+
+    def route(self, logits: torch.Tensor, x_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Router logits [T, E] → (routing weights [T, k] float32, expert ids [T, k], sigmoid scores [T, E])."""
+        T, E, G = logits.shape[0], self.num_experts, self.n_group
+        scores = torch.sigmoid(logits)  # [T, E]
         choice = scores + self.gate.e_score_correction_bias  # [T, E]
         group_scores = choice.view(T, G, E // G).topk(2, dim=-1)[0].sum(dim=-1)  # [T, G]
         group_ids = torch.topk(group_scores, k=self.topk_group, dim=-1, sorted=False)[1]  # [T, topk_group]
@@ -71,6 +77,10 @@ class DeepseekMoeBlock(SparseMoeBlock):
         if self.norm_topk_prob:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)  # transformers' guard against 0 / 0
         return weights * self.routed_scaling_factor, ids, scores
+
+    def balance_probs(self, probs: torch.Tensor) -> torch.Tensor:
+        """The sigmoid scores normalised over the experts (DeepSeek-V3's s'), for the sequence-wise balance loss."""
+        return probs / probs.sum(dim=-1, keepdim=True)
 
     def forward_with_stats(self, x: torch.Tensor) -> tuple[torch.Tensor, RouterStats]:
         """x [B, S, H] → (routed experts + shared experts [B, S, H], RouterStats)."""

@@ -24,12 +24,21 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from typing import NamedTuple
 
 from .config import ModelConfig
 
-# One MoE layer's load-balance statistics: (top-k assignments per expert [E] float32, router probability
-# summed over tokens per expert [E] float32, tokens T).
-RouterStats = tuple[torch.Tensor, torch.Tensor, int]
+class RouterStats(NamedTuple):
+    """One MoE layer's routing, for the router losses (load_balancing_loss, router_z_loss, seq_aux_loss)."""
+
+    ids: torch.Tensor
+    """Expert ids [T, k] of the T = B·S tokens (all k choices, before any capacity drop)."""
+    probs: torch.Tensor
+    """Router probabilities [T, E] float32, summing to 1 per token (softmax; DeepSeek's sigmoid scores normalised)."""
+    logits: torch.Tensor
+    """Router logits [T, E] (before softmax or sigmoid)."""
+    rows: int
+    """Sequences B of the T tokens (row-major: token t is row t // S)."""
 
 
 class Experts(nn.Module):
@@ -65,15 +74,23 @@ class SparseMoeBlock(nn.Module):
         self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)  # the router: [E, H]
         self.experts = Experts(cfg)
 
-    def route(self, x_TH: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x [T, H] → (routing weights [T, k], expert ids [T, k], router probabilities [T, E] float32)."""
-        probs = F.softmax(self.gate(x_TH), dim=-1, dtype=torch.float32)  # [T, E]
+    def router_logits(self, x_TH: torch.Tensor) -> torch.Tensor:
+        """x [T, H] → the router's logits [T, E]."""
+        return self.gate(x_TH)
+
+    def route(self, logits: torch.Tensor, x_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Router logits [T, E] → (routing weights [T, k], expert ids [T, k], router probabilities [T, E] float32)."""
+        probs = F.softmax(logits, dim=-1, dtype=torch.float32)  # [T, E]
         weights, ids = torch.topk(probs, self.top_k, dim=-1)  # [T, k]
         if self.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         if self.weights_in_compute_dtype:
-            weights = weights.to(x_TH.dtype)
+            weights = weights.to(x_dtype)
         return weights, ids, probs
+
+    def balance_probs(self, probs: torch.Tensor) -> torch.Tensor:
+        """route's probabilities [T, E] as the balance losses weigh them (softmax: themselves)."""
+        return probs
 
     def dispatch(self, x_TH: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """x [T, H], routing weights and expert ids [T, k] → Σ_j weights[t, j] · expert_{ids[t, j]}(x[t]) [T, H]."""
@@ -85,21 +102,47 @@ class SparseMoeBlock(nn.Module):
         """x [B, S, H] → (output [B, S, H], this layer's RouterStats)."""
         B, S, H = x.shape
         x_TH = x.reshape(B * S, H)
-        weights, ids, probs = self.route(x_TH)
-        flat_ids = ids.reshape(-1)
-        counts = torch.zeros(self.num_experts, dtype=torch.long, device=x.device).scatter_add(
-            0, flat_ids, torch.ones_like(flat_ids))  # [E] top-k assignments per expert (all of them, for the loss)
-        return self.dispatch(x_TH, weights, ids).reshape(B, S, H), (counts.float(), probs.sum(dim=0), B * S)
+        logits = self.router_logits(x_TH)
+        weights, ids, probs = self.route(logits, x.dtype)
+        out = self.dispatch(x_TH, weights, ids).reshape(B, S, H)
+        return out, RouterStats(ids=ids, probs=self.balance_probs(probs), logits=logits, rows=B)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_with_stats(x)[0]
+
+
+def _assignments(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Expert ids [..., T, k] → top-k assignments per expert [..., E] float32."""
+    flat = ids.flatten(-2)
+    return torch.zeros(*flat.shape[:-1], num_experts, device=ids.device).scatter_add(
+        -1, flat, torch.ones(flat.shape, device=ids.device))
 
 
 def load_balancing_loss(stats: list[RouterStats], num_experts: int) -> torch.Tensor:
     """transformers' `load_balancing_loss_func` (Switch Transformer): E · Σ_e f_e · P_e, where f_e is expert e's
     share of top-k assignments and P_e its mean router probability, both averaged over all MoE layers' tokens
     (assignments and probabilities are summed over the layers first, then divided by the rows of all layers)."""
-    rows = float(sum(t for _, _, t in stats))
-    tokens_per_expert = sum(c for c, _, _ in stats) / rows  # [E]
-    prob_per_expert = sum(p for _, p, _ in stats) / rows  # [E]
+    rows = float(sum(s.ids.shape[0] for s in stats))
+    tokens_per_expert = sum(_assignments(s.ids, num_experts) for s in stats) / rows  # [E]
+    prob_per_expert = sum(s.probs.sum(dim=0) for s in stats) / rows  # [E]
     return torch.sum(tokens_per_expert * prob_per_expert) * num_experts
+
+
+def router_z_loss(stats: list[RouterStats]) -> torch.Tensor:
+    """ST-MoE's router z-loss, summed over the MoE layers: each layer's mean over tokens of logsumexp(logits)²
+    (it keeps the router's logits small; Megatron's --moe-z-loss-coeff multiplies it)."""
+    return sum(torch.logsumexp(s.logits.float(), dim=-1).square().mean() for s in stats)
+
+
+def seq_aux_loss(stats: list[RouterStats], num_experts: int, top_k: int) -> torch.Tensor:
+    """DeepSeek-V3's sequence-wise balance loss, summed over the MoE layers, each the mean over its sequences of
+    Σ_e f_e · P_e, with f_e = E / (k·S) × the sequence's top-k assignments to e and P_e the mean over its S tokens
+    of e's normalised probability (DeepSeek-V3 §2.1.2; the coefficient α is --moe-seq-aux-loss-coeff)."""
+    total = 0
+    for s in stats:
+        B = s.rows
+        S = s.ids.shape[0] // B
+        f = _assignments(s.ids.reshape(B, S, -1), num_experts) * (num_experts / (top_k * S))  # [B, E]
+        P = s.probs.reshape(B, S, num_experts).mean(dim=1)  # [B, E]
+        total = total + (f * P).sum(dim=-1).mean()
+    return total

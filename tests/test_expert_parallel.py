@@ -181,6 +181,9 @@ def test_deepseek_v3_at_ep2_pp2_trains_like_one_process(deepseek):
 
 BIAS_RATE = 0.05
 """Large enough that the tiny model's routing changes within 3 steps (DeepSeek-V3 used 0.001 over long runs)."""
+ROUTER_LOSSES = {"z_loss_coeff": 1e-2, "seq_aux_loss_coeff": 1e-1}
+"""--moe-z-loss-coeff, --moe-seq-aux-loss-coeff: per-sequence and per-micro-batch terms, so ep ranks (each with
+whole sequences) add what the one-process micro-batches add; larger than in practice, so they move the routers."""
 
 
 @pytest.fixture(scope="module")
@@ -188,16 +191,17 @@ def bias_run(deepseek) -> dict:
     """One process, 2 micro-batches, the routing biases updated after each of the STEPS steps; with one MTP module
     (--mtp-layers 1: an MoE layer after the decoder, whose experts are shared out and whose bias moves like the
     decoder's)."""
-    return train(deepseek, {"micro_batches": 2}, {"bias_update_rate": BIAS_RATE}, mtp=1)
+    return train(deepseek, {"micro_batches": 2}, {"bias_update_rate": BIAS_RATE, **ROUTER_LOSSES}, mtp=1)
 
 
 def test_expert_bias_update_moves_the_routing_like_one_process(deepseek, bias_run):
     """--moe-bias-update-rate: after each step every routing bias moves by ±rate towards balance, from the counts
     of the whole step's batch: ep2 (2 ranks) and one process with the same micro-batches make the same losses and
-    end with the same biases and MTP losses; without the rate the losses differ (the biases changed the routing)."""
-    moe = {"bias_update_rate": BIAS_RATE}
+    end with the same biases and MTP losses (the router z-loss and sequence-wise balance loss on too); without the
+    rate the losses differ (the biases changed the routing)."""
+    moe = {"bias_update_rate": BIAS_RATE, **ROUTER_LOSSES}
     alone = bias_run
-    plain = train(deepseek, {"micro_batches": 2}, mtp=1)
+    plain = train(deepseek, {"micro_batches": 2}, ROUTER_LOSSES, mtp=1)
     assert alone["losses"][0] == plain["losses"][0] and alone["losses"][2] != plain["losses"][2]
     bias = {n: t for n, t in alone["buffers"].items() if n.endswith("e_score_correction_bias")}
     steps = torch.cat(list(bias.values())) / BIAS_RATE  # each step moves a bias by -rate, 0 or +rate
@@ -220,7 +224,7 @@ def test_routing_biases_are_checkpointed_resumed_and_exported(deepseek, bias_run
 
     from graphllm.convert import graphllm_to_hf
 
-    moe = {"bias_update_rate": BIAS_RATE}
+    moe = {"bias_update_rate": BIAS_RATE, **ROUTER_LOSSES}
     saved = train(deepseek, {"micro_batches": 2}, moe, save=str(tmp_path / "ckpt"), stop_after=1, mtp=1)
     resumed = train(deepseek, {"micro_batches": 2}, moe, load=str(tmp_path / "ckpt" / "step_1"), mtp=1)
     assert resumed["losses"] == pytest.approx(bias_run["losses"][1:], rel=LOSS_RTOL)

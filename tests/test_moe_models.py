@@ -127,7 +127,8 @@ def test_cli_refuses_bad_moe_input(tmp_path: Path, capsys) -> None:
     ckpt = save_hf_checkpoint(hf, "mixtral", tmp_path / "ckpt")
     flags = ["--model", str(ckpt), "--backend", "eager", "--batch-size", "1", "--seq-len", "16"]
     capsys.readouterr()  # transformers' save progress bar
-    cases = [*BAD_LAYOUTS, (["--model", "tiny-llama", "--dp", "2", "--ep", "2"], "but llama is dense; use --ep 1")]
+    cases = [*BAD_LAYOUTS, (["--model", "tiny-llama", "--dp", "2", "--ep", "2"], "but llama is dense; use --ep 1"),
+             (["--model", "tiny-llama", "--moe-z-loss-coeff", "0.001"], "llama is dense (no router to balance)")]
     for i, (extra, message) in enumerate(cases):
         assert main(["compile", "--out", str(tmp_path / f"bad{i}"), *flags, *extra]) == EXIT_USER_ERROR, extra
         err = capsys.readouterr().err

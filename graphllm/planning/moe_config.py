@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 from graphllm.errors import GraphllmError
 from graphllm.options import check_fields, option
@@ -50,12 +50,32 @@ class MoeConfig:
         None, metavar="RATE", minimum=0,
         help="aux-free load balancing (DeepSeek-V3): after each step every router's e_score_correction_bias moves by "
              "RATE towards balance, +RATE for an expert below the mean load and -RATE above (e.g. 0.001)")
+    z_loss_coeff: float | None = option(
+        None, metavar="C", minimum=0,
+        help="add C × the router z-loss (ST-MoE: each MoE layer's mean over tokens of logsumexp(router logits)², "
+             "summed over layers) to the training loss, e.g. 0.001")
+    seq_aux_loss_coeff: float | None = option(
+        None, metavar="ALPHA", minimum=0,
+        help="add ALPHA × DeepSeek-V3's sequence-wise balance loss (per sequence Σ_e f_e·P_e, averaged over "
+             "sequences and summed over MoE layers) to the training loss, e.g. 0.0001")
     stats: Literal["on", "off"] = option(
         "on", help="training graphs of MoE models return each step's load balance beside the loss (moe/max_load, "
                    "moe/dropped in the metrics log)")
 
     def __post_init__(self) -> None:
         check_fields(self)
+
+    def check_model(self, cfg: Any, layout: Any) -> None:
+        """Refuse router losses the model or the layout cannot take (one line naming the flag and the fix)."""
+        losses = [f"--moe-{name.replace('_', '-')} {value:g}" for name, value in
+                  (("z_loss_coeff", self.z_loss_coeff), ("seq_aux_loss_coeff", self.seq_aux_loss_coeff)) if value]
+        if not losses:
+            return
+        if not getattr(cfg, "num_experts", 0):
+            raise GraphllmError(f"{losses[0]}: {cfg.model_type} is dense (no router to balance); leave it out")
+        if layout.pp > 1:
+            raise GraphllmError(f"{losses[0]} with --pp {layout.pp} is not supported yet (the loss sums every stage's "
+                                "routers, and only the last stage holds the loss); use --pp 1")
 
     def capacity(self, tokens: int, top_k: int, experts: int) -> int | None:
         """Pairs each expert takes from `tokens` tokens (None: dropless)."""

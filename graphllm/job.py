@@ -88,7 +88,7 @@ def build(plan: CompilePlan, *, user: Sequence[GraphPass] = (), purpose: Purpose
         raise GraphllmError(f"--seq-len {plan.seq_len} exceeds the model's max_position_embeddings "
                             f"{cfg.max_position_embeddings}")
     layout.check_model(cfg, batch_size=plan.batch_size, seq_len=plan.seq_len)
-    plan.moe.check_model(cfg, layout)
+    plan.moe.check_model(cfg)
     task = build_task(plan, model)
     # before the policy: compiling adopts tensor-parallel shards into the modules it captured
     reference = _build_reference(plan, model, st, rank, dump_dir, user) if plan.task.kind == "dpo" else None

@@ -24,6 +24,9 @@ over the ep group), and the expert gradients sum the group's tokens in another o
 PARAM_RTOL = 2e-4
 """AdamW scales each element's reduction-order difference by its own running RMS (see test_parallel_training's
 PARAM_RTOL, measured there); a wrong shard or a missing reduction shows as O(1)."""
+ROUTER_LOSSES = {"z_loss_coeff": 1e-2, "seq_aux_loss_coeff": 1e-1}
+"""--moe-z-loss-coeff, --moe-seq-aux-loss-coeff: per-sequence and per-micro-batch terms, so ep ranks (each with
+whole sequences) add what the one-process micro-batches add; larger than in practice, so they move the routers."""
 CAPACITY = 1.0
 """Each of 4 experts takes ceil(1.0 · T · 2 / 4) = T/2 pairs of a rank's T tokens: at random init some experts get
 more, so pairs are dropped (the test checks the losses move)."""
@@ -179,11 +182,18 @@ def test_deepseek_v3_at_ep2_pp2_trains_like_one_process(deepseek):
     assert any(s is not None for _, s in results[2]["params"].values()), "stage 1 (the MoE layer) holds no shard"
 
 
+def test_mixtral_with_router_losses_at_pp2_ep2_trains_like_one_process(mixtral):
+    """Mixtral on 4 ranks, 2 pipeline stages × 2 data-parallel ranks sharing out the experts: the aux loss (a product
+    of sums over every layer's routing, so the router statistics cross the stage boundary), the z-loss and the
+    sequence-wise balance loss equal one process's."""
+    reference = train(mixtral, {"micro_batches": 4}, ROUTER_LOSSES)
+    results = run_ranks(train, 4, mixtral, {"pp": 2, "dp": 2, "ep": 2, "micro_batches": 2},
+                        {"dispatcher": "alltoall", **ROUTER_LOSSES})
+    _check("mixtral pp2×ep2", results, reference)
+
+
 BIAS_RATE = 0.05
 """Large enough that the tiny model's routing changes within 3 steps (DeepSeek-V3 used 0.001 over long runs)."""
-ROUTER_LOSSES = {"z_loss_coeff": 1e-2, "seq_aux_loss_coeff": 1e-1}
-"""--moe-z-loss-coeff, --moe-seq-aux-loss-coeff: per-sequence and per-micro-batch terms, so ep ranks (each with
-whole sequences) add what the one-process micro-batches add; larger than in practice, so they move the routers."""
 
 
 @pytest.fixture(scope="module")

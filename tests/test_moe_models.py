@@ -111,7 +111,6 @@ def test_unsupported_moe_fields_are_refused_by_name(d: dict, message: str) -> No
 
 
 BAD_LAYOUTS = [  # flags → the one line that names the input and the fix
-    (["--pp", "2", "--micro-batches", "2"], "--pp with the router's aux loss (output_router_logits) are not supported"),
     (["--cp", "2"], "--cp and --sequence-parallel with experts are not supported yet"),
     (["--dp", "3", "--ep", "3"], "--ep 3 does not divide the model's 4 experts (num_experts)"),
     (["--ep", "2"], "--ep 2 must divide --dp 1"),

@@ -1,6 +1,6 @@
 """The router losses the plan adds (--moe-z-loss-coeff, --moe-seq-aux-loss-coeff) against their formulas written
 out here, on transformers' own router outputs (Mixtral's softmax router, DeepSeek-V3's grouped sigmoid router).
-Training with them at ep2: tests/test_expert_parallel.py."""
+Training with them at ep2 and at pp2 × ep2: tests/test_expert_parallel.py."""
 
 from __future__ import annotations
 
@@ -61,16 +61,3 @@ def test_router_losses_add_their_formulas(family: str, tmp_path):
     assert with_z - plain == pytest.approx(Z * z, rel=RTOL)
     assert both - with_z == pytest.approx(ALPHA * seq, rel=RTOL)
 
-
-def test_router_losses_are_refused_under_pipeline_parallelism():
-    from graphllm.errors import GraphllmError
-    from graphllm.planning import Layout
-    from graphllm.planning.moe_config import MoeConfig
-    from hf_parity import FAMILIES
-
-    from graphllm.models import ModelConfig
-
-    cfg = ModelConfig.from_hf(FAMILIES["deepseek-v3"][0](**FAMILIES["deepseek-v3"][2]).to_dict(), source="test")
-    MoeConfig(seq_aux_loss_coeff=1e-4).check_model(cfg, Layout())
-    with pytest.raises(GraphllmError, match="--moe-seq-aux-loss-coeff 0.0001 with --pp 2 is not supported yet"):
-        MoeConfig(seq_aux_loss_coeff=1e-4).check_model(cfg, Layout(pp=2, micro_batches=2))

@@ -232,15 +232,11 @@ class Layout:
             raise GraphllmError(f"--ep {self.ep} with --tp {tp}: each tp rank routes 1/tp of a micro-batch's "
                                 f"{batch_size * seq_len} tokens (--batch-size × --seq-len), which --tp does not divide; "
                                 "choose sizes whose product --tp divides")
-        aux_loss = getattr(cfg, "output_router_logits", False)
-        if experts and (self.sequence_parallel or (self.pp > 1 and aux_loss) or self.cp > 1):
-            # pipeline stages would cut the router statistics the aux loss sums over layers; sequence and context
-            # parallelism would route sharded tokens whose expert gradients nothing reduces
-            what = "--pp with the router's aux loss (output_router_logits)" if self.pp > 1 and aux_loss else \
-                "--cp and --sequence-parallel with experts"
-            raise GraphllmError(f"{cfg.model_type} is a mixture-of-experts model: {what} are not supported yet; use "
-                                "--pp 1 --cp 1 without --sequence-parallel (--tp, --dp and --ep are supported, and --pp "
-                                "without the aux loss)")
+        if experts and (self.sequence_parallel or self.cp > 1):
+            # sequence and context parallelism would route sharded tokens whose expert gradients nothing reduces
+            raise GraphllmError(f"{cfg.model_type} is a mixture-of-experts model: --cp and --sequence-parallel with "
+                                "experts are not supported yet; use --cp 1 without --sequence-parallel (--tp, --dp, "
+                                "--pp and --ep are supported)")
         checks = [
             (cfg.num_attention_heads, "attention heads (num_attention_heads)"),
             (cfg.intermediate_size, "MLP width (intermediate_size)"),

@@ -65,17 +65,14 @@ class MoeConfig:
     def __post_init__(self) -> None:
         check_fields(self)
 
-    def check_model(self, cfg: Any, layout: Any) -> None:
-        """Refuse router losses the model or the layout cannot take (one line naming the flag and the fix)."""
+    def check_model(self, cfg: Any) -> None:
+        """Refuse router losses on a model without routers (one line naming the flag and the fix)."""
         losses = [f"--moe-{name.replace('_', '-')} {value:g}" for name, value in
                   (("z_loss_coeff", self.z_loss_coeff), ("seq_aux_loss_coeff", self.seq_aux_loss_coeff)) if value]
         if not losses:
             return
         if not getattr(cfg, "num_experts", 0):
             raise GraphllmError(f"{losses[0]}: {cfg.model_type} is dense (no router to balance); leave it out")
-        if layout.pp > 1:
-            raise GraphllmError(f"{losses[0]} with --pp {layout.pp} is not supported yet (the loss sums every stage's "
-                                "routers, and only the last stage holds the loss); use --pp 1")
 
     def capacity(self, tokens: int, top_k: int, experts: int) -> int | None:
         """Pairs each expert takes from `tokens` tokens (None: dropless)."""

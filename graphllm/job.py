@@ -105,9 +105,9 @@ def build(plan: CompilePlan, *, user: Sequence[GraphPass] = (), purpose: Purpose
                         reference=reference if uses_reference_graph(plan) else None,
                         offload_optimizer=plan.offload_optimizer, named_state=persistent_buffers(task.trained))
     else:
-        result, runner = _build_stages(pipeline, model, inputs, st, dump_dir)
+        result, runner = _build_stages(pipeline, model, inputs, st, dump_dir, num_metrics=len(moe_metrics))
         engine = Engine(layout=layout, st=st, named_params=runner.named_parameters(), pipeline=runner,
-                        micro_batch_size=plan.batch_size, seq_len=plan.seq_len,
+                        micro_batch_size=plan.batch_size, seq_len=plan.seq_len, metric_names=moe_metrics,
                         offload_optimizer=plan.offload_optimizer, named_state=persistent_buffers(model))
     if plan.moe.bias_update_rate is not None:
         engine.expert_bias = (dict(model.named_buffers()), plan.moe.bias_update_rate)
@@ -127,8 +127,8 @@ def moe_metric_names(pipeline: Pipeline, model: torch.nn.Module) -> tuple[str, .
     rate = pipeline.plan.moe.bias_update_rate
     if not any(step.name == "moe_stats" for step in pipeline.steps):
         if rate is not None:
-            raise GraphllmError(f"--moe-bias-update-rate {rate} needs the load counts of --moe-stats on at --pp 1 "
-                                "(pipeline stages do not return them yet); drop the rate or use --pp 1")
+            raise GraphllmError(f"--moe-bias-update-rate {rate} needs the load counts of --moe-stats on; drop the "
+                                "rate or turn the statistics on")
         return ()
     if rate is None:
         return METRICS
@@ -150,9 +150,10 @@ def _build_reference(plan: CompilePlan, model: torch.nn.Module, st, rank: int, d
                                 dump_dir=dump_dir / "reference" if dump_dir is not None else None)
 
 
-def _build_stages(pipeline: Pipeline, model: torch.nn.Module, inputs, st, dump_dir) -> tuple[CompileResult, object]:
+def _build_stages(pipeline: Pipeline, model: torch.nn.Module, inputs, st, dump_dir,
+                  num_metrics: int = 0) -> tuple[CompileResult, object]:
     """The pipeline's split step: prepare the whole graph, split it into stages, compile this rank's
-    stages (and the loss)."""
+    stages (and the loss graph, which returns `num_metrics` metrics beside the loss: moe_stats')."""
     from graphllm.parallel.pipeline import PipelineRunner
     from graphllm.passes.pipeline_split import split_pipeline
 
@@ -182,7 +183,8 @@ def _build_stages(pipeline: Pipeline, model: torch.nn.Module, inputs, st, dump_d
         return autocast_stage
 
     runner = PipelineRunner(split, plan.layout, st, compile_stage=compile_stage, micro_batch_size=plan.batch_size,
-                            seq_len=local_seq_len(plan), device=plan.device)  # the tokens this cp rank holds
+                            seq_len=local_seq_len(plan), device=plan.device,  # the tokens this cp rank holds
+                            num_metrics=num_metrics)
     result = CompileResult(model_graph=prepared.model_graph, lowered_graph=prepared.gm, records=prepared.records,
                            dumps=prepared.dumps, pipeline=pipeline, train_stage=stages, backend=plan.backend,
                            example_shapes=[tuple(t.shape) for t in inputs], model_graph_hash=prepared.model_hash,

@@ -218,7 +218,7 @@ def _parallel_steps(plan: CompilePlan, purpose: str = "train") -> list[Step]:
         out.append(Step("sequence_parallel", "model", "right after tensor_parallel: rewrites the collectives it "
                                                       "inserted at region borders", graph_pass=sequence_parallel,
                         required=True))
-    if plan.moe.stats == "on" and purpose == "train" and lay.pp == 1 and _has_experts(plan):
+    if plan.moe.stats == "on" and purpose == "train" and _has_experts(plan):
         from graphllm.passes.moe_stats import moe_stats
 
         out.append(Step("moe_stats", "model", "before capacity and expert parallelism rewrite the routing: the "

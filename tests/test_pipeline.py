@@ -243,9 +243,9 @@ def pipeline_steps(layouts: list[dict], compiled: bool) -> list:
         other = weakref.ref(model.lm_head.weight if st.coords.pp == 0 else model.model.embed_tokens.weight)
         del model, prepared, split, compile_stage
         gc.collect()
-        loss = runner.forward_backward(ids, labels)
+        loss = runner.forward_backward(ids, labels)[0]  # [loss, *metrics]: this graph has none
         grads = {n: p.grad.clone() for n, p in runner.named_parameters().items()}
-        again = runner.forward_backward(ids, labels)  # a second step adds to .grad, leaving the first intact
+        again = runner.forward_backward(ids, labels)[0]  # a second step adds to .grad, leaving the first intact
         accumulates = torch.equal(again, loss) and all(
             rel_err(p.grad, 2 * grads[n]) <= RTOL for n, p in runner.named_parameters().items())
         results.append((loss, grads, other() is None, accumulates))

@@ -105,7 +105,7 @@ class Engine:
         loss, in `self.metrics`."""
         if self.pipeline is not None:
             ids, lab = self.local(input_ids), self.local(labels)
-            totals = self.pipeline.forward_backward(ids, lab).detach().float().reshape(1)
+            totals = self.pipeline.forward_backward(ids, lab).detach().float().reshape(-1)
         else:
             totals = self._micro_batches((input_ids, labels, *extra), backward=True)
         if self.layout.group_size(self.layout.grad_kind) > 1 and not self.layout.grads_reduced_in_graph:

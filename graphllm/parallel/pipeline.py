@@ -71,7 +71,8 @@ class PipelineRunner:
 
     def __init__(self, split: PipelineSplit, layout: Layout, st: ParallelState, *,
                  compile_stage: Callable[[fx.GraphModule, str], Callable], micro_batch_size: int, seq_len: int,
-                 device: str | torch.device = "cpu"):
+                 device: str | torch.device = "cpu", num_metrics: int = 0):
+        """`num_metrics`: the length of the metrics vector the loss graph returns beside the loss (0: a bare loss)."""
         layout.check_options()
         if layout.pp < 2:
             raise GraphllmError(f"a pipeline needs --pp ≥ 2, got --pp {layout.pp}")
@@ -83,6 +84,8 @@ class PipelineRunner:
             raise GraphllmError(f"the graph was captured for input_ids {list(ids.shape)} but a micro-batch is "
                                 f"[{micro_batch_size}, {seq_len}]; capture with one micro-batch's shape")
         self.layout, self.micro_batch_size, self.seq_len = layout, micro_batch_size, seq_len
+        self.num_metrics = num_metrics
+        self._metrics: list[torch.Tensor] = []
         self.device = torch.device(device)
         self.group = st.group("pp")
         last = layout.num_stages - 1
@@ -107,15 +110,21 @@ class PipelineRunner:
             self.schedule = ScheduleInterleaved1F1B(self.stages, m, loss_fn=self._micro_batch_loss, scale_grads=False)
 
     def _micro_batch_loss(self, outputs, labels: torch.Tensor) -> torch.Tensor:
+        """The loss graph on one micro-batch: its loss / M, keeping a (loss, metrics) graph's metrics aside."""
         outs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
-        return self._loss(*outs, labels) / self.layout.micro_batches
+        result = self._loss(*outs, labels)
+        if isinstance(result, (tuple, list)):
+            self._metrics.append(result[1].detach().float().reshape(-1))
+            result = result[0]
+        return result / self.layout.micro_batches
 
     def forward_backward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Forward and backward of this data-parallel rank's batch [micro_batches * micro_batch_size, seq_len]
         (seq_len: the tokens of each row this rank holds, the plan's seq_len / cp).
 
         Gradients of the mean micro-batch loss accumulate into this rank's parameters' `.grad`; returns
-        that mean loss (0-dim fp32), the same on every pipeline rank."""
+        [that mean loss, the loss graph's metrics averaged over the micro-batches] (fp32, `num_metrics` of them:
+        passes/moe_stats.py's), the same on every pipeline rank."""
         rows = self.layout.micro_batches * self.micro_batch_size
         for name, t in (("input_ids", input_ids), ("labels", labels)):
             if tuple(t.shape) != (rows, self.seq_len):
@@ -125,13 +134,15 @@ class PipelineRunner:
         args = (input_ids.to(self.device),) if self.holds_first else ()
         target = labels.to(self.device) if self.holds_last else None
         losses: list[torch.Tensor] = []
+        self._metrics = []
         self.schedule.step(*args, target=target, losses=losses if self.holds_last else None, return_outputs=False)
+        totals = torch.zeros(1 + self.num_metrics, dtype=torch.float32, device=self.device)
         if self.holds_last:
-            loss = torch.stack([x.detach().float() for x in losses]).sum()
-        else:
-            loss = torch.zeros((), dtype=torch.float32, device=self.device)
-        dist.broadcast(loss, group=self.group, group_src=self.last_pp_rank)
-        return loss
+            totals[0] = torch.stack([x.detach().float() for x in losses]).sum()
+            if self.num_metrics:
+                totals[1:] = torch.stack(self._metrics).mean(dim=0)
+        dist.broadcast(totals, group=self.group, group_src=self.last_pp_rank)
+        return totals
 
     def send_bytes_per_micro_batch(self) -> int:
         """Bytes this rank's stages send per micro-batch: activations forward (all but the last stage)

@@ -105,9 +105,10 @@ def build(plan: CompilePlan, *, user: Sequence[GraphPass] = (), purpose: Purpose
                         reference=reference if uses_reference_graph(plan) else None,
                         offload_optimizer=plan.offload_optimizer, named_state=persistent_buffers(task.trained))
     else:
-        result, runner = _build_stages(pipeline, model, inputs, st, dump_dir, num_metrics=len(moe_metrics))
+        metrics = task.metrics + moe_metrics  # (MTP's; the other tasks' metrics do not pass pp's plan checks)
+        result, runner = _build_stages(pipeline, model, inputs, st, dump_dir, num_metrics=len(metrics))
         engine = Engine(layout=layout, st=st, named_params=runner.named_parameters(), pipeline=runner,
-                        micro_batch_size=plan.batch_size, seq_len=plan.seq_len, metric_names=moe_metrics,
+                        micro_batch_size=plan.batch_size, seq_len=plan.seq_len, metric_names=metrics,
                         offload_optimizer=plan.offload_optimizer, named_state=persistent_buffers(model))
     if plan.moe.bias_update_rate is not None:
         engine.expert_bias = (dict(model.named_buffers()), plan.moe.bias_update_rate)
@@ -184,7 +185,7 @@ def _build_stages(pipeline: Pipeline, model: torch.nn.Module, inputs, st, dump_d
 
     runner = PipelineRunner(split, plan.layout, st, compile_stage=compile_stage, micro_batch_size=plan.batch_size,
                             seq_len=local_seq_len(plan), device=plan.device,  # the tokens this cp rank holds
-                            num_metrics=num_metrics)
+                            num_metrics=num_metrics, model_names={id(p): n for n, p in model.named_parameters()})
     result = CompileResult(model_graph=prepared.model_graph, lowered_graph=prepared.gm, records=prepared.records,
                            dumps=prepared.dumps, pipeline=pipeline, train_stage=stages, backend=plan.backend,
                            example_shapes=[tuple(t.shape) for t in inputs], model_graph_hash=prepared.model_hash,

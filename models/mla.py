@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .attention import Attention
 from .config import ModelConfig
 from .layers import RMSNorm, apply_rotary
 
@@ -114,15 +115,10 @@ class LatentAttention(nn.Module):
             out = torch.matmul(probs, v)  # [B, H, S, dv]
         return self.o_proj(out.transpose(1, 2).reshape(B, S, H * self.v_dim))
 
-    def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, causal_mask: torch.Tensor | None,
-        sample_mask: torch.Tensor | None = None, window_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        # x [B, S, hidden]; cos, sin [1 or B, 1, S, dr]; causal_mask [S, S] (eager only); sample_mask bool
-        # [B, 1, S, S] (packed rows); window_mask: never (ModelConfig refuses windows for deepseek_v3)
-        q, k, v = self.qkv(x, cos, sin)
-        mask = window_mask if window_mask is not None else sample_mask
-        return self.attend(q, k, v, causal_mask, mask, sdpa=self.attn_implementation == "sdpa")
+    # x [B, S, hidden]; cos, sin [1 or B, 1, S, dr]; causal_mask [S, S] (eager only); sample_mask bool [B, 1, S, S]
+    # (packed rows); window_mask: never (ModelConfig refuses windows for deepseek_v3). The same steps as plain
+    # attention's over this class's qkv and attend.
+    forward = Attention.forward
 
     def decode(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, c_cache: torch.Tensor,
                rope_cache: torch.Tensor, masked: torch.Tensor):

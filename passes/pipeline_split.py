@@ -43,6 +43,10 @@ class PipelineSplit:
     """Decoder layer indices per stage."""
     param_names: list[list[str]]
     """Full-model parameter names per stage (the loss graph's, if any, count as the last stage's)."""
+    shared: dict[str, tuple[int, ...]]
+    """Parameters that several stages use (a tied embedding and LM head, the embedding that multi-token prediction
+    reads again at the end), by their first stage's name: the stages (ascending). Each stage's rank computes a
+    partial gradient; the pipeline sums them (graphllm.parallel.pipeline)."""
 
 
 def _module_layer(n: fx.Node) -> int | None:
@@ -209,16 +213,15 @@ def split_pipeline(gm: fx.GraphModule, layout: Layout, num_layers: int) -> Pipel
     stages, loss = graphs[:-1], graphs[-1]
     param_names = [_params(g) for g in stages]
     param_names[-1] += [p for p in _params(loss) if p not in param_names[-1]]
-    owner: dict[int, tuple[int, str]] = {}
+    first: dict[int, str] = {}  # id(parameter) -> the name its first stage reads it by
+    used: dict[int, set[int]] = {}  # id(parameter) -> the stages reading it
     for k, g in enumerate(stages + [loss]):
         for name in _params(g):
-            pid, sk = id(_attr(g, name)), min(k, last)
-            if pid in owner and owner[pid][0] != sk:
-                raise GraphllmError(f"parameter {name} is used by pipeline stages {owner[pid][0]} and {sk} (tied "
-                                    f"with {owner[pid][1]}); pp > 1 with tie_word_embeddings is not supported: use "
-                                    "--pp 1 or an untied model")
-            owner.setdefault(pid, (sk, name))
-    return PipelineSplit(stages=stages, loss=loss, layers=layers, param_names=param_names)
+            pid = id(_attr(g, name))
+            first.setdefault(pid, name)
+            used.setdefault(pid, set()).add(min(k, last))
+    shared = {first[pid]: tuple(sorted(ks)) for pid, ks in used.items() if len(ks) > 1}
+    return PipelineSplit(stages=stages, loss=loss, layers=layers, param_names=param_names, shared=shared)
 
 
 def _build(gm: fx.GraphModule, k: int, inputs: list[fx.Node], body: list[fx.Node], eff: dict,

@@ -128,7 +128,7 @@ def test_plan_refuses_what_mtp_does_not_compose_with(tmp_path: Path, capsys):
     from graphllm.cli.main import EXIT_USER_ERROR, main
 
     for extra, message in ((["--tp", "2"], "--mtp-layers 1 with --tp > 1 is not supported yet"),
-                           (["--pp", "2", "--micro-batches", "2"], "--mtp-layers 1 with --pp > 1"),
+                           (["--cp", "2"], "--mtp-layers 1 with --cp > 1"),
                            (["--task", "dpo"], "--mtp-layers 1 with --task dpo"),
                            (["--mtp-loss-weight", "-1"], "--mtp-loss-weight")):
         out = tmp_path / "art"
@@ -165,3 +165,19 @@ def test_converted_checkpoint_loads_into_a_run_with_mtp_modules(deepseek, tmp_pa
     mine = fresh.state_dict()
     assert all(torch.equal(mine[n], t) for n, t in drawn.items())
     assert torch.equal(mine["model.layers.1.mlp.experts.gate_up_proj"], hf.state_dict()["model.layers.1.mlp.experts.gate_up_proj"])
+
+
+def test_mtp_at_pp2_trains_like_one_process(deepseek):
+    """--mtp-layers 1 at pp2: the module runs on the last stage; the embedding of the tokens ahead is looked up on
+    the first (the split places it with the embedding) and crosses as an activation. Losses, MTP losses and
+    parameters equal one process's (micro-batches 2)."""
+    from dist_util import run_ranks
+    from test_expert_parallel import _check, train
+
+    _, ckpt = deepseek
+    reference = train(str(ckpt), {"micro_batches": 2}, mtp=1)
+    results = run_ranks(train, 2, str(ckpt), {"pp": 2, "micro_batches": 2}, mtp=1)
+    _check("mtp pp2", results, reference)
+    for r in results:
+        assert r["mtp"] == pytest.approx(reference["mtp"], rel=1e-5)
+    assert "model.embed_tokens.weight" in results[0]["params"] and "model.mtp.0.eh_proj.weight" in results[1]["params"]

@@ -193,8 +193,8 @@ def test_refusals(graph):
         split_pipeline(gm, _layout(pp=2, micro_batches=2), 6)
     with pytest.raises(GraphllmError, match="compile with labels"):
         split_pipeline(_prepare(_model(), ids).gm, _layout(pp=2, micro_batches=2), LAYERS)
-    with pytest.raises(GraphllmError, match="tie_word_embeddings is not supported"):
-        split_pipeline(_prepare(_model(tied=True), ids, labels).gm, _layout(pp=2, micro_batches=2), LAYERS)
+    tied = split_pipeline(_prepare(_model(tied=True), ids, labels).gm, _layout(pp=2, micro_batches=2), LAYERS)
+    assert tied.shared == {"lm_head.weight": (0, 1)}  # the embedding is the LM head (the graph reads it by that name)
 
 
 def test_runner_refuses_a_graph_captured_for_another_micro_batch(graph):
@@ -222,9 +222,10 @@ def pipeline_steps(layouts: list[dict], compiled: bool) -> list:
 
     results = []
     for layout_kw in layouts:
-        layout = _layout(**layout_kw)
+        tied = layout_kw.get("tied", False)
+        layout = _layout(**{k: v for k, v in layout_kw.items() if k != "tied"})
         st = init_parallel(layout)
-        model = _model()
+        model = _model(tied)
         ids, labels = _batch(layout.micro_batches * MBS)
         prepared = _prepare(model, ids[:MBS], labels[:MBS])
         split = split_pipeline(prepared.gm, layout, LAYERS)
@@ -239,8 +240,9 @@ def pipeline_steps(layouts: list[dict], compiled: bool) -> list:
         else:
             def compile_stage(gm, name):
                 return gm
-        runner = PipelineRunner(split, layout, st, compile_stage=compile_stage, micro_batch_size=MBS, seq_len=SEQ)
-        other = weakref.ref(model.lm_head.weight if st.coords.pp == 0 else model.model.embed_tokens.weight)
+        runner = PipelineRunner(split, layout, st, compile_stage=compile_stage, micro_batch_size=MBS, seq_len=SEQ,
+                                model_names={id(p): n for n, p in model.named_parameters()})
+        other = weakref.ref(model.model.norm.weight if st.coords.pp == 0 else model.model.layers[0].mlp.up_proj.weight)
         del model, prepared, split, compile_stage
         gc.collect()
         loss = runner.forward_backward(ids, labels)[0]  # [loss, *metrics]: this graph has none
@@ -255,14 +257,15 @@ def pipeline_steps(layouts: list[dict], compiled: bool) -> list:
 def _check_against_one_process(name: str, layouts: list[dict], compiled: bool = False):
     per_rank = run_ranks(pipeline_steps, 2, layouts, compiled)
     for layout_kw, outs in zip(layouts, zip(*per_rank)):
-        model = _model()
+        model = _model(layout_kw.get("tied", False))
         ids, labels = _batch(layout_kw["micro_batches"] * MBS)
         ref = model(ids, labels)  # full-batch mean = mean of the equal-size micro-batch means
         ref.backward()
         ref_grads = {n: p.grad for n, p in model.named_parameters()}
         where = f"{layout_kw}; {REPRO}{name}"
         held = [set(grads) for _, grads, *_ in outs]
-        assert held[0].isdisjoint(held[1]) and held[0] | held[1] == set(ref_grads), where
+        shared = {"model.embed_tokens.weight"} if layout_kw.get("tied") else set()  # a tied LM head: both stages
+        assert held[0] & held[1] == shared and held[0] | held[1] == set(ref_grads), where
         for rank, (loss, grads, freed, accumulates) in enumerate(outs):
             assert loss.dtype == torch.float32 and loss.dim() == 0
             assert rel_err(loss, ref.detach()) <= RTOL, f"rank {rank}: loss {loss.item()} vs {ref.item()}; {where}"
@@ -276,6 +279,22 @@ def test_1f1b_matches_one_process():
     """pp2, micro-batches 2 and 4: Schedule1F1B."""
     _check_against_one_process("test_1f1b_matches_one_process",
                                [dict(pp=2, micro_batches=2), dict(pp=2, micro_batches=4)])
+
+
+def test_tied_model_trains_at_pp2_like_one_process(tmp_path):
+    """A tied embedding and LM head at pp2 (stage 0 embeds, stage 1 projects): both ranks hold the weight, each ends
+    a step with the sum of both stages' gradients, the clipped gradient norm counts it once, and 3 AdamW steps
+    (grad clip 1.0) give one process's losses and parameters, under the model's parameter names."""
+    from hf_parity import FAMILIES, save_hf_checkpoint
+    from test_expert_parallel import _check, train
+
+    cfg_cls, model_cls, kwargs, _ = FAMILIES["llama"]
+    torch.manual_seed(0)
+    ckpt = str(save_hf_checkpoint(model_cls(cfg_cls(**{**kwargs, "tie_word_embeddings": True})), "llama", tmp_path))
+    reference = train(ckpt, {"micro_batches": 2})
+    results = run_ranks(train, 2, ckpt, {"pp": 2, "micro_batches": 2})
+    _check("tied pp2", results, reference)
+    assert all("model.embed_tokens.weight" in r["params"] and "lm_head.weight" not in r["params"] for r in results)
 
 
 def test_interleaved_1f1b_matches_one_process():

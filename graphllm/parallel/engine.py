@@ -164,7 +164,8 @@ class Engine:
             return float(torch.nn.utils.clip_grad_norm_(self.params, max_norm if max_norm > 0 else float("inf")))
         from graphllm.parallel.optim import clip_grad_norm
 
-        return clip_grad_norm(self.named_params, max_norm, self.st)
+        duplicates = self.pipeline.norm_duplicates() if self.pipeline is not None else frozenset()
+        return clip_grad_norm(self.named_params, max_norm, self.st, duplicates)
 
     def make_optimizer(self, cfg: Any):
         """AdamW over this rank's parameters (decay on matrices only), ZeRO-1 sharded when the plan says so; with

@@ -155,10 +155,11 @@ def grad_norm(named_params: dict[str, nn.Parameter], st) -> torch.Tensor:
     return total.sqrt()
 
 
-def clip_grad_norm(named_params: dict[str, nn.Parameter], max_norm: float, st) -> float:
+def clip_grad_norm(named_params: dict[str, nn.Parameter], max_norm: float, st,
+                   duplicates: frozenset[str] = frozenset()) -> float:
     """torch.nn.utils.clip_grad_norm_ over the global norm (max_norm ≤ 0 or inf: no clipping); returns the
-    norm before clipping."""
-    norm = grad_norm(named_params, st)
+    norm before clipping. `duplicates`: parameters another pipeline rank holds too and counts in the norm."""
+    norm = grad_norm({n: p for n, p in named_params.items() if n not in duplicates}, st)
     if max_norm > 0 and math.isfinite(max_norm):
         coef = torch.clamp(max_norm / (norm + CLIP_EPS), max=1.0)
         grads = [p.grad for p in _unique(named_params.values()) if p.grad is not None]

@@ -71,8 +71,11 @@ class PipelineRunner:
 
     def __init__(self, split: PipelineSplit, layout: Layout, st: ParallelState, *,
                  compile_stage: Callable[[fx.GraphModule, str], Callable], micro_batch_size: int, seq_len: int,
-                 device: str | torch.device = "cpu", num_metrics: int = 0):
-        """`num_metrics`: the length of the metrics vector the loss graph returns beside the loss (0: a bare loss)."""
+                 device: str | torch.device = "cpu", num_metrics: int = 0,
+                 model_names: dict[int, str] | None = None):
+        """`num_metrics`: the length of the metrics vector the loss graph returns beside the loss (0: a bare loss).
+        `model_names`: id(parameter) → its name in the model (a tied LM head is the model's embedding, whatever
+        name the captured graph reads it by); without it, the graphs' names."""
         layout.check_options()
         if layout.pp < 2:
             raise GraphllmError(f"a pipeline needs --pp ≥ 2, got --pp {layout.pp}")
@@ -85,11 +88,20 @@ class PipelineRunner:
                                 f"[{micro_batch_size}, {seq_len}]; capture with one micro-batch's shape")
         self.layout, self.micro_batch_size, self.seq_len = layout, micro_batch_size, seq_len
         self.num_metrics = num_metrics
+        self._model_names = dict(model_names or {})
+        self.shared: dict[str, tuple[nn.Parameter | torch.Tensor, tuple[int, ...]]] = {}
+        """Parameters several stages read, by their first stage's name: (the parameter where this rank holds one
+        of those stages, else a meta tensor of its shape and dtype: the rank keeps no copy; the stages)."""
+        for name, ks in sorted(split.shared.items()):
+            p = split.stages[ks[0]].get_parameter(name)
+            held = any(k in layout.stages_of(st.coords.pp) for k in ks)
+            self.shared[name] = (p if held else torch.empty(p.shape, dtype=p.dtype, device="meta"), ks)
         self._metrics: list[torch.Tensor] = []
         self.device = torch.device(device)
         self.group = st.group("pp")
         last = layout.num_stages - 1
         self.stage_indices = layout.stages_of(st.coords.pp)
+        self.pp_rank = st.coords.pp
         self.last_pp_rank = last % layout.pp
         self.holds_first, self.holds_last = 0 in self.stage_indices, last in self.stage_indices
         self.modules: list[StageModule] = []
@@ -135,7 +147,9 @@ class PipelineRunner:
         target = labels.to(self.device) if self.holds_last else None
         losses: list[torch.Tensor] = []
         self._metrics = []
+        before = self._shared_grads()
         self.schedule.step(*args, target=target, losses=losses if self.holds_last else None, return_outputs=False)
+        self._sum_shared_grads(before)
         totals = torch.zeros(1 + self.num_metrics, dtype=torch.float32, device=self.device)
         if self.holds_last:
             totals[0] = torch.stack([x.detach().float() for x in losses]).sum()
@@ -143,6 +157,34 @@ class PipelineRunner:
                 totals[1:] = torch.stack(self._metrics).mean(dim=0)
         dist.broadcast(totals, group=self.group, group_src=self.last_pp_rank)
         return totals
+
+    def _holds(self, stages: tuple[int, ...]) -> bool:
+        return any(k in self.stage_indices for k in stages)
+
+    def _shared_grads(self) -> dict[str, torch.Tensor]:
+        """The gradients the shared parameters held before a step (what an earlier step left to accumulate on)."""
+        return {name: p.grad.clone() for name, (p, stages) in self.shared.items()
+                if self._holds(stages) and p.grad is not None}
+
+    def _sum_shared_grads(self, before: dict[str, torch.Tensor]) -> None:
+        """Each parameter several stages read gets the sum of this step's gradients from all of them on every rank
+        holding one (the others add zeros), as Megatron's embedding group does for a tied embedding and LM head;
+        `before`: what each held before the step, which is not summed again."""
+        for name, (p, stages) in self.shared.items():  # the same order on every pipeline rank
+            held = self._holds(stages)
+            g = torch.zeros(p.shape, dtype=p.dtype, device=self.device)
+            if held and p.grad is not None:
+                g += p.grad - before[name] if name in before else p.grad
+            dist.all_reduce(g, group=self.group)
+            if held:
+                p.grad = g + before[name] if name in before else g
+
+    def norm_duplicates(self) -> frozenset[str]:
+        """Names of this rank's shared parameters that a lower pipeline rank holds too: the gradient norm counts
+        each parameter once."""
+        pp = self.layout.pp
+        return frozenset(self._model_names.get(id(p), name) for name, (p, stages) in self.shared.items()
+                         if self._holds(stages) and self.pp_rank != min(k % pp for k in stages))
 
     def send_bytes_per_micro_batch(self) -> int:
         """Bytes this rank's stages send per micro-batch: activations forward (all but the last stage)
@@ -159,7 +201,6 @@ class PipelineRunner:
         """This rank's parameters under their full-model names (only its own stages' and the loss graph's)."""
         out: dict[str, nn.Parameter] = {}
         for mod in self.modules:
-            out.update(mod.stage.named_parameters())
-            if hasattr(mod, "loss"):
-                out.update(mod.loss.named_parameters())
+            named = list(mod.stage.named_parameters()) + (list(mod.loss.named_parameters()) if hasattr(mod, "loss") else [])
+            out.update((self._model_names.get(id(p), name), p) for name, p in named)
         return out

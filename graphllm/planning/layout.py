@@ -260,9 +260,6 @@ class Layout:
         elif self.num_stages > cfg.num_hidden_layers:
             raise GraphllmError(f"pp×vpp = {self.num_stages} stages but the model has {cfg.num_hidden_layers} layers; "
                                 "lower --pp/--vpp or give --pp-layers with empty stages")
-        if self.pp > 1 and getattr(cfg, "tie_word_embeddings", False):
-            raise GraphllmError("--pp > 1 with tied input/output embeddings (tie_word_embeddings) is not supported: "
-                                "the first and last stages would share one weight; use --pp 1 or an untied model")
 
     def _check_cp_model(self, cfg: Any, seq_len: int) -> None:
         """The sequence must cut into the layout's pieces; Ulysses spreads each tp rank's heads over its group."""

@@ -259,7 +259,7 @@ def test_bad_input_one_line_exit_2_nothing_written(tmp_path_factory, tmp_path, c
             match="is not a readable safetensors file")
     refused("hf-to-graphllm", "--hf", src, "--out", tmp_path / "a", "--tp", "3",
             match="--tp 3 does not divide the model's attention heads")
-    refused("hf-to-graphllm", "--hf", src, "--out", tmp_path / "a", "--pp", "2", match="tie_word_embeddings")
+    refused("hf-to-graphllm", "--hf", src, "--out", tmp_path / "a", "--pp", "8", match="8 stages but the model has")
     assert not (tmp_path / "a").exists() and no_temp_left(tmp_path)
 
     user = tmp_path / "user"

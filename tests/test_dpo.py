@@ -39,6 +39,8 @@ micro-batches (precompute walks the data in file order); per-row results agree t
 DP_RTOL = 1e-5
 """dp2 vs one process with two micro-batches: the same rows, gradients summed in another order
 (tests/test_parallel_training.py's bound)."""
+DEFAULT_DPO_BETA = 0.1
+"""The plan's --dpo-beta when the test does not set it."""
 HELD_OUT_ACCURACY = 0.9
 STEPS = 3
 
@@ -139,13 +141,24 @@ def fit_dpo(prefix: str, reference: str, layout: dict | None = None, steps: int 
     return [e for e in events if e.get("event") in (None, "eval")]
 
 
+def _scale(row: dict, key: str) -> float:
+    """What `key`'s error is relative to. A reward is β·(policy − reference log-prob): a small difference of two
+    log-probs of |logps| each, so it carries their rounding, β·|logps| (the default --dpo-beta 0.1), not its own
+    size (measured at dp2 after one AdamW step: rewards/chosen off by 1e-4 of itself, 1e-6 of β·|logps|)."""
+    scale = max(abs(row[key]), 1e-3)
+    pre = "valid_" if key.startswith("valid_") else ""
+    if key.startswith(f"{pre}rewards/") and f"{pre}logps/chosen" in row:
+        scale = max(scale, DEFAULT_DPO_BETA * (abs(row[f"{pre}logps/chosen"]) + abs(row[f"{pre}logps/rejected"])))
+    return scale
+
+
 def _close(a: list[dict], b: list[dict], rtol: float) -> None:
     assert len(a) == len(b)
     for x, y in zip(a, b):
         keys = [k for k in x if k.startswith(("loss", "rewards/", "logps/", "valid_"))]
         assert keys and keys == [k for k in y if k in keys]
         for k in keys:
-            assert abs(x[k] - y[k]) <= rtol * max(abs(y[k]), 1e-3), (x.get("step"), k, x[k], y[k])
+            assert abs(x[k] - y[k]) <= rtol * _scale(y, k), (x.get("step"), k, x[k], y[k])
 
 
 def test_reference_graph_and_precompute_give_the_same_run(prefs) -> None:

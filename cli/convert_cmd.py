@@ -23,6 +23,8 @@ def add_parser(sub) -> None:
     to_ckpt.add_argument("--pp", type=int, default=1, help="check the model splits over this many pipeline stages")
     to_ckpt.add_argument("--dtype", choices=DTYPE_CHOICES, default=None, help="cast (default: keep stored dtypes)")
     to_ckpt.add_argument("--force", action="store_true", help="write into a non-empty ROOT (replaces ROOT/step_0)")
+    to_ckpt.add_argument("--mtp-layers", type=int, default=0, metavar="N",
+                         help="keep the first N multi-token prediction modules (DeepSeek-V3; default: drop them)")
     to_ckpt.set_defaults(func=run_hf_to_graphllm)
 
     to_hf = kinds.add_parser("graphllm-to-hf", help="graphllm checkpoint -> HF directory transformers loads")
@@ -45,7 +47,8 @@ def add_parser(sub) -> None:
 def run_hf_to_graphllm(args: argparse.Namespace) -> int:
     from graphllm.convert import hf_to_graphllm
 
-    result = hf_to_graphllm(args.hf, args.out, tp=args.tp, pp=args.pp, dtype=args.dtype, force=args.force)
+    result = hf_to_graphllm(args.hf, args.out, tp=args.tp, pp=args.pp, dtype=args.dtype, force=args.force,
+                            mtp_layers=args.mtp_layers)
     report_conversion(result, f"weights only; `graphllm run ARTIFACT --load {args.out}` starts at step 0 with a fresh "
                     "optimizer (any --tp/--pp/--dp layout loads it)")
     return 0

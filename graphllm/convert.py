@@ -44,6 +44,7 @@ from graphllm.models import (
     read_hf_state_dict,
 )
 from graphllm.models.hub import resolve_model
+from graphllm.models.mtp_weights import mtp_modules_in_files
 from graphllm.models.weights import (
     CONFIG_FILE,
     INDEX_FILE,
@@ -91,21 +92,30 @@ class ConvertResult:
 
 
 def hf_to_graphllm(hf_dir: str | os.PathLike[str], out: str | os.PathLike[str], *, tp: int = 1, pp: int = 1,
-                   dtype: str | None = None, force: bool = False) -> ConvertResult:
-    """HF directory -> `out/step_0` (weights-only graphllm checkpoint + the HF files in `hf/`)."""
+                   dtype: str | None = None, force: bool = False, mtp_layers: int = 0) -> ConvertResult:
+    """HF directory -> `out/step_0` (weights-only graphllm checkpoint + the HF files in `hf/`).
+
+    `mtp_layers`: keep that many of the directory's multi-token prediction modules (DeepSeek-V3's layers past
+    num_hidden_layers, models/mtp_weights.py); without it they are dropped, as transformers drops them."""
     _check_dtype(dtype)
+    if mtp_layers < 0:
+        raise GraphllmError(f"--mtp-layers {mtp_layers}: must be 0 or more (the MTP modules to keep)")
     hf = Path(resolve_model(os.fspath(hf_dir))).expanduser().resolve()  # a Hub id: its cached snapshot
     if not hf.is_dir():
         raise GraphllmError(f"--hf {hf}: no such directory; point it at a Hugging Face model directory")
     if not (hf / CONFIG_FILE).is_file():
         raise GraphllmError(f"--hf {hf} has no {CONFIG_FILE}; point it at a complete Hugging Face model directory "
                             "(config.json + *.safetensors)")
-    cfg = load_config(hf)
+    cfg = dataclasses.replace(load_config(hf), mtp_layers=mtp_layers)
     layout = Layout(tp=tp, pp=pp, micro_batches=pp)  # micro_batches only has to let the pipeline fill
     layout.check_model(cfg, batch_size=1, seq_len=1)  # batch and sequence shape no weight
     root = Path(out).expanduser().resolve()
     notes = _check_ckpt_out(root, force)
-    sd = _cast(check_state_dict(_meta_model(cfg), read_hf_state_dict(hf), str(hf)), dtype)
+    files = read_hf_state_dict(hf)
+    if mtp_layers > (held := mtp_modules_in_files(files, cfg)):
+        raise GraphllmError(f"--hf {hf} holds {held} multi-token prediction module(s) (model.layers.<"
+                            f"{cfg.num_hidden_layers}+k>.eh_proj.weight); convert with --mtp-layers {held} or fewer")
+    sd = _cast(check_state_dict(_meta_model(cfg), files, str(hf)), dtype)
     meta = {"kind": WEIGHTS_ONLY, "fingerprint": weights_fingerprint(cfg), "model": str(hf), "config": cfg.to_dict(),
             "layout": layout.describe(), "dtypes": _dtype_names(sd), "graphllm": __version__}
     carried = _present(hf, (CONFIG_FILE, GENERATION_CONFIG, *TOKENIZER_FILES))
@@ -369,7 +379,8 @@ def _config_and_files(path: Path, marker: dict) -> tuple[ModelConfig, Path | Non
         except (GraphllmError, TypeError) as e:
             tried.append(f"{what}: {e}")
             continue
-        if fingerprint in {dataclasses.replace(found, attn_implementation=a).fingerprint() for a in ("sdpa", "eager")}:
+        seen = {dataclasses.replace(found, attn_implementation=a).fingerprint() for a in ("sdpa", "eager")}
+        if fingerprint in seen | {weights_fingerprint(found)}:  # a weights-only one's ignores MTP modules
             cfg = found
             break
         tried.append(f"{what}: another configuration")

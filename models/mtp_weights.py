@@ -27,7 +27,7 @@ def mtp_from_files(sd: dict[str, torch.Tensor], cfg: ModelConfig | None) -> dict
     if cfg is None:
         return sd
     L = cfg.num_hidden_layers
-    mtp_layers = {int(m.group(1)) for k in sd if (m := _FILE.match(k)) and m.group(2) == "eh_proj.weight"}
+    mtp_layers = _mtp_file_layers(sd)
     out: dict[str, torch.Tensor] = {}
     for name, t in sd.items():
         m = _FILE.match(name)
@@ -37,6 +37,18 @@ def mtp_from_files(sd: dict[str, torch.Tensor], cfg: ModelConfig | None) -> dict
         elif layer - L < cfg.mtp_layers and m.group(2) not in COPIES:
             out[f"model.mtp.{layer - L}.{m.group(2)}"] = t
     return out
+
+
+def _mtp_file_layers(sd: dict[str, torch.Tensor]) -> set[int]:
+    return {int(m.group(1)) for k in sd if (m := _FILE.match(k)) and m.group(2) == "eh_proj.weight"}
+
+
+def mtp_modules_in_files(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> int:
+    """How many MTP modules `sd` (tensors under the files' names) holds: layers L, L + 1, ... with an eh_proj."""
+    layers, n = _mtp_file_layers(sd), 0
+    while cfg.num_hidden_layers + n in layers:
+        n += 1
+    return n
 
 
 def mtp_file_name(name: str, cfg: ModelConfig | None) -> str:

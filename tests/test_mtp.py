@@ -122,6 +122,27 @@ def test_mtp_weights_round_trip_through_deepseek_files(deepseek, tmp_path: Path)
         assert torch.equal(again.state_dict()[name], t), name
     plain = load_model(tmp_path / "hf")
     assert not any("mtp" in n for n in plain.state_dict())
+    _hf_to_graphllm_keeps_mtp(tmp_path, files, L)
+
+
+def _hf_to_graphllm_keeps_mtp(tmp_path: Path, files: dict[str, torch.Tensor], L: int) -> None:
+    """`convert hf-to-graphllm --mtp-layers` keeps the modules (HF -> graphllm -> HF bitwise, without the release's
+    copies); asking for more modules than the directory holds is one line, exit 2, nothing written."""
+    from graphllm.cli.main import EXIT_USER_ERROR, main
+    from graphllm.convert import graphllm_to_hf, hf_to_graphllm
+
+    hf_to_graphllm(tmp_path / "hf", tmp_path / "gl2", mtp_layers=DEPTHS)
+    graphllm_to_hf(tmp_path / "gl2", tmp_path / "hf2")
+    back = {}
+    for f in (tmp_path / "hf2").glob("*.safetensors"):
+        back.update(load_file(f))
+    copies = {f"model.layers.{L}.embed_tokens.weight", f"model.layers.{L}.shared_head.head.weight"}
+    assert set(back) == set(files) - copies
+    assert all(torch.equal(back[k], files[k]) for k in back)
+    bad = tmp_path / "gl3"
+    assert main(["convert", "hf-to-graphllm", "--hf", str(tmp_path / "hf"), "--out", str(bad),
+                 "--mtp-layers", str(DEPTHS + 1)]) == EXIT_USER_ERROR
+    assert not bad.exists()
 
 
 def test_plan_refuses_what_mtp_does_not_compose_with(tmp_path: Path, capsys):

@@ -44,7 +44,8 @@ def _names(text: str) -> tuple[str, ...]:
 
 def add_parser(sub) -> None:
     p = sub.add_parser("plan", help="predict memory and step time of every layout on N devices; print the best",
-                       description="Enumerates tp × cp × pp × vpp × dp, micro-batch size, recompute and ZeRO-1; "
+                       description="Enumerates tp × cp × pp × vpp × dp (× ep and the token dispatcher for a "
+                                   "mixture-of-experts model), micro-batch size, recompute and ZeRO-1; "
                                    "predicts per-rank memory and step time from the model's graphs, captured on fake "
                                    "tensors (no weights are allocated). See docs/planner.md.")
     p.add_argument("--model", required=True, help="a preset (tiny-llama, small-llama), a config-only preset "
@@ -63,6 +64,8 @@ def add_parser(sub) -> None:
                    "one node's devices)")
     p.add_argument("--cp", type=_ints, metavar="N,N", help="context-parallel sizes to try (default: those leaving "
                    "each rank ≥ 4096 tokens of a row)")
+    p.add_argument("--ep", type=_ints, metavar="N,N", help="expert-parallel sizes to try (a mixture-of-experts "
+                   "model; default: the divisors of dp that divide its experts)")
     p.add_argument("--micro-batch-sizes", type=_ints, metavar="N,N", help="micro-batch sizes to try (default 1,2,4,8)")
     p.add_argument("--recompute", type=_names, metavar="P,P", help="recompute policies to try (default "
                    "none,selective,full)")
@@ -88,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
     if args.top < 1:
         raise GraphllmError("--top must be ≥ 1")
     cfg, compile_model = plan_model(args.model)
-    space = Space(tp=args.tp, cp=args.cp, options=memory_options(tuple(args.memory_features)))
+    space = Space(tp=args.tp, cp=args.cp, ep=args.ep, options=memory_options(tuple(args.memory_features)))
     if args.micro_batch_sizes:
         space.mbs = args.micro_batch_sizes
     if args.recompute:
@@ -143,12 +146,19 @@ def _table(result, args, spec):
     for i, c in enumerate(result.fitting[: args.top], 1):
         p, mem, st = c.prediction, c.prediction.memory, c.prediction.step_seconds
         t.add_row(str(i), c.layout.describe(), str(c.mbs), str(c.layout.micro_batches), c.recompute,
-                  c.options.describe(), str(p.rank),
+                  _features_of(c), str(p.rank),
                   gib(mem["total"]), gib(mem["parameters"] + mem["gradients"]), gib(mem["optimizer"]),
                   gib(mem["activations"]), f"{st['total']:.3g}", f"{st['compute']:.3g}",
                   f"{st['communication']:.3g}", f"{st['bubble']:.3g}", f"{c.tokens_per_second * args.seq_len:,.0f}",
                   f"{100 * p.mfu:.1f}%")
     return t
+
+
+def _features_of(c) -> str:
+    """The memory features and, at ep > 1, the token dispatcher."""
+    if c.layout.ep == 1:
+        return c.options.describe()
+    return c.dispatcher if c.options.describe() == "-" else f"{c.options.describe()}, {c.dispatcher}"
 
 
 def emit_command(c, model: str, args, *, spec_name: str) -> str:
@@ -164,6 +174,8 @@ def emit_command(c, model: str, args, *, spec_name: str) -> str:
         argv += ["--vpp", str(lay.vpp)]
     if lay.cp > 1:
         argv += ["--cp", str(lay.cp)]
+    if lay.ep > 1:
+        argv += ["--ep", str(lay.ep), "--moe-dispatcher", c.dispatcher]
     if lay.sequence_parallel:
         argv.append("--sequence-parallel")
     if lay.zero1:
@@ -182,7 +194,8 @@ def _json(result, args, spec) -> dict:
     for c in result.candidates:
         p = c.prediction
         rows.append({"layout": c.layout.describe(), "tp": c.layout.tp, "pp": c.layout.pp, "vpp": c.layout.vpp,
-                     "dp": c.layout.dp, "cp": c.layout.cp, "zero1": c.layout.zero1,
+                     "dp": c.layout.dp, "cp": c.layout.cp, "ep": c.layout.ep, "zero1": c.layout.zero1,
+                     "moe_dispatcher": c.dispatcher if c.layout.ep > 1 else None,
                      "micro_batches": c.layout.micro_batches, "micro_batch_size": c.mbs, "recompute": c.recompute,
                      "fits": c.fits, "rank": p.rank, "memory": p.memory, "step_seconds": p.step_seconds,
                      "mfu": p.mfu, "options": dataclasses.asdict(c.options),

@@ -84,6 +84,26 @@ def test_predict_matches_the_compile_report_of_the_same_plan() -> None:
     assert 0 < fused.memory["activations"] < pred.memory["activations"]
 
 
+def test_predict_counts_the_mtp_modules_like_the_compile_report() -> None:
+    """--mtp-layers: the modules' parameters, activations and FLOPs are the compile report's (they are captured with
+    the model), and more than the plain model's."""
+    from graphllm.job import build
+    from graphllm.plan import CompilePlan
+    from graphllm.planner import predict
+    from graphllm.report import build_report
+
+    from graphllm.planning.mtp_config import MtpConfig
+
+    plan = CompilePlan(model="tiny-llama", backend="eager", batch_size=2, seq_len=64, mtp=MtpConfig(layers=1))
+    pred = predict(plan, "cpu")
+    report = build_report(build(plan, warm=True), plan.batch_size * plan.seq_len)
+    mem = report["memory"]
+    assert pred.memory["parameters"] == mem["parameter_bytes"] and pred.flops_per_step == report["flops_per_step"]
+    assert pred.memory["activations"] == mem["activation_bytes_peak_estimate"]
+    plain = predict(dataclasses.replace(plan, mtp=MtpConfig()), "cpu")
+    assert plain.memory["parameters"] < pred.memory["parameters"] and plain.flops_per_step < pred.flops_per_step
+
+
 def test_memory_is_the_largest_phase_not_the_sum_of_terms() -> None:
     """graphllm.planner.memory: terms that never coexist are not added, and ZeRO-1's step holds the gradients,
     its updated range, the all-gathered parameters and the collective library's copy (optimizer_memory's bytes)."""
@@ -274,3 +294,38 @@ def test_backward_transient_counts_what_inductor_cannot_write_in_place() -> None
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     by_op = {str(n.target).split(".")[1]: n for n in gm.graph.nodes if n.op == "call_function"}
     assert transient_bytes(by_op["scatter_add"], order, reuse=True) == size
+
+
+def test_expert_parallel_is_searched_and_priced_from_its_own_graphs() -> None:
+    """A mixture-of-experts model: the search tries ep (the divisors of dp that divide the experts) and both token
+    dispatchers, each measured on its own expert-parallel graphs. An ep2 rank holds exactly half of each MoE layer's
+    experts, computes the same FLOPs, and its graphs move tokens over the ep group; `--emit` names --ep and the
+    dispatcher. (Against the compile report of an ep2 build: docs/planner.md.)"""
+    import torch
+    import transformers
+    from types import SimpleNamespace
+
+    from graphllm.cli.plan_cmd import emit_command
+    from graphllm.models import LlamaForCausalLM, ModelConfig
+    from graphllm.planner.measure import Key, measure
+    from graphllm.planner.search import search
+    from hf_parity import FAMILIES
+
+    cfg = ModelConfig.from_hf(transformers.MixtralConfig(**FAMILIES["mixtral"][2]).to_dict(), source="mixtral")
+    space = Space(tp=(1,), cp=(1,), mbs=(1,), vpp=(1,), recompute=("none",), zero1=(False,))
+    result = search(cfg, devices=2, spec=device_spec("h100"), seq_len=64, global_batch=2, space=space, jobs=1)
+    by = {(c.layout.ep, c.dispatcher): c.prediction for c in result.candidates if c.layout.pp == 1}
+    assert set(by) == {(1, "allgather"), (2, "allgather"), (2, "alltoall")}
+    with torch.device("meta"):
+        experts = sum(p.numel() for n, p in LlamaForCausalLM(cfg).named_parameters() if ".experts." in n)
+    fp32 = 4
+    for disp in ("allgather", "alltoall"):
+        two = by[2, disp]
+        assert by[1, "allgather"].memory["parameters"] - two.memory["parameters"] == experts // 2 * fp32
+        assert two.flops_per_step == by[1, "allgather"].flops_per_step
+        assert two.step_seconds["communication"] > by[1, "allgather"].step_seconds["communication"]
+        comm = measure(cfg, Key(seq_len=64, amp="bf16", ep=2, moe_dispatcher=disp)).layer.comm
+        assert any(k.startswith("ep ") for k in comm), comm
+    best_ep = next(c for c in result.candidates if c.layout.ep == 2 and c.dispatcher == "alltoall")
+    argv = shlex.split(emit_command(best_ep, "mixtral-dir", SimpleNamespace(seq_len=64, amp="bf16"), spec_name="h100"))
+    assert argv[argv.index("--ep") + 1] == "2" and argv[argv.index("--moe-dispatcher") + 1] == "alltoall"

@@ -36,7 +36,7 @@ from graphllm.planning.comm import graph_collectives
 from graphllm.planning.flops import node_flops
 from graphllm.planner.node_costs import mem_bytes, transient_bytes
 
-CACHE_VERSION = 9
+CACHE_VERSION = 10
 _LAYER = re.compile(r"layers\.(\d+)\b")
 
 
@@ -60,6 +60,11 @@ class Key:
     """Partition recompute policy `none` as inductor does (its min-cut partitioner recomputes cheap pointwise ops
     instead of saving them); False: aot_autograd's default partition (the eager and npu backends save every
     forward value the backward reads)."""
+    ep: int = 1
+    """Expert-parallel ranks (--ep): the MoE layers hold 1/ep of the experts and move tokens over the group."""
+    moe_dispatcher: str = "allgather"
+    moe_capacity: float | None = None
+    """--moe-dispatcher and --moe-capacity-factor: what the dispatch collectives and the expert buffers are."""
 
 
 @dataclass(slots=True)
@@ -68,6 +73,8 @@ class Part:
 
     params: float = 0.0
     """Parameters (elements) this rank holds."""
+    expert_params: float = 0.0
+    """Of `params`, the routed experts' (their gradients are averaged over the expert-data-parallel group)."""
     fwd_flops: float = 0.0
     """Matmul-class FLOPs of the forward (graphllm.planning.flops; the backward is counted as 2x)."""
     recompute_flops: float = 0.0
@@ -89,7 +96,8 @@ class Part:
     def combine(self, other: "Part", a: float = 1.0, b: float = 1.0) -> "Part":
         """a·self + b·other."""
         comm = {k: a * self.comm.get(k, 0.0) + b * other.comm.get(k, 0.0) for k in {*self.comm, *other.comm}}
-        return Part(params=a * self.params + b * other.params, fwd_flops=a * self.fwd_flops + b * other.fwd_flops,
+        return Part(params=a * self.params + b * other.params,
+                    expert_params=a * self.expert_params + b * other.expert_params, fwd_flops=a * self.fwd_flops + b * other.fwd_flops,
                     recompute_flops=a * self.recompute_flops + b * other.recompute_flops,
                     mem_bytes=a * self.mem_bytes + b * other.mem_bytes,
                     saved_bytes=a * self.saved_bytes + b * other.saved_bytes,
@@ -101,6 +109,7 @@ class Part:
         """Costs of `s` times the rows (parameters and collective calls unchanged, parameters scaled if `params`)."""
         out = self.combine(Part(), s, 0.0)
         out.params = self.params * (s if params else 1.0)
+        out.expert_params = self.expert_params * (s if params else 1.0)
         out.peak_comm = self.peak_comm * s
         out.comm_calls = self.comm_calls
         out.transient = self.transient * s
@@ -246,6 +255,7 @@ def _partitioned_costs(prepared, model, inputs, key: Key, st, fake) -> tuple[Par
     try:
         with fake, amp:
             loss = fn(*inputs)
+            loss = loss[0] if isinstance(loss, (tuple, list)) else loss  # (loss, metrics): MTP, MoE statistics
             (loss if loss.dim() == 0 else loss.sum()).backward()
     finally:
         torch._dynamo.reset()
@@ -253,7 +263,9 @@ def _partitioned_costs(prepared, model, inputs, key: Key, st, fake) -> tuple[Par
     fwd, bwd = stage.graphs["forward"], stage.graphs["backward"]
     parts = {True: Part(), False: Part()}  # in the second decoder layer, or not
     for name, p in model.named_parameters():
-        parts[_LAYER.search(name) is not None and _LAYER.search(name).group(1) == "1"].params += p.numel()
+        part = parts[_LAYER.search(name) is not None and _LAYER.search(name).group(1) == "1"]
+        part.params += p.numel()
+        part.expert_params += p.numel() if ".experts." in name else 0
     for n in prepared.model_graph.graph.nodes:
         parts[_layer(n)].fwd_flops += node_flops(n)
     _read_train_graphs(fwd, bwd, parts, kinds, reuse=key.min_cut)
@@ -316,17 +328,19 @@ def _read_train_graphs(fwd, bwd, parts: dict, kinds: dict, reuse: bool) -> None:
 
 
 def _plan(key: Key):
-    """The CompilePlan of one measurement: pp = dp = 1 and two micro-batches (so that no data-parallel gradient
+    """The CompilePlan of one measurement: pp = 1, dp = ep and two micro-batches (so that no data-parallel gradient
     reduction enters the backward graph: the planner prices it itself)."""
     from graphllm.plan import CompilePlan
     from graphllm.planning.layout import Layout
+    from graphllm.planning.moe_config import MoeConfig
     from graphllm.planning.recompute_config import RecomputeConfig
 
     layout = Layout(tp=key.tp, cp=key.cp, sequence_parallel=key.sp, cp_algo=key.cp_algo if key.cp > 1 else "ring",
-                    micro_batches=2)
+                    micro_batches=2, dp=key.ep, ep=key.ep)  # rank 0 of one expert-parallel group
     plan = CompilePlan(model="tiny-llama", backend="eager", batch_size=key.mbs, seq_len=key.seq_len, layout=layout,
                        recompute=RecomputeConfig(policy=key.recompute), fused_loss=key.fused_loss,
-                       attn_implementation=key.attn_implementation)
+                       attn_implementation=key.attn_implementation,
+                       moe=MoeConfig(dispatcher=key.moe_dispatcher, capacity_factor=key.moe_capacity))
     return plan
 
 

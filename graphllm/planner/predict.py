@@ -12,6 +12,7 @@ collective bytes and calls (α per call), the optimizer step's bytes, and the pi
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -96,9 +97,9 @@ def predict(plan, device: str = "cpu", *, device_spec: DeviceSpec | None = None,
     spec = device_spec if device_spec is not None else _spec(device)
     cfg = model_config if model_config is not None else load_config(plan.model)
     if plan.attn_implementation is not None:
-        import dataclasses
-
         cfg = dataclasses.replace(cfg, attn_implementation=plan.attn_implementation)
+    if plan.mtp.layers:  # the modules are captured with the model: their costs fall in `rest` (the last stage's)
+        cfg = dataclasses.replace(cfg, mtp_layers=plan.mtp.layers)
     layout = plan.layout
     if options is None:  # the plan's own memory features, where this graphllm has them
         options = MemoryOptions(params_dtype=getattr(plan, "params_dtype", "fp32"),
@@ -106,7 +107,8 @@ def predict(plan, device: str = "cpu", *, device_spec: DeviceSpec | None = None,
     key = Key(tp=layout.tp, cp=layout.cp, sp=layout.sequence_parallel, recompute=plan.recompute.policy,
               mbs=plan.batch_size, seq_len=plan.seq_len, amp=plan.amp, cp_algo=layout.cp_algo,
               fused_loss=plan.fused_loss, attn_implementation=plan.attn_implementation,
-              params_dtype=options.params_dtype, min_cut=plan.backend == "inductor")
+              params_dtype=options.params_dtype, min_cut=plan.backend == "inductor", ep=layout.ep,
+              moe_dispatcher=plan.moe.dispatcher, moe_capacity=plan.moe.capacity_factor)
     m = measure(cfg, key, cache_dir=cache_dir)
     return estimate(cfg, layout, m, spec, mbs=plan.batch_size, seq_len=plan.seq_len, amp=plan.amp, options=options)
 
@@ -137,8 +139,10 @@ def estimate(cfg, layout, m: Measurement, spec: DeviceSpec, *, mbs: int, seq_len
         n = sum(counts[s] for s in stages)
         part = layer.combine(rest, n, 1.0 if layout.num_stages - 1 in stages else 0.0)
         params = n * layer.params + (m.embed_params if 0 in stages else 0.0)
+        experts = n * layer.expert_params
         if layout.num_stages - 1 in stages:
             params += rest.params - m.embed_params
+            experts += rest.expert_params
         in_flight = 1 if layout.pp == 1 else min(mb, (layout.pp - r) * layout.vpp)
         last = layout.num_stages - 1 in stages
         largest = max(cfg.intermediate_size * cfg.hidden_size / layout.tp,
@@ -146,13 +150,13 @@ def estimate(cfg, layout, m: Measurement, spec: DeviceSpec, *, mbs: int, seq_len
         held = 0.0 if layout.pp == 1 else (2 * logits if last else 0.0) + boundary * in_flight
         mem = _memory(params, largest, part, in_flight, layout, opts, spec, held, 2 * boundary if layout.pp > 1 else 0)
         ranks.append({"rank": layout.rank_of(_coords(r)), "pp_rank": r, "layers": n, "memory": mem,
-                      "params": params, "part": part,
+                      "params": params, "expert_params": experts, "part": part,
                       "compute_per_micro_batch": _compute_seconds(part, spec),
                       "comm_per_micro_batch": _ingraph_comm_seconds(part, layout, spec)})
     worst = max(ranks, key=lambda x: x["memory"]["total"])
     t_compute = max(x["compute_per_micro_batch"] for x in ranks)
     t_comm = max(x["comm_per_micro_batch"] for x in ranks)
-    dp_comm = max(_dp_comm_seconds(x["params"], layout, spec, opts) for x in ranks)
+    dp_comm = max(_dp_comm_seconds(x["params"], layout, spec, opts, experts=x["expert_params"]) for x in ranks)
     sends = 2 * mb * layout.vpp  # each micro-batch crosses each of a rank's stage boundaries forward and back
     pp_comm = sends * (boundary / _bandwidth("pp", layout, spec) + spec.collective_latency) if layout.pp > 1 else 0.0
     step = {"compute": mb * t_compute, "communication": mb * t_comm + dp_comm + pp_comm,
@@ -197,7 +201,8 @@ def _compute_seconds(part: Part, spec: DeviceSpec) -> float:
 
 STRIDE_OF = {"tp": lambda lay: 1, "cp": lambda lay: lay.tp, "cp_ring": lambda lay: lay.tp * lay.ulysses_size,
              "cp_ulysses": lambda lay: lay.tp, "dp": lambda lay: lay.tp * lay.cp, "dp_cp": lambda lay: lay.tp,
-             "pp": lambda lay: lay.tp * lay.cp * lay.dp}
+             "pp": lambda lay: lay.tp * lay.cp * lay.dp, "ep": lambda lay: lay.tp * lay.cp,
+             "edp": lambda lay: lay.tp * lay.cp * lay.ep}
 """Distance between neighbouring ranks of each group kind (Megatron's tp-cp-dp-pp order, planning/layout.py)."""
 
 
@@ -246,14 +251,22 @@ def _optimizer_seconds(params: float, layout, spec: DeviceSpec, opts: MemoryOpti
     return touched / spec.hbm_bandwidth + streamed
 
 
-def _dp_comm_seconds(params: float, layout, spec: DeviceSpec, opts: MemoryOptions) -> float:
+def _dp_comm_seconds(params: float, layout, spec: DeviceSpec, opts: MemoryOptions, *, experts: float = 0.0) -> float:
     """Gradient averaging (in fp32, bf16 gradients too) over the parameters' replicas after the step's
-    micro-batches, and ZeRO-1's all-gather of the updated parameters (graphllm/report.py rank_communication)."""
+    micro-batches, and ZeRO-1's all-gather of the updated parameters (graphllm/report.py rank_communication).
+    `experts` of the `params` are averaged over the expert-data-parallel group instead (dp / ep replicas)."""
+    t = 0.0
+    if layout.ep > 1 and experts:
+        reduce = optimizer_bytes(int(experts), opts.params_dtype)["gradient_reduce_bytes"]
+        if layout.group_size("edp") > 1:
+            t = collective_seconds("edp all_reduce", reduce, layout, spec) \
+                + math.ceil(reduce / GRAD_BUCKET_BYTES) * spec.collective_latency
+        params -= experts
     ob = optimizer_bytes(int(params), opts.params_dtype, zero1=True, dp=layout.dp)
     if layout.group_size(layout.grad_kind.split("/")[0]) <= 1:
-        return 0.0
+        return t
     calls = math.ceil(ob["gradient_reduce_bytes"] / GRAD_BUCKET_BYTES)
-    t = collective_seconds(f"{layout.grad_kind} all_reduce", ob["gradient_reduce_bytes"], layout, spec)
+    t += collective_seconds(f"{layout.grad_kind} all_reduce", ob["gradient_reduce_bytes"], layout, spec)
     if layout.zero1:
         t += collective_seconds("dp all_gather", ob["parameter_gather_bytes"], layout, spec)
         calls += 1

@@ -1,7 +1,9 @@
 """The enumeration behind `graphllm plan`: tp × cp × pp × vpp × dp × micro-batch × recompute × ZeRO-1 on a
 number of devices, each layout checked by graphllm's own Layout rules, each priced by graphllm.planner.predict.
 
-Expert parallelism is not enumerated (graphllm has none yet). bf16 parameters and optimizer offload are priced
+A mixture-of-experts model adds ep (divisors of dp that divide the expert count) × the token dispatcher at
+ep > 1, each measured on its own graphs (the expert-parallel pass on the fake process group: the rank's expert
+shard, its dispatch buffers and collectives). bf16 parameters and optimizer offload are priced
 through `MemoryOptions` (graphllm/planner/predict.py): `memory_options` makes `Space.options` from the features
 `graphllm plan --memory-features` names. Activation offload is not enumerated: how much of the saved bytes a policy
 moves is known only from its own partition, which the measurements do not run.
@@ -10,6 +12,7 @@ moves is known only from its own partition, which the measurements do not run.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 import time
 from collections import Counter
@@ -41,6 +44,10 @@ class Space:
     vpp: tuple[int, ...] = VPP_CHOICES
     recompute: tuple[str, ...] = RECOMPUTE_CHOICES
     zero1: tuple[bool, ...] = (False, True)
+    ep: tuple[int, ...] | None = None
+    """Default (an MoE model): the divisors of dp that divide its experts; a dense model: 1."""
+    dispatchers: tuple[str, ...] = ("allgather", "alltoall")
+    """--moe-dispatcher choices tried at ep > 1."""
     options: tuple[MemoryOptions, ...] = (MemoryOptions(),)
     """The extension point for bf16 parameters / offload: each is priced for every layout."""
 
@@ -53,6 +60,8 @@ class Candidate:
     prediction: Prediction
     fits: bool
     options: MemoryOptions = field(default_factory=MemoryOptions)
+    dispatcher: str = "allgather"
+    """--moe-dispatcher (read only at ep > 1)."""
 
     @property
     def tokens_per_second(self) -> float:
@@ -122,16 +131,26 @@ def _layouts_at(cfg, tp, cp, pp, dp, seq_len, global_batch, space, out, pruned) 
             pruned["rows per dp rank not divisible by the micro-batch size"] += 1
             continue
         m = global_batch // dp // mbs
-        for vpp in space.vpp if pp > 1 else (1,):
-            for zero1 in space.zero1 if dp > 1 else (False,):
-                try:
-                    layout = Layout(tp=tp, cp=cp, pp=pp, dp=dp, vpp=vpp, sequence_parallel=tp > 1, zero1=zero1,
-                                    micro_batches=m)
-                    layout.check_model(cfg, batch_size=mbs, seq_len=seq_len)
-                except GraphllmError as e:
-                    pruned[_reason(str(e))] += 1
-                    continue
-                out.append((layout, mbs))
+        for vpp, zero1, ep in itertools.product(space.vpp if pp > 1 else (1,), space.zero1 if dp > 1 else (False,),
+                                                _eps(cfg, dp, space)):
+            try:  # sequence parallelism with tp (MoE layers do not take it yet)
+                layout = Layout(tp=tp, cp=cp, pp=pp, dp=dp, vpp=vpp, sequence_parallel=tp > 1 and not _moe(cfg),
+                                zero1=zero1, micro_batches=m, ep=ep)
+                layout.check_model(cfg, batch_size=mbs, seq_len=seq_len)
+            except GraphllmError as e:
+                pruned[_reason(str(e))] += 1
+                continue
+            out.append((layout, mbs))
+
+
+def _moe(cfg) -> bool:
+    return getattr(cfg, "num_experts", 0) > 0
+
+
+def _eps(cfg, dp: int, space: Space) -> tuple[int, ...]:
+    if space.ep is not None:
+        return space.ep
+    return tuple(e for e in divisors(dp) if cfg.num_experts % e == 0) if _moe(cfg) else (1,)
 
 
 def _reason(message: str) -> str:
@@ -157,21 +176,26 @@ def search(cfg, *, devices: int, spec: DeviceSpec, seq_len: int, global_batch: i
         why = "; ".join(f"{r} ({n}×)" for r, n in pruned.most_common(3)) or "no choices"
         raise GraphllmError(f"no layout of {devices} devices fits the model and --global-batch {global_batch}: {why}")
     dtypes = {o.params_dtype for o in space.options}
-    keys = {(lay.tp, lay.cp, rc, dt): Key(tp=lay.tp, cp=lay.cp, sp=lay.sequence_parallel, recompute=rc, mbs=1,
-                                          seq_len=seq_len, amp=amp, params_dtype=dt, min_cut=spec.min_cut)
-            for lay, _ in layouts for rc in space.recompute for dt in dtypes}
-    measured = measure_all(cfg, list(keys.values()), jobs=jobs, cache_dir=cache_dir, progress=progress)
+    def key(lay: Layout, rc: str, dt: str, disp: str) -> Key:
+        return Key(tp=lay.tp, cp=lay.cp, sp=lay.sequence_parallel, recompute=rc, mbs=1, seq_len=seq_len, amp=amp,
+                   params_dtype=dt, min_cut=spec.min_cut, ep=lay.ep, moe_dispatcher=disp)
+
+    def dispatchers(lay: Layout) -> tuple[str, ...]:
+        return space.dispatchers if lay.ep > 1 else ("allgather",)
+
+    keys = {key(lay, rc, dt, d) for lay, _ in layouts for rc in space.recompute for dt in dtypes
+            for d in dispatchers(lay)}
+    measured = measure_all(cfg, list(keys), jobs=jobs, cache_dir=cache_dir, progress=progress)
     cands = []
-    for layout, mbs in layouts:
-        for rc in space.recompute:
-            for opt in space.options:
-                m = measured[keys[(layout.tp, layout.cp, rc, opt.params_dtype)]]
-                p = estimate(cfg, layout, m, spec, mbs=mbs, seq_len=seq_len, amp=amp, scale=mbs, options=opt)
-                cands.append(Candidate(layout=layout, mbs=mbs, recompute=rc, prediction=p,
-                                       fits=p.memory["total"] <= spec.memory, options=opt))
+    for (layout, mbs), rc, opt in itertools.product(layouts, space.recompute, space.options):
+        for disp in dispatchers(layout):
+            m = measured[key(layout, rc, opt.params_dtype, disp)]
+            p = estimate(cfg, layout, m, spec, mbs=mbs, seq_len=seq_len, amp=amp, scale=mbs, options=opt)
+            cands.append(Candidate(layout=layout, mbs=mbs, recompute=rc, prediction=p,
+                                   fits=p.memory["total"] <= spec.memory, options=opt, dispatcher=disp))
     cands.sort(key=lambda c: (not c.fits, c.prediction.step_seconds["total"] if c.fits
                               else c.prediction.memory["total"], c.options.count))  # fastest fitting, then smallest
-    captures = len({dataclasses.replace(k, recompute="none") for k in keys.values()})
+    captures = len({dataclasses.replace(k, recompute="none") for k in keys})
     return SearchResult(candidates=cands, pruned=pruned, measured=captures, seconds=time.perf_counter() - t0)
 
 

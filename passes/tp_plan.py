@@ -103,6 +103,8 @@ def normalize(plan: Mapping[str, str]) -> dict[str, str]:
 
 def _regex(pattern: str) -> re.Pattern:
     body = r"\.".join("[^.]+" if part == "*" else re.escape(part) for part in pattern.split("."))
+    if pattern.startswith("layers.*."):  # a multi-token prediction module (model.mtp.<k>) is a decoder layer too
+        body = "(?:layers|mtp)" + body.removeprefix("layers")
     return re.compile(rf"(?:{'|'.join(re.escape(p) for p in _PREFIXES if p)})?{body}\.(weight|bias)")
 
 

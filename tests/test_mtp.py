@@ -148,8 +148,7 @@ def _hf_to_graphllm_keeps_mtp(tmp_path: Path, files: dict[str, torch.Tensor], L:
 def test_plan_refuses_what_mtp_does_not_compose_with(tmp_path: Path, capsys):
     from graphllm.cli.main import EXIT_USER_ERROR, main
 
-    for extra, message in ((["--tp", "2"], "--mtp-layers 1 with --tp > 1 is not supported yet"),
-                           (["--cp", "2"], "--mtp-layers 1 with --cp > 1"),
+    for extra, message in ((["--cp", "2"], "--mtp-layers 1 with --cp > 1 is not supported yet"),
                            (["--task", "dpo"], "--mtp-layers 1 with --task dpo"),
                            (["--mtp-loss-weight", "-1"], "--mtp-loss-weight")):
         out = tmp_path / "art"
@@ -202,3 +201,19 @@ def test_mtp_at_pp2_trains_like_one_process(deepseek):
     for r in results:
         assert r["mtp"] == pytest.approx(reference["mtp"], rel=1e-5)
     assert "model.embed_tokens.weight" in results[0]["params"] and "model.mtp.0.eh_proj.weight" in results[1]["params"]
+
+
+def test_mtp_at_tp2_with_sequence_parallel_trains_like_one_process():
+    """--mtp-layers 1 at tp2 with sequence parallelism (tiny-llama): the module's layer is split like a decoder
+    layer, its lookups of the tokens ahead and its LM head are vocab-parallel. Losses, MTP losses and parameters
+    equal one process's."""
+    from dist_util import run_ranks
+    from test_expert_parallel import _check, train
+
+    reference = train("tiny-llama", {}, mtp=1)
+    results = run_ranks(train, 2, "tiny-llama", {"tp": 2, "sequence_parallel": True}, mtp=1)
+    _check("mtp tp2 sp", results, reference)
+    for r in results:
+        assert r["mtp"] == pytest.approx(reference["mtp"], rel=1e-5)
+    q = results[0]["params"]["model.mtp.0.self_attn.q_proj.weight"]
+    assert q[1] is not None and q[1].count == 2, "the module's attention is not tensor-parallel"

@@ -7,7 +7,9 @@ ahead, through the shared embedding and LM head. The training loss becomes
     loss = LM cross-entropy (+ aux loss) + loss_weight · mean over d of module d's cross-entropy
 
 and the mean MTP cross-entropy is logged as "mtp/loss". Generation and evaluation use the main model only. Under
---pp the modules run on the last stage (the embedding of the tokens ahead is looked up on the first).
+--pp the modules run on the last stage (the embedding of the tokens ahead is looked up on the first). Under --tp a
+module's layer is split like the decoder's (passes/tp_plan.py matches model.mtp.<k> as a layer) and its lookups and
+LM head use the vocab-parallel embedding and head.
 """
 
 from __future__ import annotations
@@ -41,11 +43,9 @@ class MtpConfig:
         if not self.layers:
             return
         lay = plan.layout
-        why = ("--tp > 1" if lay.tp > 1 else "--cp > 1" if lay.cp > 1
-               else f"--task {plan.task.kind}" if plan.task.kind != "lm" else None)
+        why = "--cp > 1" if lay.cp > 1 else f"--task {plan.task.kind}" if plan.task.kind != "lm" else None
         if why is None:
             return
-        reason = {"--tp > 1": "their embedding lookups and LM heads are not sharded",
-                  "--cp > 1": "the tokens ahead of a context-parallel rank's last positions are on the next rank"
+        reason = {"--cp > 1": "the tokens ahead of a context-parallel rank's last positions are on the next rank"
                   }.get(why, "its objective is not the language-model loss the modules add to")
         raise GraphllmError(f"--mtp-layers {self.layers} with {why} is not supported yet ({reason}); drop one of them")

@@ -281,20 +281,24 @@ def test_1f1b_matches_one_process():
                                [dict(pp=2, micro_batches=2), dict(pp=2, micro_batches=4)])
 
 
-def test_tied_model_trains_at_pp2_like_one_process(tmp_path):
-    """A tied embedding and LM head at pp2 (stage 0 embeds, stage 1 projects): both ranks hold the weight, each ends
-    a step with the sum of both stages' gradients, the clipped gradient norm counts it once, and 3 AdamW steps
-    (grad clip 1.0) give one process's losses and parameters, under the model's parameter names."""
+@pytest.mark.parametrize("pp", [2, 3])
+def test_tied_model_trains_at_pp_like_one_process(tmp_path, pp):
+    """A tied embedding and LM head at pp2 and pp3 (stage 0 embeds, the last stage projects): the first and last
+    pipeline ranks hold the weight and end a step with the sum of both stages' gradients, summed over a group of
+    just those two (pp3's middle rank holds no copy and takes no part); the clipped gradient norm counts it once,
+    and 3 AdamW steps (grad clip 1.0) give one process's losses and parameters, under the model's names."""
     from hf_parity import FAMILIES, save_hf_checkpoint
     from test_expert_parallel import _check, train
 
     cfg_cls, model_cls, kwargs, _ = FAMILIES["llama"]
     torch.manual_seed(0)
-    ckpt = str(save_hf_checkpoint(model_cls(cfg_cls(**{**kwargs, "tie_word_embeddings": True})), "llama", tmp_path))
-    reference = train(ckpt, {"micro_batches": 2})
-    results = run_ranks(train, 2, ckpt, {"pp": 2, "micro_batches": 2})
-    _check("tied pp2", results, reference)
-    assert all("model.embed_tokens.weight" in r["params"] and "lm_head.weight" not in r["params"] for r in results)
+    hf = cfg_cls(**{**kwargs, "tie_word_embeddings": True, "num_hidden_layers": pp})
+    ckpt = str(save_hf_checkpoint(model_cls(hf), "llama", tmp_path))
+    reference = train(ckpt, {"micro_batches": 4})  # the batch's 4 rows, one per micro-batch
+    results = run_ranks(train, pp, ckpt, {"pp": pp, "micro_batches": 4})
+    _check(f"tied pp{pp}", results, reference)
+    holders = [r for r in results if "model.embed_tokens.weight" in r["params"]]
+    assert len(holders) == 2 and all("lm_head.weight" not in r["params"] for r in results)
 
 
 def test_interleaved_1f1b_matches_one_process():

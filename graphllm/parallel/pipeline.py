@@ -99,6 +99,7 @@ class PipelineRunner:
         self._metrics: list[torch.Tensor] = []
         self.device = torch.device(device)
         self.group = st.group("pp")
+        self._shared_groups = self._holder_groups(layout, st)
         last = layout.num_stages - 1
         self.stage_indices = layout.stages_of(st.coords.pp)
         self.pp_rank = st.coords.pp
@@ -166,18 +167,37 @@ class PipelineRunner:
         return {name: p.grad.clone() for name, (p, stages) in self.shared.items()
                 if self._holds(stages) and p.grad is not None}
 
+    def _holder_groups(self, layout: Layout, st: ParallelState) -> dict[str, dist.ProcessGroup | None]:
+        """Per shared parameter, the group of the pipeline ranks holding one of its stages (Megatron's embedding
+        group: the first and last stages of a tied model), None on the ranks holding none. Every rank creates
+        every such group, in the same order (torch.distributed.new_group's rule)."""
+        made: dict[tuple[int, ...], dist.ProcessGroup | None] = {}
+        out = {}
+        for name, (_, stages) in self.shared.items():  # sorted by name on every rank
+            holders = tuple(sorted({k % layout.pp for k in stages}))
+            if holders not in made:
+                made[holders] = self.group if len(holders) == layout.pp else None
+                if made[holders] is None:
+                    for ranks in layout.group_ranks("pp"):  # one group per pipeline: each rank's pp group in turn
+                        g = dist.new_group([ranks[h] for h in holders])
+                        if st.rank in ranks:
+                            made[holders] = g
+            out[name] = made[holders] if st.coords.pp in holders else None
+        return out
+
     def _sum_shared_grads(self, before: dict[str, torch.Tensor]) -> None:
         """Each parameter several stages read gets the sum of this step's gradients from all of them on every rank
-        holding one (the others add zeros), as Megatron's embedding group does for a tied embedding and LM head;
-        `before`: what each held before the step, which is not summed again."""
+        holding one (over the holders' group only), as Megatron's embedding group does for a tied embedding and LM
+        head; `before`: what each held before the step, which is not summed again."""
         for name, (p, stages) in self.shared.items():  # the same order on every pipeline rank
-            held = self._holds(stages)
+            group = self._shared_groups[name]
+            if group is None:
+                continue
             g = torch.zeros(p.shape, dtype=p.dtype, device=self.device)
-            if held and p.grad is not None:
+            if p.grad is not None:
                 g += p.grad - before[name] if name in before else p.grad
-            dist.all_reduce(g, group=self.group)
-            if held:
-                p.grad = g + before[name] if name in before else g
+            dist.all_reduce(g, group=group)
+            p.grad = g + before[name] if name in before else g
 
     def norm_duplicates(self) -> frozenset[str]:
         """Names of this rank's shared parameters that a lower pipeline rank holds too: the gradient norm counts

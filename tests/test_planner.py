@@ -329,3 +329,29 @@ def test_expert_parallel_is_searched_and_priced_from_its_own_graphs() -> None:
     best_ep = next(c for c in result.candidates if c.layout.ep == 2 and c.dispatcher == "alltoall")
     argv = shlex.split(emit_command(best_ep, "mixtral-dir", SimpleNamespace(seq_len=64, amp="bf16"), spec_name="h100"))
     assert argv[argv.index("--ep") + 1] == "2" and argv[argv.index("--moe-dispatcher") + 1] == "alltoall"
+
+
+@pytest.mark.parametrize("family, fields", [("deepseek-v3", {"num_hidden_layers": 4, "first_k_dense_replace": 2}),
+                                            ("qwen3-moe", {"num_hidden_layers": 3, "mlp_only_layers": [0, 2]})])
+def test_mixed_dense_and_moe_layers_are_each_priced(tmp_path, family, fields) -> None:
+    """A model whose layers mix dense and MoE MLPs (DeepSeek-V3's first dense layers, Qwen3-MoE's mlp_only_layers)
+    is measured twice (two MoE layers, two dense ones) and each layer priced as its kind: parameters, activations
+    and FLOPs equal the compile report of the real model."""
+    import torch
+
+    from graphllm.job import build
+    from graphllm.plan import CompilePlan
+    from graphllm.planner import predict
+    from graphllm.report import build_report
+    from hf_parity import FAMILIES
+
+    cfg_cls, model_cls, kwargs, _ = FAMILIES[family]
+    torch.manual_seed(0)
+    model_cls(cfg_cls(**{**kwargs, **fields})).save_pretrained(tmp_path / "hf")
+    plan = CompilePlan(model=str(tmp_path / "hf"), backend="eager", batch_size=2, seq_len=32)
+    pred = predict(plan, "cpu")
+    report = build_report(build(plan, warm=True), plan.batch_size * plan.seq_len)
+    mem = report["memory"]
+    assert pred.memory["parameters"] == mem["parameter_bytes"]
+    assert pred.memory["activations"] == mem["activation_bytes_peak_estimate"]
+    assert pred.flops_per_step == report["flops_per_step"]

@@ -125,6 +125,13 @@ class Measurement:
     embed_params: float
     """Parameters of the (vocab-parallel) embedding on this rank: on the first pipeline stage."""
     seconds: float = 0.0
+    dense_layer: Part | None = None
+    """A mixture-of-experts model whose layers mix the two kinds (DeepSeek-V3's first dense layers, Qwen3-MoE's
+    mlp_only_layers): one dense decoder layer, `layer` being one MoE layer; None when every layer is `layer`."""
+
+    def layer_of(self, cfg, i: int) -> Part:
+        """The costs of the model's decoder layer `i`."""
+        return self.layer if self.dense_layer is None or cfg.is_moe_layer(i) else self.dense_layer
 
 
 _MEMO: dict[tuple, Measurement] = {}
@@ -151,15 +158,28 @@ def measure_group(cfg, keys: list[Key], *, cache_dir: Path | None = None) -> dic
     if len({dataclasses.replace(k, recompute="none") for k in todo}) > 1:
         raise ValueError("measure_group: keys must differ only in their recompute policy")
     t0 = time.perf_counter()
-    two = dataclasses.replace(cfg, num_hidden_layers=2, layer_types=cfg.layer_types[:2] if cfg.layer_types else None)
+    two = dataclasses.replace(cfg, num_hidden_layers=2, layer_types=cfg.layer_types[:2] if cfg.layer_types else None,
+                              mlp_only_layers=tuple(i for i in cfg.mlp_only_layers if i < 2),
+                              first_k_dense_replace=min(cfg.first_k_dense_replace, 2))
+    dense = {}
+    if _mixes_layer_kinds(cfg):  # two MoE layers (`layer`, `rest`), then two dense ones (the dense layer)
+        two = dataclasses.replace(two, first_k_dense_replace=0, mlp_only_layers=(), decoder_sparse_step=1)
+        fields = {"first_k_dense_replace": 2} if cfg.first_k_dense_replace else {"mlp_only_layers": (0, 1)}
+        dense = {k: layer for k, (layer, _) in _capture_costs(dataclasses.replace(two, **fields), todo).items()}
     for key, (layer, rest) in _capture_costs(two, todo).items():
         embed = cfg.vocab_size * cfg.hidden_size / key.tp  # graphllm's embedding is vocab-parallel under tp
-        m = Measurement(layer=layer, rest=rest, embed_params=embed, seconds=(time.perf_counter() - t0) / len(todo))
+        m = Measurement(layer=layer, rest=rest, embed_params=embed, seconds=(time.perf_counter() - t0) / len(todo),
+                        dense_layer=dense.get(key))
         out[key] = _MEMO[(cfg.fingerprint(), key)] = m
         path = _cache_path(cache_dir, cfg, key)
         if path is not None:
             _store(path, m)
     return out
+
+
+def _mixes_layer_kinds(cfg) -> bool:
+    kinds = {cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers)}
+    return len(kinds) == 2
 
 
 def _store(path: Path, m: Measurement) -> None:
@@ -195,12 +215,12 @@ def _cache_path(cache_dir: Path | None, cfg, key: Key) -> Path | None:
 
 def _to_json(m: Measurement) -> dict:
     return {"layer": dataclasses.asdict(m.layer), "rest": dataclasses.asdict(m.rest), "embed_params": m.embed_params,
-            "seconds": m.seconds}
+            "seconds": m.seconds, "dense_layer": dataclasses.asdict(m.dense_layer) if m.dense_layer else None}
 
 
 def _from_json(d: dict) -> Measurement:
     return Measurement(layer=Part(**d["layer"]), rest=Part(**d["rest"]), embed_params=d["embed_params"],
-                       seconds=d["seconds"])
+                       seconds=d["seconds"], dense_layer=Part(**d["dense_layer"]) if d.get("dense_layer") else None)
 
 
 def _capture_costs(cfg, keys: list[Key]) -> dict[Key, tuple[Part, Part]]:

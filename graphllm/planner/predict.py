@@ -134,12 +134,17 @@ def estimate(cfg, layout, m: Measurement, spec: DeviceSpec, *, mbs: int, seq_len
     # fuses the loss and materialises neither next to its saved activations.
     logits = mbs * (seq_len // layout.cp) * cfg.vocab_size / layout.tp * ACT_BYTES[amp]
     ranks = []
+    dense = m.dense_layer.scaled(scale) if m.dense_layer is not None else None
     for r in range(layout.pp):
         stages = layout.stages_of(r)
         n = sum(counts[s] for s in stages)
-        part = layer.combine(rest, n, 1.0 if layout.num_stages - 1 in stages else 0.0)
-        params = n * layer.params + (m.embed_params if 0 in stages else 0.0)
-        experts = n * layer.expert_params
+        n_dense = _dense_layers(cfg, counts, stages) if dense is not None else 0
+        part = layer.combine(rest, n - n_dense, 1.0 if layout.num_stages - 1 in stages else 0.0)
+        params = (n - n_dense) * layer.params + (m.embed_params if 0 in stages else 0.0)
+        if n_dense:
+            part = part.combine(dense, 1.0, n_dense)
+            params += n_dense * dense.params
+        experts = (n - n_dense) * layer.expert_params
         if layout.num_stages - 1 in stages:
             params += rest.params - m.embed_params
             experts += rest.expert_params
@@ -163,7 +168,9 @@ def estimate(cfg, layout, m: Measurement, spec: DeviceSpec, *, mbs: int, seq_len
             "bubble": (layout.pp - 1) / layout.vpp * (t_compute + t_comm),
             "optimizer": max(_optimizer_seconds(x["params"], layout, spec, opts) for x in ranks)}
     step["total"] = sum(step.values())
-    per_micro = 3 * (cfg.num_hidden_layers * layer.fwd_flops + rest.fwd_flops) * layout.tp * layout.cp
+    n_dense = _dense_layers(cfg, [cfg.num_hidden_layers], [0]) if dense is not None else 0
+    layer_flops = (cfg.num_hidden_layers - n_dense) * layer.fwd_flops + n_dense * (dense.fwd_flops if dense else 0.0)
+    per_micro = 3 * (layer_flops + rest.fwd_flops) * layout.tp * layout.cp
     flops = per_micro * mb * layout.dp
     mfu = flops / (layout.world_size * spec.peak_flops * step["total"]) if step["total"] else 0.0
     for x in ranks:
@@ -172,6 +179,12 @@ def estimate(cfg, layout, m: Measurement, spec: DeviceSpec, *, mbs: int, seq_len
     dominant = max(("parameters", "gradients", "optimizer", "activations", "buffers"), key=lambda k: mem[k])
     return Prediction(rank=worst["rank"], memory=mem, step_seconds=step, mfu=mfu, ranks=ranks, flops_per_step=flops,
                       device=spec.name, dominant=dominant)
+
+
+def _dense_layers(cfg, counts: list[int], stages) -> int:
+    """How many of the decoder layers of `stages` (contiguous runs of `counts` layers per stage) have no experts."""
+    starts = [sum(counts[:s]) for s in range(len(counts))]
+    return sum(not cfg.is_moe_layer(i) for s in stages for i in range(starts[s], starts[s] + counts[s]))
 
 
 def _coords(pp_rank: int):

@@ -29,7 +29,6 @@ import dataclasses
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,6 +43,7 @@ from graphllm.models import (
     read_hf_state_dict,
 )
 from graphllm.models.hub import resolve_model
+from graphllm.output_dir import temp_dir_beside, umask_modes
 from graphllm.models.mtp_weights import mtp_modules_in_files
 from graphllm.models.weights import (
     CONFIG_FILE,
@@ -121,14 +121,14 @@ def hf_to_graphllm(hf_dir: str | os.PathLike[str], out: str | os.PathLike[str], 
     carried = _present(hf, (CONFIG_FILE, GENERATION_CONFIG, *TOKENIZER_FILES))
     if not any(f in TOKENIZER_FILES for f in carried):
         notes.append(f"{hf} has no tokenizer files; graphllm-to-hf will need --tokenizer DIR to export one")
-    tmp = _temp_dir_beside(root)
+    tmp = temp_dir_beside(root)
     try:
         step = save_checkpoint(tmp / CONVERTED_STEP, step=0, named_params=sd, optim_state=None, extra={}, meta=meta,
                                st=None)
         (step / HF_SUBDIR).mkdir()
         for name in carried:
             shutil.copy2(hf / name, step / HF_SUBDIR / name)
-        _umask_modes(step / HF_SUBDIR)
+        umask_modes(step / HF_SUBDIR)
         _place_step(tmp, step, root, force)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -201,7 +201,7 @@ def graphllm_to_hf(ckpt: str | os.PathLike[str], out: str | os.PathLike[str], *,
     tok_files = _present(tok_src, TOKENIZER_FILES) if tok_src else []
     if not tok_files:
         notes.append("no tokenizer files in the checkpoint; pass --tokenizer DIR to include them")
-    tmp = _temp_dir_beside(dest)
+    tmp = temp_dir_beside(dest)
     try:
         # cfg: HF's fused projections (Phi-3, GLM-4) are written fused (models/weights.py fuse_for_hf)
         write_safetensors(sd, tmp, max_shard_bytes=max_bytes, materialize=materialize, cfg=cfg)
@@ -214,7 +214,7 @@ def graphllm_to_hf(ckpt: str | os.PathLike[str], out: str | os.PathLike[str], *,
                                                                             "pad_token_id") if k in hf_config}}
             (tmp / GENERATION_CONFIG).write_text(json.dumps(gen, indent=2) + "\n")
         (tmp / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
-        _umask_modes(tmp)
+        umask_modes(tmp)
         _install_hf(tmp, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -261,29 +261,6 @@ def _cast(sd: dict[str, torch.Tensor], dtype: str | None) -> dict[str, torch.Ten
 
 def _present(src: Path, names: tuple[str, ...]) -> list[str]:
     return [n for n in names if (src / n).is_file()]
-
-
-def _umask() -> int:
-    umask = os.umask(0)  # os.umask can only be read by setting it; read per call, the caller may change it
-    os.umask(umask)
-    return umask
-
-
-def _temp_dir_beside(dest: Path) -> Path:
-    """A fresh hidden directory next to `dest` (same filesystem, so renames are atomic), with the
-    permissions a plain mkdir would give (mkdtemp's 0700 would otherwise become the output's)."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-    os.chmod(tmp, 0o777 & ~_umask())
-    return tmp
-
-
-def _umask_modes(root: Path) -> None:
-    """Give everything under `root` (and `root`) the mode open()/mkdir() would under the umask: safetensors
-    writes 0600, mkstemp 0600, copy2 keeps a source file's mode; an export must be readable by others."""
-    umask = _umask()
-    for path in [root, *root.rglob("*")]:
-        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def _nonempty_dir(path: Path, flag: str) -> bool:

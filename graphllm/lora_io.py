@@ -207,7 +207,8 @@ def write_peft(adapters: Adapters, out: str | os.PathLike[str], *, base_model: s
     """Write `adapter_config.json` + `adapter_model.safetensors` into `out` (atomically: a temp dir renamed)."""
     from safetensors.torch import save_file
 
-    from graphllm.convert import _check_hf_out, _install_hf, _temp_dir_beside, _umask_modes
+    from graphllm.convert import _check_hf_out, _install_hf
+    from graphllm.output_dir import temp_dir_beside, umask_modes
 
     dest = Path(out).expanduser().resolve()
     _check_hf_out(dest, force)
@@ -218,11 +219,11 @@ def write_peft(adapters: Adapters, out: str | os.PathLike[str], *, base_model: s
               "modules_to_save": None, "use_dora": False}
     tensors = {f"{PEFT_PREFIX}{m}.{name}.weight": t.detach().contiguous().cpu()
                for m, (a, b) in sorted(adapters.factors.items()) for name, t in (("lora_A", a), ("lora_B", b))}
-    tmp = _temp_dir_beside(dest)
+    tmp = temp_dir_beside(dest)
     try:
         save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        _umask_modes(tmp)
+        umask_modes(tmp)
         if dest.exists() and any(dest.iterdir()):
             for f in tmp.iterdir():
                 os.replace(f, dest / f.name)
@@ -288,7 +289,7 @@ def lora_to_peft(ckpt: str | os.PathLike[str], out: str | os.PathLike[str], *, a
 def _write_weights_checkpoint(step: Path, named: dict[str, torch.Tensor], cfg, hf: Path, extra_meta: dict) -> None:
     """A weights-only graphllm checkpoint at `step` (graphllm.resume.WEIGHTS_ONLY) carrying the HF dir's files."""
     from graphllm.convert import (CONFIG_FILE, GENERATION_CONFIG, HF_SUBDIR, TOKENIZER_FILES, _present,
-                                  _umask_modes)
+                                  umask_modes)
     from graphllm.parallel.checkpoint import save_checkpoint
     from graphllm.resume import WEIGHTS_ONLY, weights_fingerprint
     from graphllm.version import __version__
@@ -299,14 +300,14 @@ def _write_weights_checkpoint(step: Path, named: dict[str, torch.Tensor], cfg, h
     (step / HF_SUBDIR).mkdir()
     for name in _present(hf, (CONFIG_FILE, GENERATION_CONFIG, *TOKENIZER_FILES)):
         shutil.copy2(hf / name, step / HF_SUBDIR / name)
-    _umask_modes(step)
+    umask_modes(step)
 
 
 def peft_to_graphllm(adapter_dir: str | os.PathLike[str], hf: str | os.PathLike[str],
                      out: str | os.PathLike[str]) -> tuple[Path, dict]:
     """A PEFT adapter and its base → OUT/step_0 (base + adapters, weights only); returns it and the lora
     settings to compile with (`compile_flags`)."""
-    from graphllm.convert import CONVERTED_STEP, _nonempty_dir, _temp_dir_beside
+    from graphllm.convert import CONVERTED_STEP, _nonempty_dir, temp_dir_beside
 
     if not is_peft_dir(adapter_dir):
         raise GraphllmError(f"--adapter {adapter_dir}: no {ADAPTER_CONFIG}; point it at a PEFT adapter directory")
@@ -318,7 +319,7 @@ def peft_to_graphllm(adapter_dir: str | os.PathLike[str], hf: str | os.PathLike[
         raise GraphllmError(f"--out {root} exists and is not empty; choose a new checkpoint root")
     settings = lora_settings(adapters, cfg)
     named = {**sd, **{f"{m}.{n}": t for m, ab in adapters.factors.items() for n, t in zip(FACTORS, ab)}}
-    tmp = _temp_dir_beside(root)
+    tmp = temp_dir_beside(root)
     try:
         _write_weights_checkpoint(tmp / CONVERTED_STEP, named, cfg, d, {"lora": settings, "adapter": str(adapter_dir)})
         os.rename(tmp, root)  # rename(2) replaces an empty directory
@@ -332,14 +333,14 @@ def merge_lora(src: str | os.PathLike[str], hf: str | os.PathLike[str], out: str
                alpha: float | None = None, rslora: bool | None = None):
     """Adapters (graphllm checkpoint or PEFT dir) merged into the base at `hf`, written as an HF directory by
     graphllm.convert.graphllm_to_hf (through a temporary weights-only checkpoint beside `out`)."""
-    from graphllm.convert import CONVERTED_STEP, _check_hf_out, _temp_dir_beside, graphllm_to_hf
+    from graphllm.convert import CONVERTED_STEP, _check_hf_out, temp_dir_beside, graphllm_to_hf
 
     adapters = read_adapters(src, alpha=alpha, rslora=rslora)
     cfg, d, sd = _base(hf, values=True)
     check_base(adapters, {k: v.shape for k, v in sd.items()}, str(d))
     dest = Path(out).expanduser().resolve()
     _check_hf_out(dest, force)
-    tmp = _temp_dir_beside(dest)
+    tmp = temp_dir_beside(dest)
     try:
         _write_weights_checkpoint(tmp / CONVERTED_STEP, merge_into(sd, adapters), cfg, d, {})
         result = graphllm_to_hf(tmp / CONVERTED_STEP, dest, dtype=dtype, max_shard_size=max_shard_size, force=force)

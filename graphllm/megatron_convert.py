@@ -30,10 +30,10 @@ import torch
 
 from graphllm.convert import (CONFIG_FILE, CONVERTED_STEP, GENERATION_CONFIG, HF_SUBDIR, TOKENIZER_FILES,
                               ConvertResult, _check_ckpt_out, _config_and_files, _dtype_names, _meta_model,
-                              _nbytes, _nonempty_dir, _place_step, _present, _rename_new, _resolve_ckpt,
-                              _temp_dir_beside, _umask_modes)
+                              _nbytes, _nonempty_dir, _place_step, _present, _rename_new, _resolve_ckpt)
 from graphllm.disk_space import disk_full, free_bytes
 from graphllm.errors import GraphllmError
+from graphllm.output_dir import temp_dir_beside, umask_modes
 from graphllm.megatron_io import TRACKER, MegatronCheckpoint, read_checkpoint, write_legacy
 from graphllm.megatron_layout import (check_split, check_target, config_from_args, megatron_args, padded_vocab_size,
                                       to_graphllm, to_megatron)
@@ -71,13 +71,13 @@ def megatron_to_graphllm(megatron: str | os.PathLike[str], out: str | os.PathLik
     meta = {"kind": WEIGHTS_ONLY, "fingerprint": weights_fingerprint(cfg), "model": str(ckpt.path),
             "config": cfg.to_dict(), "dtypes": _dtype_names(sd), "graphllm": __version__,
             "megatron": {"format": ckpt.fmt, "iteration": ckpt.iteration}}
-    tmp = _temp_dir_beside(root)
+    tmp = temp_dir_beside(root)
     try:
         with _writing(root, _nbytes(sd)):
             step = save_checkpoint(tmp / CONVERTED_STEP, step=0, named_params=sd, optim_state=None, extra={},
                                    meta=meta, st=None)
             files = _write_hf_files(step / HF_SUBDIR, target, hf_config)
-        _umask_modes(step)
+        umask_modes(step)
         _place_step(tmp, step, root, force)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -196,12 +196,12 @@ def graphllm_to_megatron(ckpt: str | os.PathLike[str], out: str | os.PathLike[st
     full = to_megatron(sd, cfg, padded)
     notes = [] if cfg.vocab_size == padded else [f"vocabulary padded with zero rows: {cfg.vocab_size} -> {padded} "
                                                  f"(--make-vocab-size-divisible-by {vocab_multiple} x tp {tp})"]
-    tmp = _temp_dir_beside(dest)
+    tmp = temp_dir_beside(dest)
     try:
         with _writing(dest, _nbytes(full)):
             written = write_legacy(tmp, full, args, tp=tp, pp=pp, iteration=iteration,
                                    extra={"hf_config": hf_config, "version": __version__})
-        _umask_modes(tmp)
+        umask_modes(tmp)
         notes += _install(tmp, dest, written.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -25,7 +25,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("app", ("graphllm.trainer", "graphllm.disk_space", "graphllm.run_config", "graphllm.checkpoint_root", "graphllm.job", "graphllm.artifact", "graphllm.report",
              "graphllm.resume", "graphllm.profile", "graphllm.profile_layers", "graphllm.profile_kernels", "graphllm.step_log", "graphllm.inspect_graphs",
              "graphllm.graph_view", "graphllm.graph_layout", "graphllm.graph_render", "graphllm.graph_export",
-             "graphllm.inspect_pipeline", "graphllm.convert", "graphllm.lora_io", "graphllm.megatron_layout",
+             "graphllm.inspect_pipeline", "graphllm.convert", "graphllm.output_dir", "graphllm.lora_io", "graphllm.megatron_layout",
              "graphllm.megatron_io", "graphllm.megatron_unpickle", "graphllm.megatron_convert", "graphllm.launch", "graphllm.slurm_env", "graphllm.eval",
              "graphllm.generate", "graphllm.npu_preflight", "graphllm.launch_script", "graphllm.megatron_flags",
              "graphllm.planner")),

@@ -33,6 +33,7 @@ import re
 import torch
 
 from graphllm.planning.comm import graph_collectives
+from graphllm.planner.fake_world import fake_world, measurement_plan
 from graphllm.planning.flops import node_flops
 from graphllm.planner.node_costs import mem_bytes, transient_bytes
 
@@ -233,10 +234,10 @@ def _capture_costs(cfg, keys: list[Key]) -> dict[Key, tuple[Part, Part]]:
 
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    plan = _plan(keys[0])  # the model steps do not read the recompute policy (it acts at partitioning)
+    plan = measurement_plan(keys[0])  # the model steps do not read the recompute policy (it acts at partitioning)
     fake = FakeTensorMode(allow_non_fake_inputs=True)  # CPU tensors without storage: nothing is allocated
     out = {}
-    with _fake_world(plan.layout) as st, warnings.catch_warnings():
+    with fake_world(plan.layout) as st, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with fake, _default_dtype(torch.bfloat16 if keys[0].params_dtype == "bf16" else torch.float32):
             model = LlamaForCausalLM(cfg)  # built in the params dtype: `.to()` cannot swap fake parameters
@@ -263,7 +264,7 @@ def _partitioned_costs(prepared, model, inputs, key: Key, st, fake) -> tuple[Par
     from graphllm.pass_pipeline import build_pipeline
     from graphllm.train_stage import TrainStage
 
-    plan = _plan(key)
+    plan = measurement_plan(key)
     stage = TrainStage(plan=plan, passes=build_pipeline(plan).train_passes,
                        ctx_template=dataclasses.replace(prepared.ctx, recompute=plan.recompute))
     if key.recompute == "none" and key.min_cut:  # what inductor's compile_fx partitions with (train_stage's rule
@@ -345,52 +346,6 @@ def _read_train_graphs(fwd, bwd, parts: dict, kinds: dict, reuse: bool) -> None:
                 part.comm[key_] = part.comm.get(key_, 0.0) + c["bytes"]
                 part.comm_calls += c["calls"]
                 part.peak_comm = max(part.peak_comm, float(c["bytes"]))
-
-
-def _plan(key: Key):
-    """The CompilePlan of one measurement: pp = 1, dp = ep and two micro-batches (so that no data-parallel gradient
-    reduction enters the backward graph: the planner prices it itself)."""
-    from graphllm.plan import CompilePlan
-    from graphllm.planning.layout import Layout
-    from graphllm.planning.moe_config import MoeConfig
-    from graphllm.planning.recompute_config import RecomputeConfig
-
-    layout = Layout(tp=key.tp, cp=key.cp, sequence_parallel=key.sp, cp_algo=key.cp_algo if key.cp > 1 else "ring",
-                    micro_batches=2, dp=key.ep, ep=key.ep)  # rank 0 of one expert-parallel group
-    plan = CompilePlan(model="tiny-llama", backend="eager", batch_size=key.mbs, seq_len=key.seq_len, layout=layout,
-                       recompute=RecomputeConfig(policy=key.recompute), fused_loss=key.fused_loss,
-                       attn_implementation=key.attn_implementation,
-                       moe=MoeConfig(dispatcher=key.moe_dispatcher, capacity_factor=key.moe_capacity))
-    return plan
-
-
-@contextlib.contextmanager
-def _fake_world(layout):
-    """Rank 0 of `layout`'s world on torch's fake process-group backend (collectives do nothing), then back."""
-    import torch.distributed as dist
-
-    from graphllm.errors import GraphllmError
-    from graphllm.parallel import groups
-
-    if layout.world_size == 1:
-        yield None
-        return
-    if dist.is_initialized():
-        raise GraphllmError("graphllm.planner: measuring a tensor/context-parallel plan needs a process without a "
-                            "process group (it traces the ranks on a fake one); call predict() before "
-                            "init_process_group or in another process")
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-
-    saved = groups.state()
-    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=layout.world_size)
-    try:
-        mesh, flat = groups.build_mesh(layout, "cpu")
-        st = groups.ParallelState(layout=layout, rank=0, coords=layout.coords(0), mesh=mesh, flat=flat)
-        groups.set_state(st)
-        yield st
-    finally:
-        groups.set_state(saved)
-        dist.destroy_process_group()
 
 
 def _one_collective(n, kinds: dict) -> dict:

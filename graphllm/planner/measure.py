@@ -98,7 +98,8 @@ class Part:
         """a·self + b·other."""
         comm = {k: a * self.comm.get(k, 0.0) + b * other.comm.get(k, 0.0) for k in {*self.comm, *other.comm}}
         return Part(params=a * self.params + b * other.params,
-                    expert_params=a * self.expert_params + b * other.expert_params, fwd_flops=a * self.fwd_flops + b * other.fwd_flops,
+                    expert_params=a * self.expert_params + b * other.expert_params,
+                    fwd_flops=a * self.fwd_flops + b * other.fwd_flops,
                     recompute_flops=a * self.recompute_flops + b * other.recompute_flops,
                     mem_bytes=a * self.mem_bytes + b * other.mem_bytes,
                     saved_bytes=a * self.saved_bytes + b * other.saved_bytes,
@@ -129,10 +130,6 @@ class Measurement:
     dense_layer: Part | None = None
     """A mixture-of-experts model whose layers mix the two kinds (DeepSeek-V3's first dense layers, Qwen3-MoE's
     mlp_only_layers): one dense decoder layer, `layer` being one MoE layer; None when every layer is `layer`."""
-
-    def layer_of(self, cfg, i: int) -> Part:
-        """The costs of the model's decoder layer `i`."""
-        return self.layer if self.dense_layer is None or cfg.is_moe_layer(i) else self.dense_layer
 
 
 _MEMO: dict[tuple, Measurement] = {}

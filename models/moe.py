@@ -53,9 +53,10 @@ class Experts(nn.Module):
     def forward(self, x_sorted: torch.Tensor, group_sizes: torch.Tensor) -> torch.Tensor:
         """x_sorted [N, H], rows grouped by expert, group_sizes [E] int64 → [N, H]."""
         gmm = torch.ops.graphllm.grouped_matmul
-        gate_up = gmm(x_sorted, self.gate_up_proj.transpose(1, 2), group_sizes)  # [N, 2I]
+        # the weights as stored, [E, out, in]: the op multiplies by each expert's transpose without a copy
+        gate_up = gmm(x_sorted, self.gate_up_proj, group_sizes, transpose_weight=True)  # [N, 2I]
         gate, up = gate_up.chunk(2, dim=-1)
-        return gmm(F.silu(gate) * up, self.down_proj.transpose(1, 2), group_sizes)  # [N, H]
+        return gmm(F.silu(gate) * up, self.down_proj, group_sizes, transpose_weight=True)  # [N, H]
 
     def extra_repr(self) -> str:
         E, two_i, H = self.gate_up_proj.shape

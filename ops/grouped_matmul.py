@@ -1,6 +1,7 @@
 """graphllm::grouped_matmul — one matmul per group of rows: the expert layer of a mixture of experts.
 
     y[rows of group g] = x[rows of group g] @ weight[g]        x [T, K], weight [G, K, N] -> y [T, N]
+    with transpose_weight:  x[rows of group g] @ weight[g]ᵀ     weight [G, N, K] (transformers' expert layout)
 
 Rows are sorted by group (token permutation puts each expert's tokens together); `group_sizes` [G]
 int64 counts them (a group may be empty). Rows past the last group (sum < T: the pairs another
@@ -8,8 +9,15 @@ expert-parallel rank computes, or that a capacity limit dropped; ops/moe_dispatc
 the op stays one static graph node: its kernels loop over the groups (here; torch_npu's
 npu_grouped_matmul on the NPU, ops/lowering_npu.py).
 
-Backward: dx = grouped_matmul(dy, weightᵀ, group_sizes) (the same op); dweight[g] = x_gᵀ dy_g, a
-second op `grouped_matmul_weight_grad` so a backend can map it to its own kernel.
+Backward: dx = grouped_matmul(dy, weight, group_sizes, not transpose_weight) (the same op, on the same saved
+weight); dweight[g] = x_gᵀ dy_g (dy_gᵀ x_g for a transposed weight), a second op `grouped_matmul_weight_grad` so a
+backend can map it to its own kernel.
+
+The layout is a flag, not a transposed view, so no graph holds a transposed copy of an expert weight: the
+forward casts the stored [G, N, K] parameter once (bf16 under autocast), the backward reads that same tensor, and
+the BLAS call takes the transpose as a stride. (Before the flag, the backward's `weightᵀ.contiguous()` made
+inductor save a transposed and a twice-transposed bf16 copy of every expert weight; on GCC 12.2 at -O3 the
+fused C++ kernel that made the second copy came out wrong — NaN gradients in bf16 MoE training, docs/moe.md.)
 """
 
 from __future__ import annotations
@@ -30,31 +38,36 @@ def _row_ranges(group_sizes: Tensor) -> list[tuple[int, int, int]]:
     return out
 
 
-def check_group_sizes(x: Tensor, weight: Tensor, group_sizes: Tensor) -> None:
-    torch._check(x.dim() == 2 and weight.dim() == 3 and x.shape[1] == weight.shape[1],
-                 lambda: f"grouped_matmul: x [T, K] and weight [G, K, N], got {tuple(x.shape)}, {tuple(weight.shape)}")
+def check_group_sizes(x: Tensor, weight: Tensor, group_sizes: Tensor, transpose_weight: bool = False) -> None:
+    k_dim, layout = (2, "[G, N, K]") if transpose_weight else (1, "[G, K, N]")
+    torch._check(x.dim() == 2 and weight.dim() == 3 and x.shape[1] == weight.shape[k_dim],
+                 lambda: f"grouped_matmul: x [T, K] and weight {layout}, got {tuple(x.shape)}, {tuple(weight.shape)}")
     torch._check(group_sizes.dim() == 1 and group_sizes.shape[0] == weight.shape[0],
                  lambda: f"grouped_matmul: group_sizes must be [G={weight.shape[0]}], got {tuple(group_sizes.shape)}")
 
 
+def out_features(weight: Tensor, transpose_weight: bool) -> int:
+    return weight.shape[1] if transpose_weight else weight.shape[2]
+
+
 @torch.library.custom_op("graphllm::grouped_matmul", mutates_args=())
-def grouped_matmul(x: Tensor, weight: Tensor, group_sizes: Tensor) -> Tensor:
-    check_group_sizes(x, weight, group_sizes)
+def grouped_matmul(x: Tensor, weight: Tensor, group_sizes: Tensor, transpose_weight: bool = False) -> Tensor:
+    check_group_sizes(x, weight, group_sizes, transpose_weight)
     if int(group_sizes.sum()) > x.shape[0]:
         raise ValueError(f"grouped_matmul: group_sizes sum to {int(group_sizes.sum())}, x has {x.shape[0]} rows")
     # every row is written once: by its group's matmul, or zeroed in the tail (no full-size memset first)
     ranges = _row_ranges(group_sizes)
-    out = x.new_empty((x.shape[0], weight.shape[2]))
+    out = x.new_empty((x.shape[0], out_features(weight, transpose_weight)))
     out[ranges[-1][2] if ranges else 0:].zero_()
     for g, a, b in ranges:
-        torch.matmul(x[a:b], weight[g], out=out[a:b])
+        torch.matmul(x[a:b], weight[g].t() if transpose_weight else weight[g], out=out[a:b])
     return out
 
 
 @grouped_matmul.register_fake
-def _(x, weight, group_sizes):
-    check_group_sizes(x, weight, group_sizes)
-    return x.new_empty((x.shape[0], weight.shape[2]))
+def _(x, weight, group_sizes, transpose_weight=False):
+    check_group_sizes(x, weight, group_sizes, transpose_weight)
+    return x.new_empty((x.shape[0], out_features(weight, transpose_weight)))
 
 
 @torch.library.custom_op("graphllm::grouped_matmul_weight_grad", mutates_args=())
@@ -77,21 +90,18 @@ def _(x, grad, group_sizes):
 
 
 def _setup(ctx, inputs, output):
-    x, weight, group_sizes = inputs
+    x, weight, group_sizes, transpose_weight = inputs
     ctx.save_for_backward(x, weight, group_sizes)
+    ctx.transpose_weight = transpose_weight
 
 
 def _backward(ctx, grad):
     x, weight, group_sizes = ctx.saved_tensors
     ops = torch.ops.graphllm
-    weight_t = weight.transpose(1, 2)  # [G, N, K]
-    dx = ops.grouped_matmul(grad, weight_t.contiguous(), group_sizes)
-    if weight_t.is_contiguous():
-        # the weight is a transposed view of a [G, N, K] parameter (transformers' expert layout, models/moe.py):
-        # compute its gradient as dyᵀ x [G, N, K], so its transpose is laid out like the parameter and autograd
-        # accumulates it without a strided copy of every expert matrix each step (same dot products)
-        return dx, ops.grouped_matmul_weight_grad(grad, x, group_sizes).transpose(1, 2), None
-    return dx, ops.grouped_matmul_weight_grad(x, grad, group_sizes), None
+    dx = ops.grouped_matmul(grad, weight, group_sizes, not ctx.transpose_weight)
+    if ctx.transpose_weight:  # dweight[g] [N, K] = dy_gᵀ x_g, laid out like the parameter
+        return dx, ops.grouped_matmul_weight_grad(grad, x, group_sizes), None, None
+    return dx, ops.grouped_matmul_weight_grad(x, grad, group_sizes), None, None
 
 
 grouped_matmul.register_autograd(_backward, setup_context=_setup)

@@ -113,9 +113,9 @@ NPU_KERNELS: dict[torch._ops.OpOverload, NpuKernel] = {
         "takes no lse gradient)",
     ),
     ops.grouped_matmul.default: NpuKernel(
-        "npu_grouped_matmul", "npu_grouped_matmul([x], [weight], group_list=sizes with the tail added to the last "
-        "group, split_item=3, group_type=0, group_list_type=1)[0], tail rows zeroed; graphllm's backward (the "
-        "kernel for dx, a masked contraction for dweight)"),
+        "npu_grouped_matmul", "npu_grouped_matmul([x], [weight as [G, K, N]], group_list=sizes with the tail "
+        "added to the last group, split_item=3, group_type=0, group_list_type=1)[0], tail rows zeroed; "
+        "graphllm's backward (the kernel for dx, a masked contraction for dweight)"),
     ops.moe_permute.default: NpuKernel(
         "npu_moe_token_permute", "not wired (torchair 2.13 has no GE converter; runs as its decomposition): "
         "npu_moe_token_permute(x, key) with key = local expert id, num_experts for the tail -> (x_sorted, "

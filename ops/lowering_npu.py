@@ -242,7 +242,12 @@ class _GroupedMatmulNpu(torch.autograd.Function):
         return dx, dw.to(weight.dtype), None
 
 
-def grouped_matmul_npu(x: Tensor, weight: Tensor, group_sizes: Tensor) -> Tensor:
+def grouped_matmul_npu(x: Tensor, weight: Tensor, group_sizes: Tensor,
+                       transpose_weight: bool = False) -> Tensor:
+    """A [G, N, K] weight (transpose_weight) goes to the kernel as its [G, K, N] transpose, copied: whether
+    npu_grouped_matmul reads a transposed-stride weight in place is not documented for torch_npu 2.13."""
+    if transpose_weight:
+        weight = weight.transpose(1, 2).contiguous()
     return _GroupedMatmulNpu.apply(x, weight, group_sizes)
 
 

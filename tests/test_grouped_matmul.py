@@ -54,15 +54,21 @@ def test_rows_past_the_groups_are_zero_and_get_no_gradient():
     assert rel_err(dw, torch.autograd.grad(_dense(x[:5], w, sizes), w, g[:5])[0]) <= FP32_RTOL
 
 
-def test_weight_passed_as_a_transposed_view_gets_its_gradient_in_the_parameter_layout():
-    """models/moe.py passes `gate_up_proj.transpose(1, 2)`: the backward computes dyᵀ x and transposes it, the same
-    values as x_gᵀ dy_g, laid out like the [G, N, K] parameter."""
+def test_a_weight_in_the_stored_layout_multiplies_by_its_transpose():
+    """models/moe.py passes the [G, N, K] parameters with transpose_weight: the values and gradients of the
+    transposed view, the weight gradient laid out like the parameter, and no transposed copy anywhere."""
     gen = torch.Generator().manual_seed(3)
     sizes = torch.tensor([3, 0, 4])
-    x = torch.randn(8, 5, generator=gen)
+    x = torch.randn(8, 5, generator=gen, requires_grad=True)
     param = torch.randn(3, 6, 5, generator=gen, requires_grad=True)  # [G, N, K]
-    y = torch.ops.graphllm.grouped_matmul(x, param.transpose(1, 2), sizes)
+    y = torch.ops.graphllm.grouped_matmul(x, param, sizes, transpose_weight=True)
+    ref = _dense(x[:7], param.transpose(1, 2), sizes)
+    assert y.shape == (8, 6) and rel_err(y[:7], ref) <= FP32_RTOL and torch.count_nonzero(y[7:]) == 0
     g = torch.randn(y.shape, generator=gen)
-    (got,) = torch.autograd.grad(y, param, g)
-    (want,) = torch.autograd.grad(_dense(x[:7], param.transpose(1, 2), sizes), param, g[:7])
-    assert got.shape == param.shape and rel_err(got, want) <= FP32_RTOL
+    got = torch.autograd.grad(y, (x, param), g)
+    want = torch.autograd.grad(ref, (x, param), g[:7])
+    assert rel_err(got[0], want[0]) <= FP32_RTOL and torch.count_nonzero(got[0][7:]) == 0  # the tail: none
+    assert got[1].shape == param.shape and got[1].is_contiguous() and rel_err(got[1], want[1]) <= FP32_RTOL
+    torch.library.opcheck(torch.ops.graphllm.grouped_matmul.default, (x.detach(), param.detach(), sizes, True))
+    with pytest.raises(RuntimeError, match=r"weight \[G, N, K\], got \(8, 5\), \(3, 5, 6\)"):
+        torch.ops.graphllm.grouped_matmul(x, param.transpose(1, 2), sizes, transpose_weight=True)

@@ -37,7 +37,7 @@ from graphllm.planner.fake_world import fake_world, measurement_plan
 from graphllm.planning.flops import node_flops
 from graphllm.planner.node_costs import mem_bytes, transient_bytes
 
-CACHE_VERSION = 10
+CACHE_VERSION = 11  # 11: expert weights enter grouped_matmul as stored (transpose_weight), no transposed copies
 _LAYER = re.compile(r"layers\.(\d+)\b")
 
 

@@ -50,17 +50,34 @@ def out_features(weight: Tensor, transpose_weight: bool) -> int:
     return weight.shape[1] if transpose_weight else weight.shape[2]
 
 
+ROW_BUCKET = 32
+"""oneDNN, which runs CPU matmuls in bf16 and fp16, builds and JIT-compiles a kernel for every new shape it meets
+(about 1 ms on one Sapphire Rapids core: ten times an expert's GEMM here) and caches it. A group's row count
+changes every step, so in those dtypes each group's matmul runs on a whole number of ROW_BUCKET rows and the
+shapes repeat (benchmarks/README.md, moe_step). fp32 goes to a BLAS with no per-shape cost and is left alone."""
+
+
+def _row_bucket(x: Tensor) -> int:
+    return ROW_BUCKET if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16) else 1
+
+
 @torch.library.custom_op("graphllm::grouped_matmul", mutates_args=())
 def grouped_matmul(x: Tensor, weight: Tensor, group_sizes: Tensor, transpose_weight: bool = False) -> Tensor:
     check_group_sizes(x, weight, group_sizes, transpose_weight)
     if int(group_sizes.sum()) > x.shape[0]:
         raise ValueError(f"grouped_matmul: group_sizes sum to {int(group_sizes.sum())}, x has {x.shape[0]} rows")
-    # every row is written once: by its group's matmul, or zeroed in the tail (no full-size memset first)
-    ranges = _row_ranges(group_sizes)
-    out = x.new_empty((x.shape[0], out_features(weight, transpose_weight)))
+    ranges, bucket, rows = _row_ranges(group_sizes), _row_bucket(x), x.shape[0]
+    out = x.new_empty((rows, out_features(weight, transpose_weight)))
+    for g, a, b in ranges:  # in row order: a group's rounded-up rows spill only into the next group's, which follow
+        w = weight[g].t() if transpose_weight else weight[g]
+        end = a + -(-(b - a) // bucket) * bucket
+        if end > rows:  # the last group, near the end of x: a whole number of buckets, then the remainder
+            end = a + (b - a) // bucket * bucket
+            torch.matmul(x[end:b], w, out=out[end:b])
+        if end > a:
+            torch.matmul(x[a:end], w, out=out[a:end])
+    # every row is written once by its group's matmul, or zeroed here in the tail (no full-size memset first)
     out[ranges[-1][2] if ranges else 0:].zero_()
-    for g, a, b in ranges:
-        torch.matmul(x[a:b], weight[g].t() if transpose_weight else weight[g], out=out[a:b])
     return out
 
 
@@ -79,8 +96,15 @@ def grouped_matmul_weight_grad(x: Tensor, grad: Tensor, group_sizes: Tensor) -> 
     for g in range(out.shape[0]):
         if g not in filled:
             out[g].zero_()
-    for g, a, b in ranges:
-        torch.matmul(x[a:b].t(), grad[a:b], out=out[g])
+    bucket = _row_bucket(x)
+    for g, a, b in ranges:  # summed over the group's rows: a whole number of buckets, then the remainder added
+        mid = a + (b - a) // bucket * bucket
+        if mid > a:
+            torch.matmul(x[a:mid].t(), grad[a:mid], out=out[g])
+        else:
+            out[g].zero_()
+        if mid < b:
+            out[g].addmm_(x[mid:b].t(), grad[mid:b])
     return out
 
 

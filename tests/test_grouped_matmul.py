@@ -72,3 +72,29 @@ def test_a_weight_in_the_stored_layout_multiplies_by_its_transpose():
     torch.library.opcheck(torch.ops.graphllm.grouped_matmul.default, (x.detach(), param.detach(), sizes, True))
     with pytest.raises(RuntimeError, match=r"weight \[G, N, K\], got \(8, 5\), \(3, 5, 6\)"):
         torch.ops.graphllm.grouped_matmul(x, param.transpose(1, 2), sizes, transpose_weight=True)
+
+
+BF16_RTOL = 1e-2  # bf16 inputs and outputs against the fp32 product: a few 2^-8 roundings
+
+
+@pytest.mark.parametrize("tail", [0, 3])  # the last group rounded up past x's end, or into the tail
+def test_bf16_groups_rounded_to_whole_buckets_match_per_group_matmuls(tail: int):
+    """In bf16 on the CPU each group's matmul runs on a whole number of ROW_BUCKET rows (the rows past the group are
+    the next group's, recomputed after) and the weight gradient sums whole buckets then the remainder: the
+    same values as per-group matmuls, and the tail still zero."""
+    from graphllm.ops.grouped_matmul import ROW_BUCKET
+
+    gen = torch.Generator().manual_seed(4)
+    sizes = torch.tensor([37, 0, 2 * ROW_BUCKET, 5, ROW_BUCKET - 2])
+    rows = int(sizes.sum()) + tail
+    x = torch.randn(rows, 48, generator=gen).bfloat16().requires_grad_()
+    param = torch.randn(5, 40, 48, generator=gen).bfloat16().requires_grad_()  # [G, N, K]
+    y = torch.ops.graphllm.grouped_matmul(x, param, sizes, transpose_weight=True)
+    used = int(sizes.sum())
+    ref = _dense(x[:used].float(), param.float().transpose(1, 2), sizes)
+    assert rel_err(y[:used].float(), ref) <= BF16_RTOL and torch.count_nonzero(y[used:]) == 0
+    g = torch.randn(y.shape, generator=gen).bfloat16()
+    dx, dw = torch.autograd.grad(y, (x, param), g)
+    want_dx, want_dw = torch.autograd.grad(ref, (x, param), g[:used].float())
+    assert rel_err(dx.float(), want_dx) <= BF16_RTOL and torch.count_nonzero(dx[used:]) == 0
+    assert rel_err(dw.float(), want_dw) <= BF16_RTOL and torch.count_nonzero(dw[1]) == 0

@@ -66,6 +66,8 @@ def add_parser(sub) -> None:
                    "each rank ≥ 4096 tokens of a row)")
     p.add_argument("--ep", type=_ints, metavar="N,N", help="expert-parallel sizes to try (a mixture-of-experts "
                    "model; default: the divisors of dp that divide its experts)")
+    p.add_argument("--moe-capacity-factor", type=float, metavar="F", help="price every plan of a mixture-of-"
+                   "experts model with this expert capacity (graphllm compile's flag; default: dropless)")
     p.add_argument("--micro-batch-sizes", type=_ints, metavar="N,N", help="micro-batch sizes to try (default 1,2,4,8)")
     p.add_argument("--recompute", type=_names, metavar="P,P", help="recompute policies to try (default "
                    "none,selective,full)")
@@ -91,7 +93,8 @@ def run(args: argparse.Namespace) -> int:
     if args.top < 1:
         raise GraphllmError("--top must be ≥ 1")
     cfg, compile_model = plan_model(args.model)
-    space = Space(tp=args.tp, cp=args.cp, ep=args.ep, options=memory_options(tuple(args.memory_features)))
+    space = Space(tp=args.tp, cp=args.cp, ep=args.ep, options=memory_options(tuple(args.memory_features)),
+                  capacity_factor=_capacity_factor(args.moe_capacity_factor, cfg))
     if args.micro_batch_sizes:
         space.mbs = args.micro_batch_sizes
     if args.recompute:
@@ -161,6 +164,19 @@ def _features_of(c) -> str:
     return c.dispatcher if c.options.describe() == "-" else f"{c.options.describe()}, {c.dispatcher}"
 
 
+def _capacity_factor(value: float | None, cfg) -> float | None:
+    """--moe-capacity-factor, checked as graphllm compile checks it; refused for a dense model."""
+    from graphllm.errors import GraphllmError
+    from graphllm.planning.moe_config import MoeConfig
+
+    if value is None:
+        return None
+    MoeConfig(capacity_factor=value)  # > 0, or one line naming the flag
+    if not getattr(cfg, "num_experts", 0):
+        raise GraphllmError(f"--moe-capacity-factor {value:g}: {cfg.model_type} is dense (no experts); leave it out")
+    return value
+
+
 def emit_command(c, model: str, args, *, spec_name: str) -> str:
     """The `graphllm compile` command line of candidate `c` (flags as graphllm compile names them)."""
     lay = c.layout
@@ -176,6 +192,8 @@ def emit_command(c, model: str, args, *, spec_name: str) -> str:
         argv += ["--cp", str(lay.cp)]
     if lay.ep > 1:
         argv += ["--ep", str(lay.ep), "--moe-dispatcher", c.dispatcher]
+    if getattr(args, "moe_capacity_factor", None) is not None:
+        argv += ["--moe-capacity-factor", f"{args.moe_capacity_factor:g}"]
     if lay.sequence_parallel:
         argv.append("--sequence-parallel")
     if lay.zero1:
@@ -201,7 +219,8 @@ def _json(result, args, spec) -> dict:
                      "mfu": p.mfu, "options": dataclasses.asdict(c.options),
                      "ranks": [{k: v for k, v in r.items() if k != "params"} for r in p.ranks]})
     return {"model": args.model, "devices": args.devices, "device": dataclasses.asdict(spec), "seq_len": args.seq_len,
-            "global_batch": args.global_batch, "amp": args.amp, "seconds": result.seconds,
+            "global_batch": args.global_batch, "amp": args.amp, "moe_capacity_factor": args.moe_capacity_factor,
+            "seconds": result.seconds,
             "pruned": dict(result.pruned), "plans": rows}
 
 

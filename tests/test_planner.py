@@ -240,6 +240,8 @@ def test_a_cache_that_cannot_be_written_is_skipped(tmp_path) -> None:
     (["--device", "cpu", "--device-memory", "lots"], "is not a size"),
     (["--device", "cpu", "--devices", "0"], "must be ≥ 1"),
     (["--device", "h100", "--json", "/nonexistent-dir/plans.json"], "cannot write it"),
+    (["--device", "cpu", "--moe-capacity-factor", "0"], "--moe-capacity-factor 0.0 must be > 0"),
+    (["--device", "cpu", "--moe-capacity-factor", "1.25"], "--moe-capacity-factor 1.25: llama is dense"),
 ])
 def test_bad_input_exits_2_with_one_line(argv, says, capsys) -> None:
     base = ["plan", *TINY_FAST, "--devices", "4", "--global-batch", "8"]
@@ -329,6 +331,13 @@ def test_expert_parallel_is_searched_and_priced_from_its_own_graphs() -> None:
     best_ep = next(c for c in result.candidates if c.layout.ep == 2 and c.dispatcher == "alltoall")
     argv = shlex.split(emit_command(best_ep, "mixtral-dir", SimpleNamespace(seq_len=64, amp="bf16"), spec_name="h100"))
     assert argv[argv.index("--ep") + 1] == "2" and argv[argv.index("--moe-dispatcher") + 1] == "alltoall"
+    # --moe-capacity-factor: priced from graphs with capacity-bounded dispatch buffers, and emitted
+    capped = search(cfg, devices=2, spec=device_spec("h100"), seq_len=64, global_batch=2, jobs=1,
+                    space=dataclasses.replace(space, ep=(2,), dispatchers=("alltoall",), capacity_factor=1.0))
+    one = next(c for c in capped.candidates if c.layout.pp == 1)
+    assert one.prediction.memory["activations"] < by[2, "alltoall"].memory["activations"]
+    args = SimpleNamespace(seq_len=64, amp="bf16", moe_capacity_factor=1.0)
+    assert "--moe-capacity-factor 1" in emit_command(one, "mixtral-dir", args, spec_name="h100")
 
 
 @pytest.mark.parametrize("family, fields", [("deepseek-v3", {"num_hidden_layers": 4, "first_k_dense_replace": 2}),

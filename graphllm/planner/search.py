@@ -48,6 +48,9 @@ class Space:
     """Default (an MoE model): the divisors of dp that divide its experts; a dense model: 1."""
     dispatchers: tuple[str, ...] = ("allgather", "alltoall")
     """--moe-dispatcher choices tried at ep > 1."""
+    capacity_factor: float | None = None
+    """--moe-capacity-factor of every MoE plan (None: dropless). A choice of the model's numerics, not of the
+    layout, so it is priced as given rather than searched."""
     options: tuple[MemoryOptions, ...] = (MemoryOptions(),)
     """The extension point for bf16 parameters / offload: each is priced for every layout."""
 
@@ -178,7 +181,8 @@ def search(cfg, *, devices: int, spec: DeviceSpec, seq_len: int, global_batch: i
     dtypes = {o.params_dtype for o in space.options}
     def key(lay: Layout, rc: str, dt: str, disp: str) -> Key:
         return Key(tp=lay.tp, cp=lay.cp, sp=lay.sequence_parallel, recompute=rc, mbs=1, seq_len=seq_len, amp=amp,
-                   params_dtype=dt, min_cut=spec.min_cut, ep=lay.ep, moe_dispatcher=disp)
+                   params_dtype=dt, min_cut=spec.min_cut, ep=lay.ep, moe_dispatcher=disp,
+                   moe_capacity=space.capacity_factor)
 
     def dispatchers(lay: Layout) -> tuple[str, ...]:
         return space.dispatchers if lay.ep > 1 else ("allgather",)

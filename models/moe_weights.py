@@ -20,7 +20,7 @@ import re
 import torch
 
 from .config import ModelConfig
-from .mtp_weights import mtp_file_name
+from .mtp_weights import mtp_copy_names, mtp_file_name
 
 _PROJ = {"mixtral": ("block_sparse_moe", "w1", "w3", "w2"), "qwen3_moe": ("mlp", "gate_proj", "up_proj", "down_proj"),
          "deepseek_v3": ("mlp", "gate_proj", "up_proj", "down_proj")}
@@ -63,6 +63,8 @@ def experts_from_files(sd: dict[str, torch.Tensor], cfg: ModelConfig | None) -> 
 def file_names(name: str, cfg: ModelConfig | None) -> list[str]:
     """The names in transformers' files of the model tensor `name` (itself when it is neither an expert tensor nor
     an MTP module's, models/mtp_weights.py)."""
+    if copies := mtp_copy_names(name, cfg):
+        return [name, *copies]
     name = mtp_file_name(name, cfg)
     proj = _moe(cfg)
     m = _STACKED.match(name) if proj is not None else None
@@ -88,6 +90,8 @@ def experts_to_files(sd: dict[str, torch.Tensor], cfg: ModelConfig | None) -> di
             out[name] = t
         elif len(names) == 1:  # the router or an MTP module's tensor, renamed
             out[names[0]] = t
+        elif names[0] == name:  # the embedding or head, and its copies under the MTP layers (safetensors wants
+            out.update({n: t if n == name else t.clone() for n in names})  # tensors that share no memory)
         elif name.endswith("gate_up_proj"):  # [E, 2I, H] → per expert gate [I, H], up [I, H]
             pieces = [half.contiguous() for e in range(t.shape[0]) for half in t[e].chunk(2, dim=0)]
             out.update(zip(names, pieces))

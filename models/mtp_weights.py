@@ -5,7 +5,8 @@ num_hidden_layers), with `enorm`, `hnorm`, `eh_proj` and `shared_head.norm` besi
 copies of the embedding and LM head (`embed_tokens.weight`, `shared_head.head.weight`). graphllm keeps the modules
 apart from the decoder's layers, as `model.mtp.<k>.*` (models/decoder.py MtpLayer), and shares the embedding and
 head: on load the layers past L are renamed (the copies dropped; modules past cfg.mtp_layers dropped, as
-transformers drops them all), on save renamed back (without the copies).
+transformers drops them all), on save renamed back, with the copies written again (inference stacks that run
+the MTP modules read them there).
 """
 
 from __future__ import annotations
@@ -55,3 +56,14 @@ def mtp_file_name(name: str, cfg: ModelConfig | None) -> str:
     """The file name of a model tensor: model.mtp.<k>.X is model.layers.<L + k>.X, others unchanged."""
     m = _MODEL.match(name) if cfg is not None and cfg.mtp_layers else None
     return f"model.layers.{cfg.num_hidden_layers + int(m.group(1))}.{m.group(2)}" if m else name
+
+
+def mtp_copy_names(name: str, cfg: ModelConfig | None) -> list[str]:
+    """The file names of the release's copies of model tensor `name` (the embedding or the LM head) under each MTP
+    layer; none for other tensors or without MTP modules. A tied head is copied from the embedding."""
+    if cfg is None or not cfg.mtp_layers:
+        return []
+    copies = {"model.embed_tokens.weight": COPIES if cfg.tie_word_embeddings else COPIES[:1],
+              "lm_head.weight": () if cfg.tie_word_embeddings else COPIES[1:]}.get(name, ())
+    L = cfg.num_hidden_layers
+    return [f"model.layers.{L + k}.{c}" for k in range(cfg.mtp_layers) for c in copies]

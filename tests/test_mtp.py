@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from hf_parity import BATCH, SEQ, VOCAB, hf_model, rel_err, save_hf_checkpoint
 
@@ -94,8 +94,8 @@ def test_mtp_loss_and_gradients_equal_transformers_modules(deepseek, caplog):
 
 def test_mtp_weights_round_trip_through_deepseek_files(deepseek, tmp_path: Path):
     """graphllm-to-hf writes module d as model.layers.<L + d - 1>.* with num_nextn_predict_layers; loading it
-    again gives the same modules (none drawn); the release's copies of the embedding and head under an MTP
-    layer are dropped; without --mtp-layers the modules are dropped, as transformers does."""
+    again gives the same modules (none drawn); it writes the release's copies of the embedding and head under
+    each MTP layer, and loading drops them; without --mtp-layers the modules are dropped, as transformers does."""
     from graphllm.convert import graphllm_to_hf
     from graphllm.models import load_model
     from graphllm.parallel.checkpoint import save_checkpoint
@@ -113,10 +113,9 @@ def test_mtp_weights_round_trip_through_deepseek_files(deepseek, tmp_path: Path)
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["num_nextn_predict_layers"] == DEPTHS
     assert torch.equal(files[f"model.layers.{L + 1}.eh_proj.weight"], ours.model.mtp[1].eh_proj.weight)
     assert f"model.layers.{L}.mlp.experts.0.gate_proj.weight" in files and not any("mtp" in k for k in files)
-    # the release's layout: copies of the embedding and head under each MTP layer
-    files[f"model.layers.{L}.embed_tokens.weight"] = files["model.embed_tokens.weight"].clone()
-    files[f"model.layers.{L}.shared_head.head.weight"] = files["lm_head.weight"].clone()
-    save_file(files, str(tmp_path / "hf" / "model.safetensors"))
+    for d in range(DEPTHS):  # the release's layout: copies of the embedding and head under each MTP layer
+        assert torch.equal(files[f"model.layers.{L + d}.embed_tokens.weight"], ours.model.embed_tokens.weight)
+        assert torch.equal(files[f"model.layers.{L + d}.shared_head.head.weight"], ours.lm_head.weight)
     again = load_model(tmp_path / "hf", mtp_layers=DEPTHS)
     for name, t in ours.state_dict().items():
         assert torch.equal(again.state_dict()[name], t), name
@@ -126,8 +125,8 @@ def test_mtp_weights_round_trip_through_deepseek_files(deepseek, tmp_path: Path)
 
 
 def _hf_to_graphllm_keeps_mtp(tmp_path: Path, files: dict[str, torch.Tensor], L: int) -> None:
-    """`convert hf-to-graphllm --mtp-layers` keeps the modules (HF -> graphllm -> HF bitwise, without the release's
-    copies); asking for more modules than the directory holds is one line, exit 2, nothing written."""
+    """`convert hf-to-graphllm --mtp-layers` keeps the modules (HF -> graphllm -> HF bitwise, the release's copies
+    included); asking for more modules than the directory holds is one line, exit 2, nothing written."""
     from graphllm.cli.main import EXIT_USER_ERROR, main
     from graphllm.convert import graphllm_to_hf, hf_to_graphllm
 
@@ -136,8 +135,7 @@ def _hf_to_graphllm_keeps_mtp(tmp_path: Path, files: dict[str, torch.Tensor], L:
     back = {}
     for f in (tmp_path / "hf2").glob("*.safetensors"):
         back.update(load_file(f))
-    copies = {f"model.layers.{L}.embed_tokens.weight", f"model.layers.{L}.shared_head.head.weight"}
-    assert set(back) == set(files) - copies
+    assert set(back) == set(files)
     assert all(torch.equal(back[k], files[k]) for k in back)
     bad = tmp_path / "gl3"
     assert main(["convert", "hf-to-graphllm", "--hf", str(tmp_path / "hf"), "--out", str(bad),

@@ -22,6 +22,8 @@ computes the same sums as the unsplit op, split over ranks: results change only 
 
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.fx as fx
 
@@ -41,6 +43,7 @@ gl = torch.ops.graphllm
 _LINEARS = (aten.linear.default, lora_linear._opoverload)  # ops a linear plan style rewrites
 _FUSED_LOSS = gl.linear_cross_entropy.default  # the LM head and its loss as one op (fuse_linear_cross_entropy)
 _LORA_A, _LORA_B, _LORA_MASK = 3, 4, 7  # lora_linear's argument positions of A [r, in], B [out, r], dropout mask
+_ROPE_SEARCH = 64  # nodes searched past MLA's rope key for its expand to the heads (the rotation is ~12)
 _TRANSPARENT = (aten.flatten.using_ints, aten.view.default, aten.reshape.default, aten._to_copy.default,
                 aten.to.dtype, aten._unsafe_view.default)
 
@@ -136,6 +139,47 @@ class _Rewriter:
             mine = emit(self.gm, aten.slice.Tensor, (shared, 0, start, end), lin)
         lin.args = tuple(mine if i == index else a for i, a in enumerate(lin.args))
 
+    def latent_kv(self, node: fx.Node, kind: str) -> None:
+        """MLA's kv down-projection stays whole: its latent c reaches the column-parallel kv_b_proj (whose input
+        copy all-reduces c's gradient), and the rope key split off beside c is shared by every head, so each rank's
+        gradient of it sums its own heads only: it is read through a tp_copy of its own."""
+        if kind == "bias":
+            return
+        for lin in self.users(node, *_LINEARS):
+            ropes = [g for split in lin.users if is_call(split, aten.split_with_sizes.default)
+                     for g in split.users if g.target is operator.getitem and g.args[1] == 1]
+            if len(ropes) != 1:
+                raise GraphllmError(f"tensor_parallel: {node.target}'s output is not split into (latent, rope key) "
+                                    "as multi-latent attention splits it; leave it out of the plan")
+            rope = ropes[0]
+            copy = self.copy_in(rope, rope, "col_in")
+            rope.replace_all_uses_with(copy, delete_user_cb=lambda u: u is not copy)
+            self.rope_heads(copy)
+            self.ctx.count("shared rope keys (backward all-reduce)")
+
+    def rope_heads(self, rope: fx.Node) -> None:
+        """The rope key [B, 1, S, dr] is expanded to every head before it joins k_nope: the expand's literal head
+        count (its input keeps its size, so shape re-propagation leaves it) becomes this rank's heads."""
+        heads = self.ctx.config.num_attention_heads
+        frontier, seen, expands = [rope], set(), []
+        while frontier and len(seen) < _ROPE_SEARCH:  # through the rotation's slices, cats and products
+            node = frontier.pop()
+            for user in node.users:
+                if user in seen:
+                    continue
+                seen.add(user)
+                if is_call(user, aten.expand.default) and len(user.args[1]) == 4 and user.args[1][1] == heads:
+                    expands.append(user)
+                elif not is_call(user, *_LINEARS):
+                    frontier.append(user)
+        if not expands:
+            raise GraphllmError("tensor_parallel: the rope key of multi-latent attention is not expanded to its "
+                                f"{heads} heads before joining the keys; leave kv_a_proj_with_mqa out of the plan")
+        for e in expands:
+            size = list(e.args[1])
+            size[1] = heads // self.tp
+            e.args = (e.args[0], size, *e.args[2:])
+
     def rowwise(self, node: fx.Node, kind: str) -> None:
         if kind == "bias":
             return  # added after the reduction by the weight's rewrite; stays whole
@@ -219,7 +263,7 @@ def _loss_consumers(logits: fx.Node) -> tuple[list[fx.Node], list[fx.Node]]:
 
 @graph_pass("tensor_parallel")
 def tensor_parallel(gm: fx.GraphModule, ctx: PassContext, *, plan: str | dict[str, str] | None = None) -> fx.GraphModule:
-    """`plan`: "graphllm" (default, passes/tp_plan.LLAMA_PLAN), "hf" (transformers' base_model_tp_plan for
+    """`plan`: "graphllm" (default, passes/tp_plan.GRAPHLLM_PLAN), "hf" (transformers' base_model_tp_plan for
     the model type, with vocab-parallel embedding/head), or a {module pattern: style} mapping."""
     layout = ctx.layout
     if layout.tp == 1:

@@ -22,7 +22,7 @@ from typing import Mapping
 
 from graphllm.errors import GraphllmError
 
-STYLES = ("colwise", "colwise_kv", "rowwise", "vocab_embedding", "vocab_head")
+STYLES = ("colwise", "colwise_kv", "rowwise", "vocab_embedding", "vocab_head", "latent_kv")
 HF_STYLES = {"colwise": "colwise", "rowwise": "rowwise", "colwise_rep": "colwise", "rowwise_rep": "rowwise",
              "embedding": "vocab_embedding", "local_colwise": "colwise", "local_rowwise": "rowwise"}
 
@@ -38,6 +38,18 @@ LLAMA_PLAN: dict[str, str] = {
     "lm_head": "vocab_head",
 }
 """graphllm's plan for the Llama family (Llama 2/3, Mistral, Qwen2): Megatron-Core's layout."""
+
+MLA_PLAN: dict[str, str] = {
+    "layers.*.self_attn.q_b_proj": "colwise",
+    "layers.*.self_attn.kv_b_proj": "colwise",
+    "layers.*.self_attn.kv_a_proj_with_mqa": "latent_kv",
+}
+"""Multi-latent attention (DeepSeek-V3, models/mla.py), Megatron-Core's layout: the per-head up-projections split by
+head, the down-projections (q_a_proj, kv_a_proj_with_mqa) and their norms whole on every rank. (q_proj, o_proj
+and the dense MLPs are LLAMA_PLAN's names.)"""
+
+GRAPHLLM_PLAN = {**LLAMA_PLAN, **MLA_PLAN}
+"""The default plan ("graphllm"): a pattern no parameter matches is skipped."""
 
 VOCAB_PLAN = {"embed_tokens": "vocab_embedding", "lm_head": "vocab_head"}
 """What HF's base_model_tp_plan leaves out (it covers the decoder layers only)."""
@@ -75,9 +87,9 @@ def _internal_names(base: Mapping[str, str]) -> dict[str, str]:
 
 
 def resolve_plan(plan: str | Mapping[str, str] | None, model_type: str) -> dict[str, str]:
-    """plan None/"graphllm": LLAMA_PLAN; "hf": transformers' plan; a mapping: itself (HF style names ok)."""
+    """plan None/"graphllm": GRAPHLLM_PLAN; "hf": transformers' plan; a mapping: itself (HF style names ok)."""
     if plan is None or plan == "graphllm":
-        return normalize(LLAMA_PLAN)
+        return normalize(GRAPHLLM_PLAN)
     if plan == "hf":
         return normalize(hf_plan(model_type))
     if isinstance(plan, str):

@@ -169,6 +169,21 @@ def test_checkpoint_saved_at_ep2_resumes_on_one_process_and_at_tp2(mixtral, refe
         assert abs(resumed["losses"][0] - want) / want <= LOSS_RTOL, f"resumed at {name}: {resumed['losses']} vs {want}"
 
 
+def test_deepseek_v3_mla_at_tp2_ep2_trains_like_one_process(deepseek):
+    """DeepSeek-V3's multi-latent attention is tensor-parallel (passes/tp_plan.py): q_b_proj and kv_b_proj split by
+    head, o_proj by its input, the down-projections and their norms whole, the shared rope key read through a
+    tp_copy; with the experts shared out over ep2 on 4 ranks (tp2 × dp2), routing biases moving. Losses, the
+    load-balance metrics and the final parameters equal one process's."""
+    moe = {"dispatcher": "alltoall", "bias_update_rate": BIAS_RATE}
+    reference = train(deepseek, {"micro_batches": 2}, moe)
+    results = run_ranks(train, 4, deepseek, {"tp": 2, "dp": 2, "ep": 2}, moe)
+    _check("deepseek-v3 tp2×ep2", results, reference)
+    for r in results:
+        shards = {n.rsplit(".", 2)[-2]: s for n, (_, s) in r["params"].items() if s is not None and s.group == "tp"}
+        assert {"q_b_proj", "kv_b_proj", "o_proj"} <= set(shards), sorted(shards)
+        assert not any(k in shards for k in ("q_a_proj", "kv_a_proj_with_mqa")), sorted(shards)
+
+
 def test_deepseek_v3_at_ep2_pp2_trains_like_one_process(deepseek):
     """DeepSeek-V3 (MLA, a dense first layer, group-limited sigmoid routing, a shared expert, no aux loss) on 4
     ranks: 2 pipeline stages × 2 data-parallel ranks whose routed experts are shared out by the all-to-all

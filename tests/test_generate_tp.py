@@ -68,6 +68,9 @@ def test_tp_outside_launched_ranks_is_refused(tmp_path: Path) -> None:
         StaticGenerator(model, batch_size=1, max_len=MAX_LEN, backend="eager", tp=2)
     with pytest.raises(GraphllmError, match="does not divide the model's attention heads"):
         StaticGenerator(model, batch_size=1, max_len=MAX_LEN, backend="eager", tp=3)
+    deepseek = load_model(_checkpoint("deepseek-v3", tmp_path))
+    with pytest.raises(GraphllmError, match="--tp 2: generation with deepseek_v3's multi-latent attention"):
+        StaticGenerator(deepseek, batch_size=1, max_len=MAX_LEN, backend="eager", tp=2)
 
 
 def test_generate_command_refuses_a_tp_that_does_not_split_the_model(capsys) -> None:

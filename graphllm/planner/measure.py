@@ -163,7 +163,9 @@ def measure_group(cfg, keys: list[Key], *, cache_dir: Path | None = None) -> dic
     if _mixes_layer_kinds(cfg):  # two MoE layers (`layer`, `rest`), then two dense ones (the dense layer)
         two = dataclasses.replace(two, first_k_dense_replace=0, mlp_only_layers=(), decoder_sparse_step=1)
         fields = {"first_k_dense_replace": 2} if cfg.first_k_dense_replace else {"mlp_only_layers": (0, 1)}
-        dense = {k: layer for k, (layer, _) in _capture_costs(dataclasses.replace(two, **fields), todo).items()}
+        plain = {k: _without_experts(k) for k in todo}  # ep and the dispatch do not touch a dense layer
+        costs = _capture_costs(dataclasses.replace(two, **fields), list(dict.fromkeys(plain.values())))
+        dense = {k: costs[plain[k]][0] for k in todo}
     for key, (layer, rest) in _capture_costs(two, todo).items():
         embed = cfg.vocab_size * cfg.hidden_size / key.tp  # graphllm's embedding is vocab-parallel under tp
         m = Measurement(layer=layer, rest=rest, embed_params=embed, seconds=(time.perf_counter() - t0) / len(todo),
@@ -173,6 +175,10 @@ def measure_group(cfg, keys: list[Key], *, cache_dir: Path | None = None) -> dic
         if path is not None:
             _store(path, m)
     return out
+
+
+def _without_experts(key: Key) -> Key:
+    return dataclasses.replace(key, ep=1, moe_dispatcher="allgather", moe_capacity=None)
 
 
 def _mixes_layer_kinds(cfg) -> bool:

@@ -224,10 +224,6 @@ class Layout:
         if experts % self.ep:
             raise GraphllmError(f"--ep {self.ep} does not divide the model's {experts} experts (num_experts); choose an "
                                 "--ep that divides it")
-        if getattr(cfg, "mla", False) and tp > 1:
-            raise GraphllmError(f"--tp {tp}: {cfg.model_type}'s multi-latent attention has no tensor-parallel plan yet "
-                                "(its low-rank projections would be split inconsistently); use --tp 1 (--dp and --ep "
-                                "are supported)")
         if self.ep > 1 and tp > 1 and batch_size * seq_len % tp:
             raise GraphllmError(f"--ep {self.ep} with --tp {tp}: each tp rank routes 1/tp of a micro-batch's "
                                 f"{batch_size * seq_len} tokens (--batch-size × --seq-len), which --tp does not divide; "

@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from graphllm.version import __version__
+from graphllm.disk_space import writing_output
 from graphllm.errors import GraphllmError
 from graphllm.models import (
     LlamaForCausalLM,
@@ -123,11 +124,12 @@ def hf_to_graphllm(hf_dir: str | os.PathLike[str], out: str | os.PathLike[str], 
         notes.append(f"{hf} has no tokenizer files; graphllm-to-hf will need --tokenizer DIR to export one")
     tmp = temp_dir_beside(root)
     try:
-        step = save_checkpoint(tmp / CONVERTED_STEP, step=0, named_params=sd, optim_state=None, extra={}, meta=meta,
-                               st=None)
-        (step / HF_SUBDIR).mkdir()
-        for name in carried:
-            shutil.copy2(hf / name, step / HF_SUBDIR / name)
+        with writing_output(root, _nbytes(sd)):  # a full disk: one line, the partial output removed below
+            step = save_checkpoint(tmp / CONVERTED_STEP, step=0, named_params=sd, optim_state=None, extra={},
+                                   meta=meta, st=None)
+            (step / HF_SUBDIR).mkdir()
+            for name in carried:
+                shutil.copy2(hf / name, step / HF_SUBDIR / name)
         umask_modes(step / HF_SUBDIR)
         _place_step(tmp, step, root, force)
     finally:
@@ -203,10 +205,11 @@ def graphllm_to_hf(ckpt: str | os.PathLike[str], out: str | os.PathLike[str], *,
         notes.append("no tokenizer files in the checkpoint; pass --tokenizer DIR to include them")
     tmp = temp_dir_beside(dest)
     try:
-        # cfg: HF's fused projections (Phi-3, GLM-4) are written fused (models/weights.py fuse_for_hf)
-        write_safetensors(sd, tmp, max_shard_bytes=max_bytes, materialize=materialize, cfg=cfg)
-        for name in tok_files:
-            shutil.copy2(tok_src / name, tmp / name)
+        with writing_output(dest, _nbytes(sd)):  # a full disk: one line, the partial output removed below
+            # cfg: HF's fused projections (Phi-3, GLM-4) are written fused (models/weights.py fuse_for_hf)
+            write_safetensors(sd, tmp, max_shard_bytes=max_bytes, materialize=materialize, cfg=cfg)
+            for name in tok_files:
+                shutil.copy2(tok_src / name, tmp / name)
         if aux and (aux / GENERATION_CONFIG).is_file():
             shutil.copy2(aux / GENERATION_CONFIG, tmp / GENERATION_CONFIG)
         else:  # what transformers derives from a model config

@@ -19,7 +19,6 @@ renamed into place at the end (graphllm/convert.py's rules).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -31,7 +30,7 @@ import torch
 from graphllm.convert import (CONFIG_FILE, CONVERTED_STEP, GENERATION_CONFIG, HF_SUBDIR, TOKENIZER_FILES,
                               ConvertResult, _check_ckpt_out, _config_and_files, _dtype_names, _meta_model,
                               _nbytes, _nonempty_dir, _place_step, _present, _rename_new, _resolve_ckpt)
-from graphllm.disk_space import disk_full, free_bytes
+from graphllm.disk_space import writing_output
 from graphllm.errors import GraphllmError
 from graphllm.output_dir import temp_dir_beside, umask_modes
 from graphllm.megatron_io import TRACKER, MegatronCheckpoint, read_checkpoint, write_legacy
@@ -73,7 +72,7 @@ def megatron_to_graphllm(megatron: str | os.PathLike[str], out: str | os.PathLik
             "megatron": {"format": ckpt.fmt, "iteration": ckpt.iteration}}
     tmp = temp_dir_beside(root)
     try:
-        with _writing(root, _nbytes(sd)):
+        with writing_output(root, _nbytes(sd)):
             step = save_checkpoint(tmp / CONVERTED_STEP, step=0, named_params=sd, optim_state=None, extra={},
                                    meta=meta, st=None)
             files = _write_hf_files(step / HF_SUBDIR, target, hf_config)
@@ -198,7 +197,7 @@ def graphllm_to_megatron(ckpt: str | os.PathLike[str], out: str | os.PathLike[st
                                                  f"(--make-vocab-size-divisible-by {vocab_multiple} x tp {tp})"]
     tmp = temp_dir_beside(dest)
     try:
-        with _writing(dest, _nbytes(full)):
+        with writing_output(dest, _nbytes(full)):
             written = write_legacy(tmp, full, args, tp=tp, pp=pp, iteration=iteration,
                                    extra={"hf_config": hf_config, "version": __version__})
         umask_modes(tmp)
@@ -249,18 +248,3 @@ def _install(tmp: Path, dest: Path, name: str) -> list[str]:
     others = sorted(p.name for p in dest.iterdir() if p.name.startswith("iter_") and p.name != name)
     return [f"{dest} also holds {', '.join(others[:3])}{' ...' if len(others) > 3 else ''}; {TRACKER} now names "
             f"{name}"] if others else []
-
-
-@contextlib.contextmanager
-def _writing(dest: Path, nbytes: int):
-    """A full disk while writing becomes one line saying how much room the output needs. torch.save's error on a
-    full disk does not say ENOSPC (a zip writer's "unexpected pos"), so less free space than the output is taken
-    as the cause too."""
-    try:
-        yield
-    except (OSError, RuntimeError) as e:  # torch.save's and DCP's (CheckpointFailed) errors included
-        free = free_bytes(dest.parent)
-        if not (disk_full(e) or free < nbytes):
-            raise
-        raise GraphllmError(f"--out {dest}: no space left on device ({free / 2**20:,.1f} MiB free; the weights take "
-                            f"{nbytes / 2**20:,.1f} MiB); free space or write elsewhere") from None

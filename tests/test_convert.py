@@ -321,3 +321,37 @@ def test_written_files_follow_the_umask(tmp_path_factory, tmp_path, umask):
     want = {p.relative_to(tmp_path).as_posix(): oct((0o777 if p.is_dir() else 0o666) & ~umask) for p in written}
     assert (out / "model.safetensors.index.json").is_file() and "ckpt/step_0/hf/tokenizer.json" in modes
     assert modes == want
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_earlier_output(tmp_path_factory, tmp_path, monkeypatch, capsys):
+    """No space left while writing, either way (safetensors' SafetensorError, which is not an OSError, and the
+    checkpoint writer's OSError): one line naming --out and the room the weights take, exit 2, no temp directory
+    left, and the export that --force was replacing still whole."""
+    import errno
+
+    import graphllm.convert as convert_module
+    import graphllm.models.weights as weights_module
+    from safetensors import SafetensorError
+
+    src = hf_dir(tmp_path_factory, "llama")
+    ckpt, out = tmp_path / "ckpt", tmp_path / "out"
+    assert convert("hf-to-graphllm", "--hf", src, "--out", ckpt) == 0
+    assert convert("graphllm-to-hf", "--ckpt", ckpt, "--out", out) == 0
+    before = read_hf_state_dict(out)
+
+    def full_safetensors(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    def full_checkpoint(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(weights_module, "save_file", full_safetensors)
+    monkeypatch.setattr(convert_module, "save_checkpoint", full_checkpoint)
+    for args, dest in ((("graphllm-to-hf", "--ckpt", ckpt, "--out", out, "--force"), out),
+                       (("hf-to-graphllm", "--hf", src, "--out", tmp_path / "ckpt2"), tmp_path / "ckpt2")):
+        capsys.readouterr()
+        assert convert(*args) == 2
+        err = capsys.readouterr().err.strip()
+        assert f"--out {dest}: no space left on device" in err and "\n" not in err, err
+    assert not (tmp_path / "ckpt2").exists() and no_temp_left(tmp_path)
+    assert_same_tensors(read_hf_state_dict(out), before)

@@ -71,24 +71,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _say(args: argparse.Namespace, message: str, *, user_error: bool) -> None:
+def _say(args: argparse.Namespace, message: str, *, user_error: bool, record: bool = True) -> None:
     """One line on stderr (from rank 0 only when launched), left for the launcher too if it is a user error."""
     from graphllm.launch import in_launched_world, is_rank_zero, record_user_error
 
     if not in_launched_world() or is_rank_zero():
         print(f"graphllm {args.command}: {'error: ' if user_error else ''}{message}", file=sys.stderr)
-    if user_error:
+    if user_error and record:
         record_user_error(message)
 
 
 def _handled(args: argparse.Namespace, exc: BaseException) -> int | None:
     """The exit code after saying what `exc` means in one line, or None: a bug, keep the traceback."""
+    from graphllm.launch import another_ranks_error
     from graphllm.passes import PassError
     from graphllm.signals import StoppedBySignal, stopped_at_once
 
     chain = list(exception_chain(exc))
     stop = next((e for e in chain if isinstance(e, StoppedBySignal)), None) or stopped_at_once()
     if stop is not None:  # whatever failed after a stop signal failed because of it
+        other = another_ranks_error()
+        if other is not None:  # torchrun stopped this rank because another one refused its input
+            _say(args, f"{other}; this rank was then {stop.message}", user_error=True, record=False)
+            return EXIT_USER_ERROR
         _say(args, stop.message, user_error=False)
         return stop.exit_code
     if isinstance(exc, GraphllmError):

@@ -213,11 +213,30 @@ def die_with_agent() -> None:
 
 
 def record_user_error(message: str) -> None:
-    """In a launched rank, leave the one-line error for the launching process (see relaunch)."""
+    """In a launched rank, leave the one-line error for the launching process (see relaunch) and for
+    rank 0 (`another_ranks_error`): a line `RANK<tab>message`."""
     path = os.environ.get(ERROR_FILE_ENV)
     if path:
         with open(path, "a") as f:
-            f.write(message + "\n")
+            f.write(f"{os.environ.get('RANK', 0)}\t{' '.join(message.splitlines())}\n")
+
+
+def another_ranks_error() -> str | None:
+    """The first one-line error another rank of this launch recorded, as `message (rank N)`, or None.
+    Rank 0 asks when torchrun's SIGTERM stopped it: a rank that refused its input exits first, torchrun
+    then stops the others, and rank 0, the one that speaks, must say why rather than "stopped by
+    SIGTERM". The rank records before it exits, so its line is there before torchrun's signal."""
+    path = os.environ.get(ERROR_FILE_ENV)
+    try:
+        lines = Path(path).read_text().splitlines() if path else []
+    except OSError:
+        return None
+    me = os.environ.get("RANK", "0")
+    for line in lines:
+        rank, _, message = line.partition("\t")
+        if rank != me and message:
+            return f"{message} (rank {rank})"
+    return None
 
 
 def torchrun_main(argv: list[str]) -> int:

@@ -167,6 +167,30 @@ def test_user_pass_error_on_two_ranks_is_one_line(tmp_path: Path) -> None:
     assert others == [], proc.stderr
 
 
+
+def test_rank_zero_stopped_by_torchrun_says_the_other_ranks_error(tmp_path: Path, monkeypatch, capsys) -> None:
+    """The race behind the two-rank test: rank 1 refuses its input first, torchrun then SIGTERMs rank 0
+    before rank 0 gets as far; rank 0 must still say rank 1's error, once, and exit 2."""
+    import argparse
+    import signal
+
+    from graphllm.cli.main import _handled
+    from graphllm.signals import StoppedBySignal
+
+    errors = tmp_path / "errors.txt"
+    errors.write_text("1\tdata shard 3 is truncated: re-run preprocess\n")
+    monkeypatch.setenv("GRAPHLLM_ERROR_FILE", str(errors))
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    stop = StoppedBySignal(signal.SIGTERM, "stopped by SIGTERM before training started; nothing was saved")
+    assert _handled(argparse.Namespace(command="run", verbose=False), stop) == EXIT_USER_ERROR
+    said = capsys.readouterr().err.splitlines()
+    assert said == ["graphllm run: error: data shard 3 is truncated: re-run preprocess (rank 1); this rank was "
+                    "then stopped by SIGTERM before training started; nothing was saved"]
+    assert errors.read_text().count("\n") == 1  # rank 0 recorded nothing more
+    errors.write_text("")  # no other rank's error: the stop is the answer
+    assert _handled(argparse.Namespace(command="run", verbose=False), stop) == 128 + signal.SIGTERM
+
 # ---------------------------------------------------------------- profile --out
 
 @pytest.fixture(scope="module")

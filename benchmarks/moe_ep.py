@@ -2,7 +2,7 @@
 
     python benchmarks/moe_ep.py [--steps 5 --warmup 2 --threads 1 --experts 8 --hidden 256 --layers 4]
 
-Every row is 2 gloo ranks over the same global batch (dp 2: each rank its own rows), compiled with inductor and
+Every row is 2 gloo ranks (dp rows: each rank its own rows; tp rows: one micro-batch shared), compiled with inductor and
 measured by benchmarks/plan_measure.py in each rank (torchrun; its docstring defines "allocator peak": live tensor
 bytes at a step's start plus the CPU allocator's in-step peak, the CPU counterpart of max_memory_allocated):
 
@@ -10,6 +10,8 @@ bytes at a step's start plus the CPU allocator's in-step peak, the CPU counterpa
     dp2-ep2      each rank holds E/2 experts; the all-gather dispatcher (dropless)
     dp2-ep2-a2a  the same shards; the all-to-all dispatcher (dropless: worst-case padded buffers)
     dp2-ep2-a2a-cf1.25  all-to-all with --moe-capacity-factor 1.25 (buffers bounded by the capacity)
+    tp2          tensor parallel (one micro-batch for both ranks): attention split, every expert whole on both
+    tp2-etp2     the same with expert tensor parallelism (--etp 2): each expert's MLP split over the two ranks
 
 The model is a random-initialised Mixtral written to a temporary directory (transformers' MixtralConfig: the
 sizes below are chosen so the experts are most of the parameters, as in real MoE models: 8 experts of
@@ -33,6 +35,8 @@ ROWS = {  # name: (layout, moe options)
     "dp2-ep2": ({"dp": 2, "ep": 2}, {}),
     "dp2-ep2-a2a": ({"dp": 2, "ep": 2}, {"dispatcher": "alltoall"}),
     "dp2-ep2-a2a-cf1.25": ({"dp": 2, "ep": 2}, {"dispatcher": "alltoall", "capacity_factor": 1.25}),
+    "tp2": ({"tp": 2}, {}),
+    "tp2-etp2": ({"tp": 2, "etp": 2}, {}),
 }
 
 
@@ -75,7 +79,7 @@ def main() -> int:
                                 moe=moe), args)
             mem = [r["memory"] for r in ranks]
             step = max(r["median_step_s"] for r in ranks)
-            tokens = 2 * args.batch_size * args.seq_len
+            tokens = layout.get("dp", 1) * args.batch_size * args.seq_len
             print(f"| {name} | {fmt_mib(max(m['parameters'] for m in mem))} | "
                   f"{fmt_mib(max(m['optimizer_states'] for m in mem))} | "
                   f"{fmt_mib(max(m['allocator_peak'] for m in mem))} | {step:.3f} | {tokens / step:.0f} | "

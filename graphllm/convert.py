@@ -58,6 +58,7 @@ from graphllm.parallel.checkpoint import (
     MARKER,
     latest_checkpoint,
     load_checkpoint,
+    stored_parameters,
     save_checkpoint,
 )
 from graphllm.planning.layout import Layout
@@ -176,12 +177,7 @@ def graphllm_to_hf(ckpt: str | os.PathLike[str], out: str | os.PathLike[str], *,
         raise GraphllmError(f"--out {dest} is inside the checkpoint {path}; write the HF directory elsewhere")
     _check_hf_out(dest, force)
 
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-    md = FileSystemReader(path).read_metadata().state_dict_metadata
-    stored = {k.removeprefix("model/"): torch.empty(e.size, dtype=e.properties.dtype, device="meta")
-              for k, e in md.items() if k.startswith("model/") and isinstance(e, TensorStorageMetadata)}
+    stored = stored_parameters(path)
     reward = REWARD_HEAD in stored and "lm_head.weight" not in stored  # a --task rm checkpoint
     sd = _cast(check_state_dict(_meta_model(cfg, reward=reward), stored, str(path)), dtype)  # meta: names, shapes
 

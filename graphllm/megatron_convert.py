@@ -38,7 +38,7 @@ from graphllm.megatron_layout import (check_split, check_target, config_from_arg
                                       to_graphllm, to_megatron)
 from graphllm.models import ModelConfig, load_config
 from graphllm.models.weights import check_state_dict
-from graphllm.parallel.checkpoint import MARKER, load_checkpoint, save_checkpoint
+from graphllm.parallel.checkpoint import MARKER, load_checkpoint, save_checkpoint, stored_parameters
 from graphllm.resume import WEIGHTS_ONLY, weights_fingerprint
 from graphllm.version import __version__
 
@@ -217,12 +217,7 @@ def _elements_by_dtype(sd: dict[str, torch.Tensor]) -> Counter:
 
 def _read_weights(path: Path, cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """Every parameter of the checkpoint (names checked against `cfg`'s model), in its stored dtype."""
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-    md = FileSystemReader(path).read_metadata().state_dict_metadata
-    stored = {k.removeprefix("model/"): torch.empty(e.size, dtype=e.properties.dtype, device="meta")
-              for k, e in md.items() if k.startswith("model/") and isinstance(e, TensorStorageMetadata)}
+    stored = stored_parameters(path)
     if any("lora_" in k for k in stored):
         raise GraphllmError(f"--ckpt {path} holds LoRA adapters; merge them first (graphllm convert merge-lora, then "
                             "hf-to-graphllm) and convert the merged checkpoint")

@@ -233,12 +233,12 @@ def _parallel_steps(plan: CompilePlan, purpose: str = "train") -> list[Step]:
                                                  "(counted on this rank's tokens) go to the permutation's tail",
                         graph_pass=moe_capacity.with_options(capacity_factor=plan.moe.capacity_factor),
                         required=True))
-    if lay.ep > 1 and purpose != "generate":
+    if (lay.ep > 1 or lay.etp > 1) and purpose != "generate":
         from graphllm.passes.expert_parallel import expert_parallel
 
         out.append(Step("expert_parallel", "model", "after the fusions and user passes: each MoE layer's experts are "
-                                                    "shared out over the ep group, its tokens all-gathered to them "
-                                                    "and the outputs reduce-scattered back",
+                                                    "shared out over the ep group (and split over tp under --etp), "
+                                                    "its tokens sent to them and the outputs back",
                         graph_pass=expert_parallel.with_options(dispatcher=plan.moe.dispatcher,
                                                                 capacity_factor=plan.moe.capacity_factor),
                         required=True))

@@ -41,6 +41,12 @@ class RouterStats(NamedTuple):
     """Sequences B of the T tokens (row-major: token t is row t // S)."""
 
 
+FUSED_BLOCKS = {"mlp.experts.gate_up_proj": (1, 2)}
+"""Parameters (by name suffix) whose dim d is n equal blocks (gate rows | up rows): checkpoints store them with
+the block axis explicit, [E, 2, I, H], so an expert-tensor-parallel shard (each block's slice) is one
+rectangular piece of the stored tensor in every layout (graphllm/parallel/stored_form.py)."""
+
+
 class Experts(nn.Module):
     """E gated MLPs stored as 3D tensors, as transformers stores them (gate and up rows concatenated)."""
 

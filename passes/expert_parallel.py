@@ -21,6 +21,10 @@ computed exactly once, on the rank holding its expert; the cost is that each ran
 the group's ep·T·k rows, of which about T·k are its own. The router, its load-balancing loss and the
 dense layers are untouched: they see this rank's tokens only, as under plain data parallelism.
 Legal because the output of each token is the same sum of the same expert outputs, in another order.
+
+With --etp = --tp each expert is also split over the tp ranks (passes/expert_tp.py: gate|up by columns,
+block-wise, down by rows; tp_copy in, tp_reduce out) instead of each tp rank routing 1/tp of the tokens; the
+pass then runs at --ep 1 too.
 """
 
 from __future__ import annotations
@@ -37,8 +41,9 @@ from graphllm.passes.matching import is_call
 from graphllm.passes.shapes import repropagate
 from graphllm.planning.flops import FLOP_ROWS
 from graphllm.planning.moe_config import MoeConfig
-from graphllm.planning.sharding import shard_param
+from graphllm.planning.sharding import shard_param_nested
 from graphllm.passes import ep_alltoall
+from graphllm.passes.expert_tp import expert_tensor_parallel, expert_tp_level
 
 gl = torch.ops.graphllm
 _PERMUTE, _UNPERMUTE, _GMM = gl.moe_permute.default, gl.moe_unpermute.default, gl.grouped_matmul.default
@@ -50,11 +55,11 @@ def expert_parallel(gm: fx.GraphModule, ctx: PassContext, *, dispatcher: str = "
                     capacity_factor: float | None = None) -> fx.GraphModule:
     """`dispatcher` "allgather" (above) or "alltoall" (passes/ep_alltoall.py); `capacity_factor` the plan's
     --moe-capacity-factor, which bounds the all-to-all's buffers (moe_capacity has already applied it)."""
-    ep = ctx.layout.ep
-    if ep == 1:
+    ep, tp, etp = ctx.layout.ep, ctx.layout.tp, ctx.layout.etp
+    if ep == 1 and etp == 1:
         return gm
-    rank = ctx.layout.group_rank("ep", ctx.layout.coords(ctx.rank))
-    tp = ctx.layout.tp
+    coords = ctx.layout.coords(ctx.rank)
+    ranks = (ctx.layout.group_rank("ep", coords), ctx.layout.group_rank("tp", coords) if etp > 1 else 0)
     sharded: dict[int, torch.nn.Parameter] = {}  # id(full) -> this rank's slice (a weight read twice stays one)
     for permute in [n for n in gm.graph.nodes if is_call(n, _PERMUTE)]:
         x, ids, first, num = permute.args
@@ -63,24 +68,32 @@ def expert_parallel(gm: fx.GraphModule, ctx: PassContext, *, dispatcher: str = "
                                 f"{ep} needs a whole layer's experts, a multiple of {ep}")
         local = num // ep
         tokens, k = ids.meta["val"].shape
-        _shard_expert_weights(gm, ctx, permute, rank, ep, sharded, rows=tokens // tp * k)
+        rank_tokens = tokens  # the capacity counts the rank's tokens (passes/moe_capacity.py), however they are split
+        rows = tokens * k if etp > 1 or ep == 1 else tokens // tp * k
+        _shard_expert_weights(gm, ctx, permute, ranks, (ep, etp), sharded, rows=rows)
         x_val = x.meta["val"]
-        if tp > 1:
+        if etp > 1:
+            expert_tensor_parallel(gm, permute)
+            ctx.count("expert tensor-parallel layers")
+        elif tp > 1 and ep > 1:
             _split_over_tp(gm, permute, tp)
             tokens //= tp
             ctx.count("token splits over tp")
+        if ep == 1:
+            continue
         if dispatcher == "alltoall":
             for unpermute in _unpermutes_of(permute):
-                cap = MoeConfig(capacity_factor=capacity_factor).capacity(tokens * tp, k, num)
+                cap = MoeConfig(capacity_factor=capacity_factor).capacity(rank_tokens, k, num)
                 ep_alltoall.rewrite(gm, permute, unpermute, ep, (tokens, k, num), x_val, cap)
             ctx.count("MoE layers (all-to-all)")
             continue
         _wrap(gm, permute, gl.sp_gather.default, gl.sp_reduce_scatter.default, ep, "ep", ("dispatch", "combine"))
-        permute.args = (*permute.args[:2], rank * local, local)
+        permute.args = (*permute.args[:2], ranks[0] * local, local)
         ctx.count("MoE layers")
     if not ctx.counters.get(ctx.current_pass):
-        raise GraphllmError(f"--ep {ep}: the model graph has no graphllm::moe_permute (no mixture-of-experts layer); "
-                            "use --ep 1")
+        flag = f"--ep {ep}" if ep > 1 else f"--etp {etp}"
+        raise GraphllmError(f"{flag}: the model graph has no graphllm::moe_permute (no mixture-of-experts layer); "
+                            f"use {flag.split()[0]} 1")
     repropagate(gm, {})
     gm.recompile()
     return gm
@@ -116,20 +129,27 @@ def _unpermutes_of(permute: fx.Node) -> list[fx.Node]:
     return [u for o in orders for u in o.users if is_call(u, _UNPERMUTE)]
 
 
-def _shard_expert_weights(gm: fx.GraphModule, ctx: PassContext, permute: fx.Node, rank: int, ep: int,
-                          sharded: dict[int, torch.nn.Parameter], *, rows: int) -> None:
+def _shard_expert_weights(gm: fx.GraphModule, ctx: PassContext, permute: fx.Node, ranks: tuple[int, int],
+                          sizes: tuple[int, int], sharded: dict[int, torch.nn.Parameter], *, rows: int) -> None:
     """Replace the [E, ...] weights of every grouped matmul grouped by this permutation's counts with this rank's
-    E/ep experts (dim 0); `rows`: the pairs the rank's own tokens make, its share of the work (FLOP_ROWS)."""
+    E/ep experts (dim 0), under expert tensor parallelism (etp > 1) split again over tp like a dense MLP
+    (expert_tp_level); `rows`: the pairs the rank's own tokens make, its share of the work (FLOP_ROWS)."""
     counts = [u for u in permute.users if u.target is operator.getitem and u.args[1] == _COUNTS]
     gmms = [g for c in counts for g in c.users if is_call(g, _GMM)]
     if not gmms:
         raise GraphllmError(f"expert_parallel: {permute.name}'s experts are not graphllm::grouped_matmul calls")
-    for gmm in gmms:
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    gmms.sort(key=order.__getitem__)  # graph order: the first multiplies the tokens, the last gives the output
+    (ep_rank, tp_rank), (ep, etp) = ranks, sizes
+    for position, gmm in enumerate(gmms):
         gmm.meta[FLOP_ROWS] = rows
         weight = _source_attr(gmm.args[1])
         full = get_attr_value(gm, weight.target)
         if id(full) not in sharded:
-            sharded[id(full)] = shard_param(full, 0, rank, ep, group="ep")
+            levels = [(0, ep_rank, ep, "ep", 1)]
+            if etp > 1:
+                levels.append(expert_tp_level(gmm, position, len(gmms), tp_rank, etp))
+            sharded[id(full)] = shard_param_nested(full, levels)
             ctx.count("sharded expert weights")
         set_parameter(gm, weight.target, sharded[id(full)])
 

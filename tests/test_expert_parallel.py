@@ -90,13 +90,18 @@ def train(model: str, layout: dict, moe: dict | None = None, *, save: str | None
 
 
 def _assemble(results: list[dict]) -> dict[str, torch.Tensor]:
-    """Full parameters from every rank's pieces (expert shards differ across the ep group)."""
-    pieces: dict[str, dict[int, torch.Tensor]] = {}
+    """Full parameters from every rank's pieces (expert shards differ across the ep group, and over tp under
+    --etp): each piece goes where its ParamShard takes it from, found by slicing the full tensor's indices."""
+    full: dict[str, torch.Tensor] = {}
     for r in results:
         for name, (t, shard) in r["params"].items():
-            pieces.setdefault(name, {})[shard.index if shard else 0] = (t, shard.dim if shard else None)
-    return {n: torch.cat([p[i][0] for i in sorted(p)], p[0][1]) if p[0][1] is not None else p[0][0]
-            for n, p in pieces.items()}
+            if shard is None:
+                full[name] = t
+                continue
+            where = shard.slice_of(torch.arange(t.new_empty(shard.full_shape).numel()).view(shard.full_shape))
+            full.setdefault(name, t.new_full(shard.full_shape, float("nan"))).view(-1)[where.flatten()] = t.flatten()
+    assert not any(v.isnan().any() for v in full.values()), "a piece of a sharded parameter is on no rank"
+    return full
 
 
 def _check(case: str, results: list[dict], reference: dict) -> None:
@@ -127,6 +132,9 @@ CASES = {  # name: (layout, moe options, ranks, reference micro-batches)
     "ep2xdp2-alltoall": ({"dp": 4, "ep": 2}, {"dispatcher": "alltoall"}, 4, 4),
     # attention tensor-parallel; the tp ranks of an ep rank share its expert shard, each routing 1/tp of the tokens
     "ep2xtp2": ({"tp": 2, "dp": 2, "ep": 2}, {}, 4, 2),
+    # expert tensor parallelism: each expert's gate|up split by columns over tp, block-wise, its down by rows
+    "ep2xetp2-alltoall": ({"tp": 2, "dp": 2, "ep": 2, "etp": 2}, {"dispatcher": "alltoall"}, 4, 2),
+    "etp2": ({"tp": 2, "etp": 2, "micro_batches": 2}, {}, 2, 2),
 }
 
 
@@ -139,11 +147,15 @@ def test_expert_parallel_trains_like_one_process(case, mixtral, references):
     if tp == 1:  # the rank's work is its own tokens' pairs, not the gathered or padded rows its buffers hold
         assert results[0]["flops"] == references[micro]["flops"], (results[0]["flops"], references[micro]["flops"])
     want = {"allgather": ["sp_gather:ep", "sp_reduce_scatter:ep"], "alltoall": ["cp_all_to_all:ep"]}
-    want = want[moe.get("dispatcher", "allgather")] + (["tp_gather:tp", "tp_split:tp"] if tp > 1 else [])
+    ep, etp = layout.get("ep", 1), layout.get("etp", 1)
+    want = (want[moe.get("dispatcher", "allgather")] if ep > 1 else []) + (
+        ["tp_gather:tp", "tp_split:tp"] if tp > 1 and etp == 1 else [])
     assert results[0]["collectives"] == sorted(want), results[0]["collectives"]
-    for rank, r in enumerate(results):  # each rank holds its own half of every expert weight
+    for rank, r in enumerate(results):  # each rank holds its own part of every expert weight
         experts = {n: s for n, (_, s) in r["params"].items() if "experts" in n}
-        assert experts and all(s.group == "ep" and s.count == 2 and s.index == rank // tp % 2 for s in experts.values())
+        want = [("ep", 2, rank // tp % 2)] * (ep > 1) + [("tp", etp, rank % tp)] * (etp > 1)
+        assert experts and all([(lv.group, lv.count, lv.index) for lv in s.levels] == want for s in experts.values())
+        assert all(s.levels[-1].blocks == (2 if etp > 1 and "gate_up" in n else 1) for n, s in experts.items())
 
 
 def test_capacity_drops_the_same_pairs_under_both_dispatchers(mixtral, references):
@@ -158,25 +170,34 @@ def test_capacity_drops_the_same_pairs_under_both_dispatchers(mixtral, reference
                alone)
 
 
-def test_checkpoint_saved_at_ep2_resumes_on_one_process_and_at_tp2(mixtral, references, tmp_path: Path):
-    """A checkpoint holds whole expert tensors: saved at ep2 after step 2, resumed on one process and at tp2, the
-    last step's loss is the uninterrupted run's."""
-    run_ranks(train, 2, mixtral, {"dp": 2, "ep": 2}, save=str(tmp_path / "ckpt"), stop_after=2)
+def test_checkpoint_saved_at_ep2_etp2_resumes_on_one_process_and_at_tp2(mixtral, references, tmp_path: Path):
+    """A checkpoint holds whole expert tensors (gate|up with its block axis: [E, 2, I, H]): saved at tp2 × ep2 with
+    the experts split over tp too (4 ranks) after step 2, resumed on one process, at tp2 with whole experts and at
+    tp2 with split ones, the last step's loss is the uninterrupted run's."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    layout = {"tp": 2, "dp": 2, "ep": 2, "etp": 2}
+    run_ranks(train, 4, mixtral, layout, save=str(tmp_path / "ckpt"), stop_after=2)
     ckpt, want = str(tmp_path / "ckpt" / "step_2"), references[2]["losses"][2]
+    md = FileSystemReader(ckpt).read_metadata().state_dict_metadata
+    assert tuple(md["model/model.layers.0.mlp.experts.gate_up_proj"].size)[:2] == (4, 2)
     for name, resumed in (("one process", train(mixtral, {"micro_batches": 2}, load=ckpt)),
-                          ("tp2", run_ranks(train, 2, mixtral, {"tp": 2, "micro_batches": 2}, load=ckpt)[0])):
+                          ("tp2", run_ranks(train, 2, mixtral, {"tp": 2, "micro_batches": 2}, load=ckpt)[0]),
+                          ("tp2 etp2", run_ranks(train, 2, mixtral, {"tp": 2, "etp": 2, "micro_batches": 2},
+                                                 load=ckpt)[0])):
         assert len(resumed["losses"]) == 1
         assert abs(resumed["losses"][0] - want) / want <= LOSS_RTOL, f"resumed at {name}: {resumed['losses']} vs {want}"
 
 
-def test_deepseek_v3_mla_at_tp2_ep2_trains_like_one_process(deepseek):
+def test_deepseek_v3_mla_at_tp2_ep2_etp2_trains_like_one_process(deepseek):
     """DeepSeek-V3's multi-latent attention is tensor-parallel (passes/tp_plan.py): q_b_proj and kv_b_proj split by
     head, o_proj by its input, the down-projections and their norms whole, the shared rope key read through a
-    tp_copy; with the experts shared out over ep2 on 4 ranks (tp2 × dp2), routing biases moving. Losses, the
-    load-balance metrics and the final parameters equal one process's."""
+    tp_copy; with the experts shared out over ep2 on 4 ranks (tp2 × dp2) and each split over tp (--etp 2; the
+    shared expert is a dense tensor-parallel MLP), routing biases moving. Losses, the load-balance metrics and the
+    final parameters equal one process's."""
     moe = {"dispatcher": "alltoall", "bias_update_rate": BIAS_RATE}
     reference = train(deepseek, {"micro_batches": 2}, moe)
-    results = run_ranks(train, 4, deepseek, {"tp": 2, "dp": 2, "ep": 2}, moe)
+    results = run_ranks(train, 4, deepseek, {"tp": 2, "dp": 2, "ep": 2, "etp": 2}, moe)
     _check("deepseek-v3 tp2×ep2", results, reference)
     for r in results:
         shards = {n.rsplit(".", 2)[-2]: s for n, (_, s) in r["params"].items() if s is not None and s.group == "tp"}

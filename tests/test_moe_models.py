@@ -140,6 +140,7 @@ BAD_LAYOUTS = [  # flags → the one line that names the input and the fix
     (["--moe-capacity-factor", "0"], "--moe-capacity-factor 0.0 must be > 0"),
     (["--dp", "2", "--ep", "2", "--zero1"], "--ep with --zero1 is not supported yet"),
     (["--moe-bias-update-rate", "0.001"], "mixtral has no routing bias (e_score_correction_bias"),
+    (["--tp", "2", "--etp", "4"], "--etp 4 must be 1 or --tp (2)"),
 ]
 
 
@@ -150,7 +151,8 @@ def test_cli_refuses_bad_moe_input(tmp_path: Path, capsys) -> None:
     flags = ["--model", str(ckpt), "--backend", "eager", "--batch-size", "1", "--seq-len", "16"]
     capsys.readouterr()  # transformers' save progress bar
     cases = [*BAD_LAYOUTS, (["--model", "tiny-llama", "--dp", "2", "--ep", "2"], "but llama is dense; use --ep 1"),
-             (["--model", "tiny-llama", "--moe-z-loss-coeff", "0.001"], "llama is dense (no router to balance)")]
+             (["--model", "tiny-llama", "--moe-z-loss-coeff", "0.001"], "llama is dense (no router to balance)"),
+             (["--model", "tiny-llama", "--tp", "2", "--etp", "2"], "but llama is dense; use --etp 1")]
     for i, (extra, message) in enumerate(cases):
         assert main(["compile", "--out", str(tmp_path / f"bad{i}"), *flags, *extra]) == EXIT_USER_ERROR, extra
         err = capsys.readouterr().err
@@ -163,6 +165,18 @@ def test_cli_refuses_bad_moe_input(tmp_path: Path, capsys) -> None:
     assert main(["compile", "--out", str(tmp_path / "j"), *flags[2:], "--model", str(jitter)]) == EXIT_USER_ERROR
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "router_jitter_noise=0.5" in err[0] and not (tmp_path / "j").exists()
+
+
+def test_etp_must_divide_the_expert_width() -> None:
+    from types import SimpleNamespace
+
+    from graphllm.planning import Layout
+
+    cfg = SimpleNamespace(model_type="qwen3_moe", num_experts=8, expert_size=30, num_attention_heads=4,
+                          intermediate_size=64, vocab_size=128, num_key_value_heads=4, num_hidden_layers=2)
+    with pytest.raises(GraphllmError, match=r"--etp 4 does not divide the experts' MLP width 30 \(moe_intermediate"):
+        Layout(tp=4, etp=4).check_model(cfg, batch_size=1, seq_len=16)
+    Layout(tp=2, etp=2).check_model(cfg, batch_size=1, seq_len=16)
 
 
 @pytest.mark.parametrize("family", ["qwen3", *MOE_FAMILIES])

@@ -253,3 +253,39 @@ def test_latest_and_prune(tmp_path):
     assert ckpt.prune_checkpoints(tmp_path, keep_last=1) == []
     with pytest.raises(GraphllmError, match="--keep-last must be"):
         ckpt.prune_checkpoints(tmp_path, keep_last=0)
+
+
+GATE_UP = "model.layers.0.mlp.experts.gate_up_proj"  # a fused gate|up weight [E, 2I, H] (models/moe.py FUSED_BLOCKS)
+
+
+def _save_one(path: Path, named: dict) -> Path:
+    return ckpt.save_checkpoint(path, step=1, named_params=named, optim_state=None, extra={}, meta={}, st=None)
+
+
+def test_fused_expert_weight_is_stored_with_its_block_axis_and_loads_block_wise(tmp_path, monkeypatch):
+    """gate|up is stored [E, 2, I, H]; a block-wise expert-tensor-parallel target (no process group: the whole tensor
+    is read) gets the same rows of each block; a checkpoint from before the block axis (the fused shape) still
+    loads; a block-wise shard of a weight stored without a block axis is refused, one line."""
+    from graphllm.parallel import stored_form
+    from graphllm.planning.sharding import shard_param_nested
+
+    full = torch.randn(4, 8, 3)
+    path = _save_one(tmp_path / "step_1", {GATE_UP: torch.nn.Parameter(full.clone())})
+    assert tuple(FileSystemReader(path).read_metadata().state_dict_metadata[f"model/{GATE_UP}"].size) == (4, 2, 4, 3)
+    levels = [(0, 1, 2, "ep", 1), (1, 1, 2, "tp", 2)]  # experts 2..3, rows 2..3 of the gate and of the up block
+    want = torch.cat([full[2:, 2:4], full[2:, 6:8]], dim=1)
+    for name, saved in (("block axis", path), ("fused shape", None)):
+        if saved is None:
+            monkeypatch.setattr(stored_form, "FUSED_BLOCKS", {})
+            saved = _save_one(tmp_path / "step_2", {GATE_UP: torch.nn.Parameter(full.clone())})
+            monkeypatch.undo()
+            assert tuple(FileSystemReader(saved).read_metadata().state_dict_metadata[f"model/{GATE_UP}"].size) == (4, 8, 3)
+        whole, part = torch.nn.Parameter(torch.zeros(4, 8, 3)), shard_param_nested(torch.nn.Parameter(full), levels)
+        part.data.zero_()
+        for target in (whole, part):
+            ckpt.load_checkpoint(saved, named_params={GATE_UP: target}, want_optim=False, st=None, expect_fingerprint=None)
+        assert torch.equal(whole.detach(), full) and torch.equal(part.detach(), want), name
+    blocked = shard_param_nested(torch.nn.Parameter(torch.zeros(4, 8, 3)), [(1, 0, 2, "tp", 2)])
+    with pytest.raises(GraphllmError, match="split along dim 1 in 2 block.*no block axis") as exc:
+        _save_one(tmp_path / "step_3", {"model.layers.0.mlp.other": blocked})
+    assert "\n" not in str(exc.value) and not (tmp_path / "step_3").exists()

@@ -2,7 +2,8 @@
 
 A checkpoint is a directory (`step_<N>/` by convention) of DCP files plus `graphllm_checkpoint.json`.
 It stores each full logical tensor once: a tensor-parallel shard is saved as a DTensor, Shard(dim)
-over its group's mesh dimension; a whole tensor is saved plainly by every rank that holds it, and DCP's
+over its group's mesh dimension (an expert shard split over ep and tp: over both; a fused expert gate|up
+weight in its stored form with an explicit block axis, graphllm/parallel/stored_form.py); a whole tensor is saved plainly by every rank that holds it, and DCP's
 save planner keeps one copy of each (fqn, offset) chunk, which drops data-, context- and tensor-parallel
 replicas. Any layout, or one process without a process group, can therefore load any checkpoint.
 
@@ -38,12 +39,13 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor import DTensor
 
 from graphllm.data.cache import atomic_write
 from graphllm.errors import GraphllmError
 from graphllm.parallel.groups import gather_objects
 from graphllm.parallel.integrity import file_records
+from graphllm.parallel.stored_form import as_dtensor, mesh_problem, model_shape, stored_shape, stored_view
 from graphllm.planning.sharding import ParamShard, shard_of
 from graphllm.signals import stopped_at_once
 
@@ -118,35 +120,17 @@ def _shard(t: torch.Tensor) -> ParamShard | None:
     return s if s is not None and s.count > 1 else None
 
 
-def _mesh_problem(fqn: str, shard: ParamShard, st) -> str | None:
-    """Why `st` cannot express this shard as a DTensor (None when it can)."""
-    if st is None or st.mesh is None:
-        return (f"parameter {fqn} is shard {shard.index} of {shard.count} but this process has no {shard.group} group; "
-                "call init_parallel with the layout that sharded it")
-    mesh = st.submesh(shard.group)
-    if mesh is None:
-        return f"parameter {fqn} is sharded over {shard.group!r}, a group this layout ({st.layout.describe()}) lacks"
-    if mesh.size() != shard.count or mesh.get_local_rank() != shard.index:
-        return (f"parameter {fqn} is shard {shard.index} of {shard.count} but this rank is {mesh.get_local_rank()} "
-                f"of {mesh.size()} in its {shard.group} group")
-    return None
-
-
-def _dtensor(local: torch.Tensor, shard: ParamShard, st) -> DTensor:
-    full = torch.Size(shard.full_shape)
-    stride = torch.empty(full, device="meta").stride()
-    return DTensor.from_local(local, st.submesh(shard.group), [Shard(shard.dim)], run_check=False,
-                              shape=full, stride=stride)
-
-
 def _unwrap(value):
     return value[0] if isinstance(value, tuple) else value
 
 
-def _for_save(value, shard: ParamShard | None, st):
+def _for_save(value, shard: ParamShard | None, st, fqn: str = ""):
+    """What DCP saves for `value`: a DTensor of its stored form when sharded, the stored form, or a 1-tuple."""
     if not isinstance(value, torch.Tensor):
         return (value,)
-    return _dtensor(value.detach(), shard, st) if shard is not None else value.detach()
+    if shard is not None:
+        return as_dtensor(fqn, value.detach(), shard, st)
+    return stored_view(fqn, value.detach())
 
 
 def save_checkpoint(path: Path, *, step: int, named_params: dict[str, torch.nn.Parameter], optim_state: dict | None,
@@ -161,7 +145,7 @@ def save_checkpoint(path: Path, *, step: int, named_params: dict[str, torch.nn.P
     error, tmp = None, None
     for fqn, p in named_params.items():
         if (shard := _shard(p)) is not None:
-            error = error or _mesh_problem(fqn, shard, st)
+            error = error or mesh_problem(fqn, shard, st)
     for fqn in (optim_state or {}).get("state", {}):
         if fqn not in named_params:
             error = error or f"optimizer state names {fqn}, which is not among this rank's parameters"
@@ -203,7 +187,7 @@ def _state_to_save(named_params: dict, optim_state: dict | None, extra: dict, st
     # an optimizer with fp32 master weights (--params-dtype bf16) gives them: they are the model's weights, saved
     # in place of the rounded bf16 parameters, so the checkpoint is the fp32 model any layout or dtype resumes
     masters = (optim_state or {}).get("master") or {}
-    state: dict = {f"model/{fqn}": _for_save(masters.get(fqn, p), _shard(p), st) for fqn, p in named_params.items()}
+    state: dict = {f"model/{fqn}": _for_save(masters.get(fqn, p), _shard(p), st, fqn) for fqn, p in named_params.items()}
     if optim_state is not None:
         state["optim/step"] = (int(optim_state["step"]),)
         for fqn, named in optim_state["state"].items():
@@ -211,7 +195,8 @@ def _state_to_save(named_params: dict, optim_state: dict | None, extra: dict, st
             for name, t in named.items():
                 # only a state shaped like the local param shares its sharding; others (0-dim step) are whole
                 like_param = isinstance(t, torch.Tensor) and t.shape == p.shape
-                state[f"optim/{fqn}/{name}"] = _for_save(t, _shard(p) if like_param else None, st)
+                state[f"optim/{fqn}/{name}"] = _for_save(t, _shard(p) if like_param else None, st,
+                                                         fqn if like_param else "")
     if _rank() == 0:
         state.update({f"extra/{k}": _for_save(v, None, st) for k, v in extra.items()})
     return state
@@ -249,13 +234,24 @@ def _open(path: Path, expect_fingerprint: str | None) -> tuple[str | None, dict,
     return None, marker, FileSystemReader(path).read_metadata().state_dict_metadata
 
 
-def _target(local: torch.Tensor, shard: ParamShard | None, st):
-    """What DCP loads into: `local` itself, a DTensor over it, or a full tensor to slice afterwards."""
+def stored_parameters(path: Path) -> dict[str, torch.Tensor]:
+    """The checkpoint's parameters (the "model/" keys) as meta tensors of their stored dtype in the model's shapes
+    (fused expert weights without their stored block axis), for readers that build the tensors to load into."""
+    md = FileSystemReader(path).read_metadata().state_dict_metadata
+    return {k.removeprefix("model/"): torch.empty(model_shape(k.removeprefix("model/"), tuple(e.size)),
+                                                  dtype=e.properties.dtype, device="meta")
+            for k, e in md.items() if k.startswith("model/") and isinstance(e, TensorStorageMetadata)}
+
+
+def _target(local: torch.Tensor, shard: ParamShard | None, st, form: str):
+    """What DCP loads into: `local` itself (in its stored form), a DTensor over it, or a full tensor to slice
+    afterwards. `form`: the fqn whose stored form (graphllm/parallel/stored_form.py) the checkpoint holds, or
+    "" for the model's own shape."""
     if shard is None:
-        return local
-    if _mesh_problem("", shard, st) is None:
-        return _dtensor(local, shard, st)
-    return torch.empty(shard.full_shape, dtype=local.dtype, device=local.device)
+        return stored_view(form, local)
+    if mesh_problem(form, shard, st) is None:
+        return as_dtensor(form, local, shard, st)
+    return torch.empty(stored_shape(form, shard.full_shape), dtype=local.dtype, device=local.device)
 
 
 def load_checkpoint(path: Path, *, named_params: dict[str, torch.nn.Parameter], want_optim: bool, st,
@@ -268,25 +264,27 @@ def load_checkpoint(path: Path, *, named_params: dict[str, torch.nn.Parameter], 
     optim: dict[str, dict[str, torch.Tensor]] = {}
     masters: dict[str, torch.Tensor] = {}  # fp32 weights loaded for non-fp32 parameters (their master weights)
 
-    def want(key: str, local: torch.Tensor, shard: ParamShard | None) -> None:
-        state[key] = _target(local, shard, st)
+    def want(key: str, local: torch.Tensor, shard: ParamShard | None, form: str = "") -> None:
+        state[key] = _target(local, shard, st, form)
         fills.append((key, local, shard))
 
     for fqn, p in named_params.items() if error is None else ():
         shard = _shard(p)
         full = tuple(shard.full_shape if shard else p.shape)
+        stored = stored_shape(fqn, full)  # or `full`: a fused expert weight saved before the block axis
         entry = md.get(f"model/{fqn}")
+        form = fqn if isinstance(entry, TensorStorageMetadata) and tuple(entry.size) == stored else ""
         if not isinstance(entry, TensorStorageMetadata):
             error = error or (f"checkpoint {path} has no parameter {fqn}; it was saved from a model with other "
                               "parameter names: load a checkpoint of this model")
-        elif tuple(entry.size) != full:
-            error = error or (f"checkpoint {path} has {fqn} shaped {tuple(entry.size)} but the model's is {full}; "
+        elif tuple(entry.size) not in (stored, full):
+            error = error or (f"checkpoint {path} has {fqn} shaped {tuple(entry.size)} but the model's is {stored}; "
                               "load a checkpoint of this model configuration")
         elif entry.properties.dtype == torch.float32 and p.dtype in (torch.bfloat16, torch.float16):
             masters[fqn] = torch.empty(p.shape, dtype=torch.float32, device=p.device)  # copied into p below
-            want(f"model/{fqn}", masters[fqn], shard)
+            want(f"model/{fqn}", masters[fqn], shard, form)
         else:
-            want(f"model/{fqn}", p.detach(), shard)
+            want(f"model/{fqn}", p.detach(), shard, form)
     if error is None and want_optim:
         if "optim/step" not in md:
             error = f"checkpoint {path} holds no optimizer state; load it with want_optim=False (weights only)"
@@ -300,10 +298,12 @@ def load_checkpoint(path: Path, *, named_params: dict[str, torch.nn.Parameter], 
             if not isinstance(entry, TensorStorageMetadata):
                 state[key] = None
                 continue
-            like_param = tuple(entry.size) == tuple(shard.full_shape if shard else p.shape)
+            full = tuple(shard.full_shape if shard else p.shape)
+            stored = stored_shape(fqn, full)
+            like_param = tuple(entry.size) in (stored, full)
             local = torch.empty(p.shape if like_param else entry.size, dtype=entry.properties.dtype, device=p.device)
             optim.setdefault(fqn, {})[name] = local
-            want(key, local, shard if like_param else None)
+            want(key, local, shard if like_param else None, fqn if tuple(entry.size) == stored else "")
     for key, entry in md.items():
         if key.startswith("extra/"):
             tensor = isinstance(entry, TensorStorageMetadata)
@@ -319,10 +319,11 @@ def load_checkpoint(path: Path, *, named_params: dict[str, torch.nn.Parameter], 
         for key, local, shard in fills:
             got = state[key]
             got = got.to_local() if isinstance(got, DTensor) else got
-            if shard is not None and got.shape != local.shape:  # full tensor loaded without a mesh
-                got = shard.slice_of(got)
-            if got.data_ptr() != local.data_ptr():
-                local.copy_(got)
+            if got.data_ptr() == local.data_ptr():
+                continue  # read in place (a view of `local`)
+            if shard is not None and got.numel() != local.numel():  # full tensor loaded without a mesh
+                got = shard.slice_of(got.reshape(shard.full_shape))
+            local.copy_(got.reshape(local.shape))
         for fqn, master in masters.items():
             named_params[fqn].detach().copy_(master)  # the parameter: its master, rounded
     for key, value in state.items():

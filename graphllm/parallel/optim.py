@@ -101,20 +101,24 @@ def reduce_gradients(params: Sequence[nn.Parameter], group: dist.ProcessGroup | 
     return len(buckets)
 
 
-SHARD_GROUPS = ("tp", "ep")
-"""The groups parameters are sharded over (tensor and expert parallelism); their replicas hold equal shards."""
+SHARD_GROUPS = (("tp",), ("ep",), ("ep", "tp"))
+"""The groups parameters are sharded over (tensor and expert parallelism, and both: expert tensor parallelism);
+their replicas hold equal shards."""
 
 
 def reduce_replicas(params: Sequence[nn.Parameter], layout, group_of) -> None:
     """Average each gradient over the parameter's replicas: the dp (dp·cp) group, or for a shard of the experts
     (expert parallelism) its expert-data-parallel group. An expert shard's gradient already sums the gradients
     of the ep group's tokens (the dispatch's backward brought them), so it is divided by dp all the same."""
-    experts = [p for p in params if (s := shard_of(p)) is not None and s.group == "ep"]
+    experts = [p for p in params if (s := shard_of(p)) is not None and "ep" in s.groups]
     expert_ids = {id(p) for p in experts}
     dense = [p for p in params if id(p) not in expert_ids]
     reduce_gradients(dense, group_of(layout.grad_kind))
-    if experts and layout.tp > 1:  # each tp rank routed 1/tp of the tokens (passes/expert_parallel.py): add them up
-        reduce_gradients(experts, group_of("tp"), divide_by=1)
+    # without expert tensor parallelism each tp rank routed 1/tp of the tokens (passes/expert_parallel.py): add
+    # them up; an expert-tensor-parallel shard's gradient is whole already (every tp rank saw every token)
+    token_split = [p for p in experts if "tp" not in shard_of(p).groups]
+    if token_split and layout.tp > 1:
+        reduce_gradients(token_split, group_of("tp"), divide_by=1)
     if experts:
         reduce_gradients(experts, group_of("edp"), divide_by=layout.group_size(layout.grad_kind))
 
@@ -138,16 +142,18 @@ def grad_norm(named_params: dict[str, nn.Parameter], st) -> torch.Tensor:
             continue
         sq = p.grad.detach().float().pow(2).sum()
         shard = shard_of(p)
-        if shard is None or shard.count == 1:
+        groups = tuple(level.group for level in shard.levels if level.count > 1) if shard is not None else ()
+        if not groups:
             whole += sq
-        elif shard.group in by_group:
-            by_group[shard.group] += sq
+        elif groups in by_group:
+            by_group[groups] += sq
         else:  # another shard group would need its own reduction, in the same order on every rank
-            raise GraphllmError(f"grad_norm: a parameter is sharded over {shard.group!r}; only "
-                                f"{'/'.join(SHARD_GROUPS)} shards are supported")
-    for kind, sq in by_group.items():  # the same order on every rank
-        if (g := _group(st, kind)) is not None:
-            dist.all_reduce(sq, group=g)
+            raise GraphllmError(f"grad_norm: a parameter is sharded over {'×'.join(groups)}; only "
+                                f"{', '.join('×'.join(g) for g in SHARD_GROUPS)} shards are supported")
+    for groups, sq in by_group.items():  # the same order on every rank
+        for kind in groups:  # a shard over ep × tp: summed over both
+            if (g := _group(st, kind)) is not None:
+                dist.all_reduce(sq, group=g)
     sharded = sum(by_group.values())
     total = sharded + whole
     if (pp := _group(st, "pp")) is not None:

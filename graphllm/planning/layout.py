@@ -83,6 +83,9 @@ class Layout:
                                                 "group; --cp / --cp-ulysses ranks around the ring)")
     ep: int = option(1, minimum=1, help="expert-parallel ranks, carved out of --dp: each holds 1/ep of every MoE "
                                         "layer's experts and computes them for the tokens of the ep group")
+    etp: int = option(1, minimum=1, help="expert tensor-parallel ranks: 1 (each tp rank holds its ep group's experts "
+                                         "whole and routes 1/tp of the tokens) or --tp (every expert's MLP split "
+                                         "over the tp ranks like a dense MLP: gate/up by columns, down by rows)")
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -170,6 +173,8 @@ class Layout:
             parts[1:1] = [f"cp{self.cp}-{algo}"]
         if self.ep > 1:
             parts.append(f"ep{self.ep}")
+        if self.etp > 1:
+            parts.append(f"etp{self.etp}")
         if self.vpp > 1:
             parts.append(f"vpp{self.vpp}")
         if self.sequence_parallel:
@@ -198,6 +203,9 @@ class Layout:
         if self.dp % self.ep:
             raise GraphllmError(f"--ep {self.ep} must divide --dp {self.dp}: expert-parallel groups are carved out of "
                                 f"the data-parallel ranks; use a --dp that is a multiple of --ep")
+        if self.etp not in (1, self.tp):
+            raise GraphllmError(f"--etp {self.etp} must be 1 or --tp ({self.tp}): experts are split over the whole "
+                                "tensor-parallel group or not at all")
 
     def _check_cp_options(self) -> None:
         if self.cp_algo == "hybrid":
@@ -224,7 +232,13 @@ class Layout:
         if experts % self.ep:
             raise GraphllmError(f"--ep {self.ep} does not divide the model's {experts} experts (num_experts); choose an "
                                 "--ep that divides it")
-        if self.ep > 1 and tp > 1 and batch_size * seq_len % tp:
+        if self.etp > 1 and not experts:
+            raise GraphllmError(f"--etp {self.etp} splits a mixture-of-experts model's experts, but {cfg.model_type} "
+                                "is dense; use --etp 1")
+        if self.etp > 1 and cfg.expert_size % self.etp:
+            raise GraphllmError(f"--etp {self.etp} does not divide the experts' MLP width {cfg.expert_size} "
+                                "(moe_intermediate_size); choose --etp 1 or a --tp that divides it")
+        if self.ep > 1 and tp > 1 and self.etp == 1 and batch_size * seq_len % tp:
             raise GraphllmError(f"--ep {self.ep} with --tp {tp}: each tp rank routes 1/tp of a micro-batch's "
                                 f"{batch_size * seq_len} tokens (--batch-size × --seq-len), which --tp does not divide; "
                                 "choose sizes whose product --tp divides")

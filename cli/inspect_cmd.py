@@ -150,4 +150,4 @@ def _print_invocation(console, artifact: Path) -> None:
     extra = [f"graphllm {record['git_commit']}" if record.get("git_commit") else "",
              f"config {record['config_file']}" if record.get("config_file") else ""]
     console.print(f"compiled by: {record.get('command_line')}" + "".join(f"; {e}" for e in extra if e),
-                  markup=False, highlight=False)
+                  markup=False, highlight=False, soft_wrap=True)  # one line however long: grep finds it whole

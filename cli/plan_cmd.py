@@ -32,6 +32,15 @@ def _features(text: str) -> tuple[str, ...]:
     return values
 
 
+def _expert_tp(text: str) -> tuple[bool, ...]:
+    """--etp 1 | tp | 1,tp → whether the experts are split over tp, per choice."""
+    values = tuple(v for v in text.split(",") if v)
+    if not values or any(v not in ("1", "tp") for v in values):
+        raise argparse.ArgumentTypeError("--etp takes 1, tp or 1,tp (experts whole on each tp rank, or split over "
+                                         "the tp ranks)")
+    return tuple(dict.fromkeys(v == "tp" for v in values))
+
+
 def _names(text: str) -> tuple[str, ...]:
     from graphllm.planner.search import RECOMPUTE_CHOICES
 
@@ -66,6 +75,8 @@ def add_parser(sub) -> None:
                    "each rank ≥ 4096 tokens of a row)")
     p.add_argument("--ep", type=_ints, metavar="N,N", help="expert-parallel sizes to try (a mixture-of-experts "
                    "model; default: the divisors of dp that divide its experts)")
+    p.add_argument("--etp", type=_expert_tp, metavar="1,tp", help="expert tensor parallelism to try at tp > 1 (a "
+                   "mixture-of-experts model): 1 (experts whole on each tp rank), tp (split over tp), or 1,tp (default)")
     p.add_argument("--moe-capacity-factor", type=float, metavar="F", help="price every plan of a mixture-of-"
                    "experts model with this expert capacity (graphllm compile's flag; default: dropless)")
     p.add_argument("--micro-batch-sizes", type=_ints, metavar="N,N", help="micro-batch sizes to try (default 1,2,4,8)")
@@ -99,6 +110,8 @@ def run(args: argparse.Namespace) -> int:
         space.mbs = args.micro_batch_sizes
     if args.recompute:
         space.recompute = args.recompute
+    if args.etp:
+        space.expert_tp = args.etp
     cache_root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
     cache = None if args.no_cache else cache_root / "graphllm" / "planner"
     err = make_console(stderr=True)
@@ -192,6 +205,8 @@ def emit_command(c, model: str, args, *, spec_name: str) -> str:
         argv += ["--cp", str(lay.cp)]
     if lay.ep > 1:
         argv += ["--ep", str(lay.ep), "--moe-dispatcher", c.dispatcher]
+    if lay.etp > 1:
+        argv += ["--etp", str(lay.etp)]
     if getattr(args, "moe_capacity_factor", None) is not None:
         argv += ["--moe-capacity-factor", f"{args.moe_capacity_factor:g}"]
     if lay.sequence_parallel:
@@ -212,7 +227,8 @@ def _json(result, args, spec) -> dict:
     for c in result.candidates:
         p = c.prediction
         rows.append({"layout": c.layout.describe(), "tp": c.layout.tp, "pp": c.layout.pp, "vpp": c.layout.vpp,
-                     "dp": c.layout.dp, "cp": c.layout.cp, "ep": c.layout.ep, "zero1": c.layout.zero1,
+                     "dp": c.layout.dp, "cp": c.layout.cp, "ep": c.layout.ep, "etp": c.layout.etp,
+                     "zero1": c.layout.zero1,
                      "moe_dispatcher": c.dispatcher if c.layout.ep > 1 else None,
                      "micro_batches": c.layout.micro_batches, "micro_batch_size": c.mbs, "recompute": c.recompute,
                      "fits": c.fits, "rank": p.rank, "memory": p.memory, "step_seconds": p.step_seconds,

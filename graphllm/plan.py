@@ -91,6 +91,7 @@ class CompilePlan:
         self.task.check_shapes(batch_size=self.batch_size)
         check_plan(self)  # feature combinations refused with a reason: graphllm/planning/compat.py
         self.mtp.check_plan(self)
+        self.moe.check_plan(self)
 
     @property
     def global_batch_size(self) -> int:

@@ -112,7 +112,9 @@ class SparseMoeBlock(nn.Module):
         logits = self.router_logits(x_TH)
         weights, ids, probs = self.route(logits, x.dtype)
         out = self.dispatch(x_TH, weights, ids).reshape(B, S, H)
-        return out, RouterStats(ids=ids, probs=self.balance_probs(probs), logits=logits, rows=B)
+        mark = torch.ops.graphllm.router_stat  # what the losses read: gathered over tp under sequence parallelism
+        return out, RouterStats(ids=mark(ids, B), probs=mark(self.balance_probs(probs), B), logits=mark(logits, B),
+                                rows=B)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_with_stats(x)[0]

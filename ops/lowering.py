@@ -24,7 +24,7 @@ from graphllm.ops.lora import lora_linear_decomposed
 from graphllm.ops.lowering_npu import npu_lowerings
 from graphllm.ops.mc2 import (all_gather_matmul_decomposed, matmul_all_reduce_decomposed,
                               matmul_reduce_scatter_decomposed)
-from graphllm.ops.moe_dispatch import moe_permute_decomposed, moe_unpermute_decomposed
+from graphllm.ops.moe_dispatch import moe_permute_decomposed, moe_unpermute_decomposed, router_stat_decomposed
 from graphllm.ops.nf4 import nf4_dequantize_recomputed
 from graphllm.ops.rms_norm import rms_norm_decomposed
 from graphllm.ops.rope import rope_decomposed, rope_qk_decomposed
@@ -76,6 +76,8 @@ LOWERINGS: dict[str, dict[torch._ops.OpOverload, Callable]] = {
         # backward); the grouped matmul between them stays graphllm's op, an extern kernel for inductor
         ops.moe_permute.default: moe_permute_decomposed,
         ops.moe_unpermute.default: moe_unpermute_decomposed,
+        # a marker for sequence parallelism (which replaces it with a gather): nothing left to compute
+        ops.router_stat.default: router_stat_decomposed,
     },
 }
 

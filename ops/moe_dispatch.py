@@ -111,3 +111,32 @@ def _unpermute_backward(ctx, grad):
 
 
 moe_unpermute.register_autograd(_unpermute_backward, setup_context=_unpermute_setup)
+
+
+@torch.library.custom_op("graphllm::router_stat", mutates_args=())
+def router_stat(x: Tensor, rows: int) -> Tensor:
+    """A router statistic the loss or the metrics read ([T, ...] of `rows` sequences' T tokens, row-major: expert
+    ids, probabilities, logits): the identity, marking it for sequence parallelism, whose pass replaces it with the
+    gather of the whole micro-batch's tokens over the tp group (passes/sequence_parallel.py); lowered to nothing
+    otherwise. A copy here only because a custom op may not return its input."""
+    return x.clone()
+
+
+@router_stat.register_fake
+def _(x, rows):
+    return torch.empty_like(x)
+
+
+def router_stat_decomposed(x: Tensor, rows: int) -> Tensor:
+    return x
+
+
+def _stat_setup(ctx, inputs, output):
+    pass
+
+
+def _stat_backward(ctx, grad):
+    return grad, None
+
+
+router_stat.register_autograd(_stat_backward, setup_context=_stat_setup)

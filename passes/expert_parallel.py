@@ -24,7 +24,10 @@ Legal because the output of each token is the same sum of the same expert output
 
 With --etp = --tp each expert is also split over the tp ranks (passes/expert_tp.py: gate|up by columns,
 block-wise, down by rows; tp_copy in, tp_reduce out) instead of each tp rank routing 1/tp of the tokens; the
-pass then runs at --ep 1 too.
+pass then runs at --ep 1 too. Under sequence parallelism each tp rank routes its own sequence shard already: no
+token split; with --etp the shards are all-gathered over tp before the experts and the outputs reduce-scattered
+back (sequence parallelism's tp_copy on the expert weights, a gradient sum over tp, is removed: each tp rank's
+slice is its own).
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ def expert_parallel(gm: fx.GraphModule, ctx: PassContext, *, dispatcher: str = "
     """`dispatcher` "allgather" (above) or "alltoall" (passes/ep_alltoall.py); `capacity_factor` the plan's
     --moe-capacity-factor, which bounds the all-to-all's buffers (moe_capacity has already applied it)."""
     ep, tp, etp = ctx.layout.ep, ctx.layout.tp, ctx.layout.etp
+    sp = ctx.layout.sequence_parallel and tp > 1
     if ep == 1 and etp == 1:
         return gm
     coords = ctx.layout.coords(ctx.rank)
@@ -67,15 +71,21 @@ def expert_parallel(gm: fx.GraphModule, ctx: PassContext, *, dispatcher: str = "
             raise GraphllmError(f"expert_parallel: {permute.name} permutes experts {first}..{first + num - 1}; --ep "
                                 f"{ep} needs a whole layer's experts, a multiple of {ep}")
         local = num // ep
-        tokens, k = ids.meta["val"].shape
+        tokens, k = ids.meta["val"].shape  # this rank's: 1/tp of the micro-batch's under sequence parallelism
         rank_tokens = tokens  # the capacity counts the rank's tokens (passes/moe_capacity.py), however they are split
-        rows = tokens * k if etp > 1 or ep == 1 else tokens // tp * k
+        if etp > 1 and sp:
+            tokens *= tp  # the tp ranks' sequence shards, gathered
+        rows = tokens * k if etp > 1 or ep == 1 or sp else tokens // tp * k
         _shard_expert_weights(gm, ctx, permute, ranks, (ep, etp), sharded, rows=rows)
         x_val = x.meta["val"]
-        if etp > 1:
+        if etp > 1 and sp:  # every tp rank's experts see every token: gather them, reduce-scatter the outputs
+            _wrap(gm, permute, gl.sp_gather.default, gl.sp_reduce_scatter.default, tp, "tp",
+                  ("token gather", "token scatter"))
+            ctx.count("expert tensor-parallel layers")
+        elif etp > 1:
             expert_tensor_parallel(gm, permute)
             ctx.count("expert tensor-parallel layers")
-        elif tp > 1 and ep > 1:
+        elif tp > 1 and ep > 1 and not sp:  # under sequence parallelism each tp rank has its own tokens already
             _split_over_tp(gm, permute, tp)
             tokens //= tp
             ctx.count("token splits over tp")
@@ -143,6 +153,8 @@ def _shard_expert_weights(gm: fx.GraphModule, ctx: PassContext, permute: fx.Node
     (ep_rank, tp_rank), (ep, etp) = ranks, sizes
     for position, gmm in enumerate(gmms):
         gmm.meta[FLOP_ROWS] = rows
+        if etp > 1:  # sequence parallelism's tp_copy (a gradient sum over tp) does not fit a weight split over tp
+            _drop_tp_copy(gm, gmm.args[1])
         weight = _source_attr(gmm.args[1])
         full = get_attr_value(gm, weight.target)
         if id(full) not in sharded:
@@ -152,6 +164,19 @@ def _shard_expert_weights(gm: fx.GraphModule, ctx: PassContext, permute: fx.Node
             sharded[id(full)] = shard_param_nested(full, levels)
             ctx.count("sharded expert weights")
         set_parameter(gm, weight.target, sharded[id(full)])
+
+
+def _drop_tp_copy(gm: fx.GraphModule, node: fx.Node) -> None:
+    """Remove a tp_copy on the path from a parameter read to a grouped matmul's weight (`node`)."""
+    while node.op == "call_function":
+        if is_call(node, gl.tp_copy.default):
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+            return
+        tensors = [a for a in node.args if isinstance(a, fx.Node)]
+        if len(tensors) != 1:
+            return
+        node = tensors[0]
 
 
 def _source_attr(node: fx.Node) -> fx.Node:

@@ -9,7 +9,8 @@ the graph then returns `(loss, metrics)` instead of `loss` (a task graph's metri
                    (--moe-capacity-factor; exactly the pairs moe_capacity drops, position policy); 0 when dropless
 
 The engine averages metrics like the loss (micro-batches, data-parallel ranks) and the training log writes
-them per step (graphllm.train.train_steps). The counts are integer work on [T·k] ids, outside autograd.
+them per step (graphllm.train.train_steps). The counts are integer work on [T·k] ids, outside autograd. Under
+sequence parallelism each tp rank routes its shard of the sequence: the counts are summed over tp (tp_reduce).
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ def moe_stats(gm: fx.GraphModule, ctx: PassContext, *, capacity_factor: float | 
     if not permutes or not isinstance(loss, fx.Node) or loss.meta["val"].dim() != 0:
         return gm  # no MoE layer, or a graph without a loss (logits)
     moe = MoeConfig(capacity_factor=capacity_factor)
+    tp = ctx.layout.tp if ctx.layout.sequence_parallel else 1  # each tp rank routes 1/tp of the micro-batch
     loads, drops, pairs, biased = [], [], 0, []
     with gm.graph.inserting_before(out):
         def op(target, *args, **kwargs):
@@ -76,6 +78,9 @@ def moe_stats(gm: fx.GraphModule, ctx: PassContext, *, capacity_factor: float | 
             zeros = op(aten.zeros.default, [experts], dtype=torch.float32, device=ids.meta["val"].device)
             ones = op(aten.ones.default, [tokens * k], dtype=torch.float32, device=ids.meta["val"].device)
             counts = op(aten.scatter_add.default, zeros, 0, flat, ones)  # [E] pairs per expert
+            if tp > 1:  # the micro-batch's counts: summed over the tp ranks' sequence shards
+                counts = op(torch.ops.graphllm.tp_reduce.default, counts, "tp")
+                tokens *= tp
             loads.append(op(aten.div.Tensor, op(aten.max.default, counts), tokens * k / experts))
             cap = moe.capacity(tokens, k, experts)
             if cap is not None:

@@ -9,8 +9,11 @@ once per rank, and their activation memory is divided by tp.
                                                               backward reduce-scatter)
     tp_reduce after a row-parallel linear / the embedding  ->  sp_reduce_scatter (backward all-gather)
 
-Parameters used inside the sequence-sharded region (the norms' weights) see only this rank's tokens,
-so their gradients are partial: each is wrapped in tp_copy, whose backward all-reduces them. The
+Parameters used inside the sequence-sharded region (the norms' weights; a mixture of experts' router and
+experts) see only this rank's tokens, so their gradients are partial: each is wrapped in tp_copy, whose backward
+all-reduces them. A mixture-of-experts layer in the region routes this rank's tokens; what its losses read of the
+routing (graphllm::router_stat: expert ids, probabilities, logits) is gathered over tp into the whole
+micro-batch's, in its token order, so the load-balancing, z- and sequence-wise losses are the unsharded ones. The
 pass is legal because all-gather∘reduce-scatter equals all-reduce, and the sharded region's ops act
 on each token independently.
 """
@@ -49,9 +52,12 @@ def sequence_parallel(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
             node.target, node.args = gl.sp_gather.default, (node.args[0], SEQ_DIM, tp, "tp")
             ctx.count("all-gather")
     sharded: set[fx.Node] = set()
-    for node in gm.graph.nodes:  # the sequence-sharded region: from a reduce-scatter to the next gather
+    for node in list(gm.graph.nodes):  # the sequence-sharded region: from a reduce-scatter to the next gather
         if is_call(node, gl.sp_reduce_scatter.default):
             sharded.add(node)
+        elif is_call(node, gl.router_stat.default) and any(a in sharded for a in node.all_input_nodes):
+            _gather_router_stat(gm, node, tp)
+            ctx.count("router statistics gathered")
         elif not is_call(node, gl.sp_gather.default) and any(a in sharded for a in node.all_input_nodes):
             sharded.add(node)
     for node in [n for n in gm.graph.nodes if n.op == "get_attr"]:
@@ -69,3 +75,17 @@ def sequence_parallel(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     repropagate(gm, shapes)
     gm.recompile()
     return gm
+
+
+def _gather_router_stat(gm: fx.GraphModule, stat: fx.Node, tp: int) -> None:
+    """A router statistic of this rank's tokens [rows·S/tp, ...] → the micro-batch's [rows·S, ...], row-major as
+    without sequence parallelism: viewed [rows, S/tp, ...], all-gathered along the sequence (tp_gather: its backward
+    keeps this rank's slice, as every tp rank computes the same loss from the gathered whole)."""
+    x, rows = stat.args
+    rest = list(x.meta["val"].shape[1:])
+    with gm.graph.inserting_before(stat):
+        view = emit(gm, torch.ops.aten.view.default, (x, [rows, -1, *rest]), stat)
+        whole = emit(gm, gl.tp_gather.default, (view, SEQ_DIM, tp, "tp"), stat, "router stats")
+        flat = emit(gm, torch.ops.aten.view.default, (whole, [-1, *rest]), stat)
+    stat.replace_all_uses_with(flat)
+    gm.graph.erase_node(stat)

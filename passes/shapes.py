@@ -6,7 +6,8 @@ then say the new size. `repropagate` walks the graph in order under the capture'
 recomputes every node's `meta["val"]`, and rewrites the size argument of view/reshape/expand nodes
 whose input changed: the changed input dimension is mapped through the reshape (groups of dimensions
 with equal products) onto the outermost matching output dimension, which is how heads are laid out
-(`[B, S, H*D] <-> [B, S, H, D]`: H changes, D does not).
+(`[B, S, H*D] <-> [B, S, H, D]`: H changes, D does not) — unless the reshape splits dims an earlier one merged
+(a mixture of experts' [B, S, H] → [B·S, H] → [B, S, H]): those get back the factors they were merged from.
 """
 
 from __future__ import annotations
@@ -53,12 +54,23 @@ def _groups(a: tuple[int, ...], b: tuple[int, ...]) -> list[tuple[list[int], lis
     return groups
 
 
-def reshaped_size(old_in: tuple[int, ...], new_in: tuple[int, ...], old_out: tuple[int, ...]) -> list[int]:
-    """The output size a reshape must now ask for, given how its input's size changed."""
+def reshaped_size(old_in: tuple[int, ...], new_in: tuple[int, ...], old_out: tuple[int, ...],
+                  merges: dict[tuple[int, ...], tuple[int, ...]] | None = None) -> list[int]:
+    """The output size a reshape must now ask for, given how its input's size changed. `merges` (kept across one
+    graph's reshapes): the dims an earlier reshape merged, old sizes → new ones, so that a reshape splitting them
+    again restores the same factors ([B, S/tp, H] → [B·S/tp, H] → [B, S/tp, H], not [B/tp, S, H])."""
     new_out = list(old_out)
+    merges = {} if merges is None else merges
     for g_in, g_out in _groups(old_in, old_out):
         changed = [d for d in g_in if new_in[d] != old_in[d]]
         if not changed:
+            continue
+        if len(g_in) > 1 and len(g_out) == 1:
+            merges[tuple(old_in[d] for d in g_in)] = tuple(new_in[d] for d in g_in)
+        undone = merges.get(tuple(old_out[d] for d in g_out)) if len(g_in) == 1 and len(g_out) > 1 else None
+        if undone is not None and math.prod(undone) == new_in[g_in[0]]:
+            for d, n in zip(g_out, undone):
+                new_out[d] = n
             continue
         factor = Fraction(math.prod(new_in[d] for d in g_in), math.prod(old_in[d] for d in g_in))
         for o in g_out:  # outermost output dim the change divides evenly
@@ -71,14 +83,15 @@ def reshaped_size(old_in: tuple[int, ...], new_in: tuple[int, ...], old_out: tup
     return new_out
 
 
-def _fix_args(node: fx.Node, shapes: dict[fx.Node, tuple[int, ...]], in_val: torch.Tensor) -> None:
+def _fix_args(node: fx.Node, shapes: dict[fx.Node, tuple[int, ...]], in_val: torch.Tensor,
+              merges: dict[tuple[int, ...], tuple[int, ...]]) -> None:
     src = node.args[0]
     old_in, old_out = shapes.get(src), shapes.get(node)
     if old_in is None or old_out is None or tuple(in_val.shape) == old_in:
         return
     new_in = tuple(in_val.shape)
     if node.target in RESHAPES:
-        size = reshaped_size(old_in, new_in, old_out)
+        size = reshaped_size(old_in, new_in, old_out, merges)
         spelled = list(node.args[1])
         node.args = (src, [-1 if s == -1 else n for s, n in zip(spelled, size)], *node.args[2:])
     elif node.target is aten.expand.default:
@@ -95,6 +108,7 @@ def repropagate(gm: fx.GraphModule, shapes: dict[fx.Node, tuple[int, ...]]) -> N
     if mode is None:
         raise GraphllmError("repropagate needs a captured graph (nodes with fake-tensor meta['val'])")
     env: dict[fx.Node, Any] = {}
+    merges: dict[tuple[int, ...], tuple[int, ...]] = {}
     with mode:
         for node in gm.graph.nodes:
             if node.op == "placeholder":
@@ -103,7 +117,7 @@ def repropagate(gm: fx.GraphModule, shapes: dict[fx.Node, tuple[int, ...]]) -> N
                 env[node] = mode.from_tensor(_attr(gm, node.target), static_shapes=True)
             elif node.op == "call_function":
                 if node.target in RESHAPES or node.target is aten.expand.default:
-                    _fix_args(node, shapes, env[node.args[0]])
+                    _fix_args(node, shapes, env[node.args[0]], merges)
                 args = fx.node.map_arg(node.args, lambda a: env[a])
                 kwargs = fx.node.map_arg(node.kwargs, lambda a: env[a])
                 env[node] = node.target(*args, **kwargs)

@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -6,6 +7,9 @@ import torch
 
 # tests import their shared fixtures (hf_parity) as plain modules
 sys.path.insert(0, str(Path(__file__).parent))
+# pytest-xdist's workers inherit COLUMNS=80, which graphllm's consoles honour (cli/console.py): the same output in a
+# worker as in one process (a test that needs a width sets it with monkeypatch)
+os.environ.pop("COLUMNS", None)
 
 
 @pytest.fixture(autouse=True)

@@ -135,6 +135,9 @@ CASES = {  # name: (layout, moe options, ranks, reference micro-batches)
     # expert tensor parallelism: each expert's gate|up split by columns over tp, block-wise, its down by rows
     "ep2xetp2-alltoall": ({"tp": 2, "dp": 2, "ep": 2, "etp": 2}, {"dispatcher": "alltoall"}, 4, 2),
     "etp2": ({"tp": 2, "etp": 2, "micro_batches": 2}, {}, 2, 2),
+    # sequence parallelism: each tp rank routes its shard of the sequence; the aux loss reads the gathered routing
+    "tp2-sp": ({"tp": 2, "sequence_parallel": True, "micro_batches": 2}, {}, 2, 2),
+    "ep2xetp2-sp": ({"tp": 2, "dp": 2, "ep": 2, "etp": 2, "sequence_parallel": True}, {}, 4, 2),
 }
 
 
@@ -147,15 +150,19 @@ def test_expert_parallel_trains_like_one_process(case, mixtral, references):
     if tp == 1:  # the rank's work is its own tokens' pairs, not the gathered or padded rows its buffers hold
         assert results[0]["flops"] == references[micro]["flops"], (results[0]["flops"], references[micro]["flops"])
     want = {"allgather": ["sp_gather:ep", "sp_reduce_scatter:ep"], "alltoall": ["cp_all_to_all:ep"]}
-    ep, etp = layout.get("ep", 1), layout.get("etp", 1)
+    ep, etp, sp = layout.get("ep", 1), layout.get("etp", 1), layout.get("sequence_parallel", False)
     want = (want[moe.get("dispatcher", "allgather")] if ep > 1 else []) + (
-        ["tp_gather:tp", "tp_split:tp"] if tp > 1 and etp == 1 else [])
+        ["tp_gather:tp", "tp_split:tp"] if tp > 1 and etp == 1 and not sp else [])
+    if sp:  # its own gathers and reduce-scatters, and the router statistics' gather (tp_gather)
+        want = sorted({*want, "sp_gather:tp", "sp_reduce_scatter:tp", "tp_gather:tp"})
     assert results[0]["collectives"] == sorted(want), results[0]["collectives"]
     for rank, r in enumerate(results):  # each rank holds its own part of every expert weight
-        experts = {n: s for n, (_, s) in r["params"].items() if "experts" in n}
+        experts = {n: s for n, (_, s) in r["params"].items() if ".experts." in n}
         want = [("ep", 2, rank // tp % 2)] * (ep > 1) + [("tp", etp, rank % tp)] * (etp > 1)
-        assert experts and all([(lv.group, lv.count, lv.index) for lv in s.levels] == want for s in experts.values())
-        assert all(s.levels[-1].blocks == (2 if etp > 1 and "gate_up" in n else 1) for n, s in experts.items())
+        assert experts and all([(lv.group, lv.count, lv.index) for lv in (s.levels if s else ())] == want
+                               for s in experts.values())
+        assert all(s is None or s.levels[-1].blocks == (2 if etp > 1 and "gate_up" in n else 1)
+                   for n, s in experts.items())
 
 
 def test_capacity_drops_the_same_pairs_under_both_dispatchers(mixtral, references):
@@ -189,15 +196,16 @@ def test_checkpoint_saved_at_ep2_etp2_resumes_on_one_process_and_at_tp2(mixtral,
         assert abs(resumed["losses"][0] - want) / want <= LOSS_RTOL, f"resumed at {name}: {resumed['losses']} vs {want}"
 
 
-def test_deepseek_v3_mla_at_tp2_ep2_etp2_trains_like_one_process(deepseek):
+def test_deepseek_v3_mla_at_tp2_sp_ep2_etp2_trains_like_one_process(deepseek):
     """DeepSeek-V3's multi-latent attention is tensor-parallel (passes/tp_plan.py): q_b_proj and kv_b_proj split by
     head, o_proj by its input, the down-projections and their norms whole, the shared rope key read through a
-    tp_copy; with the experts shared out over ep2 on 4 ranks (tp2 × dp2) and each split over tp (--etp 2; the
-    shared expert is a dense tensor-parallel MLP), routing biases moving. Losses, the load-balance metrics and the
-    final parameters equal one process's."""
+    tp_copy (an all-gather under sequence parallelism); with the experts shared out over ep2 on 4 ranks (tp2 × dp2)
+    and each split over tp (--etp 2; the shared expert is a dense tensor-parallel MLP), the residual stream
+    sequence-parallel, routing biases moving. Losses, the load-balance metrics and the final parameters equal one
+    process's."""
     moe = {"dispatcher": "alltoall", "bias_update_rate": BIAS_RATE}
     reference = train(deepseek, {"micro_batches": 2}, moe)
-    results = run_ranks(train, 4, deepseek, {"tp": 2, "dp": 2, "ep": 2, "etp": 2}, moe)
+    results = run_ranks(train, 4, deepseek, {"tp": 2, "dp": 2, "ep": 2, "etp": 2, "sequence_parallel": True}, moe)
     _check("deepseek-v3 tp2×ep2", results, reference)
     for r in results:
         shards = {n.rsplit(".", 2)[-2]: s for n, (_, s) in r["params"].items() if s is not None and s.group == "tp"}
@@ -232,6 +240,15 @@ def test_mixtral_with_router_losses_at_pp2_ep2_trains_like_one_process(mixtral):
     results = run_ranks(train, 4, mixtral, {"pp": 2, "dp": 2, "ep": 2, "micro_batches": 2},
                         {"dispatcher": "alltoall", **ROUTER_LOSSES})
     _check("mixtral pp2×ep2", results, reference)
+
+
+def test_mixtral_with_router_losses_under_sequence_parallelism_trains_like_one_process(mixtral):
+    """tp2 × dp2 × ep2 with sequence parallelism (4 ranks): each tp rank routes its half of every sequence, and the
+    losses read the routing gathered back in token order, so the aux loss, the z-loss and the sequence-wise balance
+    loss (per sequence, over its whole length) and the load-balance metrics equal one process's."""
+    reference = train(mixtral, {"micro_batches": 2}, ROUTER_LOSSES)
+    results = run_ranks(train, 4, mixtral, {"tp": 2, "dp": 2, "ep": 2, "sequence_parallel": True}, ROUTER_LOSSES)
+    _check("mixtral tp2×ep2 sp", results, reference)
 
 
 BIAS_RATE = 0.05

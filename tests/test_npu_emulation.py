@@ -90,7 +90,8 @@ def test_table_uses_every_kernel():
                                                      "linear_cross_entropy_parts_decomposed",
                                                      "nf4_dequantize_recomputed",  # nor an NF4 one (ops/nf4.py)
                                                      # their kernels lack GE converters (ops/lowering_npu_moe.py)
-                                                     "moe_permute_decomposed", "moe_unpermute_decomposed"}
+                                                     "moe_permute_decomposed", "moe_unpermute_decomposed",
+                                                     "router_stat_decomposed"}  # a marker: nothing to run
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])

@@ -117,7 +117,7 @@ def reduce_replicas(params: Sequence[nn.Parameter], layout, group_of) -> None:
     # without expert tensor parallelism each tp rank routed 1/tp of the tokens (passes/expert_parallel.py): add
     # them up; an expert-tensor-parallel shard's gradient is whole already (every tp rank saw every token)
     token_split = [p for p in experts if "tp" not in shard_of(p).groups]
-    if token_split and layout.tp > 1:
+    if token_split and layout.tp > 1 and not layout.sequence_parallel:  # (under it the graph's tp_copy sums them)
         reduce_gradients(token_split, group_of("tp"), divide_by=1)
     if experts:
         reduce_gradients(experts, group_of("edp"), divide_by=layout.group_size(layout.grad_kind))

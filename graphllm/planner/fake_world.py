@@ -16,7 +16,7 @@ def measurement_plan(key):
     from graphllm.planning.recompute_config import RecomputeConfig
 
     layout = Layout(tp=key.tp, cp=key.cp, sequence_parallel=key.sp, cp_algo=key.cp_algo if key.cp > 1 else "ring",
-                    micro_batches=2, dp=key.ep, ep=key.ep)  # rank 0 of one expert-parallel group
+                    micro_batches=2, dp=key.ep, ep=key.ep, etp=key.etp)  # rank 0 of one expert-parallel group
     plan = CompilePlan(model="tiny-llama", backend="eager", batch_size=key.mbs, seq_len=key.seq_len, layout=layout,
                        recompute=RecomputeConfig(policy=key.recompute), fused_loss=key.fused_loss,
                        attn_implementation=key.attn_implementation,

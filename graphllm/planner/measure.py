@@ -37,7 +37,7 @@ from graphllm.planner.fake_world import fake_world, measurement_plan
 from graphllm.planning.flops import node_flops
 from graphllm.planner.node_costs import mem_bytes, transient_bytes
 
-CACHE_VERSION = 11  # 11: expert weights enter grouped_matmul as stored (transpose_weight), no transposed copies
+CACHE_VERSION = 12  # 12: Key.etp (expert tensor parallelism)
 _LAYER = re.compile(r"layers\.(\d+)\b")
 
 
@@ -66,6 +66,9 @@ class Key:
     moe_dispatcher: str = "allgather"
     moe_capacity: float | None = None
     """--moe-dispatcher and --moe-capacity-factor: what the dispatch collectives and the expert buffers are."""
+    etp: int = 1
+    """Expert tensor-parallel ranks (--etp: 1 or tp): each expert's MLP split over tp, every token routed on every
+    tp rank."""
 
 
 @dataclass(slots=True)
@@ -178,7 +181,7 @@ def measure_group(cfg, keys: list[Key], *, cache_dir: Path | None = None) -> dic
 
 
 def _without_experts(key: Key) -> Key:
-    return dataclasses.replace(key, ep=1, moe_dispatcher="allgather", moe_capacity=None)
+    return dataclasses.replace(key, ep=1, moe_dispatcher="allgather", moe_capacity=None, etp=1)
 
 
 def _mixes_layer_kinds(cfg) -> bool:

@@ -108,7 +108,7 @@ def predict(plan, device: str = "cpu", *, device_spec: DeviceSpec | None = None,
               mbs=plan.batch_size, seq_len=plan.seq_len, amp=plan.amp, cp_algo=layout.cp_algo,
               fused_loss=plan.fused_loss, attn_implementation=plan.attn_implementation,
               params_dtype=options.params_dtype, min_cut=plan.backend == "inductor", ep=layout.ep,
-              moe_dispatcher=plan.moe.dispatcher, moe_capacity=plan.moe.capacity_factor)
+              moe_dispatcher=plan.moe.dispatcher, moe_capacity=plan.moe.capacity_factor, etp=layout.etp)
     m = measure(cfg, key, cache_dir=cache_dir)
     return estimate(cfg, layout, m, spec, mbs=plan.batch_size, seq_len=plan.seq_len, amp=plan.amp, options=options)
 

@@ -2,7 +2,7 @@
 number of devices, each layout checked by graphllm's own Layout rules, each priced by graphllm.planner.predict.
 
 A mixture-of-experts model adds ep (divisors of dp that divide the expert count) × the token dispatcher at
-ep > 1, each measured on its own graphs (the expert-parallel pass on the fake process group: the rank's expert
+ep > 1 × expert tensor parallelism at tp > 1 (--etp 1 or tp), each measured on its own graphs (the expert-parallel pass on the fake process group: the rank's expert
 shard, its dispatch buffers and collectives). bf16 parameters and optimizer offload are priced
 through `MemoryOptions` (graphllm/planner/predict.py): `memory_options` makes `Space.options` from the features
 `graphllm plan --memory-features` names. Activation offload is not enumerated: how much of the saved bytes a policy
@@ -48,6 +48,8 @@ class Space:
     """Default (an MoE model): the divisors of dp that divide its experts; a dense model: 1."""
     dispatchers: tuple[str, ...] = ("allgather", "alltoall")
     """--moe-dispatcher choices tried at ep > 1."""
+    expert_tp: tuple[bool, ...] = (False, True)
+    """At tp > 1 with an MoE model: experts whole on each tp rank (--etp 1), split over tp (--etp = --tp), or both."""
     capacity_factor: float | None = None
     """--moe-capacity-factor of every MoE plan (None: dropless). A choice of the model's numerics, not of the
     layout, so it is priced as given rather than searched."""
@@ -134,11 +136,13 @@ def _layouts_at(cfg, tp, cp, pp, dp, seq_len, global_batch, space, out, pruned) 
             pruned["rows per dp rank not divisible by the micro-batch size"] += 1
             continue
         m = global_batch // dp // mbs
-        for vpp, zero1, ep in itertools.product(space.vpp if pp > 1 else (1,), space.zero1 if dp > 1 else (False,),
-                                                _eps(cfg, dp, space)):
-            try:  # sequence parallelism with tp (MoE layers do not take it yet)
-                layout = Layout(tp=tp, cp=cp, pp=pp, dp=dp, vpp=vpp, sequence_parallel=tp > 1 and not _moe(cfg),
-                                zero1=zero1, micro_batches=m, ep=ep)
+        etps = tuple(dict.fromkeys(tp if split else 1 for split in space.expert_tp)) if tp > 1 and _moe(cfg) else (1,)
+        for vpp, zero1, ep, etp in itertools.product(space.vpp if pp > 1 else (1,), space.zero1 if dp > 1 else (False,),
+                                                     _eps(cfg, dp, space), etps):
+            try:  # sequence parallelism with tp (with experts, not under a capacity factor: graphllm compile refuses it)
+                sp = tp > 1 and (not _moe(cfg) or space.capacity_factor is None)
+                layout = Layout(tp=tp, cp=cp, pp=pp, dp=dp, vpp=vpp, sequence_parallel=sp, zero1=zero1,
+                                micro_batches=m, ep=ep, etp=etp)
                 layout.check_model(cfg, batch_size=mbs, seq_len=seq_len)
             except GraphllmError as e:
                 pruned[_reason(str(e))] += 1
@@ -182,7 +186,7 @@ def search(cfg, *, devices: int, spec: DeviceSpec, seq_len: int, global_batch: i
     def key(lay: Layout, rc: str, dt: str, disp: str) -> Key:
         return Key(tp=lay.tp, cp=lay.cp, sp=lay.sequence_parallel, recompute=rc, mbs=1, seq_len=seq_len, amp=amp,
                    params_dtype=dt, min_cut=spec.min_cut, ep=lay.ep, moe_dispatcher=disp,
-                   moe_capacity=space.capacity_factor)
+                   moe_capacity=space.capacity_factor, etp=lay.etp)
 
     def dispatchers(lay: Layout) -> tuple[str, ...]:
         return space.dispatchers if lay.ep > 1 else ("allgather",)

@@ -242,11 +242,10 @@ class Layout:
             raise GraphllmError(f"--ep {self.ep} with --tp {tp}: each tp rank routes 1/tp of a micro-batch's "
                                 f"{batch_size * seq_len} tokens (--batch-size × --seq-len), which --tp does not divide; "
                                 "choose sizes whose product --tp divides")
-        if experts and (self.sequence_parallel or self.cp > 1):
-            # sequence and context parallelism would route sharded tokens whose expert gradients nothing reduces
-            raise GraphllmError(f"{cfg.model_type} is a mixture-of-experts model: --cp and --sequence-parallel with "
-                                "experts are not supported yet; use --cp 1 without --sequence-parallel (--tp, --dp, "
-                                "--pp and --ep are supported)")
+        if experts and self.cp > 1:
+            # context parallelism would route sharded tokens whose expert gradients nothing reduces
+            raise GraphllmError(f"{cfg.model_type} is a mixture-of-experts model: --cp with experts is not supported "
+                                "yet; use --cp 1 (--tp, --sequence-parallel, --dp, --pp, --ep and --etp are supported)")
         checks = [
             (cfg.num_attention_heads, "attention heads (num_attention_heads)"),
             (cfg.intermediate_size, "MLP width (intermediate_size)"),

@@ -74,6 +74,13 @@ class MoeConfig:
         if not getattr(cfg, "num_experts", 0):
             raise GraphllmError(f"{losses[0]}: {cfg.model_type} is dense (no router to balance); leave it out")
 
+    def check_plan(self, plan: Any) -> None:
+        """Refuse what expert capacity does not compose with yet (one line naming the flags and the fix)."""
+        if self.capacity_factor is not None and plan.layout.sequence_parallel:
+            raise GraphllmError(f"--moe-capacity-factor {self.capacity_factor:g} with --sequence-parallel is not "
+                                "supported yet (each tp rank would count the capacity on its shard of the sequence, "
+                                "not on the micro-batch); drop one of them")
+
     def capacity(self, tokens: int, top_k: int, experts: int) -> int | None:
         """Pairs each expert takes from `tokens` tokens (None: dropless)."""
         if self.capacity_factor is None:

@@ -94,7 +94,9 @@ def test_uneven_steps_report_the_median_steps_own_parts():
     from graphllm.profile import profile_steps, summarize
 
     x = torch.randn(256, 256)
-    work = iter([1, 8, 1])  # matmul rounds per step: the second step is slow
+    # matmul rounds per step: the second step is slow, 30× the others, so that the test still holds when another
+    # process (a second pytest worker) slows the fast steps several-fold
+    work = iter([1, 30, 1])
 
     def one_step():
         for _ in range(20 * next(work)):

@@ -175,7 +175,7 @@ def train_rows(rows_to_run: list[tuple[str, ...]]) -> list[dict | str]:
 def launched(world: int) -> dict[tuple[str, ...], list]:
     """Every rank's result of each row of this world size."""
     todo = [r for r in rows() if world_size(r) == world]
-    per_rank = run_ranks(train_rows, world, todo, timeout=300.0)
+    per_rank = run_ranks(train_rows, world, todo, timeout=900.0)
     return {r: [per_rank[k][i] for k in range(world)] for i, r in enumerate(todo)}
 
 

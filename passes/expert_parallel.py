@@ -38,7 +38,7 @@ import torch
 import torch.fx as fx
 
 from graphllm.errors import GraphllmError
-from graphllm.passes.graph_edit import emit, get_attr_value, set_parameter
+from graphllm.passes.graph_edit import get_attr_value, set_parameter
 from graphllm.passes.manager import PassContext, graph_pass
 from graphllm.passes.matching import is_call
 from graphllm.passes.shapes import repropagate
@@ -46,7 +46,7 @@ from graphllm.planning.flops import FLOP_ROWS
 from graphllm.planning.moe_config import MoeConfig
 from graphllm.planning.sharding import shard_param_nested
 from graphllm.passes import ep_alltoall
-from graphllm.passes.expert_tp import expert_tensor_parallel, expert_tp_level
+from graphllm.passes.expert_tp import expert_tensor_parallel, expert_tp_level, unpermutes_of, wrap_dispatch
 
 gl = torch.ops.graphllm
 _PERMUTE, _UNPERMUTE, _GMM = gl.moe_permute.default, gl.moe_unpermute.default, gl.grouped_matmul.default
@@ -92,7 +92,7 @@ def expert_parallel(gm: fx.GraphModule, ctx: PassContext, *, dispatcher: str = "
         if ep == 1:
             continue
         if dispatcher == "alltoall":
-            for unpermute in _unpermutes_of(permute):
+            for unpermute in unpermutes_of(permute):
                 cap = MoeConfig(capacity_factor=capacity_factor).capacity(rank_tokens, k, num)
                 ep_alltoall.rewrite(gm, permute, unpermute, ep, (tokens, k, num), x_val, cap)
             ctx.count("MoE layers (all-to-all)")
@@ -119,24 +119,8 @@ def _split_over_tp(gm: fx.GraphModule, permute: fx.Node, tp: int) -> None:
 
 def _wrap(gm: fx.GraphModule, permute: fx.Node, inbound, outbound, size: int, group: str,
           roles: tuple[str, str]) -> None:
-    """`inbound(t, 0, size, group)` on the permutation's tokens and expert ids and on each combine's routing
-    weights; `outbound(.., 0, size, group)` on each combine's output, which its users then read."""
-    x, ids, *rest = permute.args
-    with gm.graph.inserting_before(permute):
-        permute.args = (*(emit(gm, inbound, (t, 0, size, group), permute, roles[0]) for t in (x, ids)), *rest)
-    for unpermute in _unpermutes_of(permute):
-        y, order, weights = unpermute.args
-        with gm.graph.inserting_before(unpermute):
-            unpermute.args = (y, order, emit(gm, inbound, (weights, 0, size, group), unpermute, roles[0]))
-        with gm.graph.inserting_after(unpermute):
-            out = emit(gm, outbound, (unpermute, 0, size, group), unpermute, roles[1])
-        unpermute.replace_all_uses_with(out, delete_user_cb=lambda u: u is not out)
-
-
-def _unpermutes_of(permute: fx.Node) -> list[fx.Node]:
-    """The moe_unpermute nodes that read this permutation's order (output 1)."""
-    orders = [u for u in permute.users if u.target is operator.getitem and u.args[1] == 1]
-    return [u for o in orders for u in o.users if is_call(u, _UNPERMUTE)]
+    """The dispatch wrapped in `inbound(t, 0, size, group)` / `outbound(.., 0, size, group)` (wrap_dispatch)."""
+    wrap_dispatch(gm, permute, inbound, outbound, (0, size, group), roles)
 
 
 def _shard_expert_weights(gm: fx.GraphModule, ctx: PassContext, permute: fx.Node, ranks: tuple[int, int],

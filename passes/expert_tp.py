@@ -50,15 +50,30 @@ def expert_tp_level(gmm: fx.Node, position: int, count: int, rank: int, size: in
 
 def expert_tensor_parallel(gm: fx.GraphModule, permute: fx.Node) -> None:
     """tp_copy on the layer's tokens and routing weights, tp_reduce on each combine's output (module docstring)."""
-    x, *rest = permute.args
+    wrap_dispatch(gm, permute, gl.tp_copy.default, gl.tp_reduce.default, ("tp",),
+                  ("expert input", "expert partial sums"), ids=False)
+
+
+def wrap_dispatch(gm: fx.GraphModule, permute: fx.Node, inbound, outbound, args: tuple,
+                  roles: tuple[str, str], *, ids: bool = True) -> None:
+    """`inbound(t, *args)` on the permutation's tokens (and expert ids, with `ids`) and on each combine's routing
+    weights; `outbound(.., *args)` on each combine's output, which its users then read."""
+    x, expert_ids, *rest = permute.args
     with gm.graph.inserting_before(permute):
-        permute.args = (emit(gm, gl.tp_copy.default, (x, "tp"), permute, "expert input"), *rest)
-    orders = [u for u in permute.users if u.target is operator.getitem and u.args[1] == 1]
-    for unpermute in [u for o in orders for u in o.users if is_call(u, _UNPERMUTE)]:
+        x = emit(gm, inbound, (x, *args), permute, roles[0])
+        if ids:
+            expert_ids = emit(gm, inbound, (expert_ids, *args), permute, roles[0])
+    permute.args = (x, expert_ids, *rest)
+    for unpermute in unpermutes_of(permute):
         y, order, weights = unpermute.args
         with gm.graph.inserting_before(unpermute):
-            weights = emit(gm, gl.tp_copy.default, (weights, "tp"), unpermute, "expert input")
-        unpermute.args = (y, order, weights)
+            unpermute.args = (y, order, emit(gm, inbound, (weights, *args), unpermute, roles[0]))
         with gm.graph.inserting_after(unpermute):
-            out = emit(gm, gl.tp_reduce.default, (unpermute, "tp"), unpermute, "expert partial sums")
+            out = emit(gm, outbound, (unpermute, *args), unpermute, roles[1])
         unpermute.replace_all_uses_with(out, delete_user_cb=lambda u: u is not out)
+
+
+def unpermutes_of(permute: fx.Node) -> list[fx.Node]:
+    """The moe_unpermute nodes that read this permutation's order (output 1)."""
+    orders = [u for u in permute.users if u.target is operator.getitem and u.args[1] == 1]
+    return [u for o in orders for u in o.users if is_call(u, _UNPERMUTE)]

@@ -141,5 +141,19 @@ def main(argv: list[str] | None = None) -> int:
         return code
 
 
+def entry() -> None:
+    """The `graphllm` command and `python -m graphllm` (what torchrun starts as each rank): `main`, then the
+    process group destroyed after a command that ran to its end, then exit. Left to the interpreter's exit,
+    gloo's worker threads can abort a rank whose work is done and saved (SIGABRT, "terminate called without
+    an active exception"), failing the launch. Not after a failure: a collective another rank left waiting
+    could hang the destroy. Here and not in `main`: a caller of `main` may run several commands in one world."""
+    code = main()
+    if code == 0:
+        from graphllm.parallel import groups
+
+        groups.destroy()
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -79,9 +79,7 @@ def build(plan: CompilePlan, *, user: Sequence[GraphPass] = (), purpose: Purpose
     model = load_model(plan.model, seed=plan.seed, attn_implementation=plan.attn_implementation,
                        dtype=PARAMS_DTYPES[plan.params_dtype],
                        mtp_layers=plan.mtp.layers).to(plan.device)  # bf16: captured with bf16 params
-    model.mtp_loss_weight = plan.mtp.loss_weight
-    model.router_z_loss_coeff = plan.moe.z_loss_coeff or 0.0
-    model.seq_aux_loss_coeff = plan.moe.seq_aux_loss_coeff or 0.0
+    set_loss_options(model, plan)
     t_model = time.perf_counter() - t_model
     cfg = model.config
     if plan.seq_len > cfg.max_position_embeddings:
@@ -191,6 +189,15 @@ def _build_stages(pipeline: Pipeline, model: torch.nn.Module, inputs, st, dump_d
                            example_shapes=[tuple(t.shape) for t in inputs], model_graph_hash=prepared.model_hash,
                            timings=prepared.timings)
     return result, runner
+
+
+def set_loss_options(model, plan: CompilePlan) -> None:
+    """What the plan adds to the model's training loss, set before capture: the MTP weight, the router z- and
+    sequence-wise loss weights, and the context-parallel ranks the router statistics are gathered from."""
+    model.mtp_loss_weight = plan.mtp.loss_weight
+    model.router_z_loss_coeff = plan.moe.z_loss_coeff or 0.0
+    model.seq_aux_loss_coeff = plan.moe.seq_aux_loss_coeff or 0.0
+    model.router_stat_parts = plan.layout.cp  # captured for 1/cp of each sequence (passes/context_parallel.py)
 
 
 def warm_up(built: Built) -> None:

@@ -19,7 +19,7 @@ from .deepseek_moe import DeepseekMoeBlock
 from .layers import GatedMLP, RMSNorm, UnitOffsetRMSNorm, make_norm, rope_angles, rope_table
 from .masks import packed_causal_mask, window_masks
 from .mla import LatentAttention
-from .moe import Experts, RouterStats, SparseMoeBlock, load_balancing_loss, router_z_loss, seq_aux_loss
+from .moe import Experts, RouterStats, SparseMoeBlock, load_balancing_loss, marked, router_z_loss, seq_aux_loss
 from .rope import rope_inv_freq
 
 IGNORE_INDEX = -100  # label value that contributes no loss (prompt tokens, padding)
@@ -282,6 +282,9 @@ class DecoderForCausalLM(nn.Module):
         """Weight of the router z-loss in the training loss (--moe-z-loss-coeff; 0: off)."""
         self.seq_aux_loss_coeff = 0.0
         """Weight of DeepSeek-V3's sequence-wise balance loss (--moe-seq-aux-loss-coeff; 0: off)."""
+        self.router_stat_parts = 1
+        """The ranks each sequence is split over when the graph is captured (--cp): the router losses are traced
+        for the statistics of whole sequences, which the context_parallel pass gathers (models/moe.py `marked`)."""
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """lm_head(hidden), soft-capped where the family caps the final logits (Gemma 2)."""
@@ -320,6 +323,7 @@ class DecoderForCausalLM(nn.Module):
         cfg = self.config
         if not router_stats:
             return loss
+        router_stats = [marked(s, self.router_stat_parts) for s in router_stats]
         if cfg.output_router_logits:
             loss = loss + cfg.router_aux_loss_coef * load_balancing_loss(router_stats, cfg.num_experts)
         if self.router_z_loss_coeff:

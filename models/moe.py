@@ -112,9 +112,7 @@ class SparseMoeBlock(nn.Module):
         logits = self.router_logits(x_TH)
         weights, ids, probs = self.route(logits, x.dtype)
         out = self.dispatch(x_TH, weights, ids).reshape(B, S, H)
-        mark = torch.ops.graphllm.router_stat  # what the losses read: gathered over tp under sequence parallelism
-        return out, RouterStats(ids=mark(ids, B), probs=mark(self.balance_probs(probs), B), logits=mark(logits, B),
-                                rows=B)
+        return out, RouterStats(ids=ids, probs=self.balance_probs(probs), logits=logits, rows=B)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_with_stats(x)[0]
@@ -125,6 +123,15 @@ def _assignments(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
     flat = ids.flatten(-2)
     return torch.zeros(*flat.shape[:-1], num_experts, device=ids.device).scatter_add(
         -1, flat, torch.ones(flat.shape, device=ids.device))
+
+
+def marked(stats: RouterStats, parts: int = 1) -> RouterStats:
+    """`stats` through graphllm::router_stat, the marks of what the router losses read: passes that split the
+    micro-batch's sequences over ranks gather them back (sequence and context parallelism). `parts`: the
+    context-parallel ranks the sequences are split over (the marked statistics are the gathered ones)."""
+    mark = torch.ops.graphllm.router_stat
+    return stats._replace(ids=mark(stats.ids, stats.rows, parts), probs=mark(stats.probs, stats.rows, parts),
+                          logits=mark(stats.logits, stats.rows, parts))
 
 
 def load_balancing_loss(stats: list[RouterStats], num_experts: int) -> torch.Tensor:

@@ -25,6 +25,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from graphllm.errors import GraphllmError
+
 
 def _sort_key(ids: Tensor, first_expert: int, num_experts: int) -> Tensor:
     """[T·k]: the local expert index of each pair, `num_experts` for pairs outside the range (the tail)."""
@@ -114,20 +116,30 @@ moe_unpermute.register_autograd(_unpermute_backward, setup_context=_unpermute_se
 
 
 @torch.library.custom_op("graphllm::router_stat", mutates_args=())
-def router_stat(x: Tensor, rows: int) -> Tensor:
+def router_stat(x: Tensor, rows: int, parts: int = 1) -> Tensor:
     """A router statistic the loss or the metrics read ([T, ...] of `rows` sequences' T tokens, row-major: expert
-    ids, probabilities, logits): the identity, marking it for sequence parallelism, whose pass replaces it with the
-    gather of the whole micro-batch's tokens over the tp group (passes/sequence_parallel.py); lowered to nothing
-    otherwise. A copy here only because a custom op may not return its input."""
+    ids, probabilities, logits), marked for the passes that split a micro-batch's sequences over ranks: each
+    gathers the whole micro-batch's tokens back (passes/router_stats.py). `parts` > 1: this rank holds 1/parts of
+    every sequence (context parallelism, captured for its own tokens) and the result is the gathered statistic,
+    [parts·T, ...], so the losses are traced for the whole sequences; the context_parallel pass puts in the
+    gather. Lowered to nothing once gathered; a copy here only because a custom op may not return its input."""
+    _gathered_already(parts)
     return x.clone()
 
 
 @router_stat.register_fake
-def _(x, rows):
-    return torch.empty_like(x)
+def _(x, rows, parts=1):
+    return x.new_empty([x.shape[0] * parts, *x.shape[1:]])
 
 
-def router_stat_decomposed(x: Tensor, rows: int) -> Tensor:
+def _gathered_already(parts: int) -> None:
+    if parts != 1:
+        raise GraphllmError(f"graphllm::router_stat of 1/{parts} of each sequence ran without its gather: the "
+                            "context_parallel pass puts it in (--cp); run the graph through graphllm's pipeline")
+
+
+def router_stat_decomposed(x: Tensor, rows: int, parts: int = 1) -> Tensor:
+    _gathered_already(parts)
     return x
 
 
@@ -136,7 +148,7 @@ def _stat_setup(ctx, inputs, output):
 
 
 def _stat_backward(ctx, grad):
-    return grad, None
+    return grad, None, None
 
 
 router_stat.register_autograd(_stat_backward, setup_context=_stat_setup)

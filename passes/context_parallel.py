@@ -2,7 +2,7 @@
 
 Under context parallelism every rank's graph is captured for its own seq_len / cp tokens (the data feed
 gives it the tokens `graphllm.planning.context.cp_token_index` lists: zig-zag chunks for the ring). Every
-op but attention acts on tokens one by one, so only three things change:
+op but attention acts on tokens one by one, so only these things change:
 
 - **positions** (`cp_positions`, first in the model stage, before the fusions fold the RoPE tables into
   constants): the `arange` of the local length that RoPE's angles come from becomes this rank's global
@@ -17,6 +17,10 @@ op but attention acts on tokens one by one, so only three things change:
   `loss_r · n_r · cp / Σ n`, with n the tokens that count (labels ≠ -100) and Σ n all-reduced over "cp".
   The mean over cp ranks — what the runtime averages, like data parallelism — is then exactly the
   token-weighted loss of the whole sequence, and so are the gradients.
+- **mixture of experts**: each rank routes its own tokens (the experts are whole on every cp rank; their
+  gradients are averaged over dp·cp like every other one). What the router losses read of the routing is
+  all-gathered over cp (passes/router_stats.py), so the load-balancing, z- and sequence-wise losses are the
+  whole sequences' on every cp rank (and the loss's reweighting leaves them whole: see `_weight_loss`).
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ from graphllm.errors import GraphllmError
 from graphllm.passes.graph_edit import emit
 from graphllm.passes.manager import PassContext, graph_pass
 from graphllm.passes.matching import is_call
-from graphllm.passes.ring_attention import emit_ring, runs_of, take_runs, ulysses_heads, ulysses_in, ulysses_out
+from graphllm.passes.router_stats import gather_router_stat, router_stats
+from graphllm.passes.ring_attention import emit_ring, runs_of, take_runs, ulysses_in, ulysses_out
 from graphllm.passes.shapes import old_shapes, repropagate
 from graphllm.planning.context import cp_token_index, ring_schedule, ring_tokens
 
@@ -92,6 +97,7 @@ def context_parallel(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     segments = _segments_by_ring_rank(gm, ctx, seq) if packed else None
     for node in attn:
         _rewrite_attention(gm, ctx, node, seq, segments)
+    _gather_routing(gm, ctx)
     _weight_loss(gm, ctx)
     repropagate(gm, shapes)
     gm.graph.eliminate_dead_code()
@@ -132,7 +138,7 @@ def _rewrite_attention(gm: fx.GraphModule, ctx: PassContext, node: fx.Node, seq:
             raise GraphllmError("--cp supports causal attention only; this graph has a non-causal attention op")
     degree, ring = layout.ulysses_size, layout.ring_size
     ring_rank = layout.coords(ctx.rank).cp // degree
-    kv_heads = ulysses_heads(k.meta["val"].shape[1], degree)
+    key_dim = k.meta["val"].shape[-1]
     with gm.graph.inserting_before(node):
         if degree > 1:
             q, k, v = (ulysses_in(gm, x, degree, node) for x in (q, k, v))
@@ -144,7 +150,7 @@ def _rewrite_attention(gm: fx.GraphModule, ctx: PassContext, node: fx.Node, seq:
                 return segments[rank] if packed else None
 
             steps = ring_schedule(seq // ring, ring, ring_rank)
-            out = emit_ring(gm, node, q, k, v, scale=scale, steps=steps, ring=ring, kv_heads=kv_heads,
+            out = emit_ring(gm, node, q, k, v, scale=scale, steps=steps, ring=ring, key_dim=key_dim,
                             q_seg=seg_of(ring_rank), k_seg_of=seg_of)
             ctx.count("ring steps", ring)
             ctx.count("attention blocks", sum(len(s.blocks) for s in steps))
@@ -155,10 +161,30 @@ def _rewrite_attention(gm: fx.GraphModule, ctx: PassContext, node: fx.Node, seq:
     ctx.count("attention layers")
 
 
+def _gather_routing(gm: fx.GraphModule, ctx: PassContext) -> None:
+    """Each MoE layer routes this rank's tokens; its router losses read the micro-batch's routing, all-gathered
+    over cp (sp_gather: every cp rank computes the same router losses, and the runtime averages the ranks'
+    gradients, so the backward sums the ranks' copies into each one's slice: reduce-scatter)."""
+    cp = ctx.layout.cp
+    for stat in router_stats(gm):
+        parts = stat.args[2] if len(stat.args) > 2 else stat.kwargs.get("parts", 1)
+        if parts != cp:
+            raise GraphllmError(f"context_parallel: a router statistic was captured for 1/{parts} of each "
+                                f"sequence, not 1/{cp} (--cp {cp}); capture the model with router_stat_parts = {cp}")
+        gather_router_stat(gm, stat, gl.sp_gather.default, cp, "cp")
+        stat.args, stat.kwargs = stat.args[:2], {}
+        ctx.count("router statistics gathered")
+
+
 def _weight_loss(gm: fx.GraphModule, ctx: PassContext) -> None:
-    """loss_r → loss_r · n_r · cp / Σ n (a rank without counted tokens adds 0, not its NaN mean)."""
+    """loss_r → loss_r · n_r · cp / Σ n (a rank without counted tokens adds 0, not its NaN mean). The router losses
+    in it are weighted too, harmlessly: they are the same on every cp rank (_gather_routing), so the mean over
+    ranks is unchanged, and their gradient's reduce-scatter sums the ranks' weights, which add up to cp, as the
+    plain sum would. A graph returning (loss, metrics) (the MoE load balance, passes/moe_stats.py: counts summed
+    over cp) keeps its metrics."""
     out = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
-    loss, labels = out.args[0], _placeholder(gm, "labels")
+    result, labels = out.args[0], _placeholder(gm, "labels")
+    loss = result[0] if isinstance(result, (tuple, list)) else result
     val = loss.meta.get("val") if isinstance(loss, fx.Node) else None
     if labels is None or not isinstance(val, torch.Tensor) or val.dim() != 0:
         raise GraphllmError("--cp supports the language-model loss (pretrain, sft): this graph returns "
@@ -173,5 +199,8 @@ def _weight_loss(gm: fx.GraphModule, ctx: PassContext) -> None:
         share = emit(gm, aten.div.Tensor, (emit(gm, aten.mul.Tensor, (n_local, float(ctx.layout.cp)), loss),
                                            emit(gm, aten.clamp_min.default, (n_all, 1.0), loss)), loss)
         weighted = emit(gm, aten.mul.Tensor, (kept, share), loss)
-    out.args = (weighted,)
+    if isinstance(result, (tuple, list)):
+        out.args = ((weighted, *result[1:]),)
+    else:
+        out.args = (weighted,)
     ctx.count("loss reweighted by tokens")

@@ -26,8 +26,8 @@ With --etp = --tp each expert is also split over the tp ranks (passes/expert_tp.
 block-wise, down by rows; tp_copy in, tp_reduce out) instead of each tp rank routing 1/tp of the tokens; the
 pass then runs at --ep 1 too. Under sequence parallelism each tp rank routes its own sequence shard already: no
 token split; with --etp the shards are all-gathered over tp before the experts and the outputs reduce-scattered
-back (sequence parallelism's tp_copy on the expert weights, a gradient sum over tp, is removed: each tp rank's
-slice is its own).
+back (sequence parallelism puts no tp_copy, a gradient sum over tp, on these expert weights: each tp rank's slice
+is its own).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ import torch
 import torch.fx as fx
 
 from graphllm.errors import GraphllmError
-from graphllm.passes.graph_edit import get_attr_value, set_parameter
+from graphllm.passes.graph_edit import get_attr_value, read_source, set_parameter
 from graphllm.passes.manager import PassContext, graph_pass
 from graphllm.passes.matching import is_call
 from graphllm.passes.shapes import repropagate
@@ -137,8 +137,6 @@ def _shard_expert_weights(gm: fx.GraphModule, ctx: PassContext, permute: fx.Node
     (ep_rank, tp_rank), (ep, etp) = ranks, sizes
     for position, gmm in enumerate(gmms):
         gmm.meta[FLOP_ROWS] = rows
-        if etp > 1:  # sequence parallelism's tp_copy (a gradient sum over tp) does not fit a weight split over tp
-            _drop_tp_copy(gm, gmm.args[1])
         weight = _source_attr(gmm.args[1])
         full = get_attr_value(gm, weight.target)
         if id(full) not in sharded:
@@ -150,26 +148,9 @@ def _shard_expert_weights(gm: fx.GraphModule, ctx: PassContext, permute: fx.Node
         set_parameter(gm, weight.target, sharded[id(full)])
 
 
-def _drop_tp_copy(gm: fx.GraphModule, node: fx.Node) -> None:
-    """Remove a tp_copy on the path from a parameter read to a grouped matmul's weight (`node`)."""
-    while node.op == "call_function":
-        if is_call(node, gl.tp_copy.default):
-            node.replace_all_uses_with(node.args[0])
-            gm.graph.erase_node(node)
-            return
-        tensors = [a for a in node.args if isinstance(a, fx.Node)]
-        if len(tensors) != 1:
-            return
-        node = tensors[0]
-
-
 def _source_attr(node: fx.Node) -> fx.Node:
     """The parameter a grouped matmul's weight comes from, through transposes, views and casts."""
-    while node.op == "call_function":
-        tensors = [a for a in node.args if isinstance(a, fx.Node)]
-        if len(tensors) != 1:
-            break
-        node = tensors[0]
+    node = read_source(node)
     if node.op != "get_attr":
         raise GraphllmError(f"expert_parallel: a grouped matmul's weight ({node.name}) is not a parameter read; "
                             "expert weights must be the model's [E, ...] parameters")

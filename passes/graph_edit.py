@@ -39,3 +39,14 @@ def set_parameter(gm: fx.GraphModule, target: str, value: torch.nn.Parameter) ->
     owner_name, _, attr = target.rpartition(".")
     owner = gm.get_submodule(owner_name) if owner_name else gm
     setattr(owner, attr, value)
+
+
+def read_source(node: fx.Node) -> fx.Node:
+    """Where `node`'s value comes from through ops of one tensor input (transposes, views, casts): a parameter's
+    get_attr when it is one (a grouped matmul's weight), else the first op of several inputs or a placeholder."""
+    while node.op == "call_function":
+        tensors = [a for a in node.args if isinstance(a, fx.Node)]
+        if len(tensors) != 1:
+            break
+        node = tensors[0]
+    return node

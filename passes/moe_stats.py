@@ -10,7 +10,8 @@ the graph then returns `(loss, metrics)` instead of `loss` (a task graph's metri
 
 The engine averages metrics like the loss (micro-batches, data-parallel ranks) and the training log writes
 them per step (graphllm.train.train_steps). The counts are integer work on [T·k] ids, outside autograd. Under
-sequence parallelism each tp rank routes its shard of the sequence: the counts are summed over tp (tp_reduce).
+sequence parallelism each tp rank routes its shard of the sequence, under context parallelism each cp rank its
+part: the counts are summed over tp, then cp (tp_reduce), so every rank reports the micro-batch's balance.
 """
 
 from __future__ import annotations
@@ -65,7 +66,9 @@ def moe_stats(gm: fx.GraphModule, ctx: PassContext, *, capacity_factor: float | 
     if not permutes or not isinstance(loss, fx.Node) or loss.meta["val"].dim() != 0:
         return gm  # no MoE layer, or a graph without a loss (logits)
     moe = MoeConfig(capacity_factor=capacity_factor)
-    tp = ctx.layout.tp if ctx.layout.sequence_parallel else 1  # each tp rank routes 1/tp of the micro-batch
+    lay = ctx.layout  # each tp rank (sequence parallelism) and each cp rank routes its part of the micro-batch
+    splits = [(kind, size) for kind, size in (("tp", lay.tp if lay.sequence_parallel else 1), ("cp", lay.cp))
+              if size > 1]
     loads, drops, pairs, biased = [], [], 0, []
     with gm.graph.inserting_before(out):
         def op(target, *args, **kwargs):
@@ -78,9 +81,9 @@ def moe_stats(gm: fx.GraphModule, ctx: PassContext, *, capacity_factor: float | 
             zeros = op(aten.zeros.default, [experts], dtype=torch.float32, device=ids.meta["val"].device)
             ones = op(aten.ones.default, [tokens * k], dtype=torch.float32, device=ids.meta["val"].device)
             counts = op(aten.scatter_add.default, zeros, 0, flat, ones)  # [E] pairs per expert
-            if tp > 1:  # the micro-batch's counts: summed over the tp ranks' sequence shards
-                counts = op(torch.ops.graphllm.tp_reduce.default, counts, "tp")
-                tokens *= tp
+            for kind, size in splits:  # the micro-batch's counts: summed over the ranks' parts of its sequences
+                counts = op(torch.ops.graphllm.tp_reduce.default, counts, kind)
+                tokens *= size
             loads.append(op(aten.div.Tensor, op(aten.max.default, counts), tokens * k / experts))
             cap = moe.capacity(tokens, k, experts)
             if cap is not None:

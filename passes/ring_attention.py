@@ -1,6 +1,7 @@
 """Ring and Ulysses attention spelled as graph nodes (what passes/context_parallel.py emits per attention).
 
-Ring: the keys and values, concatenated into one tensor, travel around the "cp_ring" group one step at a
+Ring: the keys and values, concatenated along the head dimension's entries into one tensor (so their widths
+may differ, as multi-latent attention's do), travel around the "cp_ring" group one step at a
 time (`cp_ring_shift`). The shift that brings step i+1's keys is issued before step i's attention, so it
 travels while that attention computes (after lowering, its wait sits at step i+1's first use). Each step
 computes the blocks `graphllm.planning.context.ring_schedule` lists with `graphllm::attention_block`,
@@ -29,7 +30,7 @@ from graphllm.planning.context import RingStep
 
 aten = torch.ops.aten
 gl = torch.ops.graphllm
-HEAD_DIM, SEQ_DIM = 1, 2  # attention tensors are [batch, heads, sequence, head_dim]
+HEAD_DIM, SEQ_DIM, WIDTH_DIM = 1, 2, 3  # attention tensors are [batch, heads, sequence, head_dim]
 
 
 def runs_of(index: list[int]) -> list[tuple[int, int]]:
@@ -77,21 +78,21 @@ def _merge(gm: fx.GraphModule, acc: tuple[fx.Node, fx.Node], new: tuple[fx.Node,
 
 
 def emit_ring(gm: fx.GraphModule, like: fx.Node, q: fx.Node, k: fx.Node, v: fx.Node, *, scale: float,
-              steps: list[RingStep], ring: int, kv_heads: int, q_seg: fx.Node | None,
+              steps: list[RingStep], ring: int, key_dim: int, q_seg: fx.Node | None,
               k_seg_of: Callable[[int], fx.Node | None]) -> fx.Node:
     """The unrolled ring for one attention; returns its output [B, H, L, D] (float32: the merge's sums; under
     bf16 autocast the next matmul casts it, and no block output is copied to float32 to be saved).
-    `kv_heads`: k's and v's heads here; `k_seg_of(source)`: the segment ids [B, L] of a source ring rank's
+    `key_dim`: the width of k's heads (v's may differ); `k_seg_of(source)`: the segment ids [B, L] of a source ring rank's
     tokens (None: no packed samples). (q, k, v may be new nodes without shapes: sizes come as arguments.)"""
-    length, hkv = steps[0].blocks[0].q1, kv_heads
+    length = steps[0].blocks[0].q1
     bounds = sorted({b.q0 for s in steps for b in s.blocks} | {b.q1 for s in steps for b in s.blocks})
     runs = list(zip(bounds[:-1], bounds[1:]))
     acc: dict[tuple[int, int], tuple[fx.Node, fx.Node]] = {}
-    cur = emit(gm, aten.cat.default, ([k, v], HEAD_DIM), like)  # one tensor travels: [B, 2·Hkv, L, D]
+    cur = emit(gm, aten.cat.default, ([k, v], WIDTH_DIM), like)  # one tensor travels: [B, Hkv, L, Dk + Dv]
     for s in steps:
         nxt = emit(gm, gl.cp_ring_shift.default, (cur, 1, ring, "cp_ring"), like) if s.step + 1 < ring else None
-        kk = emit(gm, aten.slice.Tensor, (cur, HEAD_DIM, 0, hkv), like)
-        vv = emit(gm, aten.slice.Tensor, (cur, HEAD_DIM, hkv, 2 * hkv), like)
+        kk = emit(gm, aten.slice.Tensor, (cur, WIDTH_DIM, 0, key_dim), like)
+        vv = emit(gm, aten.slice.Tensor, (cur, WIDTH_DIM, key_dim, None), like)
         k_seg = k_seg_of(s.source)
         for b in s.blocks:
             res = emit(gm, gl.attention_block.default, (
@@ -109,11 +110,6 @@ def emit_ring(gm: fx.GraphModule, like: fx.Node, q: fx.Node, k: fx.Node, v: fx.N
         cur = nxt
     outs = [acc[r][0] for r in runs]
     return outs[0] if len(outs) == 1 else emit(gm, aten.cat.default, (outs, SEQ_DIM), like)
-
-
-def ulysses_heads(heads: int, degree: int) -> int:
-    """Heads per rank after the all-to-all (fewer heads than the degree are repeated up to it first)."""
-    return max(heads, degree) // degree
 
 
 def ulysses_in(gm: fx.GraphModule, x: fx.Node, degree: int, like: fx.Node) -> fx.Node:

@@ -11,7 +11,8 @@ once per rank, and their activation memory is divided by tp.
 
 Parameters used inside the sequence-sharded region (the norms' weights; a mixture of experts' router and
 experts) see only this rank's tokens, so their gradients are partial: each is wrapped in tp_copy, whose backward
-all-reduces them. A mixture-of-experts layer in the region routes this rank's tokens; what its losses read of the
+all-reduces them; not the expert weights that expert tensor parallelism (--etp) splits over tp, which see every
+tp rank's tokens (expert_parallel gathers them). A mixture-of-experts layer in the region routes this rank's tokens; what its losses read of the
 routing (graphllm::router_stat: expert ids, probabilities, logits) is gathered over tp into the whole
 micro-batch's, in its token order, so the load-balancing, z- and sequence-wise losses are the unsharded ones. The
 pass is legal because all-gather∘reduce-scatter equals all-reduce, and the sharded region's ops act
@@ -25,9 +26,10 @@ import torch.fx as fx
 
 from graphllm.errors import GraphllmError
 from graphllm.planning.sharding import shard_of
-from graphllm.passes.graph_edit import TP_ROLE_KEY, emit, get_attr_value
+from graphllm.passes.graph_edit import TP_ROLE_KEY, emit, get_attr_value, read_source
 from graphllm.passes.manager import PassContext, graph_pass
 from graphllm.passes.matching import is_call
+from graphllm.passes.router_stats import gather_router_stat
 from graphllm.passes.shapes import old_shapes, repropagate
 
 gl = torch.ops.graphllm
@@ -56,11 +58,16 @@ def sequence_parallel(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         if is_call(node, gl.sp_reduce_scatter.default):
             sharded.add(node)
         elif is_call(node, gl.router_stat.default) and any(a in sharded for a in node.all_input_nodes):
-            _gather_router_stat(gm, node, tp)
+            # tp_gather: its backward keeps this rank's slice, as every tp rank computes the same loss from the whole
+            gather_router_stat(gm, node, gl.tp_gather.default, tp, "tp")
             ctx.count("router statistics gathered")
         elif not is_call(node, gl.sp_gather.default) and any(a in sharded for a in node.all_input_nodes):
             sharded.add(node)
-    for node in [n for n in gm.graph.nodes if n.op == "get_attr"]:
+    # expert weights that expert tensor parallelism will split over tp see every tp rank's tokens (gathered first):
+    # their gradient is the rank's own slice's, nothing to sum
+    split = {read_source(n.args[1]) for n in gm.graph.nodes if is_call(n, gl.grouped_matmul.default)
+             } if layout.etp > 1 else set()
+    for node in [n for n in gm.graph.nodes if n.op == "get_attr" and n not in split]:
         value = get_attr_value(gm, node.target)
         if not isinstance(value, torch.nn.Parameter) or shard_of(value) is not None:
             continue
@@ -75,17 +82,3 @@ def sequence_parallel(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     repropagate(gm, shapes)
     gm.recompile()
     return gm
-
-
-def _gather_router_stat(gm: fx.GraphModule, stat: fx.Node, tp: int) -> None:
-    """A router statistic of this rank's tokens [rows·S/tp, ...] → the micro-batch's [rows·S, ...], row-major as
-    without sequence parallelism: viewed [rows, S/tp, ...], all-gathered along the sequence (tp_gather: its backward
-    keeps this rank's slice, as every tp rank computes the same loss from the gathered whole)."""
-    x, rows = stat.args
-    rest = list(x.meta["val"].shape[1:])
-    with gm.graph.inserting_before(stat):
-        view = emit(gm, torch.ops.aten.view.default, (x, [rows, -1, *rest]), stat)
-        whole = emit(gm, gl.tp_gather.default, (view, SEQ_DIM, tp, "tp"), stat, "router stats")
-        flat = emit(gm, torch.ops.aten.view.default, (whole, [-1, *rest]), stat)
-    stat.replace_all_uses_with(flat)
-    gm.graph.erase_node(stat)

@@ -45,6 +45,14 @@ def _batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, torch.randint(0, VOCAB, (GLOBAL_BATCH, SEQ), generator=g)
 
 
+def _masked_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """_batch with the first 5 labels of each row ignored (-100): context-parallel ranks then count different
+    numbers of tokens, so weighting their cross-entropies by tokens differs from a plain mean."""
+    ids, labels = _batch(step)
+    labels[:, :5] = -100
+    return ids, labels
+
+
 def _plan(model: str, layout: dict, moe: dict | None = None, backend: str = "eager", mtp: int = 0):
     from graphllm.plan import CompilePlan
     from graphllm.planning import Layout
@@ -57,7 +65,7 @@ def _plan(model: str, layout: dict, moe: dict | None = None, backend: str = "eag
 
 
 def train(model: str, layout: dict, moe: dict | None = None, *, save: str | None = None, load: str | None = None,
-          stop_after: int | None = None, mtp: int = 0) -> dict:
+          stop_after: int | None = None, mtp: int = 0, masked: bool = False) -> dict:
     """Train on this rank; return its losses, its parameters with their ParamShard, and what its model graph holds."""
     from graphllm.job import build
     from graphllm.planning.sharding import shard_of
@@ -69,7 +77,7 @@ def train(model: str, layout: dict, moe: dict | None = None, *, save: str | None
     opt = built.engine.make_optimizer(cfg)
     start = load_step(load, built, opt) if load else 0
     losses, balance, mtp_losses = [], [], []
-    for r in train_steps(built.engine, _batch, cfg, optimizer=opt, start_step=start):
+    for r in train_steps(built.engine, _masked_batch if masked else _batch, cfg, optimizer=opt, start_step=start):
         losses.append(r["loss"])
         balance.append((r.get("moe/max_load"), r.get("moe/dropped")))  # none for a dense model or --moe-stats off
         mtp_losses.append(r.get("mtp/loss"))
@@ -307,3 +315,33 @@ def test_routing_biases_are_checkpointed_resumed_and_exported(deepseek, bias_run
     for name, t in saved["buffers"].items():  # the MTP module's under DeepSeek's name, model.layers.<L>.*
         assert torch.equal(exported[name.replace("model.mtp.0.", "model.layers.2.")], t), name
 
+
+
+@pytest.mark.parametrize("layout, ranks", [
+    ({"cp": 2, "micro_batches": 2}, 2),  # ring attention; the experts whole on both cp ranks
+    ({"tp": 2, "sequence_parallel": True, "etp": 2, "cp": 2, "cp_algo": "ulysses", "micro_batches": 2}, 4),
+])
+def test_mixtral_with_router_losses_under_context_parallelism_trains_like_one_process(mixtral, layout, ranks):
+    """Each cp rank routes its part of every sequence (zig-zag chunks under the ring); the router losses read the
+    routing all-gathered over cp (and over tp first under sequence parallelism) and are added to the cross-entropy
+    unweighted, so the aux loss, the z-loss, the sequence-wise loss, the load-balance metrics and the final
+    parameters equal one process's. Some labels are ignored, so the cp ranks' losses are weighted by their
+    counted tokens."""
+    reference = train(mixtral, {"micro_batches": 2}, ROUTER_LOSSES, masked=True)
+    results = run_ranks(train, ranks, mixtral, layout, ROUTER_LOSSES, masked=True)
+    _check(f"mixtral {layout}", results, reference)
+    assert "sp_gather:cp" in results[0]["collectives"]  # the router statistics' gather
+
+
+def test_deepseek_v3_under_ring_context_parallelism_trains_like_one_process(deepseek):
+    """DeepSeek-V3 at cp2 (ring): multi-latent attention's keys (nope + rope parts) and values (narrower) travel the
+    ring as one tensor; each cp rank routes its chunks, the router losses read the whole sequences' routing and
+    the routing biases move by the whole batch's counts: losses, metrics, parameters and biases equal one
+    process's."""
+    moe = {"bias_update_rate": BIAS_RATE, **ROUTER_LOSSES}
+    reference = train(deepseek, {"micro_batches": 2}, moe, masked=True)
+    results = run_ranks(train, 2, deepseek, {"cp": 2, "micro_batches": 2}, moe, masked=True)
+    _check("deepseek-v3 cp2", results, reference)
+    for r in results:
+        for name, t in reference["buffers"].items():
+            assert torch.equal(r["buffers"][name], t), name

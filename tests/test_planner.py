@@ -364,32 +364,3 @@ def test_mixed_dense_and_moe_layers_are_each_priced(tmp_path, family, fields) ->
     assert pred.memory["parameters"] == mem["parameter_bytes"]
     assert pred.memory["activations"] == mem["activation_bytes_peak_estimate"]
     assert pred.flops_per_step == report["flops_per_step"]
-
-
-def test_deepseek_v3_is_searched_over_tp_and_ep() -> None:
-    """DeepSeek-V3 (multi-latent attention, a dense first layer, then MoE layers): tp2 layouts are priced (MLA is
-    tensor-parallel) and so is ep2 (the dense layer is measured without expert parallelism, which has nothing to
-    share out there)."""
-    import transformers
-
-    from graphllm.models import ModelConfig
-    from graphllm.planner.search import search
-    from hf_parity import FAMILIES
-
-    cfg = ModelConfig.from_hf(transformers.DeepseekV3Config(**FAMILIES["deepseek-v3"][2]).to_dict(),
-                              source="deepseek_v3")
-    space = Space(tp=(1, 2), cp=(1,), mbs=(1,), vpp=(1,), recompute=("none",), zero1=(False,),
-                  dispatchers=("alltoall",))
-    result = search(cfg, devices=2, spec=device_spec("h100"), seq_len=32, global_batch=2, space=space, jobs=1)
-    priced = {(c.layout.tp, c.layout.ep) for c in result.candidates if c.layout.pp == 1}
-    assert {(1, 1), (1, 2), (2, 1)} <= priced, priced
-    # at tp2 the experts are priced whole on each tp rank and split over tp (--etp 2): half the expert parameters
-    tp2 = {c.layout.etp: c for c in result.candidates if c.layout.tp == 2 and c.layout.pp == 1}
-    assert set(tp2) == {1, 2}, sorted(tp2)
-    experts = {etp: c.prediction.ranks[0]["expert_params"] for etp, c in tp2.items()}
-    assert experts[1] > 0 and experts[2] == pytest.approx(experts[1] / 2), experts
-    from types import SimpleNamespace
-
-    from graphllm.cli.plan_cmd import emit_command
-
-    assert "--etp 2" in emit_command(tp2[2], "m", SimpleNamespace(seq_len=32, amp="bf16"), spec_name="h100")

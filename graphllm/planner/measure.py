@@ -234,6 +234,7 @@ def _capture_costs(cfg, keys: list[Key]) -> dict[Key, tuple[Part, Part]]:
     """Capture and pass the model of `cfg` once on fake tensors, then partition it under each key's recompute
     policy: each key's (decoder layer's, rest's) costs."""
     from graphllm.compile import prepare_graph
+    from graphllm.job import set_loss_options
     from graphllm.models.llama import LlamaForCausalLM
     from graphllm.pass_pipeline import build_pipeline
     from graphllm.tasks import graph_inputs
@@ -247,6 +248,7 @@ def _capture_costs(cfg, keys: list[Key]) -> dict[Key, tuple[Part, Part]]:
         warnings.simplefilter("ignore")
         with fake, _default_dtype(torch.bfloat16 if keys[0].params_dtype == "bf16" else torch.float32):
             model = LlamaForCausalLM(cfg)  # built in the params dtype: `.to()` cannot swap fake parameters
+            set_loss_options(model, plan)
             inputs = graph_inputs(plan)
         prepared = prepare_graph(model, inputs, build_pipeline(plan), groups=st, rank=0)
         for key in keys:

@@ -128,6 +128,9 @@ def enumerate_layouts(cfg, *, devices: int, seq_len: int, global_batch: int, spe
 
 
 def _layouts_at(cfg, tp, cp, pp, dp, seq_len, global_batch, space, out, pruned) -> None:
+    if cp > 1 and _moe(cfg) and space.capacity_factor is not None:
+        pruned["--moe-capacity-factor with --cp"] += 1  # graphllm compile refuses it (MoeConfig.check_plan)
+        return
     if global_batch % dp:
         pruned[f"--global-batch {global_batch} not divisible by dp"] += 1
         return

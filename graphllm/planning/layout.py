@@ -242,10 +242,10 @@ class Layout:
             raise GraphllmError(f"--ep {self.ep} with --tp {tp}: each tp rank routes 1/tp of a micro-batch's "
                                 f"{batch_size * seq_len} tokens (--batch-size × --seq-len), which --tp does not divide; "
                                 "choose sizes whose product --tp divides")
-        if experts and self.cp > 1:
-            # context parallelism would route sharded tokens whose expert gradients nothing reduces
-            raise GraphllmError(f"{cfg.model_type} is a mixture-of-experts model: --cp with experts is not supported "
-                                "yet; use --cp 1 (--tp, --sequence-parallel, --dp, --pp, --ep and --etp are supported)")
+        if self.ep > 1 and self.cp > 1:
+            # Megatron carves the expert groups out of dp × cp; graphllm's mesh carves them out of dp only
+            raise GraphllmError(f"--ep {self.ep} with --cp {self.cp} is not supported yet (expert parallelism is carved "
+                                "out of the data-parallel ranks only); use --ep 1 with --cp, or --cp 1")
         checks = [
             (cfg.num_attention_heads, "attention heads (num_attention_heads)"),
             (cfg.intermediate_size, "MLP width (intermediate_size)"),

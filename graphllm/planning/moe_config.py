@@ -76,10 +76,12 @@ class MoeConfig:
 
     def check_plan(self, plan: Any) -> None:
         """Refuse what expert capacity does not compose with yet (one line naming the flags and the fix)."""
-        if self.capacity_factor is not None and plan.layout.sequence_parallel:
-            raise GraphllmError(f"--moe-capacity-factor {self.capacity_factor:g} with --sequence-parallel is not "
-                                "supported yet (each tp rank would count the capacity on its shard of the sequence, "
-                                "not on the micro-batch); drop one of them")
+        lay = plan.layout
+        split = "--sequence-parallel" if lay.sequence_parallel else f"--cp {lay.cp}" if lay.cp > 1 else None
+        if self.capacity_factor is not None and split:
+            raise GraphllmError(f"--moe-capacity-factor {self.capacity_factor:g} with {split} is not supported yet "
+                                "(each rank would count the capacity on its part of the sequence, not on the "
+                                "micro-batch); drop one of them")
 
     def capacity(self, tokens: int, top_k: int, experts: int) -> int | None:
         """Pairs each expert takes from `tokens` tokens (None: dropless)."""

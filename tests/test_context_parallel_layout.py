@@ -60,7 +60,8 @@ def test_group_ranks_of_every_kind() -> None:
     assert hybrid.group_ranks("cp") == hybrid.group_ranks("dp_cp") == [[0, 1, 2, 3]]
     assert hybrid.group_ranks("cp_ring") == [[0, 2], [1, 3]]
     assert hybrid.group_ranks("cp_ulysses") == [[0, 1], [2, 3]]
-    for layout in (lay, hybrid, Layout(tp=2, cp=2, cp_algo="ulysses", dp=2), Layout(dp=4, ep=2, tp=2)):  # sizes and indices agree
+    for layout in (lay, hybrid, Layout(tp=2, cp=2, cp_algo="ulysses", dp=2), Layout(dp=4, ep=2, tp=2),
+                   Layout(dp=2, ep=2, cp=2)):  # sizes and indices agree
         for kind in KIND_DIMS:
             for ranks in layout.group_ranks(kind):
                 assert len(ranks) == layout.group_size(kind), (layout.describe(), kind)
@@ -69,6 +70,8 @@ def test_group_ranks_of_every_kind() -> None:
     assert experts.group_ranks("ep") == [[0, 2], [1, 3], [4, 6], [5, 7]]
     assert experts.group_ranks("edp") == [[0, 4], [1, 5], [2, 6], [3, 7]]
     assert experts.group_ranks("dp") == experts.group_ranks("dp_cp") == [[0, 2, 4, 6], [1, 3, 5, 7]]
+    with_cp = Layout(dp=2, ep=2, cp=2)  # rank = dp rank · 2 + cp rank; an expert shard's replicas: edp × cp
+    assert with_cp.group_ranks("ep") == [[0, 2], [1, 3]] and with_cp.group_ranks("edp_cp") == [[0, 1], [2, 3]]
     with pytest.raises(GraphllmError, match="unknown process group kind 'xp'"):
         lay.group_ranks("xp")
 
@@ -241,8 +244,19 @@ def test_init_parallel_builds_the_cp_groups() -> None:
         for kind in ("cp", "cp_ring", "dp_cp"):
             assert got["groups"][kind] == ([0, 1], 2, rank), kind
         assert got["groups"]["dp"] == ([rank], 1, 0) and got["groups"]["cp_ulysses"] == ([rank], 1, 0)
-        no_experts = set(KIND_DIMS) - {"ep", "edp"}  # expert-parallel meshes are built at ep > 1 only
+        no_experts = set(KIND_DIMS) - {"ep", "edp", "edp_cp"}  # expert-parallel meshes are built at ep > 1 only
         assert {k for label in got["kinds"].values() for k in label.split("/")} == no_experts, got["kinds"]
+
+
+def test_init_parallel_builds_the_expert_groups_under_cp() -> None:
+    """ep2 carved out of dp2, with cp2 (4 ranks): the whole grid's mesh; every group of every kind is the one the
+    layout lists, and an expert shard's replicas ("edp_cp") are its cp ranks."""
+    lay = Layout(dp=2, ep=2, cp=2)
+    for rank, got in enumerate(run_ranks(_groups_worker, 4, {"dp": 2, "ep": 2, "cp": 2})):
+        assert {"ep", "edp_cp", "cp", "dp", "dp_cp"} <= set(got["groups"]), sorted(got["groups"])
+        for kind, (ranks, size, local) in got["groups"].items():
+            assert rank in ranks and ranks in lay.group_ranks(kind), (kind, ranks)
+            assert size == lay.group_size(kind) and local == lay.group_rank(kind, lay.coords(rank)), kind
 
 
 STEP_CFG = dict(lr=1e-2, warmup_steps=1, grad_clip=1.0)

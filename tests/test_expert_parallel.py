@@ -320,9 +320,12 @@ def test_routing_biases_are_checkpointed_resumed_and_exported(deepseek, bias_run
 @pytest.mark.parametrize("layout, ranks", [
     ({"cp": 2, "micro_batches": 2}, 2),  # ring attention; the experts whole on both cp ranks
     ({"tp": 2, "sequence_parallel": True, "etp": 2, "cp": 2, "cp_algo": "ulysses", "micro_batches": 2}, 4),
+    # experts shared out over ep2 (carved out of dp2), each shard's replicas the cp2 ranks: gradients over edp × cp
+    ({"dp": 2, "ep": 2, "cp": 2}, 4),
 ])
 def test_mixtral_with_router_losses_under_context_parallelism_trains_like_one_process(mixtral, layout, ranks):
-    """Each cp rank routes its part of every sequence (zig-zag chunks under the ring); the router losses read the
+    """Each cp rank routes its part of every sequence (zig-zag chunks under the ring; under --ep to the ep ranks
+    of its cp index, and an expert shard's gradient is averaged over its dp/ep × cp replicas); the router losses read the
     routing all-gathered over cp (and over tp first under sequence parallelism) and are added to the cross-entropy
     unweighted, so the aux loss, the z-loss, the sequence-wise loss, the load-balance metrics and the final
     parameters equal one process's. Some labels are ignored, so the cp ranks' losses are weighted by their
@@ -334,14 +337,14 @@ def test_mixtral_with_router_losses_under_context_parallelism_trains_like_one_pr
 
 
 def test_deepseek_v3_under_ring_context_parallelism_trains_like_one_process(deepseek):
-    """DeepSeek-V3 at cp2 (ring): multi-latent attention's keys (nope + rope parts) and values (narrower) travel the
-    ring as one tensor; each cp rank routes its chunks, the router losses read the whole sequences' routing and
-    the routing biases move by the whole batch's counts: losses, metrics, parameters and biases equal one
-    process's."""
-    moe = {"bias_update_rate": BIAS_RATE, **ROUTER_LOSSES}
+    """DeepSeek-V3 at dp2 × ep2 × cp2 (ring, 4 ranks, all-to-all dispatch): multi-latent attention's keys (nope +
+    rope parts) and values (narrower) travel the ring as one tensor; each cp rank sends its chunks' tokens to the
+    ep ranks of its cp index, the router losses read the whole sequences' routing and the routing biases move by
+    the whole batch's counts: losses, metrics, parameters and biases equal one process's."""
+    moe = {"bias_update_rate": BIAS_RATE, "dispatcher": "alltoall", **ROUTER_LOSSES}
     reference = train(deepseek, {"micro_batches": 2}, moe, masked=True)
-    results = run_ranks(train, 2, deepseek, {"cp": 2, "micro_batches": 2}, moe, masked=True)
-    _check("deepseek-v3 cp2", results, reference)
+    results = run_ranks(train, 4, deepseek, {"dp": 2, "ep": 2, "cp": 2}, moe, masked=True)
+    _check("deepseek-v3 dp2 ep2 cp2", results, reference)
     for r in results:
         for name, t in reference["buffers"].items():
             assert torch.equal(r["buffers"][name], t), name

@@ -134,7 +134,6 @@ def test_unsupported_moe_fields_are_refused_by_name(d: dict, message: str) -> No
 
 
 BAD_LAYOUTS = [  # flags → the one line that names the input and the fix
-    (["--dp", "2", "--ep", "2", "--cp", "2"], "--ep 2 with --cp 2 is not supported yet"),
     (["--cp", "2", "--moe-capacity-factor", "1.0"], "--moe-capacity-factor 1 with --cp 2 is not supported yet"),
     (["--tp", "2", "--sequence-parallel", "--moe-capacity-factor", "1.0"],
      "--moe-capacity-factor 1 with --sequence-parallel is not supported yet"),

@@ -44,8 +44,9 @@ def test_deepseek_v3_is_searched_over_tp_and_ep() -> None:
 
 
 def test_mixtral_is_priced_under_context_parallelism_with_whole_experts() -> None:
-    """At cp2 every rank holds every expert (expert parallelism is carved out of dp only): the plan is priced with
-    the whole experts' parameters; with a capacity factor (refused with --cp) no cp layout is offered."""
+    """On 2 devices at cp2 (dp1, so --ep 1: expert parallelism is carved out of dp) every rank holds every expert:
+    the plan is priced with the whole experts' parameters; with a capacity factor (refused with --cp) no cp layout
+    is offered."""
     from graphllm.planner.search import enumerate_layouts, search
 
     cfg = _config("mixtral")

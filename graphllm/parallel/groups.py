@@ -10,8 +10,9 @@ torch.distributed.checkpoint use too. With context parallelism (cp > 1) the mesh
 (cp_ring × cp_ulysses: every rank holding a piece of the same sequences) and "dp_cp" (dp × cp: the replicas of
 every parameter, over which gradients and losses are averaged). At cp = 1 the mesh is the three-dimensional one,
 "dp_cp" is the "dp" group itself and there are no cp groups, so plans without cp build the same groups (and
-c10d group names) as before. With expert parallelism (ep > 1; cp is 1 then) the mesh is ("pp", "edp", "ep", "tp") and
-"dp" is flattened from ("edp", "ep"). The backend follows the device: gloo (cpu), nccl (cuda), hccl (npu).
+c10d group names) as before. With expert parallelism (ep > 1) the mesh is ("pp", "edp", "ep", "tp") and "dp" is
+flattened from ("edp", "ep"); with both, the mesh is the whole grid ("pp", "edp", "ep", "cp_ring", "cp_ulysses",
+"tp"), with "dp", "cp", "dp_cp" and "edp_cp" (an expert shard's replicas: edp × cp) flattened from it. The backend follows the device: gloo (cpu), nccl (cuda), hccl (npu).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from graphllm.errors import GraphllmError
 from graphllm.ops import groups as op_groups
 from graphllm.planning.layout import Coords, Layout
 
-KINDS = ("pp", "dp", "tp", "cp", "cp_ring", "cp_ulysses", "dp_cp", "ep", "edp")
+KINDS = ("pp", "dp", "tp", "cp", "cp_ring", "cp_ulysses", "dp_cp", "ep", "edp", "edp_cp")
 """Every group kind."""
 BACKEND_FOR_DEVICE = {"cpu": "gloo", "cuda": "cpu:gloo,cuda:nccl", "npu": "cpu:gloo,npu:hccl"}
 """Process-group backends per device: on an accelerator, its collective library for device tensors and gloo for
@@ -48,8 +49,8 @@ class ParallelState:
             return None
         if kind in self.flat:
             return self.flat[kind]
-        if kind == "dp_cp" and self.layout.cp == 1:
-            kind = "dp"  # the same ranks: one group, not two
+        if kind in ("dp_cp", "edp_cp") and self.layout.cp == 1:
+            kind = kind[:-3]  # the same ranks as dp / edp: one group, not two
             if kind in self.flat:
                 return self.flat[kind]
         return self.mesh[kind] if kind in self.mesh.mesh_dim_names else None
@@ -80,7 +81,7 @@ class ParallelState:
         "cp/dp_cp"; at cp 1 "dp_cp" is the dp group and not listed."""
         out: dict[str, str] = {}
         for kind in KINDS:
-            if kind == "dp_cp" and self.layout.cp == 1:
+            if kind in ("dp_cp", "edp_cp") and self.layout.cp == 1:
                 continue
             if (pg := self.group(kind)) is not None:
                 name = pg.group_name
@@ -117,11 +118,16 @@ def build_mesh(layout: Layout, device: str):
 
     cp = 1: ("pp", "dp", "tp"), nothing flattened. cp > 1: ("pp", "dp", "cp_ring", "cp_ulysses", "tp"), then "cp" and
     "dp_cp" flattened from them (DeviceMesh._flatten: the groups are created once, in the same order on every
-    rank). ep > 1: ("pp", "edp", "ep", "tp") and "dp" flattened from ("edp", "ep")."""
+    rank). ep > 1: ("pp", "edp", "ep", "tp") and "dp" flattened from ("edp", "ep"); both: the whole grid, and "edp_cp"
+    flattened from ("edp", "cp_ring", "cp_ulysses") too."""
     from torch.distributed.device_mesh import init_device_mesh
 
     sizes = layout.grid_sizes()
-    if layout.ep > 1:
+    if layout.ep > 1 and layout.cp > 1:
+        names = ("pp", "edp", "ep", "cp_ring", "cp_ulysses", "tp")
+        flatten = {"dp": ("edp", "ep"), "cp": ("cp_ring", "cp_ulysses"), "dp_cp": ("edp", "ep", "cp_ring", "cp_ulysses"),
+                   "edp_cp": ("edp", "cp_ring", "cp_ulysses")}
+    elif layout.ep > 1:
         names, flatten = ("pp", "edp", "ep", "tp"), {"dp": ("edp", "ep")}
     elif layout.cp > 1:
         names = ("pp", "dp", "cp_ring", "cp_ulysses", "tp")

@@ -108,7 +108,7 @@ their replicas hold equal shards."""
 
 def reduce_replicas(params: Sequence[nn.Parameter], layout, group_of) -> None:
     """Average each gradient over the parameter's replicas: the dp (dp·cp) group, or for a shard of the experts
-    (expert parallelism) its expert-data-parallel group. An expert shard's gradient already sums the gradients
+    (expert parallelism) its expert-data-parallel group (× cp). An expert shard's gradient already sums the gradients
     of the ep group's tokens (the dispatch's backward brought them), so it is divided by dp all the same."""
     experts = [p for p in params if (s := shard_of(p)) is not None and "ep" in s.groups]
     expert_ids = {id(p) for p in experts}
@@ -120,7 +120,7 @@ def reduce_replicas(params: Sequence[nn.Parameter], layout, group_of) -> None:
     if token_split and layout.tp > 1 and not layout.sequence_parallel:  # (under it the graph's tp_copy sums them)
         reduce_gradients(token_split, group_of("tp"), divide_by=1)
     if experts:
-        reduce_gradients(experts, group_of("edp"), divide_by=layout.group_size(layout.grad_kind))
+        reduce_gradients(experts, group_of(layout.expert_grad_kind), divide_by=layout.group_size(layout.grad_kind))
 
 
 def _group(st, kind: str) -> dist.ProcessGroup | None:

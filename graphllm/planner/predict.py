@@ -215,7 +215,7 @@ def _compute_seconds(part: Part, spec: DeviceSpec) -> float:
 STRIDE_OF = {"tp": lambda lay: 1, "cp": lambda lay: lay.tp, "cp_ring": lambda lay: lay.tp * lay.ulysses_size,
              "cp_ulysses": lambda lay: lay.tp, "dp": lambda lay: lay.tp * lay.cp, "dp_cp": lambda lay: lay.tp,
              "pp": lambda lay: lay.tp * lay.cp * lay.dp, "ep": lambda lay: lay.tp * lay.cp,
-             "edp": lambda lay: lay.tp * lay.cp * lay.ep}
+             "edp": lambda lay: lay.tp * lay.cp * lay.ep, "edp_cp": lambda lay: lay.tp}
 """Distance between neighbouring ranks of each group kind (Megatron's tp-cp-dp-pp order, planning/layout.py)."""
 
 
@@ -271,8 +271,8 @@ def _dp_comm_seconds(params: float, layout, spec: DeviceSpec, opts: MemoryOption
     t = 0.0
     if layout.ep > 1 and experts:
         reduce = optimizer_bytes(int(experts), opts.params_dtype)["gradient_reduce_bytes"]
-        if layout.group_size("edp") > 1:
-            t = collective_seconds("edp all_reduce", reduce, layout, spec) \
+        if layout.group_size(layout.expert_grad_kind) > 1:
+            t = collective_seconds(f"{layout.expert_grad_kind} all_reduce", reduce, layout, spec) \
                 + math.ceil(reduce / GRAD_BUCKET_BYTES) * spec.collective_latency
         params -= experts
     ob = optimizer_bytes(int(params), opts.params_dtype, zero1=True, dp=layout.dp)

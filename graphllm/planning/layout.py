@@ -2,12 +2,14 @@
 
 Rank order follows Megatron-Core's default (tensor fastest, then context, then data, then pipeline: tp-cp-dp-pp):
     rank = pp_rank * (dp * cp * tp) + dp_rank * (cp * tp) + cp_rank * tp + tp_rank
-Expert parallelism is carved out of the data-parallel ranks (Megatron's tp-cp-ep-dp-pp): dp_rank = edp_rank * ep +
-ep_rank, so an expert-parallel group is ep consecutive data-parallel ranks and the expert-data-parallel group ("edp":
-the replicas of one rank's experts) the ranks with the same ep_rank.
 so the ranks of one tensor-parallel group are neighbours (one node, the fastest links), and a context-parallel
 group's next. Inside a cp group, cp_rank = ring_rank * ulysses_size + ulysses_rank: a Ulysses all-to-all group is
 consecutive cp ranks (graphllm.planning.context lays the tokens out the same way).
+
+Expert parallelism is carved out of the data-parallel ranks: dp_rank = edp_rank * ep + ep_rank, so an expert-parallel
+group is ep consecutive data-parallel ranks with the same cp rank, and the replicas of one rank's experts are the
+ranks with the same ep_rank: "edp", times the cp ranks under context parallelism ("edp_cp"). (Megatron-Core carves
+its expert groups out of dp × cp instead.)
 """
 
 from __future__ import annotations
@@ -36,9 +38,10 @@ GRID = ("pp", "edp", "ep", "cp_ring", "cp_ulysses", "tp")
 """The grid's dimensions, slowest first (data-parallel as expert-data × expert, context-parallel as ring × Ulysses)."""
 KIND_DIMS = {"pp": ("pp",), "dp": ("edp", "ep"), "tp": ("tp",), "cp": ("cp_ring", "cp_ulysses"),
              "cp_ring": ("cp_ring",), "cp_ulysses": ("cp_ulysses",), "dp_cp": ("edp", "ep", "cp_ring", "cp_ulysses"),
-             "ep": ("ep",), "edp": ("edp",)}
+             "ep": ("ep",), "edp": ("edp",), "edp_cp": ("edp", "cp_ring", "cp_ulysses")}
 """Each process-group kind: the grid dimensions its ranks differ in ("dp_cp": the gradient-averaging group; "ep": the
-ranks that share out each MoE layer's experts, "edp": the replicas of one rank's experts)."""
+ranks that share out each MoE layer's experts, "edp": the replicas of one rank's experts at cp 1, "edp_cp" at any
+cp: context-parallel ranks hold the same experts too)."""
 
 
 CHUNK_CHOICES = (1, 2, 4, 8)
@@ -166,6 +169,12 @@ class Layout:
         parallelism replicates them over cp ranks too)."""
         return "dp_cp" if self.cp > 1 else "dp"
 
+    @property
+    def expert_grad_kind(self) -> str:
+        """The group an expert shard's gradient is averaged over (expert parallelism): its replicas, the
+        expert-data-parallel ranks ("edp") and, under context parallelism, their cp ranks too ("edp_cp")."""
+        return "edp_cp" if self.cp > 1 else "edp"
+
     def describe(self) -> str:
         parts = [f"tp{self.tp}", f"pp{self.pp}", f"dp{self.dp}"]
         if self.cp > 1:
@@ -242,10 +251,6 @@ class Layout:
             raise GraphllmError(f"--ep {self.ep} with --tp {tp}: each tp rank routes 1/tp of a micro-batch's "
                                 f"{batch_size * seq_len} tokens (--batch-size × --seq-len), which --tp does not divide; "
                                 "choose sizes whose product --tp divides")
-        if self.ep > 1 and self.cp > 1:
-            # Megatron carves the expert groups out of dp × cp; graphllm's mesh carves them out of dp only
-            raise GraphllmError(f"--ep {self.ep} with --cp {self.cp} is not supported yet (expert parallelism is carved "
-                                "out of the data-parallel ranks only); use --ep 1 with --cp, or --cp 1")
         checks = [
             (cfg.num_attention_heads, "attention heads (num_attention_heads)"),
             (cfg.intermediate_size, "MLP width (intermediate_size)"),

@@ -60,3 +60,20 @@ def test_mixtral_is_priced_under_context_parallelism_with_whole_experts() -> Non
     layouts, pruned = enumerate_layouts(cfg, devices=2, seq_len=32, global_batch=2, spec=device_spec("h100"),
                                         space=capped)
     assert not [lay for lay, _ in layouts if lay.cp > 1] and pruned["--moe-capacity-factor with --cp"]
+
+
+def test_expert_gradients_summed_over_tp_are_priced_at_etp1() -> None:
+    """--ep with --tp and --etp 1 without sequence parallelism: each tp rank routed 1/tp of the tokens to the same
+    expert shard, so the engine sums the expert gradients over tp before the expert-data-parallel average; the
+    step's communication time holds that all-reduce (and no such sum under --etp 2 or sequence parallelism)."""
+    from graphllm.planner.predict import MemoryOptions, _dp_comm_seconds, collective_seconds
+    from graphllm.planning import Layout
+
+    spec, opts, params, experts = device_spec("h100"), MemoryOptions(), 4e8, 3e8
+    split = Layout(tp=2, dp=4, ep=2)
+    others = [Layout(tp=2, dp=4, ep=2, etp=2), Layout(tp=2, dp=4, ep=2, sequence_parallel=True)]
+    base = [_dp_comm_seconds(params, lay, spec, opts, experts=experts) for lay in others]
+    assert base[0] == pytest.approx(base[1])
+    extra = _dp_comm_seconds(params, split, spec, opts, experts=experts) - base[0]
+    tp_sum = collective_seconds("tp all_reduce", 4 * experts, split, spec)  # fp32 gradients
+    assert extra >= tp_sum > 0, (extra, tp_sum)

@@ -267,13 +267,18 @@ def _optimizer_seconds(params: float, layout, spec: DeviceSpec, opts: MemoryOpti
 def _dp_comm_seconds(params: float, layout, spec: DeviceSpec, opts: MemoryOptions, *, experts: float = 0.0) -> float:
     """Gradient averaging (in fp32, bf16 gradients too) over the parameters' replicas after the step's
     micro-batches, and ZeRO-1's all-gather of the updated parameters (graphllm/report.py rank_communication).
-    `experts` of the `params` are averaged over the expert-data-parallel group instead (dp / ep replicas)."""
+    `experts` of the `params` are averaged over the expert-data-parallel group instead (dp / ep replicas), after
+    a sum over tp when each tp rank routed 1/tp of the tokens to whole expert shards (--etp 1 without sequence
+    parallelism: graphllm/parallel/optim.py reduce_replicas)."""
     t = 0.0
     if layout.ep > 1 and experts:
         reduce = optimizer_bytes(int(experts), opts.params_dtype)["gradient_reduce_bytes"]
+        calls = math.ceil(reduce / GRAD_BUCKET_BYTES)
         if layout.group_size(layout.expert_grad_kind) > 1:
             t = collective_seconds(f"{layout.expert_grad_kind} all_reduce", reduce, layout, spec) \
-                + math.ceil(reduce / GRAD_BUCKET_BYTES) * spec.collective_latency
+                + calls * spec.collective_latency
+        if layout.tp > 1 and layout.etp == 1 and not layout.sequence_parallel:
+            t += collective_seconds("tp all_reduce", reduce, layout, spec) + calls * spec.collective_latency
         params -= experts
     ob = optimizer_bytes(int(params), opts.params_dtype, zero1=True, dp=layout.dp)
     if layout.group_size(layout.grad_kind.split("/")[0]) <= 1:

@@ -102,10 +102,15 @@ class _Rewriter:
 
     # -- styles ---------------------------------------------------------------------------------------
     def colwise(self, node: fx.Node, kind: str) -> None:
+        """Rows split over tp; each linear reading the weight gets its input through tp_copy. A view of the weight
+        by head (multi-latent attention's decode absorbs kv_b_proj, [H, dn + dv, r]) needs nothing more: shape
+        re-propagation gives it this rank's heads."""
         self.shard(node, 0)
         if kind == "bias":
             return
-        for lin in self.users(node, *_LINEARS):
+        for lin in self.users(node, *_LINEARS, aten.view.default):
+            if is_call(lin, aten.view.default):
+                continue
             self.copy_input(lin, "col_in")
             self.adapter(lin, _LORA_B, 0)
             self.adapter(lin, _LORA_A, None)
@@ -172,10 +177,7 @@ class _Rewriter:
                     expands.append(user)
                 elif not is_call(user, *_LINEARS):
                     frontier.append(user)
-        if not expands:
-            raise GraphllmError("tensor_parallel: the rope key of multi-latent attention is not expanded to its "
-                                f"{heads} heads before joining the keys; leave kv_a_proj_with_mqa out of the plan")
-        for e in expands:
+        for e in expands:  # none in the decode graph: its rope key broadcasts over the heads
             size = list(e.args[1])
             size[1] = heads // self.tp
             e.args = (e.args[0], size, *e.args[2:])

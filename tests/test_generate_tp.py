@@ -62,15 +62,37 @@ def test_tp2_greedy_ids_equal_one_process(family: str, tmp_path: Path) -> None:
         assert out["records"]["tensor_parallel"]["sharded parameters"] > 0
 
 
+def _mla_rank(path: str) -> dict:
+    model = load_model(path)
+    gen = StaticGenerator(model, batch_size=BATCH, max_len=MAX_LEN, backend="eager", tp=TP)
+    ids = [ours(gen, PROMPTS, NEW), ours(gen, MORE_PROMPTS, NEW)]
+    decode = gen.decode_graph().fn.result
+    kv_b = {tuple(p.shape) for n, p in decode.model_graph.named_parameters() if n.endswith("kv_b_proj.weight")}
+    return {"ids": ids, "cache": tuple(gen.k_cache.shape), "kv_b": kv_b, "code": decode.model_graph.code}
+
+
+def test_tp2_multi_latent_attention_greedy_ids_equal_one_process(tmp_path: Path) -> None:
+    """DeepSeek-V3 at tp2: each rank holds half the heads of q_b_proj and kv_b_proj (whose decode reads it absorbed,
+    viewed by head) and the whole latent cache [L, B, 1, M, r] (the latent is shared by every head); greedy ids
+    equal the single-process generator's."""
+    path = _checkpoint("deepseek-v3", tmp_path)
+    ref = StaticGenerator(load_model(path), batch_size=BATCH, max_len=MAX_LEN, backend="eager")
+    want = [ours(ref, PROMPTS, NEW), ours(ref, MORE_PROMPTS, NEW)]
+    cfg = ref.config
+    full_rows = cfg.num_attention_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim)
+    for rank, out in enumerate(run_ranks(_mla_rank, TP, path)):
+        assert out["ids"] == want, f"rank {rank}"
+        assert out["cache"] == tuple(ref.k_cache.shape)
+        assert out["kv_b"] == {(full_rows // TP, cfg.kv_lora_rank)}, out["kv_b"]
+        assert out["code"].count("graphllm.tp_reduce.default(") >= cfg.num_hidden_layers
+
+
 def test_tp_outside_launched_ranks_is_refused(tmp_path: Path) -> None:
     model = load_model(_checkpoint("llama", tmp_path))
     with pytest.raises(GraphllmError, match="--tp 2 needs 2 processes"):
         StaticGenerator(model, batch_size=1, max_len=MAX_LEN, backend="eager", tp=2)
     with pytest.raises(GraphllmError, match="does not divide the model's attention heads"):
         StaticGenerator(model, batch_size=1, max_len=MAX_LEN, backend="eager", tp=3)
-    deepseek = load_model(_checkpoint("deepseek-v3", tmp_path))
-    with pytest.raises(GraphllmError, match="--tp 2: generation with deepseek_v3's multi-latent attention"):
-        StaticGenerator(deepseek, batch_size=1, max_len=MAX_LEN, backend="eager", tp=2)
 
 
 def test_generate_command_refuses_a_tp_that_does_not_split_the_model(capsys) -> None:

@@ -42,9 +42,6 @@ def join_tp_group(cfg, tp: int, *, batch_size: int, max_len: int, device: str):
     from graphllm.planning import Layout
     from graphllm.parallel.groups import init_parallel, launched_world, state
 
-    if getattr(cfg, "mla", False) and tp > 1:  # the decode graph reads kv_b_proj's weight whole (absorbed)
-        raise GraphllmError(f"--tp {tp}: generation with {cfg.model_type}'s multi-latent attention is not "
-                            "tensor-parallel yet (training is); generate with --tp 1")
     layout = Layout(tp=tp)
     layout.check_model(cfg, batch_size=batch_size, seq_len=max_len)
     st = state()

@@ -17,8 +17,8 @@ op but attention acts on tokens one by one, so only these things change:
   `loss_r · n_r · cp / Σ n`, with n the tokens that count (labels ≠ -100) and Σ n all-reduced over "cp".
   The mean over cp ranks — what the runtime averages, like data parallelism — is then exactly the
   token-weighted loss of the whole sequence, and so are the gradients.
-- **mixture of experts**: each rank routes its own tokens (the experts are whole on every cp rank; their
-  gradients are averaged over dp·cp like every other one). What the router losses read of the routing is
+- **mixture of experts**: each rank routes its own tokens (to whole experts, or under --ep to the ep ranks of
+  its cp index; the engine averages expert gradients over their dp·cp replicas). What the router losses read of the routing is
   all-gathered over cp (passes/router_stats.py), so the load-balancing, z- and sequence-wise losses are the
   whole sequences' on every cp rank (and the loss's reweighting leaves them whole: see `_weight_loss`).
 """

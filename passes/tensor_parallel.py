@@ -104,7 +104,8 @@ class _Rewriter:
     def colwise(self, node: fx.Node, kind: str) -> None:
         """Rows split over tp; each linear reading the weight gets its input through tp_copy. A view of the weight
         by head (multi-latent attention's decode absorbs kv_b_proj, [H, dn + dv, r]) needs nothing more: shape
-        re-propagation gives it this rank's heads."""
+        re-propagation gives it this rank's heads. (Only the decode graph reads it so, without a backward: a
+        training graph would also need the gradient of what the heads share, the latent, summed over tp.)"""
         self.shard(node, 0)
         if kind == "bias":
             return

@@ -12,7 +12,8 @@ every parameter, over which gradients and losses are averaged). At cp = 1 the me
 "dp_cp" is the "dp" group itself and there are no cp groups, so plans without cp build the same groups (and
 c10d group names) as before. With expert parallelism (ep > 1) the mesh is ("pp", "edp", "ep", "tp") and "dp" is
 flattened from ("edp", "ep"); with both, the mesh is the whole grid ("pp", "edp", "ep", "cp_ring", "cp_ulysses",
-"tp"), with "dp", "cp", "dp_cp" and "edp_cp" (an expert shard's replicas: edp × cp) flattened from it. The backend follows the device: gloo (cpu), nccl (cuda), hccl (npu).
+"tp"), with "dp", "cp", "dp_cp" and "edp_cp" (an expert shard's replicas: edp × cp) flattened from it. The
+backend follows the device: gloo (cpu), nccl (cuda), hccl (npu).
 """
 
 from __future__ import annotations

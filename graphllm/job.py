@@ -197,7 +197,7 @@ def set_loss_options(model, plan: CompilePlan) -> None:
     model.mtp_loss_weight = plan.mtp.loss_weight
     model.router_z_loss_coeff = plan.moe.z_loss_coeff or 0.0
     model.seq_aux_loss_coeff = plan.moe.seq_aux_loss_coeff or 0.0
-    model.router_stat_parts = plan.layout.cp  # captured for 1/cp of each sequence (passes/context_parallel.py)
+    model.seq_parts = plan.layout.cp  # captured for 1/cp of each sequence (passes/context_parallel.py)
 
 
 def warm_up(built: Built) -> None:

@@ -252,13 +252,18 @@ def _init_modules(modules: list[nn.Module], gen: torch.Generator, std: float) ->
             module.weight.zero_()
 
 
-def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over the labels that are not IGNORE_INDEX, in fp32."""
-    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
+def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor, parts: int = 1) -> torch.Tensor:
+    """Mean cross-entropy over the labels that are not IGNORE_INDEX, in fp32. `parts` > 1 (each sequence split over
+    context-parallel ranks): marked as such a mean, for the context_parallel pass to weight (ops/sequence_parts.py)."""
+    loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
+    return torch.ops.graphllm.token_mean(loss, labels) if parts > 1 else loss
 
 
-def _ahead(t: torch.Tensor, k: int, fill: int) -> torch.Tensor:
-    """t [B, S] moved k positions left: position i holds t[:, i + k], the last k positions `fill`."""
+def _ahead(t: torch.Tensor, k: int, fill: int, parts: int = 1) -> torch.Tensor:
+    """t [B, S] moved k positions left: position i holds t[:, i + k], the last k positions `fill`. `parts` > 1: as
+    graphllm::ahead, which the context_parallel pass makes read the tokens other ranks hold."""
+    if parts > 1:
+        return torch.ops.graphllm.ahead(t, k, fill)
     return torch.cat([t[:, k:], torch.full_like(t[:, :k], fill)], dim=1)
 
 
@@ -282,9 +287,10 @@ class DecoderForCausalLM(nn.Module):
         """Weight of the router z-loss in the training loss (--moe-z-loss-coeff; 0: off)."""
         self.seq_aux_loss_coeff = 0.0
         """Weight of DeepSeek-V3's sequence-wise balance loss (--moe-seq-aux-loss-coeff; 0: off)."""
-        self.router_stat_parts = 1
+        self.seq_parts = 1
         """The ranks each sequence is split over when the graph is captured (--cp): the router losses are traced
-        for the statistics of whole sequences, which the context_parallel pass gathers (models/moe.py `marked`)."""
+        for the statistics of whole sequences, which the context_parallel pass gathers (models/moe.py `marked`), the
+        cross-entropies are marked as token means and MTP's tokens ahead as such (ops/sequence_parts.py)."""
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """lm_head(hidden), soft-capped where the family caps the final logits (Gemma 2)."""
@@ -316,14 +322,14 @@ class DecoderForCausalLM(nn.Module):
         logits = self.logits(self.model(input_ids, position_ids, router_stats))  # [B, S, V]
         if labels is None:
             return logits
-        return self._with_aux(_cross_entropy(logits, labels), router_stats)
+        return self._with_aux(_cross_entropy(logits, labels, self.seq_parts), router_stats)
 
     def _with_aux(self, loss: torch.Tensor, router_stats: list[RouterStats] | None) -> torch.Tensor:
         """`loss` plus the router losses the config and the plan turn on, from every MoE layer's RouterStats."""
         cfg = self.config
         if not router_stats:
             return loss
-        router_stats = [marked(s, self.router_stat_parts) for s in router_stats]
+        router_stats = [marked(s, self.seq_parts) for s in router_stats]
         if cfg.output_router_logits:
             loss = loss + cfg.router_aux_loss_coef * load_balancing_loss(router_stats, cfg.num_experts)
         if self.router_z_loss_coeff:
@@ -337,9 +343,10 @@ class DecoderForCausalLM(nn.Module):
         """The module of depth d sees the ids d ahead and is scored on the labels d ahead (labels[:, t] is the token
         after input t); the last d positions of a row have no target (ignored)."""
         depths = range(1, self.config.mtp_layers + 1)
-        hidden = self.model(input_ids, position_ids, router_stats, [_ahead(input_ids, k, 0) for k in depths])
-        loss = _cross_entropy(self.logits(hidden[0]), labels)
-        mtp = torch.stack([_cross_entropy(self.logits(h), _ahead(labels, k, IGNORE_INDEX))
+        parts = self.seq_parts
+        hidden = self.model(input_ids, position_ids, router_stats, [_ahead(input_ids, k, 0, parts) for k in depths])
+        loss = _cross_entropy(self.logits(hidden[0]), labels, parts)
+        mtp = torch.stack([_cross_entropy(self.logits(h), _ahead(labels, k, IGNORE_INDEX, parts), parts)
                            for k, h in zip(depths, hidden[1:])]).mean()
         return self._with_aux(loss + self.mtp_loss_weight * mtp, router_stats), mtp.detach().reshape(1)
 

@@ -18,9 +18,10 @@ from graphllm.ops.mc2 import all_gather_matmul, matmul_all_reduce, matmul_reduce
 from graphllm.ops.offload import offload_to_host, prefetch_to_device
 from graphllm.ops.rms_norm import rms_norm
 from graphllm.ops.rope import rope
+from graphllm.ops.sequence_parts import ahead, token_mean
 from graphllm.ops.swiglu import swiglu
 
-__all__ = ["add_rms_norm", "all_gather_matmul", "attention", "attention_block", "cp_all_to_all", "cp_ring_shift", "grouped_matmul", "grouped_matmul_weight_grad", "linear_cross_entropy",
-           "linear_cross_entropy_backward", "linear_cross_entropy_parts", "lora_linear", "matmul_all_reduce", "matmul_reduce_scatter", "moe_permute", "moe_unpermute", "offload_to_host", "prefetch_to_device", "rms_norm", "rope", "router_stat", "sp_gather", "sp_reduce_scatter", "swiglu", "tp_copy",
+__all__ = ["add_rms_norm", "ahead", "all_gather_matmul", "attention", "attention_block", "cp_all_to_all", "cp_ring_shift", "grouped_matmul", "grouped_matmul_weight_grad", "linear_cross_entropy",
+           "linear_cross_entropy_backward", "linear_cross_entropy_parts", "lora_linear", "matmul_all_reduce", "matmul_reduce_scatter", "moe_permute", "moe_unpermute", "offload_to_host", "prefetch_to_device", "rms_norm", "rope", "router_stat", "sp_gather", "sp_reduce_scatter", "swiglu", "token_mean", "tp_copy",
            "tp_gather", "tp_reduce", "tp_reduce_max", "tp_split", "varlen_attention",
            "window_attention"]

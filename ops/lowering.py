@@ -25,6 +25,7 @@ from graphllm.ops.lowering_npu import npu_lowerings
 from graphllm.ops.mc2 import (all_gather_matmul_decomposed, matmul_all_reduce_decomposed,
                               matmul_reduce_scatter_decomposed)
 from graphllm.ops.moe_dispatch import moe_permute_decomposed, moe_unpermute_decomposed, router_stat_decomposed
+from graphllm.ops.sequence_parts import ahead_decomposed, token_mean_decomposed
 from graphllm.ops.nf4 import nf4_dequantize_recomputed
 from graphllm.ops.rms_norm import rms_norm_decomposed
 from graphllm.ops.rope import rope_decomposed, rope_qk_decomposed
@@ -78,6 +79,9 @@ LOWERINGS: dict[str, dict[torch._ops.OpOverload, Callable]] = {
         ops.moe_unpermute.default: moe_unpermute_decomposed,
         # a marker for sequence parallelism (which replaces it with a gather): nothing left to compute
         ops.router_stat.default: router_stat_decomposed,
+        # context parallelism's marks (ops/sequence_parts.py): a shift of integer ids, and nothing
+        ops.ahead.default: ahead_decomposed,
+        ops.token_mean.default: token_mean_decomposed,
     },
 }
 

@@ -16,11 +16,14 @@ op but attention acts on tokens one by one, so only these things change:
 - **the loss**: each rank's mean cross-entropy over its own tokens is rescaled to
   `loss_r · n_r · cp / Σ n`, with n the tokens that count (labels ≠ -100) and Σ n all-reduced over "cp".
   The mean over cp ranks — what the runtime averages, like data parallelism — is then exactly the
-  token-weighted loss of the whole sequence, and so are the gradients.
-- **mixture of experts**: each rank routes its own tokens (to whole experts, or under --ep to the ep ranks of
-  its cp index; the engine averages expert gradients over their dp·cp replicas). What the router losses read of the routing is
-  all-gathered over cp (passes/router_stats.py), so the load-balancing, z- and sequence-wise losses are the
-  whole sequences' on every cp rank (and the loss's reweighting leaves them whole: see `_weight_loss`).
+  token-weighted loss of the whole sequence, and so are the gradients. The model marks each mean
+  (graphllm::token_mean), so each multi-token-prediction depth is weighted by its own labels.
+- **multi-token prediction**: the ids and labels k ahead (graphllm::ahead) of a rank's last positions are
+  on other ranks: they come from an all-gather over cp.
+- **mixture of experts**: each rank routes its own tokens (to whole experts, or under --ep to the ep ranks
+  of its cp index; the engine averages expert gradients over their dp·cp replicas). What the router losses
+  read of the routing is all-gathered over cp (passes/router_stats.py), so the load-balancing, z- and
+  sequence-wise losses are the whole sequences' on every cp rank and are added unweighted.
 """
 
 from __future__ import annotations
@@ -98,6 +101,7 @@ def context_parallel(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     for node in attn:
         _rewrite_attention(gm, ctx, node, seq, segments)
     _gather_routing(gm, ctx)
+    _ahead_across_ranks(gm, ctx, seq)
     _weight_loss(gm, ctx)
     repropagate(gm, shapes)
     gm.graph.eliminate_dead_code()
@@ -170,18 +174,51 @@ def _gather_routing(gm: fx.GraphModule, ctx: PassContext) -> None:
         parts = stat.args[2] if len(stat.args) > 2 else stat.kwargs.get("parts", 1)
         if parts != cp:
             raise GraphllmError(f"context_parallel: a router statistic was captured for 1/{parts} of each "
-                                f"sequence, not 1/{cp} (--cp {cp}); capture the model with router_stat_parts = {cp}")
+                                f"sequence, not 1/{cp} (--cp {cp}); capture the model with seq_parts = {cp}")
         gather_router_stat(gm, stat, gl.sp_gather.default, cp, "cp")
         stat.args, stat.kwargs = stat.args[:2], {}
         ctx.count("router statistics gathered")
 
 
+def _ahead_across_ranks(gm: fx.GraphModule, ctx: PassContext, seq: int) -> None:
+    """Each graphllm::ahead(t, k, fill) (MTP's ids and labels k ahead) of this rank's tokens: t all-gathered over
+    cp (in rank order), put in sequence order, moved k ahead there, and this rank's positions taken."""
+    lay = ctx.layout
+    index = cp_token_index(seq, lay.cp, lay.ulysses_size)
+    gathered = [p for rank in index for p in rank]  # the global position of each gathered entry
+    where = {p: i for i, p in enumerate(gathered)}
+    mine = index[lay.coords(ctx.rank).cp]
+    for node in [n for n in gm.graph.nodes if is_call(n, gl.ahead.default)]:
+        t, k, fill = node.args
+        with gm.graph.inserting_before(node):
+            whole = emit(gm, gl.tp_gather.default, (t, 1, lay.cp, "cp"), node)
+            ordered = take_runs(gm, whole, 1, [where[p] for p in range(seq)], seq, node)
+            moved = emit(gm, gl.ahead.default, (ordered, k, fill), node)
+            out = take_runs(gm, moved, 1, mine, seq, node)
+        node.replace_all_uses_with(out)
+        gm.graph.erase_node(node)
+        ctx.count("tokens ahead gathered")
+
+
+def _token_share(gm: fx.GraphModule, ctx: PassContext, loss: fx.Node, labels: fx.Node) -> fx.Node:
+    """loss_r · n_r · cp / Σ n for a mean over the tokens `labels` counts (n; Σ n all-reduced over cp): a rank
+    without counted tokens adds 0, not its NaN mean. Emitted where the graph's inserting point is."""
+    counted = emit(gm, aten.ne.Scalar, (labels, IGNORE_INDEX), loss)
+    n_local = emit(gm, aten.sum.dim_IntList, (counted, [0, 1]), loss, kwargs={"dtype": torch.float32})
+    n_all = emit(gm, gl.tp_reduce.default, (n_local, "cp"), loss)
+    has = emit(gm, aten.gt.Scalar, (n_local, 0), loss)
+    kept = emit(gm, aten.where.ScalarOther, (has, loss, 0.0), loss)
+    share = emit(gm, aten.div.Tensor, (emit(gm, aten.mul.Tensor, (n_local, float(ctx.layout.cp)), loss),
+                                       emit(gm, aten.clamp_min.default, (n_all, 1.0), loss)), loss)
+    return emit(gm, aten.mul.Tensor, (kept, share), loss)
+
+
 def _weight_loss(gm: fx.GraphModule, ctx: PassContext) -> None:
-    """loss_r → loss_r · n_r · cp / Σ n (a rank without counted tokens adds 0, not its NaN mean). The router losses
-    in it are weighted too, harmlessly: they are the same on every cp rank (_gather_routing), so the mean over
-    ranks is unchanged, and their gradient's reduce-scatter sums the ranks' weights, which add up to cp, as the
-    plain sum would. A graph returning (loss, metrics) (the MoE load balance, passes/moe_stats.py: counts summed
-    over cp) keeps its metrics."""
+    """Each cross-entropy the model marks (graphllm::token_mean: the main one, each MTP depth's, each over its own
+    labels) weighted by its tokens (_token_share); the router losses beside them are the same on every cp rank
+    (_gather_routing) and stay as they are. A graph without marks has its whole loss weighted by the labels'
+    tokens. A graph returning (loss, metrics) (the MoE load balance, passes/moe_stats.py, counts summed over cp;
+    the MTP loss, from the weighted means) keeps its metrics."""
     out = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
     result, labels = out.args[0], _placeholder(gm, "labels")
     loss = result[0] if isinstance(result, (tuple, list)) else result
@@ -190,17 +227,14 @@ def _weight_loss(gm: fx.GraphModule, ctx: PassContext) -> None:
         raise GraphllmError("--cp supports the language-model loss (pretrain, sft): this graph returns "
                             f"{'logits' if labels is None else 'a task output'}, which context parallelism does "
                             "not split yet; use --cp 1")
-    with gm.graph.inserting_before(out):
-        counted = emit(gm, aten.ne.Scalar, (labels, IGNORE_INDEX), loss)
-        n_local = emit(gm, aten.sum.dim_IntList, (counted, [0, 1]), loss, kwargs={"dtype": torch.float32})
-        n_all = emit(gm, gl.tp_reduce.default, (n_local, "cp"), loss)
-        has = emit(gm, aten.gt.Scalar, (n_local, 0), loss)
-        kept = emit(gm, aten.where.ScalarOther, (has, loss, 0.0), loss)
-        share = emit(gm, aten.div.Tensor, (emit(gm, aten.mul.Tensor, (n_local, float(ctx.layout.cp)), loss),
-                                           emit(gm, aten.clamp_min.default, (n_all, 1.0), loss)), loss)
-        weighted = emit(gm, aten.mul.Tensor, (kept, share), loss)
-    if isinstance(result, (tuple, list)):
-        out.args = ((weighted, *result[1:]),)
-    else:
-        out.args = (weighted,)
-    ctx.count("loss reweighted by tokens")
+    marks = [n for n in gm.graph.nodes if is_call(n, gl.token_mean.default)]
+    for mark in marks:
+        with gm.graph.inserting_before(mark):
+            weighted = _token_share(gm, ctx, *mark.args)
+        mark.replace_all_uses_with(weighted)
+        gm.graph.erase_node(mark)
+    if not marks:
+        with gm.graph.inserting_before(out):
+            weighted = _token_share(gm, ctx, loss, labels)
+        out.args = ((weighted, *result[1:]),) if isinstance(result, (tuple, list)) else (weighted,)
+    ctx.count("loss reweighted by tokens", max(len(marks), 1))

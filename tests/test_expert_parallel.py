@@ -337,14 +337,18 @@ def test_mixtral_with_router_losses_under_context_parallelism_trains_like_one_pr
 
 
 def test_deepseek_v3_under_ring_context_parallelism_trains_like_one_process(deepseek):
-    """DeepSeek-V3 at dp2 × ep2 × cp2 (ring, 4 ranks, all-to-all dispatch): multi-latent attention's keys (nope +
-    rope parts) and values (narrower) travel the ring as one tensor; each cp rank sends its chunks' tokens to the
-    ep ranks of its cp index, the router losses read the whole sequences' routing and the routing biases move by
-    the whole batch's counts: losses, metrics, parameters and biases equal one process's."""
+    """DeepSeek-V3 with one MTP module at dp2 × ep2 × cp2 (ring, 4 ranks, all-to-all dispatch): multi-latent
+    attention's keys (nope + rope parts) and values (narrower) travel the ring as one tensor; each cp rank sends
+    its chunks' tokens to the ep ranks of its cp index; the router losses read the whole sequences' routing; the
+    MTP module reads the ids and labels one ahead across the chunk borders, and its cross-entropy is weighted by
+    its own labels; the routing biases move by the whole batch's counts: losses, MTP losses, metrics, parameters
+    and biases equal one process's."""
     moe = {"bias_update_rate": BIAS_RATE, "dispatcher": "alltoall", **ROUTER_LOSSES}
-    reference = train(deepseek, {"micro_batches": 2}, moe, masked=True)
-    results = run_ranks(train, 4, deepseek, {"dp": 2, "ep": 2, "cp": 2}, moe, masked=True)
+    reference = train(deepseek, {"micro_batches": 2}, moe, masked=True, mtp=1)
+    results = run_ranks(train, 4, deepseek, {"dp": 2, "ep": 2, "cp": 2}, moe, masked=True, mtp=1)
     _check("deepseek-v3 dp2 ep2 cp2", results, reference)
+    assert all(m > 0 for m in reference["mtp"])
     for r in results:
+        assert r["mtp"] == pytest.approx(reference["mtp"], rel=LOSS_RTOL)
         for name, t in reference["buffers"].items():
             assert torch.equal(r["buffers"][name], t), name

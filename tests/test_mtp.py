@@ -146,8 +146,7 @@ def _hf_to_graphllm_keeps_mtp(tmp_path: Path, files: dict[str, torch.Tensor], L:
 def test_plan_refuses_what_mtp_does_not_compose_with(tmp_path: Path, capsys):
     from graphllm.cli.main import EXIT_USER_ERROR, main
 
-    for extra, message in ((["--cp", "2"], "--mtp-layers 1 with --cp > 1 is not supported yet"),
-                           (["--task", "dpo"], "--mtp-layers 1 with --task dpo"),
+    for extra, message in ((["--task", "dpo"], "--mtp-layers 1 with --task dpo"),
                            (["--mtp-loss-weight", "-1"], "--mtp-loss-weight")):
         out = tmp_path / "art"
         assert main(["compile", "--model", "tiny-llama", "--out", str(out), "--mtp-layers", "1", *extra]) == EXIT_USER_ERROR

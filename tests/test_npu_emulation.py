@@ -91,7 +91,8 @@ def test_table_uses_every_kernel():
                                                      "nf4_dequantize_recomputed",  # nor an NF4 one (ops/nf4.py)
                                                      # their kernels lack GE converters (ops/lowering_npu_moe.py)
                                                      "moe_permute_decomposed", "moe_unpermute_decomposed",
-                                                     "router_stat_decomposed"}  # a marker: nothing to run
+                                                     "router_stat_decomposed",  # markers: nothing to run
+                                                     "ahead_decomposed", "token_mean_decomposed"}
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])

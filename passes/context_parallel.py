@@ -109,6 +109,16 @@ def context_parallel(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     return gm
 
 
+def _whole_sequence(gm: fx.GraphModule, ctx: PassContext, t: fx.Node, seq: int, like: fx.Node) -> fx.Node:
+    """t [B, S / cp] of this rank's tokens → [B, S] of the whole sequences, in sequence order: all-gathered over
+    "cp" (in cp-rank order), then put back in order (cp_token_index). Emitted at the graph's inserting point."""
+    lay = ctx.layout
+    order = [p for rank in cp_token_index(seq, lay.cp, lay.ulysses_size) for p in rank]  # cp-rank order
+    where = {p: i for i, p in enumerate(order)}
+    gathered = emit(gm, gl.tp_gather.default, (t, 1, lay.cp, "cp"), like)
+    return take_runs(gm, gathered, 1, [where[p] for p in range(seq)], seq, like)
+
+
 def _segments_by_ring_rank(gm: fx.GraphModule, ctx: PassContext, seq: int) -> dict[int, fx.Node]:
     """Each ring rank's segment ids [B, S / ring], in its tokens' order, computed once for every layer: the
     position ids all-gathered over "cp", put back in order, a new sample begun at every 0 (as the model's
@@ -117,12 +127,9 @@ def _segments_by_ring_rank(gm: fx.GraphModule, ctx: PassContext, seq: int) -> di
     pos = _placeholder(gm, "position_ids")
     if pos is None:
         raise GraphllmError("--cp with packed attention but the graph has no position_ids input")
-    order = [t for rank in cp_token_index(seq, layout.cp, layout.ulysses_size) for t in rank]  # cp-rank order
-    where = {t: i for i, t in enumerate(order)}
     last_input = [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
     with gm.graph.inserting_before(last_input.next):
-        gathered = emit(gm, gl.tp_gather.default, (pos, 1, layout.cp, "cp"), pos)
-        natural = take_runs(gm, gathered, 1, [where[t] for t in range(seq)], seq, pos)
+        natural = _whole_sequence(gm, ctx, pos, seq, pos)
         starts = emit(gm, aten.eq.Scalar, (natural, 0), pos)
         seg = emit(gm, aten.cumsum.default, (starts, 1), pos, kwargs={"dtype": torch.int64})
         ring = layout.ring_size
@@ -184,16 +191,11 @@ def _ahead_across_ranks(gm: fx.GraphModule, ctx: PassContext, seq: int) -> None:
     """Each graphllm::ahead(t, k, fill) (MTP's ids and labels k ahead) of this rank's tokens: t all-gathered over
     cp (in rank order), put in sequence order, moved k ahead there, and this rank's positions taken."""
     lay = ctx.layout
-    index = cp_token_index(seq, lay.cp, lay.ulysses_size)
-    gathered = [p for rank in index for p in rank]  # the global position of each gathered entry
-    where = {p: i for i, p in enumerate(gathered)}
-    mine = index[lay.coords(ctx.rank).cp]
+    mine = cp_token_index(seq, lay.cp, lay.ulysses_size)[lay.coords(ctx.rank).cp]
     for node in [n for n in gm.graph.nodes if is_call(n, gl.ahead.default)]:
         t, k, fill = node.args
         with gm.graph.inserting_before(node):
-            whole = emit(gm, gl.tp_gather.default, (t, 1, lay.cp, "cp"), node)
-            ordered = take_runs(gm, whole, 1, [where[p] for p in range(seq)], seq, node)
-            moved = emit(gm, gl.ahead.default, (ordered, k, fill), node)
+            moved = emit(gm, gl.ahead.default, (_whole_sequence(gm, ctx, t, seq, node), k, fill), node)
             out = take_runs(gm, moved, 1, mine, seq, node)
         node.replace_all_uses_with(out)
         gm.graph.erase_node(node)

@@ -30,6 +30,8 @@ from graphllm.planning.layout import Coords, Layout
 
 KINDS = ("pp", "dp", "tp", "cp", "cp_ring", "cp_ulysses", "dp_cp", "ep", "edp", "edp_cp")
 """Every group kind."""
+WITHOUT_CP = {"dp_cp": "dp", "edp_cp": "edp"}
+"""Kinds that at cp 1 are another kind's ranks: that kind's group serves them."""
 BACKEND_FOR_DEVICE = {"cpu": "gloo", "cuda": "cpu:gloo,cuda:nccl", "npu": "cpu:gloo,npu:hccl"}
 """Process-group backends per device: on an accelerator, its collective library for device tensors and gloo for
 the CPU tensors some host-side exchanges use (checkpoint state gathers, objects)."""
@@ -50,8 +52,8 @@ class ParallelState:
             return None
         if kind in self.flat:
             return self.flat[kind]
-        if kind in ("dp_cp", "edp_cp") and self.layout.cp == 1:
-            kind = kind[:-3]  # the same ranks as dp / edp: one group, not two
+        if kind in WITHOUT_CP and self.layout.cp == 1:
+            kind = WITHOUT_CP[kind]  # the same ranks: one group, not two
             if kind in self.flat:
                 return self.flat[kind]
         return self.mesh[kind] if kind in self.mesh.mesh_dim_names else None
@@ -82,7 +84,7 @@ class ParallelState:
         "cp/dp_cp"; at cp 1 "dp_cp" is the dp group and not listed."""
         out: dict[str, str] = {}
         for kind in KINDS:
-            if kind in ("dp_cp", "edp_cp") and self.layout.cp == 1:
+            if kind in WITHOUT_CP and self.layout.cp == 1:
                 continue
             if (pg := self.group(kind)) is not None:
                 name = pg.group_name
